@@ -6,6 +6,7 @@ Every error is a :class:`RecipeError` whose message names the file and the dotte
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -181,6 +182,9 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------- coercion
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -212,6 +216,8 @@ def _coerce(value: Any, tp, where: str):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 3e-4 as a string
             return float(value)
     elif tp is str:
         if isinstance(value, str):

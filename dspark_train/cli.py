@@ -1,0 +1,135 @@
+"""`dspark` command line: thin — parse, call the library, print. Bad input exits 2 with a one-line message."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import RecipeError, load_recipe
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML (recipes/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def _load(args):
+    return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_plan(args):
+    from .plan import plan
+    print(plan(_load(args)))
+
+
+def cmd_fetch_target(args):
+    from .target import load_target
+    t = load_target(_load(args).target)
+    print(f"target ready: {t.name} ({t.num_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size})")
+
+
+def cmd_data(args):
+    from .data import run_data
+    run_data(_load(args), shard=args.shard)
+
+
+def cmd_train(args):
+    import os
+    import subprocess
+
+    from .train import build_launch_command
+    recipe = _load(args)
+    cmd = build_launch_command(recipe, args.recipe, args.overrides)
+    print("$ " + " ".join(cmd), flush=True)
+    if args.dry_run:
+        return
+    raise SystemExit(subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+
+
+def cmd_calibrate(args):
+    from .calibrate import run_calibration
+    run_calibration(args.run, overrides=args.overrides, prompts=args.prompts)
+
+
+def cmd_export(args):
+    from .export import export_run
+    out = export_run(args.run_dir, args.out_dir, force=args.force)
+    print(f"artifact written to {out}")
+
+
+def cmd_push(args):
+    from .export import push_artifact
+    push_artifact(args.out_dir, args.repo_id, private=args.private, revision=args.revision,
+                  commit_message=args.commit_message, dry_run=args.dry_run)
+
+
+def cmd_eval(args):
+    from .evaluate import run_eval
+    run_eval(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dspark", description="Train, calibrate, export and evaluate DSpark drafters.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("plan", help="print the resolved recipe, target architecture, drafter size and memory plan")
+    _recipe_args(s)
+    s.set_defaults(fn=cmd_plan)
+
+    s = sub.add_parser("fetch-target", help="load (and convert/cache) the recipe's target once")
+    _recipe_args(s)
+    s.set_defaults(fn=cmd_fetch_target)
+
+    s = sub.add_parser("data", help="regenerate answers with the frozen target (self-distillation data)")
+    _recipe_args(s)
+    s.add_argument("--shard", default=None, metavar="I/N", help="process shard I of N (0-based), e.g. 0/4")
+    s.set_defaults(fn=cmd_data)
+
+    s = sub.add_parser("train", help="train the drafter (builds the accelerate launch from `distributed`)")
+    _recipe_args(s)
+    s.add_argument("--dry-run", action="store_true", help="print the launch command and exit")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("calibrate", help="sequential temperature scaling + adaptive-k tuning on held-out data")
+    s.add_argument("run", help="training run directory or exported artifact")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--prompts", type=int, default=None, help="held-out prompts to decode (default: recipe)")
+    s.set_defaults(fn=cmd_calibrate)
+
+    s = sub.add_parser("export", help="write a Hub-ready artifact from a training run")
+    s.add_argument("run_dir")
+    s.add_argument("out_dir")
+    s.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("push", help="upload an artifact to the Hugging Face Hub")
+    s.add_argument("out_dir")
+    s.add_argument("repo_id")
+    s.add_argument("--private", action="store_true")
+    s.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    s.add_argument("--commit-message", default=None)
+    s.add_argument("--dry-run", action="store_true", help="list what would be uploaded; no network")
+    s.set_defaults(fn=cmd_push)
+
+    s = sub.add_parser("eval", help="τ, acceptance and wall-clock speedup side by side, with plots")
+    from .evaluate import add_eval_arguments
+    add_eval_arguments(s)
+    s.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

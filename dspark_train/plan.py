@@ -1,0 +1,96 @@
+"""`dspark plan`: what a recipe will do, offline: target architecture, feature layers, drafter size, memory."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import torch
+
+from .config import Recipe, recipe_to_yaml
+from .target import DTYPES, default_feature_layers, load_target_config
+
+GiB = 1024 ** 3
+
+
+def count_target_parameters(tcfg) -> int:
+    """Exact parameter count from the architecture config, built on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), contextlib.redirect_stderr(io.StringIO()):
+        model = AutoModelForCausalLM.from_config(tcfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def experts(tcfg) -> str:
+    for key in ("num_local_experts", "n_routed_experts", "num_experts"):
+        n = getattr(tcfg, key, None)
+        if n:
+            return f"{n} routed, {getattr(tcfg, 'num_experts_per_tok', '?')} per token" + (
+                f", {tcfg.n_shared_experts} shared" if getattr(tcfg, "n_shared_experts", None) else "")
+    return "dense"
+
+
+def memory_estimate(recipe: Recipe, target_params: int, drafter_trainable: int) -> dict:
+    """Per-device bytes, activations excluded. Target: frozen weights, sharded under ZeRO-3 inference.
+    Drafter: weights in the compute dtype, fp32 grads + master + two AdamW moments (16 B/param) sharded by stage."""
+    d = recipe.distributed
+    n = d.num_processes * 1  # num_processes counts all ranks over all machines in accelerate configs
+    tbytes = DTYPES[recipe.target.dtype].itemsize
+    target = target_params * tbytes / (n if d.target_zero_stage == 3 and d.accelerate_config else 1)
+    w = drafter_trainable * 2 if recipe.train.mixed_precision == "bf16" else drafter_trainable * 4
+    states = drafter_trainable * 16
+    sharded = d.accelerate_config is not None
+    if sharded and d.zero_stage >= 3:
+        drafter = (w + states) / n
+    elif sharded and d.zero_stage >= 1:
+        drafter = w + states / n
+    else:
+        drafter = w + states
+    return {"target_bytes": target, "drafter_bytes": drafter, "processes": n}
+
+
+def plan(recipe: Recipe) -> str:
+    from .drafters import count_parameters
+
+    tcfg = load_target_config(recipe.target, recipe.resolve_path)
+    layers = recipe.target.feature_layers or default_feature_layers(tcfg.num_hidden_layers,
+                                                                    recipe.target.num_feature_layers)
+    tparams = count_target_parameters(tcfg)
+    dparams = count_parameters(recipe.drafter, tcfg, len(layers))
+    mem = memory_estimate(recipe, tparams, dparams)
+    d = recipe.distributed
+    lines = [
+        "# resolved recipe", recipe_to_yaml(recipe).rstrip(), "",
+        "# target",
+        f"model:           {recipe.target.model or 'inline config (random init)'}",
+        f"architecture:    {(getattr(tcfg, 'architectures', None) or [tcfg.model_type])[0]}",
+        f"layers:          {tcfg.num_hidden_layers}",
+        f"hidden size:     {tcfg.hidden_size}",
+        f"vocab size:      {tcfg.vocab_size}",
+        f"experts:         {experts(tcfg)}",
+        f"parameters:      {tparams / 1e9:.3f} B",
+        f"feature layers:  {layers}",
+        "",
+        "# drafter",
+        f"kind/head:       {recipe.drafter.kind}/{recipe.drafter.head}, {recipe.drafter.num_layers} layer(s), "
+        f"block size {recipe.drafter.block_size}",
+        f"trainable:       {dparams / 1e6:.2f} M parameters",
+        "size table (trainable M params; SmolLM2-style heads at this target):",
+    ]
+    for n_layers in (1, 2, 5):
+        row = []
+        for head in ("markov", "rnn", "none"):
+            sec = type(recipe.drafter)(**{**recipe.drafter.__dict__, "kind": "dspark", "head": head,
+                                          "num_layers": n_layers})
+            row.append(f"{head} {count_parameters(sec, tcfg, len(layers)) / 1e6:8.2f}")
+        lines.append(f"  {n_layers} layer(s):   " + "   ".join(row))
+    lines += [
+        "",
+        "# memory per device (weights + optimizer states, activations excluded)",
+        f"launch:          {d.accelerate_config or 'single process, no DeepSpeed'}; {mem['processes']} process(es)"
+        f" on {d.num_machines} machine(s); drafter ZeRO-{d.zero_stage}, target ZeRO-{d.target_zero_stage}",
+        f"target:          {mem['target_bytes'] / GiB:8.2f} GiB ({recipe.target.dtype})",
+        f"drafter:         {mem['drafter_bytes'] / GiB:8.2f} GiB",
+        f"total:           {(mem['target_bytes'] + mem['drafter_bytes']) / GiB:8.2f} GiB",
+    ]
+    return "\n".join(lines)
