@@ -1,0 +1,441 @@
+"""The drafter: context projection, parallel backbone, sequential head, confidence head; Medusa as a flag.
+
+Shapes: B batch, T tokens, A anchors per sequence, γ = block_size slots, d hidden, r head rank,
+V target vocabulary, Vd draft vocabulary (V unless pruned). Slot k of the block for anchor p sits at
+position p+k, takes the anchor (k=0) or MASK as input, and predicts the token at p+k+1; its sequential
+head conditions on the token at p+k (teacher-forced in training, drafted in inference).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+
+from ..config import DrafterConfigSection
+from ..target import default_feature_layers
+from .config import FINGERPRINT_KEYS, DrafterConfig
+
+
+@dataclass
+class DrafterOutput:
+    logits: torch.Tensor  # [B, A, γ, Vd] fp32, draft-vocab space (rows of padding anchors are finite garbage)
+    conf_logits: torch.Tensor  # [B, A, γ] fp32, pre-sigmoid confidence
+
+
+@dataclass
+class DraftState:
+    """Inference cache of one batch whose rows share one length (the decoder keeps them in lockstep)."""
+
+    batch_size: int
+    length: int = 0  # committed positions seen = the next anchor's position
+    # [layers, 2, B, Hkv, capacity, head_dim]: context K (RoPE applied) and V at 0..length-1, then γ scratch
+    # slots where `propose` writes the block's own K/V, so attention reads one view without a concat.
+    kv: Optional[torch.Tensor] = None
+    last_hidden: Optional[torch.Tensor] = None  # medusa: [B, d] at position length-1
+
+
+@dataclass
+class DraftBlock:
+    base_logits: torch.Tensor  # [B, γ, V] fp32, -inf outside the draft vocabulary
+    hidden: torch.Tensor  # [B, γ, d] backbone output (medusa: head outputs)
+    draft_logits: torch.Tensor  # [B, γ, Vd] fp32 (the same tensor as base_logits when not pruned)
+    conf_logits: Optional[torch.Tensor] = None  # [B, γ] when confidence does not depend on the previous token
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE, half-split convention (as HF Llama)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        d = c.hidden_size
+        self.q_proj = nn.Linear(d, self.nh * self.hd, bias=False)
+        self.k_proj = nn.Linear(d, self.nkv * self.hd, bias=False)
+        self.v_proj = nn.Linear(d, self.nkv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.hd, d, bias=False)
+
+    def kv(self, x, cos, sin):
+        """[B, L, d] -> K (RoPE applied), V: [B, Hkv, L, hd]. Used for both context and block positions."""
+        B, L, _ = x.shape
+        k = self.k_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)
+        return rotate(k, cos, sin), v
+
+    def forward(self, x, join: Callable, cos, sin, mask=None):
+        """Block queries attend to join(block K, block V) = [context ; block] keys and values."""
+        B, L, _ = x.shape
+        q = rotate(self.q_proj(x).view(B, L, self.nh, self.hd).transpose(1, 2), cos, sin)
+        k, v = join(*self.kv(x, cos, sin))
+        g = self.nh // self.nkv
+        # GQA without repeating K/V: the g query heads of one KV head become g·L query rows of that head.
+        q = q.reshape(B, self.nkv, g * L, self.hd)
+        if mask is not None and g > 1:
+            mask = mask.repeat(1, 1, g, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(o.reshape(B, self.nh, L, self.hd).transpose(1, 2).reshape(B, L, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DrafterLayer(nn.Module):
+    """Pre-norm block. The context K/V come from the projected context directly (already normed), not x."""
+
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.attn = Attention(c)
+        self.mlp_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, join, cos, sin, mask=None):
+        x = x + self.attn(self.attn_norm(x), join, cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Drafter(PreTrainedModel):
+    """DSpark (head markov | rnn | none = DFlash) or Medusa drafter over a frozen target's embedding and LM head.
+
+    MASK: slots 1..γ-1 take `mask_embed`, a dedicated learned vector (targets rarely have a spare token whose
+    frozen embedding could be repurposed), unless `config.mask_token_id` names a token whose frozen
+    embedding is used instead. Confidence input: [h_k ; W1[x_{k-1}]] (paper eq. 7) for markov/rnn; with
+    head "none" (DFlash) and for Medusa there is no W1, and the confidence reads h_k alone, so like the
+    logits it does not depend on the drafted prefix.
+    """
+
+    config_class = DrafterConfig
+    base_model_prefix = "drafter"
+    main_input_name = "features"
+    _no_split_modules = ["DrafterLayer"]
+
+    def __init__(self, config: DrafterConfig):
+        super().__init__(config)
+        c = config
+        d, r = c.hidden_size, c.head_rank
+        vd = c.draft_vocab_size or c.vocab_size
+        if c.kind == "dspark":
+            self.fc = nn.Linear(len(c.feature_layers) * d, d, bias=False)
+            self.ctx_norm = nn.RMSNorm(d, eps=c.rms_norm_eps)
+            self.layers = nn.ModuleList(DrafterLayer(c) for _ in range(c.num_layers))
+            self.norm = nn.RMSNorm(d, eps=c.rms_norm_eps)
+            self.mask_embed = nn.Parameter(torch.empty(d)) if c.mask_token_id is None else None
+        else:  # Medusa: residual SiLU heads on the target's last hidden state, head k = slot k
+            self.medusa = nn.ModuleList(nn.Linear(d, d) for _ in range(c.block_size))
+        if c.head != "none":
+            # W1: previous token -> r; a pruned vocab adds row Vd for target tokens outside it. W2: r -> Vd.
+            self.w1 = nn.Embedding(vd + (c.draft_vocab_size is not None), r)
+            self.w2 = nn.Linear(r, vd, bias=False)
+        if c.head == "rnn":
+            self.rnn = nn.Linear(2 * r + d, 3 * r, bias=False)  # W_g, W_c, W_o of z = [s ; W1[x] ; h]
+        self.conf = nn.Linear(d + (r if c.head != "none" else 0), 1)
+        pruned = c.draft_vocab_size is not None
+        self.register_buffer("d2t", torch.zeros(vd, dtype=torch.long) if pruned else None)
+        self.register_buffer("t2d", torch.full((c.vocab_size,), vd, dtype=torch.long) if pruned else None)
+        # the target's frozen weights, copied by attach_target; lm_weight is None when the (tied) embedding serves
+        self.register_buffer("embed_weight", None, persistent=False)
+        self.register_buffer("lm_weight", None, persistent=False)
+        self._rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self and getattr(self, "mask_embed", None) is not None:
+            init.normal_(self.mask_embed, std=self.config.initializer_range)
+
+    # ------------------------------------------------------------------ target and vocabulary
+    def attach_target(self, target) -> "Drafter":
+        """Copy the target's embedding and LM head into non-persistent buffers (frozen, never saved).
+
+        Copies, so that sharding the target afterwards (ZeRO-3) leaves the drafter working.
+        """
+        fp = self.config.target_fingerprint or {}
+        theirs = target.fingerprint()
+        bad = [f"{k}: drafter {fp[k]!r} vs target {theirs.get(k)!r}" for k in FINGERPRINT_KEYS
+               if k in fp and fp[k] != theirs.get(k)]
+        if list(target.feature_layers) != list(self.config.feature_layers):
+            bad.append(f"feature_layers: drafter {self.config.feature_layers} vs target {target.feature_layers}")
+        if bad:
+            raise ValueError(f"drafter was trained for another target ({fp.get('model_id')}): " + "; ".join(bad))
+        emb, lm = target.embed_tokens.weight.detach(), target.lm_head.weight.detach()
+        if emb.numel() == 0 or lm.numel() == 0:
+            raise RuntimeError("attach_target needs the target's full weights: call it before ZeRO-3 sharding")
+        p = self.conf.weight
+        self.embed_weight = emb.to(p.device, p.dtype, copy=True)
+        if self.d2t is not None:
+            self.lm_weight = lm[self.d2t.to(lm.device)].to(p.device, p.dtype)
+        else:
+            self.lm_weight = None if lm.data_ptr() == emb.data_ptr() else lm.to(p.device, p.dtype, copy=True)
+        return self
+
+    @property
+    def draft_vocab(self) -> Optional[torch.Tensor]:
+        """Target ids of the draft vocabulary (draft index i = target id draft_vocab[i]), or None = all."""
+        return self.d2t
+
+    @torch.no_grad()
+    def set_draft_vocab(self, token_ids) -> None:
+        """Prune the output vocabulary to `token_ids` (target ids, kept in the given order).
+
+        Head rows are sliced from the current full-vocabulary head, so pruning a trained drafter keeps what
+        it learned; W1's extra row (initialised to the mean) stands for every token outside.
+        """
+        if self.d2t is not None:
+            raise ValueError("the draft vocabulary is already pruned; set it once, on a full-vocabulary drafter")
+        V = self.config.vocab_size
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().to(self.conf.weight.device)
+        if ids.numel() == 0 or ids.unique().numel() != ids.numel() or ids.min() < 0 or ids.max() >= V:
+            raise ValueError(f"draft vocabulary must be distinct target ids in [0, {V}), got {ids.numel()} ids")
+        vd = ids.numel()
+        if self.config.head != "none":
+            w1 = nn.Embedding(vd + 1, self.config.head_rank).to(self.w1.weight)
+            w1.weight[:vd] = self.w1.weight[ids]
+            w1.weight[vd] = self.w1.weight.mean(0)
+            w2 = nn.Linear(self.config.head_rank, vd, bias=False).to(self.w2.weight)
+            w2.weight.copy_(self.w2.weight[ids])
+            self.w1, self.w2 = w1, w2
+        t2d = torch.full((V,), vd, dtype=torch.long, device=ids.device)
+        t2d[ids] = torch.arange(vd, device=ids.device)
+        self.d2t, self.t2d = ids, t2d
+        if self.embed_weight is not None:
+            self.lm_weight = (self.embed_weight if self.lm_weight is None else self.lm_weight)[ids]
+        self.config.draft_vocab_size = vd
+
+    def to_draft_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Target ids -> draft-vocab indices, -1 where outside the draft vocabulary (label mapping for losses)."""
+        if self.t2d is None:
+            return token_ids
+        d = self.t2d[token_ids]
+        return d.masked_fill(d == self.d2t.numel(), -1)
+
+    def _w1_rows(self, token_ids):
+        return token_ids if self.t2d is None else self.t2d[token_ids]
+
+    def _embedding(self) -> torch.Tensor:
+        if self.embed_weight is None:
+            raise RuntimeError("drafter has no target weights: call drafter.attach_target(target) first")
+        return self.embed_weight
+
+    def _embed(self, token_ids):
+        return F.embedding(token_ids, self._embedding())
+
+    def _lm(self, h):
+        """Base logits U = frozen LM head (draft-vocab rows) of h, in fp32."""
+        return F.linear(h, self._embedding() if self.lm_weight is None else self.lm_weight).float()
+
+    def _full(self, logits):
+        """Draft-vocab logits -> full target-vocab logits, -inf outside the draft vocabulary."""
+        if self.d2t is None:
+            return logits
+        full = logits.new_full(logits.shape[:-1] + (self.config.vocab_size,), float("-inf"))
+        return full.index_copy_(-1, self.d2t, logits)
+
+    def _mask_vec(self):
+        return self.mask_embed if self.mask_embed is not None else self._embedding()[self.config.mask_token_id]
+
+    def _rope_table(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [≥n, head_dim] fp32, grown by doubling (a plain cache, not a buffer: nothing to save)."""
+        if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != device:
+            size = max(n, 2 * (0 if self._rope is None else self._rope[0].shape[0]), 1024)
+            hd = self.config.head_dim
+            inv = self.config.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd)
+            f = torch.arange(size, dtype=torch.float64, device=device)[:, None] * inv
+            f = torch.cat((f, f), -1)
+            self._rope = (f.cos().float(), f.sin().float())
+        return self._rope
+
+    # ------------------------------------------------------------------ heads (shared by training and inference)
+    def _rnn_step(self, h, e, s):
+        """One gated update (paper eq. 6): returns tanh(W_o z) for the bias and the new state."""
+        gate, cand, out = self.rnn(torch.cat((s, e, h), -1)).chunk(3, -1)
+        a = torch.sigmoid(gate)
+        return torch.tanh(out), a * s + (1 - a) * torch.tanh(cand)
+
+    def _heads(self, hid, prev) -> DrafterOutput:
+        """hid [..., γ, d], prev [..., γ] (slot k's previous token) -> teacher-forced logits and confidences."""
+        U = self._lm(hid)
+        if self.config.head == "none":
+            return DrafterOutput(U, self.conf(hid).squeeze(-1).float())
+        e = self.w1(self._w1_rows(prev))
+        if self.config.head == "markov":
+            bias = self.w2(e)
+        else:
+            s = hid.new_zeros(hid.shape[:-2] + (self.config.head_rank,))
+            outs = []
+            for k in range(hid.shape[-2]):
+                o, s = self._rnn_step(hid[..., k, :], e[..., k, :], s)
+                outs.append(o)
+            bias = self.w2(torch.stack(outs, -2))
+        return DrafterOutput(U + bias.float(), self.conf(torch.cat((hid, e), -1)).squeeze(-1).float())
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, features, last_hidden, input_ids, anchor_pos) -> DrafterOutput:
+        """features [B,T,m·d], last_hidden [B,T,d], input_ids [B,T], anchor_pos [B,A] (-1 = padding).
+
+        Teacher forcing: slot k's previous token is input_ids[p+k], its label input_ids[p+k+1]. DSpark ignores
+        last_hidden; Medusa reads only last_hidden[p-1] (anchors must be >= 1) and ignores features.
+        """
+        g = self.config.block_size
+        T = input_ids.shape[1]
+        p = anchor_pos.clamp(min=0)
+        pos = p[..., None] + torch.arange(g, device=p.device)  # [B, A, γ] slot positions
+        prev = input_ids.gather(1, pos.clamp(max=T - 1).flatten(1)).view_as(pos)  # token at p+k
+        if self.config.kind == "medusa":
+            h = last_hidden.gather(1, (p - 1).clamp(min=0)[..., None].expand(-1, -1, last_hidden.shape[-1]))
+            hid = torch.stack([h + F.silu(m(h)) for m in self.medusa], 2)
+        else:
+            hid = self._backbone(features, prev[..., 0], anchor_pos, pos)
+        return self._heads(hid, prev)
+
+    def _backbone(self, features, anchors, anchor_pos, pos):
+        """All A blocks of a sequence in one attention call: keys = [context (T) ; all blocks (A·γ)], and a
+        boolean mask lets block a see context j < anchor_a and its own γ slots only."""
+        B, A, g = pos.shape
+        T = features.shape[1]
+        dev = features.device
+        ctx = self.ctx_norm(self.fc(features))
+        mask_vec = self._mask_vec().expand(B, A, g - 1, -1)
+        x = torch.cat((self._embed(anchors)[:, :, None].to(mask_vec.dtype), mask_vec), 2)
+        x = x.flatten(1, 2)
+        cos, sin = self._rope_table(T + g, dev)
+        bpos = pos.flatten(1)
+        see_ctx = torch.arange(T, device=dev) < anchor_pos[..., None]  # [B, A, T]; padding (-1) sees none
+        see_ctx = see_ctx[:, :, None].expand(B, A, g, T).reshape(B, A * g, T)
+        same = torch.eye(A, dtype=torch.bool, device=dev)[:, None, :, None].expand(A, g, A, g).reshape(A * g, A * g)
+        mask = torch.cat((see_ctx, same.expand(B, -1, -1)), -1)[:, None]
+        for layer in self.layers:
+            ck, cv = layer.attn.kv(ctx, cos[:T], sin[:T])  # once per sequence, shared by all blocks
+            x = layer(x, lambda kb, vb, ck=ck, cv=cv: (torch.cat((ck, kb), 2), torch.cat((cv, vb), 2)),
+                      cos[bpos][:, None], sin[bpos][:, None], mask)
+        return self.norm(x).view(B, A, g, -1)
+
+    # ------------------------------------------------------------------ inference
+    def init_state(self, batch_size: int = 1) -> DraftState:
+        return DraftState(batch_size)
+
+    def _reserve(self, state: DraftState, need: int) -> None:
+        cap = 0 if state.kv is None else state.kv.shape[4]
+        if need <= cap:
+            return
+        c, w = self.config, self.conf.weight
+        kv = torch.empty(c.num_layers, 2, state.batch_size, c.num_key_value_heads, max(need, 2 * cap, 256),
+                         c.head_dim, dtype=w.dtype, device=w.device)
+        if state.kv is not None:
+            kv[..., :state.length, :] = state.kv[..., :state.length, :]
+        state.kv = kv
+
+    @torch.no_grad()
+    def extend_context(self, state: DraftState, features, last_hidden) -> DraftState:
+        """Append newly committed positions: project them and cache their per-layer K/V (old ones untouched)."""
+        n = last_hidden.shape[1]
+        if self.config.kind == "medusa":
+            state.last_hidden = last_hidden[:, -1]
+            state.length += n
+            return state
+        start = state.length
+        self._reserve(state, start + n + self.config.block_size)
+        ctx = self.ctx_norm(self.fc(features.to(self.conf.weight.dtype)))
+        cos, sin = self._rope_table(start + n, ctx.device)
+        for i, layer in enumerate(self.layers):
+            k, v = layer.attn.kv(ctx, cos[start:start + n], sin[start:start + n])
+            state.kv[i, 0, :, :, start:start + n] = k
+            state.kv[i, 1, :, :, start:start + n] = v
+        state.length += n
+        return state
+
+    @torch.no_grad()
+    def propose(self, state: DraftState, anchor_ids: torch.Tensor) -> DraftBlock:
+        """One backbone pass for the block [anchor, MASK…] at position state.length -> base logits, hidden."""
+        g = self.config.block_size
+        if self.config.kind == "medusa":
+            if state.last_hidden is None:
+                raise ValueError("medusa drafting needs at least one committed position (extend_context first)")
+            h = state.last_hidden.to(self.conf.weight.dtype)
+            hid = torch.stack([h + F.silu(m(h)) for m in self.medusa], 1)
+        else:
+            n, B = state.length, anchor_ids.shape[0]
+            self._reserve(state, n + g)
+            kv = state.kv
+            x = torch.cat((self._embed(anchor_ids[:, None]), self._mask_vec().expand(B, g - 1, -1)), 1)
+            cos, sin = self._rope_table(n + g, x.device)
+            cos, sin = cos[n:n + g], sin[n:n + g]
+            for i, layer in enumerate(self.layers):
+                def join(kb, vb, i=i):  # the block's K/V go to the scratch slots after the context
+                    kv[i, 0, :, :, n:n + g] = kb
+                    kv[i, 1, :, :, n:n + g] = vb
+                    return kv[i, 0, :, :, :n + g], kv[i, 1, :, :, :n + g]
+                x = layer(x, join, cos, sin)
+            hid = self.norm(x)
+        U = self._lm(hid)
+        conf = self.conf(hid).squeeze(-1).float() if self.config.head == "none" else None
+        return DraftBlock(self._full(U), hid, U, conf)
+
+    @torch.no_grad()
+    def head_step(self, block: DraftBlock, k: int, prev_tokens: torch.Tensor, head_state=None):
+        """Slot k's distribution for each of N parent tokens (the token at position anchor+k): cheap, no backbone.
+
+        Returns logits [B,N,V] fp32 (full vocab), conf_logit [B,N] (pre-sigmoid) and, for the RNN head, the
+        per-candidate state [B,N,r] that a child of candidate n passes back as head_state[:, n]. Returned
+        tensors may be expanded views: do not modify them in place.
+        """
+        B, N = prev_tokens.shape
+        if self.config.head == "none":
+            return block.base_logits[:, k, None].expand(B, N, -1), block.conf_logits[:, k, None].expand(B, N), None
+        h = block.hidden[:, k, None].expand(B, N, -1)
+        e = self.w1(self._w1_rows(prev_tokens))
+        s = None
+        if self.config.head == "markov":
+            bias = self.w2(e)
+        else:
+            o, s = self._rnn_step(h, e, h.new_zeros(B, N, self.config.head_rank) if head_state is None else head_state)
+            bias = self.w2(o)
+        logits = block.draft_logits[:, k, None] + bias.float()
+        return self._full(logits), self.conf(torch.cat((h, e), -1)).squeeze(-1).float(), s
+
+
+# ---------------------------------------------------------------------- construction
+def build_drafter(section: DrafterConfigSection, target) -> Drafter:
+    """A new drafter for `target` (or the exported one at `section.init_from`), attached, on the target's device.
+
+    A pruned draft vocabulary is set afterwards from data (`set_draft_vocab`), since it needs token counts.
+    """
+    cfg = DrafterConfig.from_target(section, target.config, target.feature_layers, target.vocab_size,
+                                    target.fingerprint())
+    if section.init_from:
+        drafter = Drafter.from_pretrained(section.init_from)
+        bad = [k for k in ("kind", "head", "num_layers", "block_size", "head_rank")
+               if getattr(drafter.config, k) != getattr(cfg, k)]
+        if bad:
+            raise ValueError(f"drafter.init_from {section.init_from}: recipe and artifact differ in "
+                             + ", ".join(f"{k} ({getattr(cfg, k)} vs {getattr(drafter.config, k)})" for k in bad))
+    else:
+        drafter = Drafter(cfg)
+    return drafter.to(target.device).attach_target(target)
+
+
+def count_parameters(section: DrafterConfigSection, target_config, num_feature_layers: int = 5) -> int:
+    """Trainable parameters of the drafter a recipe section would build, from the target's config alone
+    (built on the meta device: no weights, instant even for 70B-class targets). Honours draft_vocab_size."""
+    t = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    cfg = DrafterConfig.from_target(section, target_config, default_feature_layers(t.num_hidden_layers,
+                                                                                   num_feature_layers))
+    cfg.draft_vocab_size = section.draft_vocab_size
+    with torch.device("meta"):
+        return Drafter(cfg).num_parameters(only_trainable=True)
