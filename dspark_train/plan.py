@@ -12,6 +12,13 @@ from .target import DTYPES, default_feature_layers, load_target_config
 GiB = 1024 ** 3
 
 
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1024 ** 2)):
+        if n >= size:
+            return f"{n / size:8.2f} {unit}"
+    return f"{n / 1024:8.2f} KiB"
+
+
 def count_target_parameters(tcfg) -> int:
     """Exact parameter count from the architecture config, built on the meta device (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
@@ -75,7 +82,7 @@ def plan(recipe: Recipe) -> str:
         f"kind/head:       {recipe.drafter.kind}/{recipe.drafter.head}, {recipe.drafter.num_layers} layer(s), "
         f"block size {recipe.drafter.block_size}",
         f"trainable:       {dparams / 1e6:.2f} M parameters",
-        "size table (trainable M params; SmolLM2-style heads at this target):",
+        "size table (trainable M parameters for this target and recipe):",
     ]
     for n_layers in (1, 2, 5):
         row = []
@@ -87,10 +94,11 @@ def plan(recipe: Recipe) -> str:
     lines += [
         "",
         "# memory per device (weights + optimizer states, activations excluded)",
-        f"launch:          {d.accelerate_config or 'single process, no DeepSpeed'}; {mem['processes']} process(es)"
-        f" on {d.num_machines} machine(s); drafter ZeRO-{d.zero_stage}, target ZeRO-{d.target_zero_stage}",
-        f"target:          {mem['target_bytes'] / GiB:8.2f} GiB ({recipe.target.dtype})",
-        f"drafter:         {mem['drafter_bytes'] / GiB:8.2f} GiB",
-        f"total:           {(mem['target_bytes'] + mem['drafter_bytes']) / GiB:8.2f} GiB",
+        "launch:          " + (f"{d.accelerate_config}; {mem['processes']} process(es) on {d.num_machines} machine(s);"
+                                f" drafter ZeRO-{d.zero_stage}, target ZeRO-{d.target_zero_stage}"
+                                if d.accelerate_config else "single process, no DeepSpeed"),
+        f"target:          {human_bytes(mem['target_bytes'])} ({recipe.target.dtype})",
+        f"drafter:         {human_bytes(mem['drafter_bytes'])}",
+        f"total:           {human_bytes(mem['target_bytes'] + mem['drafter_bytes'])}",
     ]
     return "\n".join(lines)

@@ -283,8 +283,8 @@ def load_target_config(cfg: TargetConfig, resolve) -> "PretrainedConfig":  # noq
         return AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
     if cfg.config_path is not None:
         arch = json.loads(resolve(cfg.config_path).read_text())
-        return AutoConfig.for_model(arch.pop("model_type"), **{k: v for k, v in arch.items()
-                                                               if k not in ("architectures", "auto_map")})
+        arch.pop("auto_map", None)
+        return AutoConfig.for_model(arch.pop("model_type"), **arch)
     source = cfg.model
     if source.startswith("pypi:"):
         source = str(pypi_target_dir(source[5:], cache_root(cfg))[0])

@@ -1,0 +1,62 @@
+"""`dspark` CLI: every subcommand has --help; `dspark plan` works offline for every shipped recipe."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dspark_train.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
+
+
+def test_all_expected_recipes_shipped():
+    assert set(RECIPES) >= {"tiny.yaml", "smollm2_135m.yaml", "deepseek_v2.yaml", "llama2_70b.yaml",
+                            "mixtral_8x7b.yaml", "qwen3_4b.yaml"}
+    for name in ("single_cpu", "zero2", "zero3", "multi_node"):
+        assert (REPO / "recipes" / "accelerate" / f"{name}.yaml").is_file()
+
+
+@pytest.mark.parametrize("command", ["plan", "fetch-target", "data", "train", "calibrate", "export", "push", "eval"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: dspark " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r != "smollm2_135m.yaml"])
+def test_plan_offline(recipe, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["plan", str(REPO / "recipes" / recipe)]) == 0
+    out = capsys.readouterr().out
+    for needle in ("# resolved recipe", "feature layers:", "trainable:", "# memory per device", "1 layer(s):"):
+        assert needle in out
+    if recipe == "deepseek_v2.yaml":
+        assert "DeepseekV2ForCausalLM" in out and "64 routed, 6 per token, 2 shared" in out
+        assert "parameters:      15.706 B" in out
+    if recipe == "llama2_70b.yaml":
+        assert "layers:          80" in out and "feature layers:  [1, 20, 39, 58, 77]" in out
+
+
+@pytest.mark.slow
+def test_plan_smollm2(capsys):
+    assert main(["plan", str(REPO / "recipes" / "smollm2_135m.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "feature layers:  [1, 8, 14, 20, 27]" in out and "vocab size:      49152" in out
+
+
+def test_typo_key_exit_2(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text((REPO / "recipes" / "tiny.yaml").read_text().replace("max_steps:", "max_stpes:"))
+    proc = subprocess.run([sys.executable, "-m", "dspark_train.cli", "plan", str(bad)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {bad}: train.max_stpes: unknown key")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_set_override_reaches_plan(capsys):
+    assert main(["plan", str(REPO / "recipes" / "tiny.yaml"), "--set", "drafter.num_layers=2"]) == 0
+    assert "2 layer(s), block size 4" in capsys.readouterr().out
