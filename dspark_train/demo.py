@@ -1,0 +1,86 @@
+"""`make demo`: the whole pipeline on the embedded default (SmolLM2-135M-Instruct), on a CPU.
+
+Each stage is the `dspark` command a user would type, printed before it runs; finished stages are reused on a
+rerun. Everything lands under runs/demo/. DEMO_FAST=1 runs a few-minute smoke version (used by one CI test).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import REPO_ROOT, load_recipe
+
+RECIPE = "recipes/smollm2_135m.yaml"
+BENCHMARKS = "gsm8k,mt-bench,humaneval,mbpp"
+
+
+def settings(fast: bool) -> dict:
+    """Budgets: the full demo fits a coffee break on 2 cores; the fast one only proves the wiring."""
+    if fast:
+        return dict(train=["train.max_steps=12", "train.checkpoint_every=6", "train.eval_every=6",
+                           "data.max_prompts=64", "data.heldout=8", "data.anchors_per_seq=16"],
+                    calibrate=["calibrate.prompts=3", "calibrate.max_new_tokens=24", "calibrate.measure=false"],
+                    eval=["--n", "2", "--max-new-tokens", "24", "--benchmarks", "gsm8k,mt-bench"])
+    return dict(train=[], calibrate=[],
+                eval=["--n", "10", "--max-new-tokens", "128", "--benchmarks", BENCHMARKS])
+
+
+def run(cmd: list[str]) -> None:
+    shown = " ".join(["dspark"] + cmd[3:]) if cmd[1:3] == ["-m", "dspark_train.cli"] else " ".join(cmd)
+    print(f"\n$ {shown}", flush=True)
+    start = time.perf_counter()
+    rc = subprocess.call(cmd, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if rc != 0:
+        print(f"demo: stage failed (exit {rc}): {shown}", file=sys.stderr)
+        raise SystemExit(rc)
+    print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def main() -> int:
+    fast = os.environ.get("DEMO_FAST", "") not in ("", "0")
+    run_dir = Path(os.environ.get("DEMO_DIR", "runs/demo-fast" if fast else "runs/demo"))
+    root = run_dir if run_dir.is_absolute() else REPO_ROOT / run_dir
+    cfg = settings(fast)
+    dspark = [sys.executable, "-m", "dspark_train.cli"]
+    sets = ["--set", f"train.output_dir={run_dir}"]
+    for item in cfg["train"]:
+        sets += ["--set", item]
+
+    recipe = load_recipe(REPO_ROOT / RECIPE, [s for s in sets if s != "--set"])
+    conversations = recipe.resolve_data_path(recipe.data.conversations)
+    run(dspark + ["fetch-target", RECIPE])
+    if conversations is None or not conversations.is_file():
+        print(f"\nno regenerated conversations at {conversations}: regenerating a small set with the target")
+        data_sets = sets + ["--set", "data.conversations=null", "--set", f"data.output={run_dir}/data.jsonl",
+                            "--set", "data.max_prompts=" + ("32" if fast else "400")]
+        run(dspark + ["data", RECIPE] + data_sets)
+        sets += ["--set", f"data.conversations={(root / 'data.jsonl').resolve()}"]
+    else:
+        print(f"\nusing target-regenerated conversations: {conversations}")
+
+    if (root / "final" / "model.safetensors").is_file():
+        print(f"\ntrained drafter found: {run_dir}/final (delete it to retrain)")
+    else:
+        run(dspark + ["train", RECIPE] + sets)
+
+    if not (root / "calibration.json").is_file():
+        run(dspark + ["calibrate", str(run_dir)] + [a for s in cfg["calibrate"] for a in ("--set", s)])
+    artifact = run_dir / "artifact"
+    report = run_dir / "eval" / "report.json"
+    if not (root / "eval" / "report.json").is_file():
+        run(dspark + ["export", str(run_dir), str(artifact), "--force"])
+        run(dspark + ["eval", str(artifact), "--mode", "adaptive", "--out", str(run_dir / "eval")] + cfg["eval"])
+    # export last so the model card carries the measured table
+    run(dspark + ["export", str(run_dir), str(artifact), "--force"])
+
+    print("\n" + (root / "eval" / "report.md").read_text())
+    print(f"artifact:  {artifact}/\nreport:    {report} (+ report.md)\nplots:     {run_dir}/eval/*.png\n"
+          f"calibration: {run_dir}/calibration.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

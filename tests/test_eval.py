@@ -1,0 +1,209 @@
+"""Eval harness: metrics from scripted traces, benchmark errors, the report schema, an end-to-end run."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from dspark_train.cli import main as cli_main
+from dspark_train.evaluate import (PLAIN, Benchmark, BenchmarkError, RoundStat, acceptance_metrics,
+                                   add_eval_arguments, build_report, first_divergence, hf_method, load_benchmark,
+                                   measure, write_report, _gen_kwargs)
+
+TOP_LEVEL = ("target", "drafter", "device", "dtype", "temperature", "mode", "benchmarks")
+PER_BENCHMARK = ("n_prompts", "tau", "accept_rate_by_position", "conditional_accept_by_position", "verify_rate",
+                 "tokens_per_s", "baseline_tokens_per_s", "speedup", "lossless", "agreement", "divergences",
+                 "baselines")
+
+
+def eval_args(*argv):
+    p = argparse.ArgumentParser()
+    add_eval_arguments(p)
+    return p.parse_args(["artifact", "--no-progress", *argv])
+
+
+# --------------------------------------------------------------------------- metrics
+def test_acceptance_from_scripted_trace():
+    # γ = 4 drafts per round, anchor + 4 drafts verified; accepted 4, 0, 2, 1
+    rounds = [RoundStat(verified=5, accepted=a, depth=4) for a in (4, 0, 2, 1)]
+    m = acceptance_metrics(rounds)
+    assert m["tau"] == pytest.approx((5 + 1 + 3 + 2) / 4)
+    assert m["accept_rate_by_position"] == pytest.approx([3 / 4, 2 / 4, 1 / 4, 1 / 4])
+    assert m["conditional_accept_by_position"] == pytest.approx([3 / 4, 2 / 3, 1 / 2, 1 / 1])
+    assert m["verify_rate"] == pytest.approx(11 / 20)
+    assert m["rounds"] == 4
+
+
+def test_acceptance_with_varying_depth_counts_only_verified_positions():
+    # adaptive depth: a round that verified 2 positions says nothing about position 3
+    rounds = [RoundStat(3, 2, 2), RoundStat(5, 3, 4), RoundStat(2, 0, 1)]
+    m = acceptance_metrics(rounds)
+    assert m["tau"] == pytest.approx((3 + 4 + 1) / 3)
+    assert m["accept_rate_by_position"] == pytest.approx([2 / 3, 2 / 2, 1 / 1, 0 / 1])
+    assert m["conditional_accept_by_position"] == pytest.approx([2 / 3, 2 / 2, 1 / 1, 0 / 1])
+    assert m["verify_rate"] == pytest.approx(8 / 10)
+    assert acceptance_metrics([])["tau"] is None
+
+
+def test_first_divergence():
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+# --------------------------------------------------------------------------- benchmark files
+def test_benchmark_by_name_and_path(tmp_path):
+    b = load_benchmark("mt-bench", "../shared/data", n=3)
+    assert b.name == "mt-bench" and len(b.prompts) == 3 and len(b.prompts[0]) == 2
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"turns": ["a"]}\n\n{"turns": ["b", "c"]}\n')
+    b = load_benchmark(str(f), "unused")
+    assert b.name == "mine" and b.prompts == [["a"], ["b", "c"]]
+
+
+def test_bad_benchmark_path_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-bench.*no-such-bench.jsonl"):
+        load_benchmark("no-such-bench", tmp_path)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "x.jsonl")):
+        load_benchmark(str(tmp_path / "x.jsonl"), "unused")
+
+
+@pytest.mark.parametrize("bad, why", [('{"turns": ["ok"', "invalid JSON"), ('{"prompt": "x"}', "turns"),
+                                      ('{"turns": []}', "turns"), ('["x"]', "turns")])
+def test_malformed_line_names_file_and_line(tmp_path, bad, why):
+    f = tmp_path / "b.jsonl"
+    f.write_text('{"turns": ["one"]}\n{"turns": ["two"]}\n' + bad + "\n")
+    with pytest.raises(BenchmarkError, match=rf"{f}: line 3: .*{why}"):
+        load_benchmark(str(f), "unused", n=1)  # validated past the first N
+
+
+def test_cli_reports_bad_benchmark_in_one_line(tmp_path, capsys):
+    f = tmp_path / "b.jsonl"
+    f.write_text("not json\n")
+    assert cli_main(["eval", str(tmp_path), "--benchmarks", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and f"{f}: line 1" in err and "\n" not in err
+    assert cli_main(["eval", str(tmp_path), "--benchmarks", "gsm8k,nope"]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the harness with scripted decoders
+def scripted(plain, trace, corrupt_at=None):
+    """A 'decoder' that returns plain decoding's ids (optionally one token changed) and a fixed trace."""
+    def run(prompt, max_new_tokens):
+        ids, _ = plain(prompt, max_new_tokens)
+        if corrupt_at is not None and corrupt_at < len(ids):
+            ids[corrupt_at] = (ids[corrupt_at] + 1) % 256 + 4
+        return ids, list(trace)
+    return run
+
+
+def test_report_schema_and_speedup_from_scripted_decoders(tiny_target, tmp_path):
+    args = eval_args("--max-new-tokens", "6", "--multi-turn")
+    plain = hf_method(tiny_target.model, _gen_kwargs(tiny_target, args))
+    trace = [RoundStat(5, 4, 4), RoundStat(5, 0, 4)]
+    methods = {PLAIN: plain, "good": scripted(plain, trace), "bad": scripted(plain, trace, corrupt_at=2),
+               "prompt-lookup": hf_method(tiny_target.model, _gen_kwargs(tiny_target, args), prompt_lookup_num_tokens=3)}
+    bench = Benchmark("toy", tmp_path / "toy.jsonl", [["hi", "more"], ["hello"]])
+    m = measure(bench, tiny_target, methods, args, ["good", "bad"])
+    drafters = {"good": {"drafter": "good-artifact", "calibration": None}, "bad": {"drafter": "bad", "calibration": None}}
+    report = build_report([m], tiny_target, drafters, ["prompt-lookup"], args)
+    write_report(report, tmp_path / "out", calibration=None)
+
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(TOP_LEVEL) <= set(saved)
+    assert saved["drafter"] == "good-artifact" and saved["mode"] == "chain" and saved["temperature"] == 0.0
+    assert saved["dtype"] == "float32" and saved["device"] == "cpu"
+    e = saved["benchmarks"]["toy"]
+    assert set(PER_BENCHMARK) <= set(e)
+    assert e["n_prompts"] == 2 and e["n_generations"] == 3
+    assert e["speedup"] == e["tokens_per_s"] / e["baseline_tokens_per_s"]
+    assert e["tau"] == pytest.approx(3.0) and e["accept_rate_by_position"] == [0.5] * 4
+    assert e["verify_rate"] == pytest.approx(6 / 10)
+    assert e["lossless"] is True and e["agreement"] == 1.0 and e["divergences"] == []
+    pl = e["baselines"]["prompt-lookup"]
+    assert pl["speedup"] == pl["tokens_per_s"] / e["baseline_tokens_per_s"]
+    assert pl["lossless"] is True  # fp32 greedy on the tiny target
+
+    bad = saved["drafters"]["bad"]["benchmarks"]["toy"]
+    assert bad["lossless"] is False and bad["agreement"] == 0.0
+    assert [d["position"] for d in bad["divergences"]] == [2, 2, 2]
+    assert all(d["top2_logit_gap"] >= 0 for d in bad["divergences"])
+    d = bad["divergences"][0]
+    context = m.prompts[0][0] + m.samples[PLAIN][0][0].ids[:2]
+    assert d["plain_token"] == tiny_target.model(torch.tensor([context])).logits[0, -1].argmax().item()
+
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| toy | 2 | 3.00 |" in md and "## bad" in md and "Comparison" in md
+    for png in ("acceptance_by_position.png", "speedup.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "out" / "reliability.png").exists()  # no calibration data
+
+
+def test_sampling_reports_lossless_null(tiny_target, tmp_path):
+    args = eval_args("--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "20")
+    plain = hf_method(tiny_target.model, _gen_kwargs(tiny_target, args))
+    methods = {PLAIN: plain, "d": scripted(plain, [RoundStat(3, 1, 2)])}
+    m = measure(Benchmark("toy", tmp_path, [["hi"]]), tiny_target, methods, args, ["d"])
+    e = build_report([m], tiny_target, {"d": {"drafter": "d"}}, [], args)["benchmarks"]["toy"]
+    assert e["lossless"] is None and e["divergences"] is None and e["baselines"] == {}
+
+
+# --------------------------------------------------------------------------- end to end on the tiny target
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory, tiny_recipe, tiny_target):
+    """An untrained drafter exported like an artifact: config.json, model.safetensors, recipe.yaml, and a
+    calibration.json with reliability bins (neutral temperatures, so chain drafting is unchanged)."""
+    from dspark_train.calibrate import Calibration
+    from dspark_train.config import recipe_to_yaml
+    from dspark_train.drafters import build_drafter
+
+    art = tmp_path_factory.mktemp("artifacts") / "dspark"
+    torch.manual_seed(0)
+    drafter = build_drafter(tiny_recipe.drafter, tiny_target)
+    drafter.save_pretrained(art)
+    (art / "recipe.yaml").write_text(recipe_to_yaml(tiny_recipe))
+    g = drafter.config.block_size
+    bins = [[0.25, 0.2, 3], [None, None, 0], [0.75, 0.8, 5]]
+    Calibration(block_size=g, temperatures=[1.0] * g, ece_before=[0.1] * g, ece_after=[0.02] * g,
+                auroc_before=[0.8] * g, auroc_after=[0.85] * g, brier_before=[0.2] * g, brier_after=[0.1] * g,
+                adaptive={"max_width": 1, "beam": 1, "node_budget": g, "depth_threshold": 0.0, "width_threshold": None},
+                reliability={s: {str(k + 1): bins for k in range(g)} for s in ("before", "after")}
+                ).save(art / "calibration.json")
+    return art
+
+
+def test_end_to_end_tiny_target_is_lossless(tiny_artifact, tmp_path):
+    out = tmp_path / "report"
+    rc = cli_main(["eval", str(tiny_artifact), "--benchmarks", "gsm8k,mt-bench", "--n", "2", "--max-new-tokens", "8",
+                   "--dtype", "float32", "--multi-turn", "--save-outputs", "--compare", str(tiny_artifact),
+                   "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(TOP_LEVEL) <= set(report)
+    assert report["target"] == "inline:llama-seed0" and report["dtype"] == "float32" and report["mode"] == "chain"
+    assert report["drafter"] == str(tiny_artifact) and len(report["drafters"]) == 2
+    for d in report["drafters"].values():
+        assert d["kind"] == "dspark" and d["block_size"] == 4 and d["calibration"]["ece_after"] == [0.02] * 4
+        for name, e in d["benchmarks"].items():
+            assert set(PER_BENCHMARK) <= set(e), name
+            assert e["lossless"] is True and e["agreement"] == 1.0 and e["divergences"] == []
+            assert e["speedup"] == e["tokens_per_s"] / e["baseline_tokens_per_s"]
+            assert e["tau"] >= 1.0 and len(e["accept_rate_by_position"]) == 4
+            assert 0 < e["verify_rate"] <= 1
+            assert set(e["baselines"]) == {"prompt-lookup"}
+    assert report["benchmarks"]["mt-bench"]["n_generations"] == 4  # two prompts, two turns each
+    rows = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 + 4 and set(rows[0]["outputs"]) == {"plain", "dspark", *report["drafters"], "prompt-lookup"}
+    assert all(r["outputs"]["plain"]["ids"] == r["outputs"]["dspark"]["ids"] for r in rows)
+    assert "| gsm8k | 2 |" in (out / "report.md").read_text()
+    for png in ("acceptance_by_position.png", "speedup.png", "reliability.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_adaptive_mode_needs_calibration(tiny_artifact, tmp_path, capsys):
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_artifact, bare, ignore=shutil.ignore_patterns("calibration.json"))
+    assert cli_main(["eval", str(bare), "--benchmarks", "mbpp", "--n", "1", "--mode", "adaptive"]) == 2
+    assert "calibration.json" in capsys.readouterr().err
