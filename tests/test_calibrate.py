@@ -1,0 +1,277 @@
+"""Calibration: metrics, sequential temperature scaling, the adaptive-k tuner on synthetic statistics with a
+known optimum, the exact replay of the decoder's policy, calibration.json round trip, and an end-to-end
+`run_calibration` on the tiny target with an untrained drafter saved as a run directory."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dspark_train import calibrate as C
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))  # the SPS profile cache
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- metrics
+def test_metrics_on_known_values():
+    p = np.array([0.1, 0.1, 0.9, 0.9])
+    y = np.array([0, 1, 1, 1])
+    # bins: 0.1 -> mean p 0.1 vs 0.5; 0.9 -> 0.9 vs 1.0  => (2*0.4 + 2*0.1)/4
+    assert C.ece(p, y, 20) == pytest.approx(0.25)
+    assert C.auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert C.auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+    assert C.auroc(np.full(4, 0.5), np.array([0, 1, 0, 1])) == 0.5
+    assert C.auroc(p, np.ones(4)) is None
+    assert C.brier(p, y) == pytest.approx((0.01 + 0.81 + 0.01 + 0.01) / 4)
+    rel = C.reliability(p, y, 20)
+    assert rel[2] == [0.1, 0.5, 2] and rel[18] == [0.9, 1.0, 2] and rel[0] == [None, None, 0]
+
+
+def _overconfident(n=6000, gamma=4, scale=3.0, seed=0):
+    """True conditional survival q ~ Beta(4, 2); the head reports logit(q)·scale (over-confident)."""
+    rng = np.random.default_rng(seed)
+    q = rng.beta(4, 2, size=(n, gamma))
+    z = scale * np.log(q / (1 - q))
+    ok = rng.random((n, gamma)) < q
+    survived = np.cumprod(ok, axis=1).astype(bool)
+    return z, survived, np.ones_like(survived)
+
+
+def test_sts_lowers_ece_and_keeps_order():
+    z, y, obs = _overconfident()
+    temps = C.fit_sts(z, y, obs, [0.25 * i for i in range(1, 41)], 20)
+    before = C.position_metrics(z, y, obs, [1.0] * 4)
+    after = C.position_metrics(z, y, obs, temps)
+    for k in range(4):
+        assert 2.0 < temps[k] < 4.5, temps  # recovers the over-confidence factor 3
+        assert after["ece"][k] < before["ece"][k] / 2
+        assert after["ece"][k] < 0.03
+        # order-preserving: the calibrated conditional confidence ranks rounds exactly as the raw logit does
+        cal = 1 / (1 + np.exp(-z[:, k] / temps[k]))
+        assert (np.argsort(cal, kind="stable") == np.argsort(z[:, k], kind="stable")).all()
+    assert after["auroc"][0] == before["auroc"][0]  # position 1: a monotone map of the same score
+    assert after["auroc"][0] > 0.6
+
+
+def test_sts_is_sequential_earlier_temperatures_fixed():
+    z, y, obs = _overconfident(gamma=3)
+    temps = C.fit_sts(z, y, obs, [0.25 * i for i in range(1, 41)], 20)
+    # refitting position 2 alone with T_1 fixed gives the same T_2
+    a1 = 1 / (1 + np.exp(-z[:, 0] / temps[0]))
+    grid = np.linspace(0.25, 10, 2000)
+    errs = [C.ece(a1 / (1 + np.exp(-z[:, 1] / t)), y[:, 1]) for t in grid]
+    assert C.ece(a1 / (1 + np.exp(-z[:, 1] / temps[1])), y[:, 1]) <= min(errs) + 2e-3
+
+
+def test_smooth_sps_is_non_increasing_and_keeps_monotone_input():
+    raw = [100, 90, 95, 80, 85, 84, 60]
+    s = C.smooth_sps(raw)
+    assert len(s) == len(raw) and all(a >= b for a, b in zip(s, s[1:]))
+    assert C.smooth_sps([10, 9, 8]) == pytest.approx([10, 9, 8])
+
+
+# --------------------------------------------------------------------------- tuner
+def _stats(n_spine, gamma, conf_p, top_probs=0.5, rescue=None, width=4, overhead=0.0):
+    n = len(n_spine)
+    z = np.full((n, gamma), np.log(conf_p / (1 - conf_p)))
+    return C.HeldoutStats(z, np.full((n, gamma), top_probs), np.full((n, gamma), np.nan),
+                          np.full((n, gamma), np.nan), np.full(n, gamma), np.asarray(n_spine),
+                          np.zeros(n, np.int64) if rescue is None else np.asarray(rescue),
+                          np.full(n, overhead), np.zeros(n), width)
+
+
+def _geometric_rounds(p, gamma, n=10000):
+    """Exactly n·(p^k − p^(k+1)) rounds survive k positions (n·p^γ survive all)."""
+    counts = [round(n * (p ** k - p ** (k + 1))) for k in range(gamma)] + [round(n * p ** gamma)]
+    return np.repeat(np.arange(gamma + 1), counts)
+
+
+def _sps(fn, max_b=64):
+    return np.array([fn(max(b, 1)) for b in range(max_b + 1)], float)
+
+
+@pytest.mark.parametrize("name, sps, depth", [
+    ("flat", lambda b: 10.0, 6),                       # verifying is free: verify everything
+    ("steep", lambda b: 10.0 / b, 0),                  # cost ∝ tokens: drafts never pay (τ(d)/(d+1) < 1)
+    ("medium", lambda b: 10.0 / (1 + 0.3 * (b - 1)), 3),  # argmax_d (1+Σ_{j≤d} .8^j)/(1+.3d) = 3
+])
+def test_tuner_finds_known_depth_optimum(name, sps, depth):
+    p, gamma = 0.8, 6
+    stats = _stats(_geometric_rounds(p, gamma), gamma, p)
+    table = _sps(sps)
+    expected = {d: (1 + sum(p ** j for j in range(1, d + 1))) * sps(d + 1) for d in range(gamma + 1)}
+    assert max(expected, key=expected.get) == depth
+    policy, out = C.tune_adaptive(stats, [1.0] * gamma, table, max_width=1, node_budget=32)
+    tau, b = C.simulate(stats, [1.0] * gamma, policy)
+    assert (b == depth + 1).all(), (name, policy)
+    assert out.tau == pytest.approx(1 + sum(p ** j for j in range(1, depth + 1)), abs=1e-3)
+
+
+def test_tuner_widens_only_when_verification_is_cheap():
+    gamma, n = 2, 1000
+    n_spine = np.array([0] * 500 + [2] * 500)  # half the rounds miss at depth 1 ...
+    rescue = np.array([2] * 200 + [0] * 300 + [0] * 500)  # ... and 200 of those have the target's token at rank 2
+    stats = _stats(n_spine, gamma, 0.5, top_probs=0.4, rescue=rescue, width=4)
+    flat, out = C.tune_adaptive(stats, [1.0] * gamma, _sps(lambda b: 10.0), max_width=4, node_budget=32)
+    assert flat.max_width >= 2 and (flat.width_threshold is None or flat.width_threshold > 0.4)
+    assert out.tau == pytest.approx(1 + 0.5 * 2 + 0.2)
+    two, out = C.tune_adaptive(stats, [1.0] * gamma, _sps(lambda b: 10.0), max_width=2, node_budget=32)
+    assert two.max_width == 2 and out.tau == pytest.approx(1 + 0.5 * 2 + 0.2)  # rank 2 needs exactly width 2
+    steep, out = C.tune_adaptive(stats, [1.0] * gamma, _sps(lambda b: 10.0 / b), max_width=4, node_budget=32)
+    assert steep.max_width == 1 and out.verified == 1.0
+    # the fixed-depth chain comparison
+    d, chain = C.best_fixed_chain(stats, _sps(lambda b: 10.0))
+    assert d == 2 and chain.tau == pytest.approx(2.0)
+
+
+def test_overhead_per_round_favours_deeper_verification():
+    p, gamma = 0.8, 6
+    sps = _sps(lambda b: 10.0 / (1 + 0.3 * (b - 1)))
+    cheap, costly = (_stats(_geometric_rounds(p, gamma), gamma, p, overhead=o) for o in (0.0, 0.5))
+    verified = [C.tune_adaptive(s, [1.0] * gamma, sps, 1, 32)[1].verified for s in (cheap, costly)]
+    assert verified[1] > verified[0]  # a fixed cost per round makes each round worth filling
+
+
+# --------------------------------------------------------------------------- calibration.json
+def _calibration(gamma=3):
+    z, y, obs = _overconfident(n=200, gamma=gamma)
+    stats = _stats(np.array([0, 1, 3, 2]), gamma, 0.7)
+    m = C.position_metrics(z, y, obs, [2.0] * gamma)
+    return C.Calibration(gamma, [2.0] * gamma, m["ece"], m["ece"], m["auroc"], m["auroc"], m["brier"], m["brier"],
+                         adaptive={"depth_threshold": 0.3, "width_threshold": 0.6, "max_width": 3, "node_budget": 9,
+                                   "beam": 1},
+                         expected={"adaptive": {"tau": 2.0, "verified": 3.0, "tokens_per_s": 12.0}},
+                         cost_profile={"tokens": [1, 2], "steps_per_s": [10.0, 9.0]},
+                         reliability={"before": m["reliability"], "after": m["reliability"]},
+                         data={"stats": stats.to_dict(), "prompt_ids": ["a", "b"]})
+
+
+def test_calibration_json_round_trip_and_decoder_reads_it(tmp_path):
+    from dspark_train.decoding import TreePolicy
+
+    cal = _calibration()
+    path = cal.save(tmp_path / "calibration.json")
+    back = C.Calibration.from_json(path)
+    assert back == cal
+    assert json.loads(path.read_text())["format_version"] == C.FORMAT_VERSION
+    stats = back.stats()
+    assert stats.n_spine.tolist() == [0, 1, 3, 2] and stats.width == 4
+    np.testing.assert_allclose(stats.conf_logits, np.log(0.7 / 0.3), atol=1e-4)
+    assert back.policy() == C.AdaptivePolicy(0.3, 0.6, 3, 9, 1)
+    pol = TreePolicy.from_calibration(path, depth=3)
+    assert (pol.widths, pol.beam, pol.node_budget, pol.temperatures, pol.depth_threshold, pol.width_threshold) == \
+        ([3, 3, 3], 1, 9, [2.0] * 3, 0.3, 0.6)
+    with pytest.raises(ValueError, match="format_version"):
+        C.Calibration.from_json({**cal.to_json(), "format_version": C.FORMAT_VERSION + 1})
+
+
+# --------------------------------------------------------------------------- against the real decoder
+PROMPTS = [[1, 2, 3 + i, 7 * i % 250 + 4] for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_target):
+    """The tiny target (fp32) and an untrained drafter, saved as a run: confidence weights enlarged (varied
+    confidences), draft vocabulary cut to the tokens the target emits on PROMPTS (frequent sibling hits)."""
+    from dspark_train.config import load_recipe, recipe_to_yaml
+    from dspark_train.decoding import SpeculativeDecoder
+    from dspark_train.drafters import build_drafter
+
+    recipe = load_recipe(C.__file__.rsplit("/", 2)[0] + "/recipes/tiny.yaml",
+                         ["calibrate.dtype=float32", "calibrate.prompts=3", "calibrate.max_new_tokens=20",
+                          "calibrate.max_width=3", "calibrate.max_nodes=8"])
+    target = tiny_target  # the same fp32 target the recipe builds
+    plain = SpeculativeDecoder(target, None)
+    vocab = sorted({x for p in PROMPTS for x in plain.generate(p, max_new_tokens=12, eos_token_id=[]).tokens})
+    torch.manual_seed(0)
+    drafter = build_drafter(recipe.drafter, target).eval()
+    with torch.no_grad():
+        drafter.conf.weight.mul_(40.0)  # spread the confidence logits so thresholds bite
+    drafter.set_draft_vocab(torch.tensor(vocab))  # few candidates: the target's token is often a sibling
+    run = tmp_path_factory.mktemp("run")
+    drafter.save_pretrained(run / "final")
+    (run / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    return run, recipe, target
+
+
+def test_simulate_replays_the_decoders_adaptive_rounds_exactly(tiny_run):
+    """The first round of every prompt starts from the same state under any policy, so the replay of the probe
+    round must give exactly the τ and verified size the decoder's adaptive policy produces there."""
+    from dspark_train.decoding import SpeculativeDecoder, TreePolicy
+    from dspark_train.export import load_artifact
+
+    run, recipe, target = tiny_run
+    drafter = load_artifact(run, target=target)
+    dec = SpeculativeDecoder(target, drafter)
+    gamma, width = drafter.config.block_size, 3
+    prompts = PROMPTS
+    probe = TreePolicy([width] * gamma, beam=1, node_budget=width * gamma)
+    traces = [dec.generate(p, max_new_tokens=12, policy=probe, eos_token_id=[]) for p in prompts]
+    stats = C.stats_from_traces(traces, gamma, width)
+    firsts = np.cumsum([0] + [len(t.rounds) for t in traces[:-1]])
+    assert (stats.rescue[firsts] >= 2).any(), "no first round has a sibling rescue: vary the test drafter"
+    temps = [1.5, 0.8, 1.0, 2.0]
+    seen = set()
+    for pol in [C.AdaptivePolicy(0.0, None, 3, 12), C.AdaptivePolicy(0.0, None, 2, 12),
+                C.AdaptivePolicy(0.3, None, 2, 12), C.AdaptivePolicy(0.15, 0.02, 3, 5),
+                C.AdaptivePolicy(0.5, None, 1, 12)]:
+        tau, b = C.simulate(stats, temps, pol)
+        tp = TreePolicy([pol.max_width] * gamma, pol.beam, pol.node_budget, temps, pol.depth_threshold,
+                        pol.width_threshold)
+        for i, p in enumerate(prompts):
+            r = dec.generate(p, max_new_tokens=12, policy=tp, eos_token_id=[]).rounds[0]
+            assert (r.n_accepted + 1, r.verified + 1) == (tau[firsts[i]], b[firsts[i]]), (pol, i)
+            seen.add((r.n_accepted, r.verified))
+    assert len(seen) >= 4, seen  # the policies really differ on these rounds
+
+
+def test_run_calibration_end_to_end(tiny_run, tmp_path):
+    from dspark_train.decoding import SpeculativeDecoder
+    from dspark_train.export import export_run, load_artifact
+
+    run, recipe, target = tiny_run
+    from dspark_train.data import conversations_path, read_jsonl, split_heldout
+    path = conversations_path(recipe)
+    _, held = split_heldout(read_jsonl(path), recipe.data.heldout, recipe.data.seed)
+    chosen = [str(c["id"]) for c in held[1:4]]  # as train.py writes it
+    (run / "heldout_ids.json").write_text(json.dumps({"conversations": str(path), "seed": 0, "ids": chosen}))
+
+    cal = C.run_calibration(run, quiet=True)
+    data = json.loads((run / "calibration.json").read_text())
+    assert (run / "calibration_reliability.png").stat().st_size > 1000
+    assert data["data"]["prompt_ids"] == chosen and data["data"]["heldout"].endswith("heldout_ids.json")
+    gamma = recipe.drafter.block_size
+    assert len(data["temperatures"]) == gamma and all(t > 0 for t in data["temperatures"])
+    for key in ("ece_before", "ece_after", "auroc_before", "auroc_after", "brier_before", "brier_after"):
+        assert len(data[key]) == gamma
+    assert set(data["reliability"]) == {"before", "after"} and len(data["reliability"]["after"]["1"]) == 20
+    cost = data["cost_profile"]
+    assert cost["tokens"][0] == 1 and len(cost["steps_per_s"]) == 8 + 1  # B = 1..max_nodes + the anchor
+    assert all(a >= b for a, b in zip(cost["steps_per_s"], cost["steps_per_s"][1:]))
+    assert cost["batches"]["2"]["tokens"] == [2, 4, 6, 8] and cost["batches"]["4"]["tokens"] == [4, 8]
+    assert {"probe", "adaptive", "best_chain"} <= set(data["measured"])
+    assert data["expected"]["adaptive"]["tokens_per_s"] >= data["expected"]["best_chain"]["tokens_per_s"] - 1e-6
+    assert C.Calibration.from_json(data) == cal
+    assert "ECE before → after" in C.summary_table(cal)
+
+    # export carries it into the artifact; the decoder's adaptive mode reads it and stays lossless
+    art = export_run(run, tmp_path / "artifact")
+    drafter = load_artifact(art, target=target)
+    assert drafter.calibration == data
+    dec = SpeculativeDecoder(target, drafter, calibration=drafter.calibration)
+    plain = SpeculativeDecoder(target, None)
+    prompt = [1, 5, 9, 13]
+    out = dec.generate(prompt, max_new_tokens=16, mode="adaptive", eos_token_id=[])
+    assert out.tokens == plain.generate(prompt, max_new_tokens=16, eos_token_id=[]).tokens
+
+    # calibrating an artifact writes into the artifact (held-out split recomputed from the recipe)
+    again = C.run_calibration(art, overrides=["calibrate.measure=false", "calibrate.prompts=2"], quiet=True)
+    assert (art / "calibration.json").is_file() and again.data["n_prompts"] == 2
+    assert again.data["heldout"].startswith("split_heldout") and set(again.measured) == {"probe"}
