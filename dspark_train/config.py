@@ -79,6 +79,7 @@ class DataConfig:
     top_p: float = 0.95
     gen_batch_size: int = 8
     seed: int = 0
+    vocab_sample_seqs: int = 256  # training sequences whose target argmax ranks a pruned draft vocabulary
 
 
 @dataclass
@@ -132,8 +133,11 @@ class CalibrateConfig:
     bins: int = 20
     temperature_grid: list[float] = field(default_factory=lambda: [0.25 * i for i in range(1, 41)])
     max_nodes: int = 32  # tree node budget for adaptive mode
-    max_width: int = 4
+    max_width: int = 4  # candidates per depth in the probe decode and the most adaptive mode may use
     dtype: str = field(default="bfloat16", metadata=_choice("float32", "bfloat16"))
+    profile_context: int = 256  # KV-cache length the cost profile SPS(B) is measured at
+    profile_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
+    measure: bool = True  # decode the prompts again with the tuned policy and the best chain to measure τ, tokens/s
 
 
 @dataclass
@@ -276,6 +280,8 @@ def _validate(r: Recipe, src: str) -> None:
             bad(f"data.{key}", "must be >= 1")
     if r.data.heldout < 0:
         bad("data.heldout", "must be >= 0")
+    if r.data.vocab_sample_seqs < 0:
+        bad("data.vocab_sample_seqs", "must be >= 0 (0 = rank the draft vocabulary by label counts only)")
     if not r.train.lr > 0:
         bad("train.lr", f"must be > 0, got {r.train.lr}")
     if not 0 <= r.train.warmup_ratio < 1:
@@ -293,6 +299,13 @@ def _validate(r: Recipe, src: str) -> None:
             bad("logging.trackers", f"unknown tracker {t!r} (use wandb, tensorboard)")
     if r.calibrate.bins < 2:
         bad("calibrate.bins", "must be >= 2")
+    for key in ("prompts", "max_new_tokens", "max_nodes", "max_width", "profile_context"):
+        if getattr(r.calibrate, key) < 1:
+            bad(f"calibrate.{key}", f"must be >= 1, got {getattr(r.calibrate, key)}")
+    if not r.calibrate.temperature_grid or min(r.calibrate.temperature_grid) <= 0:
+        bad("calibrate.temperature_grid", "must be a non-empty list of positive temperatures")
+    if any(b < 1 for b in r.calibrate.profile_batch_sizes):
+        bad("calibrate.profile_batch_sizes", "batch sizes must be >= 1")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,0 +1,190 @@
+"""Data: regeneration (resume, order, failures, shards), tokenisation, held-out split, anchors, block labels, order."""
+import json
+
+import pytest
+import torch
+
+from dspark_train import data as D
+from dspark_train.chat import conversation_ids
+from dspark_train.config import load_recipe
+
+CONVS = [
+    {"id": "a", "conversations": [{"role": "user", "content": "hi there"},
+                                  {"role": "assistant", "content": "hello, how can I help you today?"}]},
+    {"id": "b", "conversations": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+    {"id": "c", "conversations": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "first answer"},
+                                  {"role": "user", "content": "q2"}, {"role": "assistant", "content": "second one"}]},
+]
+
+
+# --------------------------------------------------------------------------- tokenisation and split
+def test_tokenize_masks_assistant_spans_and_drops_short(tiny_target):
+    tok = tiny_target.tokenizer
+    examples, dropped = D.tokenize(CONVS, tok, max_len=512, block_size=4)
+    assert [e.id for e in examples] == ["a", "c"] and dropped == 1  # "4<|im_end|>" is 2 tokens < 1 block (5)
+    a = examples[0]
+    ids, mask = conversation_ids(tok, CONVS[0]["conversations"], 512)
+    assert (a.input_ids, a.loss_mask) == (ids, mask)
+    supervised = tok.decode([i for i, m in zip(a.input_ids, a.loss_mask) if m])
+    assert supervised.startswith("hello, how can I help you today?") and "hi there" not in supervised
+    c = examples[1]
+    text = tok.decode([i for i, m in zip(c.input_ids, c.loss_mask) if m])
+    assert "first answer" in text and "second one" in text and "q2" not in text
+    short, _ = D.tokenize(CONVS[:1], tok, max_len=20, block_size=4)
+    assert not short or len(short[0].input_ids) == 20
+
+
+def test_heldout_split_is_deterministic_and_order_free():
+    items = [{"id": f"x{i}"} for i in range(50)]
+    train, held = D.split_heldout(items, 7, seed=3)
+    assert len(held) == 7 and len(train) == 43 and not {x["id"] for x in held} & {x["id"] for x in train}
+    train2, held2 = D.split_heldout(list(reversed(items)), 7, seed=3)
+    assert {x["id"] for x in held2} == {x["id"] for x in held}
+    assert [x["id"] for x in train] == [x["id"] for x in items if x not in held]  # file order kept
+    _, held3 = D.split_heldout(items, 7, seed=4)
+    assert {x["id"] for x in held3} != {x["id"] for x in held}
+
+
+# --------------------------------------------------------------------------- anchors and labels
+def test_anchors_only_where_anchor_and_next_are_supervised():
+    mask = [0, 0, 1, 1, 1, 0, 1, 1, 1, 1, 0]
+    cand = D.anchor_candidates(torch.tensor(mask)).tolist()
+    assert cand == [2, 3, 6, 7, 8]
+    a = D.sample_anchors(mask, 3, seed=5)
+    assert len(a) == 3 and set(a.tolist()) <= set(cand) and a.tolist() == sorted(a.tolist())
+    assert torch.equal(a, D.sample_anchors(mask, 3, seed=5))
+    assert D.sample_anchors(mask, 10, seed=5).tolist() == cand
+    assert D.sample_anchors(mask, 2, seed=None).tolist() == [2, 8]  # evaluation: evenly spread, no randomness
+
+
+def test_block_labels_supervise_the_contiguous_valid_prefix():
+    ids = torch.arange(10, 20).view(1, 10)
+    mask = torch.tensor([[0, 1, 1, 1, 0, 1, 1, 1, 1, 1]])
+    anchors = torch.tensor([[1, 6, 8, -1]])
+    labels, valid = D.block_labels(ids, mask, anchors, gamma=3, pad_id=0)
+    assert valid.tolist() == [[[True, True, False], [True, True, True], [True, False, False],
+                               [False, False, False]]]
+    assert labels[0, 0].tolist() == [12, 13, 0]  # slot k of anchor p is labelled ids[p+k+1]
+    assert labels[0, 1].tolist() == [17, 18, 19]
+    assert labels[0, 2].tolist() == [19, 0, 0]  # runs off the end of the sequence
+
+
+def _examples(n):
+    return [D.Example(str(i), list(range(3, 3 + 10 + i)), [0, 0] + [1] * (8 + i)) for i in range(n)]
+
+
+def test_global_order_is_world_size_independent(tiny_recipe):
+    exs = _examples(10)
+    order = D.GlobalOrder(len(exs), seed=1)
+    epoch0 = sorted(order(p)[1] for p in range(10))
+    assert epoch0 == list(range(10)) and order(10)[0] == 1
+    whole = D.train_batch(exs, order, 4, 4, tiny_recipe, gamma=4, pad_id=0)
+    halves = [D.train_batch(exs, D.GlobalOrder(len(exs), seed=1), s, 2, tiny_recipe, gamma=4, pad_id=0)
+              for s in (4, 6)]
+    for name in ("anchor_pos", "labels", "valid"):
+        assert torch.equal(getattr(whole, name), torch.cat([getattr(h, name) for h in halves]))
+    for row, h, j in ((0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)):
+        n = int(halves[h].attention_mask[j].sum())
+        assert torch.equal(whole.input_ids[row, :n], halves[h].input_ids[j, :n])
+
+
+def test_eval_batches_cover_heldout_once_with_equal_counts():
+    exs = _examples(5)
+    per_rank = [D.eval_batches(exs, 2, r, 2, anchors=4, gamma=3, pad_id=0) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 2
+    rows = [(b, j) for bs in per_rank for b in bs for j in range(2)]
+    real = [b.input_ids[j][b.attention_mask[j].bool()].tolist() for b, j in rows if b.attention_mask[j].any()]
+    assert sorted(real) == sorted(e.input_ids for e in exs)  # each held-out sequence exactly once
+    pads = [(b, j) for b, j in rows if not b.attention_mask[j].any()]
+    assert len(pads) == 3 and all((b.anchor_pos[j] == -1).all() and not b.valid[j].any() for b, j in pads)
+
+
+def test_draft_vocab_keeps_specials_and_bytes_then_most_frequent(tiny_target):
+    tok = tiny_target.tokenizer
+    counts = torch.zeros(len(tok), dtype=torch.long)
+    vocab = D.select_draft_vocab(counts, 10, tok)  # all tokens are specials or bytes in the tiny tokenizer
+    assert len(vocab) == 10 and set(tok.all_special_ids) <= set(vocab.tolist())
+
+    class Tok:  # a vocabulary with two specials and non-byte tokens, so frequency decides the rest
+        all_special_ids = [0, 1]
+
+        def get_vocab(self):
+            return {"<s>": 0, "</s>": 1, **{f"tok{i}": i for i in range(2, 20)}}
+    counts = torch.zeros(20, dtype=torch.long)
+    counts[[7, 12, 5]] = torch.tensor([50, 40, 40])
+    assert D.select_draft_vocab(counts, 5, Tok()).tolist() == [0, 1, 5, 7, 12]
+    lc = D.label_counts([D.Example("x", [4, 5, 5, 6], [0, 1, 1, 0])], 8)
+    assert lc.tolist() == [0, 0, 0, 0, 0, 2, 0, 0]
+
+
+# --------------------------------------------------------------------------- regeneration
+@pytest.fixture()
+def gen_recipe(tmp_path, repo):
+    prompts = [{"id": "p0", "category": "chat", "turns": ["Say hi."]},
+               {"id": "p1", "category": "math", "turns": ["What is 2+3?"]},
+               {"id": "bad", "category": "chat", "turns": []},  # malformed: no user turn
+               {"id": "p3", "category": "chat", "turns": ["Tell me a story.", "Shorter please."]},
+               {"id": "long", "category": "chat", "turns": ["x" * 400]},  # longer than max_seq_len
+               {"id": "p5", "category": "code", "turns": ["print 1"]}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    return load_recipe(repo / "recipes" / "tiny.yaml", [
+        f"data.prompts={path}", "data.conversations=null", f"data.output={tmp_path / 'out.jsonl'}",
+        "data.max_new_tokens=6", "data.gen_batch_size=2", "data.max_seq_len=128", "data.max_prompts=null"])
+
+
+def _count_generate(target, monkeypatch):
+    calls = []
+    orig = target.model.generate
+
+    def spy(*a, **k):
+        calls.append(k["input_ids"].shape[0])
+        return orig(*a, **k)
+    monkeypatch.setattr(target.model, "generate", spy)
+    return calls
+
+
+def test_run_data_resumes_keeps_order_and_records_failures(gen_recipe, tiny_target, monkeypatch, tmp_path):
+    calls = _count_generate(tiny_target, monkeypatch)
+    out = D.run_data(gen_recipe, target=tiny_target)
+    recs = D.read_jsonl(out)
+    assert [r["id"] for r in recs] == ["p0", "p1", "p3", "p5"]
+    assert recs[2]["conversations"][2] == {"role": "user", "content": "Shorter please."}
+    assert [m["role"] for m in recs[2]["conversations"]] == ["user", "assistant"] * 2
+    assert all(r["conversations"][1]["content"] for r in recs)
+    fails = {r["id"]: r["error"] for r in D.read_jsonl(out.with_name(out.name + ".failures.jsonl"))}
+    assert set(fails) == {"bad", "long"} and "max_seq_len" in fails["long"]
+    assert calls and max(calls) <= 2  # batched by data.gen_batch_size
+    n_calls = len(calls)
+    # a rerun skips every answered id; only the failures are retried (and fail again)
+    assert D.run_data(gen_recipe, target=tiny_target) == out
+    assert len(calls) == n_calls
+    assert [r["id"] for r in D.read_jsonl(out)] == ["p0", "p1", "p3", "p5"]
+    # the merged file is what training reads
+    convs = D.load_conversations(out)
+    assert [c["id"] for c in convs] == ["p0", "p1", "p3", "p5"]
+    # a kill while writing p5: its line in the shard part is torn and it never reached the merged file
+    part = out.with_name(out.name + ".part-0-of-1")
+    lines = part.read_text().splitlines()
+    p5 = next(x for x in lines if '"id": "p5"' in x)
+    part.write_text("".join(x + "\n" for x in lines if x != p5) + p5[:25])
+    D.write_jsonl_atomic(out, [r for r in D.read_jsonl(out) if r["id"] != "p5"])
+    D.run_data(gen_recipe, target=tiny_target)
+    assert len(calls) == n_calls + 1  # only p5 is generated again
+    assert [r["id"] for r in D.read_jsonl(out)] == ["p0", "p1", "p3", "p5"]
+    assert all(x == "" or json.loads(x) for x in part.read_text().splitlines()[len(lines):])
+
+
+def test_run_data_shards_merge_in_prompt_order(gen_recipe, tiny_target, capsys):
+    out = D.output_path(gen_recipe)
+    D.run_data(gen_recipe, shard="1/2", target=tiny_target)
+    assert not out.exists()  # shard 0 has not run yet
+    D.run_data(gen_recipe, shard="0/2", target=tiny_target)
+    assert [r["id"] for r in D.read_jsonl(out)] == ["p0", "p1", "p3", "p5"]
+    with pytest.raises(Exception, match="I/N"):
+        D.parse_shard("3")
+
+
+def test_run_data_with_existing_conversations_generates_nothing(tiny_recipe, capsys):
+    path = D.run_data(tiny_recipe)
+    assert path.name == "smollm2-135m-instruct.jsonl" and "using existing conversations" in capsys.readouterr().out
