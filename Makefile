@@ -29,7 +29,7 @@ demo: setup
 	$(PY) -m dspark_train.demo
 
 bench: setup
-	$(PY) eval/run.py runs/demo/artifact --benchmarks gsm8k,mt-bench,humaneval,mbpp --out runs/bench --compare-all
+	$(PY) eval/bench.py
 
 clean:
 	rm -rf runs

@@ -226,6 +226,8 @@ def _coerce(value: Any, tp, where: str):
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes as a bool
+            return "yes" if value else "no"
     elif tp is dict:
         if isinstance(value, dict):
             return value

@@ -75,3 +75,8 @@ def test_cli_exit_code_2_one_line_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {p}: train.lr: expected a float, got 'fast'"
     assert "Traceback" not in proc.stderr
+
+
+def test_bare_no_is_a_string_choice(repo):
+    r = load_recipe(repo / "recipes" / "tiny.yaml", ["train.mixed_precision=no"])
+    assert r.train.mixed_precision == "no"

@@ -1,0 +1,24 @@
+"""Lossless speculative decoding against a frozen target: chain, tree and scheduled verification.
+
+    dec = SpeculativeDecoder(target, drafter, calibration=None, tree=None, conf_threshold=0.0,
+                             exact_attention=False)
+    trace = dec.generate(prompt_ids, max_new_tokens=128, mode="chain" | "tree" | "adaptive",
+                         temperature=0.0, top_p=1.0, top_k=0, eos_token_id=None, stop_strings=(),
+                         seed=None, generator=None, policy=None, record_probs=False)
+    trace.tokens, trace.tau, trace.rounds[i]  (RoundTrace: per node tokens/parents/depths/conf_logits/
+                                               draft_probs/accepted, n_accepted, committed, widths, timings)
+    batch = dec.generate_batch(prompts, max_new_tokens, ..., sps=load_or_measure_sps(target))  # Algorithm 1
+
+`SpeculativeDecoder(target)` without a drafter is plain target decoding through the same loop.
+Modules: sampling (warping, residuals), tree (TreePolicy, drafting, mask, acceptance), cache (KV crop and
+compaction), scheduler (SPS profile, Algorithm 1), attention (row-exact bf16 verification), decoder (loop).
+"""
+from .decoder import BatchTrace, DecodeTrace, RoundTrace, SpeculativeDecoder, find_stop
+from .sampling import SamplingParams, accept_rate, residual, sample_without_replacement, warp
+from .scheduler import SPSProfile, load_or_measure_sps, measure_sps, prefix_schedule
+from .tree import DraftTree, TreePolicy, accept_greedy, accept_sampling, draft_tree, tree_mask
+
+__all__ = ["SpeculativeDecoder", "DecodeTrace", "RoundTrace", "BatchTrace", "find_stop", "SamplingParams", "warp",
+           "residual", "accept_rate", "sample_without_replacement", "SPSProfile", "prefix_schedule", "measure_sps",
+           "load_or_measure_sps", "TreePolicy", "DraftTree", "draft_tree", "tree_mask", "accept_greedy",
+           "accept_sampling"]

