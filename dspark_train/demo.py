@@ -25,7 +25,7 @@ def settings(fast: bool) -> dict:
                     calibrate=["calibrate.prompts=3", "calibrate.max_new_tokens=24", "calibrate.measure=false"],
                     eval=["--n", "2", "--max-new-tokens", "24", "--benchmarks", "gsm8k,mt-bench"])
     return dict(train=[], calibrate=[],
-                eval=["--n", "8", "--max-new-tokens", "128", "--benchmarks", BENCHMARKS])
+                eval=["--n", "6", "--max-new-tokens", "96", "--benchmarks", BENCHMARKS])
 
 
 def run(cmd: list[str]) -> None:

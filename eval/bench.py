@@ -3,7 +3,7 @@
 Trains the two baselines with the demo's recipe, data and step budget (`--set drafter.head=none`,
 `--set drafter.kind=medusa`), reusing runs that already finished, then measures everything side by side with
 the eval harness. Writes runs/bench/report.{json,md} (chain-mode comparison) and runs/bench/{tree,adaptive}/.
-Usage: python eval/bench.py [--n 8] [--max-new-tokens 128] [--benchmarks gsm8k,mt-bench]
+Usage: python eval/bench.py [--n 6] [--max-new-tokens 96] [--benchmarks gsm8k,mt-bench]
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo-dir", default="runs/demo")
     p.add_argument("--out", default="runs/bench")
-    p.add_argument("--n", default="8")
-    p.add_argument("--max-new-tokens", default="128")
+    p.add_argument("--n", default="6")
+    p.add_argument("--max-new-tokens", default="96")
     p.add_argument("--benchmarks", default="gsm8k,mt-bench")
     args = p.parse_args()
     dspark = [sys.executable, "-m", "dspark_train.cli"]
