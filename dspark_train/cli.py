@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import RecipeError, load_recipe
+from .config import exit_code, load_recipe
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -120,15 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.fn(args)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(args.fn, args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,16 @@ SECTIONS = ("target", "drafter", "data", "train", "distributed", "logging", "cal
 
 class RecipeError(ValueError):
     """A bad recipe: the message is a single line naming file and key."""
+
+
+def exit_code(fn, *args) -> int:
+    """Run a CLI action: a bad recipe or a missing file prints one line on stderr and exits 2, no traceback."""
+    try:
+        fn(*args)
+    except (RecipeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _choice(*values):

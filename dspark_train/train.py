@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .config import REPO_ROOT, Recipe, RecipeError, load_recipe, recipe_to_yaml
+from .config import REPO_ROOT, Recipe, RecipeError, exit_code, load_recipe, recipe_to_yaml
 from .data import (GlobalOrder, conversations_path, eval_batches, label_counts, load_conversations,
                    select_draft_vocab, split_heldout, tokenize, train_batch)
 from .losses import block_positions, dspark_loss, position_weights, summarise, target_distribution
@@ -491,12 +491,7 @@ def main(argv=None) -> int:
     p.add_argument("recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    try:
-        train(load_recipe(args.recipe, args.overrides))
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: train(load_recipe(args.recipe, args.overrides)))
 
 
 if __name__ == "__main__":
