@@ -4,13 +4,20 @@ adaptive-k tuning → calibration.json (read by the decoder's `adaptive` mode, t
 Why each step (paper §3.2, METHOD.md §4):
 - The confidence head predicts c_k = P(draft k survives | 1..k−1 survived). The scheduler needs the absolute
   value of the prefix survival a_k = Π_{i≤k} c_i, and raw heads are over-confident, so STS fits one
-  temperature per slot, left to right, minimising the 20-bin ECE of a_k with the earlier ones fixed.
+  temperature per slot, left to right, minimising the 20-bin ECE of a_k with the earlier ones fixed; by
+  default jointly with an offset b_k (c_k = σ(z_k/T_k + b_k)), because the head is trained on the soft
+  sampling label Σ min(p_t, p_d) and a temperature cannot move its mean onto greedy acceptance.
+- ECE over 20 bins needs many samples: a perfectly calibrated score still shows ~4 % ECE on 700 rounds. The
+  STS statistics therefore come from the target's own greedy answers to held-out prompts, with greedy
+  drafting replayed at every anchor (`anchor_stats`: one target forward per answer, tens of thousands of
+  blocks in minutes on a CPU), not from one decode round per sample.
 - Whether verifying more tokens pays depends on the machine: SPS(B), target steps per second at B verified
   tokens, is profiled once (the decoder's `load_or_measure_sps`, cached) and smoothed to be non-increasing.
 - Depth and width thresholds are chosen to maximise committed tokens per second, Σ τ / Σ round time, on the
   held-out rounds themselves.
 
-The statistics come from one greedy *probe* decode per held-out prompt: a beam-1 tree whose spine is exactly
+The adaptive-k statistics come from one greedy *probe* decode per held-out prompt (its rounds start where
+the previous round stopped, and carry measured drafting times): a beam-1 tree whose spine is exactly
 the chain (full depth γ, so every position's survival is observed) and which also offers the top-W
 siblings at every depth. Because the decoder's adaptive policy with beam 1 only ever prunes that tree
 (depth by the calibrated survival, width by the top draft probability, a node budget), its τ and verified
@@ -32,6 +39,7 @@ FORMAT_VERSION = 1
 CALIBRATION_FILE = "calibration.json"
 PLOT_FILE = "calibration_reliability.png"
 HELDOUT_FILE = "heldout_ids.json"
+BIAS_GRID = [round(0.1 * i, 1) for i in range(-20, 21)]  # STS offsets b_k searched with calibrate.bias
 DEPTH_GRID = [0.0] + [round(0.02 * i, 2) for i in range(1, 50)]
 WIDTH_GRID = [round(0.1 * i, 1) for i in range(1, 10)] + [None]  # None: widen at every depth
 
@@ -179,46 +187,141 @@ def stats_from_traces(traces: Sequence, gamma: int, width: int) -> HeldoutStats:
     return HeldoutStats(f(0), f(1), f(2), f(3), i64(4), i64(5), i64(6), f(7), f(8), width)
 
 
+def anchor_stats(target, drafter, examples: Sequence, anchors_per_chunk: int = 64, progress: bool = False
+                 ) -> HeldoutStats:
+    """Greedy drafting replayed at *every* anchor of held-out conversations: one target forward and one
+    batched drafter pass per conversation instead of one decode round per sample, so thousands of rounds
+    for the price of a few dozen decodes (the 20-bin ECE of a few hundred probe rounds is mostly noise).
+
+    Each block is drafted exactly as the decoder would (`blocks_at` = `propose` at each anchor, then
+    `head_step` fed the drafted tokens) and compared with the target's greedy token at each slot. A slot is
+    observed while the text so far follows the target's greedy path (otherwise the target's next token
+    would be conditioned on a context a greedy decode never reaches): that condition is on the text, not on
+    the draft, so it does not select on the outcome."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .data import anchor_candidates
+
+    g = drafter.config.block_size
+    dev, ddtype = target.device, drafter.conf.weight.dtype
+    vocab = drafter.d2t  # work in the draft vocabulary: p_d is zero outside it
+    rows = []
+    for ex in tqdm(examples, desc="anchor replay", unit="text", disable=not progress):
+        anchors = anchor_candidates(torch.tensor(ex.loss_mask)).to(dev)
+        if not len(anchors):
+            continue
+        ids = torch.tensor([ex.input_ids], device=dev)
+        T, s0 = ids.shape[1], int(anchors[0])
+        feats = target.forward_features(ids, torch.ones_like(ids))
+        logp_t = torch.cat([torch.log_softmax(target.logits(h), -1)  # [T − s0, V]: rows from the first anchor
+                            for h in feats.last_hidden[0, s0:].split(256)])
+        greedy = logp_t.argmax(-1)  # the target's token after position s0 + i
+        mask = torch.tensor(ex.loss_mask, device=dev).bool()
+        follows = torch.zeros(T - s0, dtype=torch.bool, device=dev)
+        follows[:-1] = ids[0, s0 + 1:] == greedy[:-1]
+        for a in anchors.split(anchors_per_chunk):
+            block = drafter.blocks_at(feats.features.to(ddtype), feats.last_hidden.to(ddtype), ids, a[None])
+            pos = (a[:, None] + torch.arange(g, device=dev)).clamp(max=T - 1)  # slot k predicts pos + 1
+            rel = pos - s0
+            prev, state = ids[0, a][:, None], None
+            conf, top, match, p_t, rate = [], [], [], [], []
+            for k in range(g):
+                logits, z, state = drafter.head_step(block, k, prev, state)
+                lt = logp_t[rel[:, k]]
+                logits, lt_d = (logits[:, 0], lt) if vocab is None else (logits[:, 0, vocab], lt[:, vocab])
+                p_d = torch.softmax(logits, -1)
+                prob, tok = p_d.max(-1)
+                tok = tok if vocab is None else vocab[tok]
+                conf.append(z[:, 0])
+                top.append(prob)
+                match.append(tok == greedy[rel[:, k]])
+                p_t.append(lt.gather(1, tok[:, None])[:, 0].exp())
+                rate.append(torch.minimum(p_d, lt_d.exp()).sum(-1))
+                prev = tok[:, None]
+            inside = (a[:, None] + 1 + torch.arange(g, device=dev)) < T
+            valid = (inside & mask[(pos + 1).clamp(max=T - 1)]).long().cumprod(1)
+            on_greedy = torch.cat((torch.ones_like(valid[:, :1]), follows[rel[:, :-1]].long()), 1).cumprod(1)
+            depth = (valid * on_greedy).sum(1)
+            n_spine = torch.minimum(torch.stack(match, 1).long().cumprod(1).sum(1), depth)
+            cols = [torch.stack(c, 1).float() for c in (conf, top, p_t, rate)]
+            unseen = torch.arange(g, device=dev)[None] >= depth[:, None]
+            cols = [c.masked_fill(unseen, float("nan")).cpu().numpy() for c in cols]
+            rows.append((*cols, depth.cpu().numpy(), n_spine.cpu().numpy()))
+    if not rows:
+        raise ValueError("no anchors in the held-out conversations")
+    cat = [np.concatenate(c) for c in zip(*rows)]
+    n = len(cat[4])
+    return HeldoutStats(*cat[:4], cat[4].astype(np.int64), cat[5].astype(np.int64), np.zeros(n, np.int64),
+                        np.full(n, np.nan), np.full(n, np.nan), 1)
+
+
 # =========================================================================== sequential temperature scaling
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def survival(conf_logits: np.ndarray, temperatures: Sequence[float]) -> np.ndarray:
-    """a_k = Π_{i≤k} σ(z_i / T_i): calibrated prefix survival [N, γ] (nan propagates past the drafted depth)."""
-    t = np.asarray(temperatures, float)[None, : conf_logits.shape[1]]
-    return np.cumprod(_sigmoid(conf_logits / t), axis=1)
+def conditional(conf_logits: np.ndarray, temperatures: Sequence[float],
+                biases: Optional[Sequence[float]] = None) -> np.ndarray:
+    """c_k = σ(z_k / T_k + b_k): calibrated survival of slot k given slots 1..k−1 survived [N, γ]."""
+    g = conf_logits.shape[1]
+    t = np.asarray(temperatures, float)[None, :g]
+    b = np.asarray(biases, float)[None, :g] if biases is not None and len(biases) else 0.0
+    return _sigmoid(conf_logits / t + b)
+
+
+def survival(conf_logits: np.ndarray, temperatures: Sequence[float],
+             biases: Optional[Sequence[float]] = None) -> np.ndarray:
+    """a_k = Π_{i≤k} c_i: calibrated prefix survival [N, γ] (nan propagates past the drafted depth)."""
+    return np.cumprod(conditional(conf_logits, temperatures, biases), axis=1)
+
+
+def _refined(grid: list[float], i: int, n: int) -> list[float]:
+    """grid[i] plus 2n+1 points spanning its neighbours: the second, finer stage of a grid search."""
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    return sorted(set(np.linspace(lo, hi, 2 * n + 1).tolist()) | {grid[i]})
 
 
 def fit_sts(conf_logits: np.ndarray, survived: np.ndarray, observed: np.ndarray, grid: Sequence[float],
-            bins: int = 20, refine: int = 24) -> list[float]:
-    """For k = 1..γ in order: T_k = argmin over `grid` (then a finer grid between the winner's neighbours)
-    of the ECE of a_{k−1}·σ(z_k/T), earlier temperatures fixed. Positions without data keep T = 1."""
+            bins: int = 20, bias_grid: Optional[Sequence[float]] = None, refine: int = 24
+            ) -> tuple[list[float], list[float]]:
+    """Sequential temperature scaling. For k = 1..γ in order: T_k = argmin over `grid` (then a finer grid
+    between the winner's neighbours) of the ECE of a_{k−1}·σ(z_k/T + b), earlier slots fixed. Positions
+    without data keep T = 1.
+
+    With `bias_grid`, the offset b_k is searched jointly with T_k (Platt scaling, still order-preserving
+    within a slot): a temperature only sharpens or flattens, so it cannot remove a head's constant bias,
+    e.g. a confidence head trained on the soft sampling label Σ min(p_t, p_d) and used for greedy
+    acceptance. Without it b_k = 0 (the paper's STS). Returns (temperatures, offsets)."""
     grid = sorted(float(t) for t in grid if t > 0)
+    bgrid = sorted(float(b) for b in bias_grid) if bias_grid is not None and len(bias_grid) else [0.0]
     temps: list[float] = []
+    biases: list[float] = []
     prev = np.ones(conf_logits.shape[0])
     for k in range(conf_logits.shape[1]):
         m = observed[:, k]
         if not m.any():
             temps.append(1.0)
+            biases.append(0.0)
             continue
         z, y, a = conf_logits[m, k], survived[m, k], prev[m]
-        score = lambda t: ece(a * _sigmoid(z / t), y, bins)  # noqa: E731
-        errs = [score(t) for t in grid]
-        i = int(np.argmin(errs))
-        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-        fine = sorted(set(np.linspace(lo, hi, 2 * refine + 1).tolist()) | {grid[i]})
-        best = min(fine, key=lambda t: (score(t), abs(t - grid[i])))
-        temps.append(round(float(best), 4))
-        prev = prev * _sigmoid(conf_logits[:, k] / best)
-    return temps
+        score = lambda t, b: ece(a * _sigmoid(z / t + b), y, bins)  # noqa: E731
+        errs = np.array([[score(t, b) for b in bgrid] for t in grid])
+        i, j = np.unravel_index(int(np.argmin(errs)), errs.shape)
+        fine_t, fine_b = _refined(grid, i, refine), _refined(bgrid, j, refine // 4 if len(bgrid) > 1 else 0)
+        t_best, b_best = min(((t, b) for t in fine_t for b in fine_b),
+                             key=lambda tb: (score(*tb), abs(tb[0] - grid[i]) + abs(tb[1] - bgrid[j])))
+        temps.append(round(float(t_best), 4))
+        biases.append(round(float(b_best), 4))
+        prev = prev * _sigmoid(conf_logits[:, k] / t_best + b_best)
+    return temps, biases
 
 
 def position_metrics(conf_logits: np.ndarray, survived: np.ndarray, observed: np.ndarray,
-                     temperatures: Sequence[float], bins: int = 20) -> dict:
+                     temperatures: Sequence[float], bins: int = 20, biases: Optional[Sequence[float]] = None) -> dict:
     """Per position: ECE, AUROC, Brier of the prefix survival a_k against the observed survival, plus the
     reliability bins and the number of rounds."""
-    a = survival(conf_logits, temperatures)
+    a = survival(conf_logits, temperatures, biases)
     out = {"ece": [], "auroc": [], "brier": [], "reliability": {}, "count": []}
     for k in range(conf_logits.shape[1]):
         m = observed[:, k]
@@ -296,8 +399,8 @@ class Outcome:
         return {k: round(v, 4) for k, v in asdict(self).items()}
 
 
-def simulate(stats: HeldoutStats, temperatures: Sequence[float], policy: AdaptivePolicy
-             ) -> tuple[np.ndarray, np.ndarray]:
+def simulate(stats: HeldoutStats, temperatures: Sequence[float], policy: AdaptivePolicy,
+             biases: Optional[Sequence[float]] = None) -> tuple[np.ndarray, np.ndarray]:
     """Replay the decoder's beam-1 drafting rule on every held-out round: returns (τ [N], B [N]).
 
     Exact for greedy decoding: the spine is the probe's, siblings are leaves, so a round accepts the spine
@@ -305,7 +408,7 @@ def simulate(stats: HeldoutStats, temperatures: Sequence[float], policy: Adaptiv
     if policy.beam != 1 or policy.max_width > stats.width:
         raise ValueError(f"simulate replays beam 1 with max_width ≤ the probe width {stats.width}")
     n, g = stats.conf_logits.shape
-    c = _sigmoid(np.nan_to_num(stats.conf_logits) / np.asarray(temperatures, float)[None, :g])
+    c = conditional(np.nan_to_num(stats.conf_logits), temperatures, biases)
     alive = np.ones(n, bool)
     on_path = np.ones(n, bool)
     surv = np.ones(n)
@@ -328,16 +431,17 @@ def simulate(stats: HeldoutStats, temperatures: Sequence[float], policy: Adaptiv
     return tau, nodes + 1
 
 
-def evaluate_policy(stats: HeldoutStats, temperatures: Sequence[float], policy: AdaptivePolicy, sps: np.ndarray
-                    ) -> Outcome:
-    tau, b = simulate(stats, temperatures, policy)
+def evaluate_policy(stats: HeldoutStats, temperatures: Sequence[float], policy: AdaptivePolicy, sps: np.ndarray,
+                    biases: Optional[Sequence[float]] = None) -> Outcome:
+    tau, b = simulate(stats, temperatures, policy, biases)
     seconds = stats.t_draft + stats.t_book + 1.0 / sps[np.minimum(b, len(sps) - 1)]
     return Outcome(float(tau.mean()), float(b.mean()), float(tau.sum() / seconds.sum()))
 
 
 def tune_adaptive(stats: HeldoutStats, temperatures: Sequence[float], sps: np.ndarray, max_width: int,
                   node_budget: int, depth_grid: Sequence[float] = DEPTH_GRID,
-                  width_grid: Sequence[Optional[float]] = WIDTH_GRID) -> tuple[AdaptivePolicy, Outcome]:
+                  width_grid: Sequence[Optional[float]] = WIDTH_GRID, biases: Optional[Sequence[float]] = None
+                  ) -> tuple[AdaptivePolicy, Outcome]:
     """Grid search over depth threshold × (width, width threshold) × node budget (1..γ, and the maximum)
     for the highest simulated tokens/s. A budget of d at width 1 is the fixed-depth-d chain, so the result
     is never worse than the best fixed chain on these rounds. Ties go to fewer verified tokens, then to the
@@ -349,7 +453,7 @@ def tune_adaptive(stats: HeldoutStats, temperatures: Sequence[float], sps: np.nd
             for nb in (b for b in budgets if b <= node_budget):
                 for dt in depth_grid:
                     pol = AdaptivePolicy(float(dt), wt, w, nb)
-                    out = evaluate_policy(stats, temperatures, pol, sps)
+                    out = evaluate_policy(stats, temperatures, pol, sps, biases)
                     key = (round(out.tokens_per_s, 9), -out.verified)
                     if best is None or key > best[0]:
                         best = (key, pol, out)
@@ -384,6 +488,7 @@ class Calibration:
     cost_profile: dict = field(default_factory=dict)  # SPS(B): tokens, steps_per_s (smoothed), raw, meta
     reliability: dict = field(default_factory=dict)  # {"before"|"after": {"k": [[mean pred, observed, n], ...]}}
     data: dict = field(default_factory=dict)  # what it was fitted on, including the per-round statistics
+    biases: list[float] = field(default_factory=list)  # STS offsets b_k (empty: temperature only)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -482,14 +587,20 @@ def _num(x, spec=".3f") -> str:
 
 def summary_table(cal: Calibration) -> str:
     """The readable report `dspark calibrate` prints."""
-    lines = ["position | rounds | T_k   | ECE before → after | AUROC before → after | Brier before → after",
-             "---------|--------|-------|--------------------|----------------------|---------------------"]
+    lines = ["position | blocks | T_k   | b_k   | ECE before → after | AUROC before → after | Brier before → after",
+             "---------|--------|-------|-------|--------------------|----------------------|---------------------"]
     counts = cal.data.get("count", [None] * cal.block_size)
+    biases = cal.biases or [0.0] * cal.block_size
     for k in range(cal.block_size):
         lines.append(f"{k + 1:>8} | {counts[k] if counts[k] is not None else '—':>6} | {cal.temperatures[k]:5.2f} | "
+                     f"{biases[k]:+5.2f} | "
                      f"{_pct(cal.ece_before[k]):>7} → {_pct(cal.ece_after[k]):<8} | "
                      f"{_num(cal.auroc_before[k]):>8} → {_num(cal.auroc_after[k]):<9} | "
                      f"{_num(cal.brier_before[k]):>7} → {_num(cal.brier_after[k])}")
+    probe = cal.data.get("probe") or {}
+    if probe.get("ece_after") and cal.data.get("sts", {}).get("source") != "probe rounds":
+        lines += ["", f"on the {probe.get('rounds')} probe-decode rounds (noisier, fewer samples): ECE after "
+                  + ", ".join(_pct(e) for e in probe["ece_after"][:4]) + " at positions 1-4"]
     ad = cal.adaptive
     width = ("1 (chain)" if ad["max_width"] == 1 else
              f"{ad['max_width']} where top draft prob < {ad['width_threshold']}" if ad["width_threshold"] is not None
@@ -518,40 +629,83 @@ def summary_table(cal: Calibration) -> str:
 
 # =========================================================================== the command
 def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str], list[list[int]], str]:
-    """Held-out conversation ids → first-user-turn prompt ids. The trainer's `heldout_ids.json` when the run
-    has one; otherwise the recipe's deterministic split (`data.split_heldout`) recomputed. Never eval sets."""
-    from .chat import prompt_ids
-    from .data import conversations_path, read_jsonl, split_heldout
+    """First-user-turn prompt ids the drafter never trained on, up to `limit`: the run's held-out
+    conversations first (the trainer's `heldout_ids.json`, or the recipe's deterministic split recomputed),
+    then prompts of `data.prompts` that have no conversation in the training file (in a seeded order).
+    Never the eval sets."""
+    from .chat import prompt_ids, user_messages
+    from .config import RecipeError
+    from .data import conversations_path, load_conversations, load_prompts, prompt_turns, read_jsonl, split_heldout
 
+    conv_file = conversations_path(recipe)
     ids_file = run / HELDOUT_FILE
     if ids_file.is_file():  # {"conversations": path, "seed": s, "ids": [...]} as train.py writes it, or a list
         raw = json.loads(ids_file.read_text())
         wanted = [str(i) for i in (raw["ids"] if isinstance(raw, dict) else raw)]
         recorded = Path(raw["conversations"]) if isinstance(raw, dict) and raw.get("conversations") else None
-        path = recorded if recorded is not None and recorded.is_file() else conversations_path(recipe)
-        by_id = {str(c["id"]): c for c in read_jsonl(path)}
+        conv_file = recorded if recorded is not None and recorded.is_file() else conv_file
+        convs = read_jsonl(conv_file)
+        by_id = {str(c["id"]): c for c in convs}
         missing = [i for i in wanted if i not in by_id]
         if missing:
-            raise FileNotFoundError(f"{ids_file}: {len(missing)} held-out ids not in {path}")
+            raise FileNotFoundError(f"{ids_file}: {len(missing)} held-out ids not in {conv_file}")
         held, source = [by_id[i] for i in wanted], str(ids_file)
-    else:
-        _, held = split_heldout(read_jsonl(conversations_path(recipe)), recipe.data.heldout, recipe.data.seed)
+    else:  # the trainer's split: the same records (load_conversations, max_prompts), the same seeded hash
+        convs = read_jsonl(conv_file)
+        _, held = split_heldout(load_conversations(conv_file, recipe.data.max_prompts), recipe.data.heldout,
+                                recipe.data.seed)
         source = f"split_heldout(data.heldout={recipe.data.heldout}, data.seed={recipe.data.seed})"
-    if not held:
-        raise FileNotFoundError(f"{run}: no held-out conversations (data.heldout = {recipe.data.heldout})")
     names, prompts = [], []
+
+    def add(name: str, messages: list[dict]) -> None:
+        ids = prompt_ids(tokenizer, messages)
+        if len(ids) <= recipe.data.max_seq_len and len(prompts) < limit:  # longer ones were truncated in training
+            names.append(name)
+            prompts.append(ids)
+
     for c in held:
         turns = c["conversations"]
-        first = next((i for i, m in enumerate(turns) if m["role"] == "assistant"), len(turns))
-        ids = prompt_ids(tokenizer, turns[:first])
-        if len(ids) <= recipe.data.max_seq_len:  # longer prompts were truncated away in training too
-            names.append(str(c["id"]))
-            prompts.append(ids)
-        if len(prompts) == limit:
-            break
+        add(str(c["id"]), turns[:next((i for i, m in enumerate(turns) if m["role"] == "assistant"), len(turns))])
+    if len(prompts) < limit:
+        try:
+            trained = {str(c["id"]) for c in convs}  # the whole file: any of it may have been trained on
+            fresh = [p for p in load_prompts(recipe) if p["id"] not in trained]
+        except (RecipeError, FileNotFoundError) as e:  # no prompt file here: the held-out conversations only
+            fresh, source = [], f"{source} (data.prompts unavailable: {e})"
+        n0 = len(prompts)
+        for p in split_heldout(fresh, len(fresh), recipe.data.seed)[1]:
+            if len(prompts) == limit:
+                break
+            try:
+                add(p["id"], user_messages(prompt_turns(p["raw"])[:1]))
+            except (ValueError, TypeError, KeyError):
+                continue
+        if len(prompts) > n0:
+            source += f" + {len(prompts) - n0} untrained prompts of {recipe.data.prompts}"
     if not prompts:
         raise FileNotFoundError(f"{run}: no held-out prompt fits data.max_seq_len = {recipe.data.max_seq_len}")
     return names, prompts, source
+
+
+def greedy_texts(target, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+                 progress: bool = True) -> list:
+    """prompt + the target's own greedy answer as `Example`s (loss mask on the answer): the text a greedy
+    decode produces, so anchor statistics over it have the decoder's context distribution. Batched
+    `generate` (prompts sorted by length to limit padding): several times the throughput of one prompt at
+    a time on a CPU."""
+    from tqdm.auto import tqdm
+
+    from .data import Example, generate_batch
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc="greedy answers", unit="prompt", disable=not progress) as bar:
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            for i, (new, _) in zip(idx, generate_batch(target, [prompts[i] for i in idx], max_new_tokens)):
+                out[i] = Example(str(i), prompts[i] + new, [0] * len(prompts[i]) + [1] * len(new))
+            bar.update(len(idx))
+    return out
 
 
 def _measure(decoder, prompts: list[list[int]], max_new_tokens: int, **kw) -> tuple[dict, list]:
@@ -591,24 +745,38 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     drafter = load_artifact(root, target=target)
     gamma = drafter.config.block_size
     width = cc.max_width
-    names, prompt_list, source = heldout_prompts(root, recipe, target.tokenizer, prompts or cc.prompts)
-    say(f"calibrating {root} on {len(prompt_list)} held-out prompts ({source}), γ={gamma}, probe width {width}, "
+    names, prompt_list, source = heldout_prompts(root, recipe, target.tokenizer,
+                                                 max(prompts or cc.prompts, cc.texts))
+    probe_prompts = prompt_list[:prompts or cc.prompts]
+    say(f"calibrating {root}: {len(prompt_list)} held-out prompts ({source}), γ={gamma}, probe width {width}, "
         f"{cc.dtype}, {torch.get_num_threads()} threads")
 
-    # 1. probe decode: the chain at full depth plus top-W siblings at every depth
+    # 1. STS statistics: the target's greedy answers, with greedy drafting replayed at every anchor
+    sts_stats, sts_source = None, "probe rounds"
+    if cc.texts:
+        t0 = time.perf_counter()
+        texts = greedy_texts(target, prompt_list[:cc.texts], cc.max_new_tokens, cc.batch_size, progress=not quiet)
+        sts_stats = anchor_stats(target, drafter, texts, progress=not quiet)
+        sts_source = f"anchor replay over greedy answers to {len(texts)} prompts"
+        say(f"{sts_source}: {len(sts_stats)} blocks in {time.perf_counter() - t0:.1f}s")
+
+    # 2. probe decode: the chain at full depth plus top-W siblings at every depth
     decoder = SpeculativeDecoder(target, drafter)
     probe = TreePolicy([width] * gamma, beam=1, node_budget=width * gamma)
-    decoder.generate(prompt_list[0], max_new_tokens=min(8, cc.max_new_tokens), policy=probe)  # warm-up
+    decoder.generate(probe_prompts[0], max_new_tokens=min(8, cc.max_new_tokens), policy=probe)  # warm-up
     t0 = time.perf_counter()
-    probe_measured, traces = _measure(decoder, prompt_list, cc.max_new_tokens, policy=probe, record_probs=True)
+    probe_measured, traces = _measure(decoder, probe_prompts, cc.max_new_tokens, policy=probe, record_probs=True)
     stats = stats_from_traces(traces, gamma, width)
-    say(f"probe decode: {len(stats)} rounds, τ {probe_measured['tau']:.2f} in {time.perf_counter() - t0:.1f}s")
+    say(f"probe decode: {len(stats)} rounds on {len(probe_prompts)} prompts, τ {probe_measured['tau']:.2f} in "
+        f"{time.perf_counter() - t0:.1f}s")
+    sts_stats = sts_stats or stats
 
-    # 2. sequential temperature scaling
-    z, y, obs = stats.conf_logits, stats.survived(), stats.observed()
-    temps = fit_sts(z, y, obs, cc.temperature_grid, cc.bins)
+    # sequential temperature scaling
+    z, y, obs = sts_stats.conf_logits, sts_stats.survived(), sts_stats.observed()
+    temps, biases = fit_sts(z, y, obs, cc.temperature_grid, cc.bins, BIAS_GRID if cc.bias else None)
     before = position_metrics(z, y, obs, [1.0] * gamma, cc.bins)
-    after = position_metrics(z, y, obs, temps, cc.bins)
+    after = position_metrics(z, y, obs, temps, cc.bins, biases)
+    on_probe = position_metrics(stats.conf_logits, stats.survived(), stats.observed(), temps, cc.bins, biases)
 
     # 3. cost profile
     max_b = min(cc.max_nodes, width * gamma) + 1
@@ -616,18 +784,20 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     sps = sps_table(cost, max_b)
 
     # 4. adaptive-k tuning on the held-out rounds
-    policy, expected = tune_adaptive(stats, temps, sps, cc.max_width, cc.max_nodes)
+    policy, expected = tune_adaptive(stats, temps, sps, cc.max_width, cc.max_nodes, biases=biases)
     chain_d, chain_expected = best_fixed_chain(stats, sps)
 
     cal = Calibration(
-        block_size=gamma, temperatures=temps,
+        block_size=gamma, temperatures=temps, biases=biases,
         ece_before=before["ece"], ece_after=after["ece"], auroc_before=before["auroc"], auroc_after=after["auroc"],
         brier_before=before["brier"], brier_after=after["brier"], adaptive=asdict(policy),
         expected={"adaptive": expected.to_dict(), "best_chain_depth": chain_d, "best_chain": chain_expected.to_dict()},
         cost_profile=cost, reliability={"before": before["reliability"], "after": after["reliability"]},
         data={"source": str(root), "heldout": source, "prompt_ids": names, "n_prompts": len(prompt_list),
-              "n_rounds": len(stats), "count": after["count"], "max_new_tokens": cc.max_new_tokens,
-              "decoding": "greedy", "dtype": cc.dtype, "probe": {"width": width, "beam": 1, "depth": gamma},
+              "sts": {"source": sts_source, "blocks": len(sts_stats)}, "count": after["count"],
+              "max_new_tokens": cc.max_new_tokens, "decoding": "greedy", "dtype": cc.dtype,
+              "probe": {"width": width, "beam": 1, "depth": gamma, "prompts": len(probe_prompts),
+                        "rounds": len(stats), "ece_after": on_probe["ece"], "auroc_after": on_probe["auroc"]},
               "target": target.fingerprint(), "threads": torch.get_num_threads(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "stats": stats.to_dict()})
 
@@ -635,8 +805,8 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     if cc.measure:
         adaptive = SpeculativeDecoder(target, drafter, calibration=cal.to_json())
         cal.measured = {"probe": probe_measured,
-                        "adaptive": _measure(adaptive, prompt_list, cc.max_new_tokens, mode="adaptive")[0],
-                        "best_chain": _measure(decoder, prompt_list, cc.max_new_tokens,
+                        "adaptive": _measure(adaptive, probe_prompts, cc.max_new_tokens, mode="adaptive")[0],
+                        "best_chain": _measure(decoder, probe_prompts, cc.max_new_tokens,
                                                policy=TreePolicy.chain(chain_d))[0]}
     else:
         cal.measured = {"probe": probe_measured}

@@ -48,7 +48,7 @@ def cmd_train(args):
 
 def cmd_calibrate(args):
     from .calibrate import run_calibration
-    run_calibration(args.run, overrides=args.overrides, prompts=args.prompts)
+    run_calibration(args.run, overrides=args.overrides, prompts=args.prompts, out=args.out)
 
 
 def cmd_export(args):
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("calibrate", help="sequential temperature scaling + adaptive-k tuning on held-out data")
     s.add_argument("run", help="training run directory or exported artifact")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--prompts", type=int, default=None, help="held-out prompts to decode (default: recipe)")
+    s.add_argument("--prompts", type=int, default=None, help="held-out prompts to probe-decode (default: recipe)")
+    s.add_argument("--out", default=None, help="write calibration.json and the plot here instead of into RUN")
     s.set_defaults(fn=cmd_calibrate)
 
     s = sub.add_parser("export", help="write a Hub-ready artifact from a training run")

@@ -139,7 +139,10 @@ class LoggingConfig:
 
 @dataclass
 class CalibrateConfig:
-    prompts: int = 32  # held-out prompts decoded for statistics
+    prompts: int = 32  # held-out prompts probe-decoded for the adaptive-k statistics (replayed exactly)
+    texts: int = 512  # held-out prompts answered greedily for the STS statistics (0: fit STS on the probe)
+    batch_size: int = 32  # prompts per batched `generate` call for those answers
+    bias: bool = True  # fit an offset b_k with each STS temperature: c_k = σ(z_k/T_k + b_k); false: T_k only
     max_new_tokens: int = 128
     bins: int = 20
     temperature_grid: list[float] = field(default_factory=lambda: [0.25 * i for i in range(1, 41)])
@@ -312,9 +315,11 @@ def _validate(r: Recipe, src: str) -> None:
             bad("logging.trackers", f"unknown tracker {t!r} (use wandb, tensorboard)")
     if r.calibrate.bins < 2:
         bad("calibrate.bins", "must be >= 2")
-    for key in ("prompts", "max_new_tokens", "max_nodes", "max_width", "profile_context"):
+    for key in ("prompts", "batch_size", "max_new_tokens", "max_nodes", "max_width", "profile_context"):
         if getattr(r.calibrate, key) < 1:
             bad(f"calibrate.{key}", f"must be >= 1, got {getattr(r.calibrate, key)}")
+    if r.calibrate.texts < 0:
+        bad("calibrate.texts", f"must be >= 0, got {r.calibrate.texts}")
     if not r.calibrate.temperature_grid or min(r.calibrate.temperature_grid) <= 0:
         bad("calibrate.temperature_grid", "must be a non-empty list of positive temperatures")
     if any(b < 1 for b in r.calibrate.profile_batch_sizes):

@@ -67,7 +67,8 @@ def load_conversations(path: Path, limit: Optional[int] = None) -> list[dict]:
 
 
 # =========================================================================== prompts
-def _turns(record: dict) -> list[str]:
+def prompt_turns(record: dict) -> list[str]:
+    """The user turns of a prompt record: `turns`, chat `messages`/`conversations`, or `prompt`/`instruction`."""
     if "turns" in record:
         turns = record["turns"]
     elif "messages" in record or "conversations" in record:
@@ -133,15 +134,17 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def _generate(target, prompts: list[list[int]], recipe: Recipe, seed: int) -> list[tuple[list[int], bool]]:
-    """One batched sampling call with left padding → (new tokens, finished at EOS) per prompt."""
-    d, tok = recipe.data, target.tokenizer
+def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0) -> list[tuple[list[int], bool]]:
+    """One batched `generate` call with left padding (greedy when temperature is 0) → (new tokens, finished
+    at EOS) per prompt."""
+    tok = target.tokenizer
     ids, mask = _left_pad(prompts, tok.pad_token_id)
     torch.manual_seed(seed)
-    sample = d.temperature > 0
+    sample = temperature > 0
     out = target.model.generate(
-        input_ids=ids.to(target.device), attention_mask=mask.to(target.device), max_new_tokens=d.max_new_tokens,
-        do_sample=sample, temperature=d.temperature if sample else None, top_p=d.top_p if sample else None,
+        input_ids=ids.to(target.device), attention_mask=mask.to(target.device), max_new_tokens=max_new_tokens,
+        do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     results = []
     for row in out[:, ids.shape[1]:].tolist():
@@ -160,7 +163,7 @@ def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> list[dict]:
     states = []
     for p in batch:
         try:
-            states.append({"p": p, "turns": _turns(p["raw"]), "msgs": [], "finished": True, "error": None})
+            states.append({"p": p, "turns": prompt_turns(p["raw"]), "msgs": [], "finished": True, "error": None})
         except (ValueError, TypeError, KeyError) as e:
             states.append({"p": p, "error": f"bad prompt record: {e}"})
     for t in range(max((len(s["turns"]) for s in states if not s["error"]), default=0)):
@@ -177,12 +180,12 @@ def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> list[dict]:
             continue
         seed = _seed_of(d.seed, f"{live_ok[0][0]['p']['id']}:{t}")
         try:
-            outs = _generate(target, [ids for _, ids in live_ok], recipe, seed)
+            outs = generate_batch(target, [ids for _, ids in live_ok], d.max_new_tokens, d.temperature, d.top_p, seed)
         except Exception:  # noqa: BLE001 — isolate the failing prompt(s): retry one at a time
             outs = []
             for s, ids in live_ok:
                 try:
-                    outs.append(_generate(target, [ids], recipe, seed)[0])
+                    outs.append(generate_batch(target, [ids], d.max_new_tokens, d.temperature, d.top_p, seed)[0])
                 except Exception as e:  # noqa: BLE001
                     s["error"] = f"generate failed: {type(e).__name__}: {e}"
                     outs.append(None)

@@ -22,7 +22,8 @@ def settings(fast: bool) -> dict:
     if fast:
         return dict(train=["train.max_steps=12", "train.checkpoint_every=6", "train.eval_every=6",
                            "data.max_prompts=64", "data.heldout=8", "data.anchors_per_seq=16"],
-                    calibrate=["calibrate.prompts=3", "calibrate.max_new_tokens=24", "calibrate.measure=false"],
+                    calibrate=["calibrate.prompts=3", "calibrate.texts=8", "calibrate.max_new_tokens=24",
+                               "calibrate.measure=false"],
                     eval=["--n", "2", "--max-new-tokens", "24", "--benchmarks", "gsm8k,mt-bench"])
     return dict(train=[], calibrate=[],
                 eval=["--n", "6", "--max-new-tokens", "96", "--benchmarks", BENCHMARKS])

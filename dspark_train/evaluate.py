@@ -462,7 +462,7 @@ def _versions() -> dict:
 def _calibration_summary(cal: Optional[dict]) -> Optional[dict]:
     if cal is None:
         return None
-    keys = ("temperatures", "ece_before", "ece_after", "auroc_before", "auroc_after", "adaptive")
+    keys = ("temperatures", "biases", "ece_before", "ece_after", "auroc_before", "auroc_after", "adaptive")
     return {k: cal[k] for k in keys if k in cal}
 
 

@@ -415,8 +415,10 @@ def _calibration_section(calibration: dict) -> list[str]:
         raise ArtifactError(f"{CALIBRATION}: not a calibration this dspark-train reads ({type(e).__name__}: {e})") \
             from None
     d = cal.data
-    fitted = f" on {_fmt(d['n_prompts'])} held-out prompts ({_fmt(d.get('n_rounds'))} decoding rounds" \
-        + (f", {d['dtype']}" if d.get("dtype") else "") + ")" if d.get("n_prompts") else ""
+    sts = d.get("sts") or {}
+    fitted = f" on {_fmt(d['n_prompts'])} held-out prompts ({sts.get('source', 'decoding rounds')}, " \
+        f"{_fmt(sts.get('blocks'))} drafted blocks" + (f", {d['dtype']}" if d.get("dtype") else "") + ")" \
+        if d.get("n_prompts") else ""
     return ["## Calibration", "",
             f"Confidence calibrated with sequential temperature scaling{fitted}; the adaptive policy below was "
             "tuned for expected tokens per second on this machine's cost profile (`calibration.json`, read by "

@@ -46,7 +46,8 @@ def _overconfident(n=6000, gamma=4, scale=3.0, seed=0):
 
 def test_sts_lowers_ece_and_keeps_order():
     z, y, obs = _overconfident()
-    temps = C.fit_sts(z, y, obs, [0.25 * i for i in range(1, 41)], 20)
+    temps, biases = C.fit_sts(z, y, obs, [0.25 * i for i in range(1, 41)], 20)
+    assert biases == [0.0] * 4  # no offset grid: the paper's temperature-only STS
     before = C.position_metrics(z, y, obs, [1.0] * 4)
     after = C.position_metrics(z, y, obs, temps)
     for k in range(4):
@@ -62,7 +63,7 @@ def test_sts_lowers_ece_and_keeps_order():
 
 def test_sts_is_sequential_earlier_temperatures_fixed():
     z, y, obs = _overconfident(gamma=3)
-    temps = C.fit_sts(z, y, obs, [0.25 * i for i in range(1, 41)], 20)
+    temps, _ = C.fit_sts(z, y, obs, [0.25 * i for i in range(1, 41)], 20)
     # refitting position 2 alone with T_1 fixed gives the same T_2
     a1 = 1 / (1 + np.exp(-z[:, 0] / temps[0]))
     grid = np.linspace(0.25, 10, 2000)
@@ -140,6 +141,25 @@ def test_overhead_per_round_favours_deeper_verification():
 
 
 # --------------------------------------------------------------------------- calibration.json
+def test_sts_offset_removes_a_constant_bias_that_temperature_cannot():
+    """A head whose logit is shifted by +1.5 (calibrated otherwise): temperature alone leaves a visible gap,
+    the joint (T, b) search recovers T ≈ 1, b ≈ −1.5, and the map stays order-preserving."""
+    rng = np.random.default_rng(1)
+    q = rng.beta(2, 5, size=(40000, 2))
+    z = np.log(q / (1 - q)) + 1.5
+    y = np.cumprod(rng.random(q.shape) < q, axis=1).astype(bool)
+    obs = np.ones_like(y)
+    grid = [0.25 * i for i in range(1, 41)]
+    t_only, _ = C.fit_sts(z, y, obs, grid, 20)
+    temps, biases = C.fit_sts(z, y, obs, grid, 20, bias_grid=C.BIAS_GRID)
+    e_t = C.position_metrics(z, y, obs, t_only)["ece"]
+    e_tb = C.position_metrics(z, y, obs, temps, biases=biases)["ece"]
+    assert e_t[0] > 0.02 and e_tb[0] < 0.01 and e_tb[1] < e_t[1]
+    assert abs(temps[0] - 1.0) < 0.15 and abs(biases[0] + 1.5) < 0.2, (temps, biases)
+    c = C.conditional(z, temps, biases)[:, 0]
+    assert (np.argsort(c, kind="stable") == np.argsort(z[:, 0], kind="stable")).all()
+
+
 def _calibration(gamma=3):
     z, y, obs = _overconfident(n=200, gamma=gamma)
     stats = _stats(np.array([0, 1, 3, 2]), gamma, 0.7)
@@ -150,7 +170,7 @@ def _calibration(gamma=3):
                          expected={"adaptive": {"tau": 2.0, "verified": 3.0, "tokens_per_s": 12.0}},
                          cost_profile={"tokens": [1, 2], "steps_per_s": [10.0, 9.0]},
                          reliability={"before": m["reliability"], "after": m["reliability"]},
-                         data={"stats": stats.to_dict(), "prompt_ids": ["a", "b"]})
+                         data={"stats": stats.to_dict(), "prompt_ids": ["a", "b"]}, biases=[0.5, -0.25, 0.0])
 
 
 def test_calibration_json_round_trip_and_decoder_reads_it(tmp_path):
@@ -166,8 +186,11 @@ def test_calibration_json_round_trip_and_decoder_reads_it(tmp_path):
     np.testing.assert_allclose(stats.conf_logits, np.log(0.7 / 0.3), atol=1e-4)
     assert back.policy() == C.AdaptivePolicy(0.3, 0.6, 3, 9, 1)
     pol = TreePolicy.from_calibration(path, depth=3)
-    assert (pol.widths, pol.beam, pol.node_budget, pol.temperatures, pol.depth_threshold, pol.width_threshold) == \
-        ([3, 3, 3], 1, 9, [2.0] * 3, 0.3, 0.6)
+    assert (pol.widths, pol.beam, pol.node_budget, pol.temperatures, pol.depth_threshold, pol.width_threshold,
+            pol.biases) == ([3, 3, 3], 1, 9, [2.0] * 3, 0.3, 0.6, [0.5, -0.25, 0.0])
+    assert pol.confidence(0, 1.0) == pytest.approx(1 / (1 + np.exp(-(1.0 / 2.0 + 0.5))))
+    assert pol.confidence(1, 1.0) == pytest.approx(float(C.conditional(np.array([[0.0, 1.0]]), [2.0] * 3,
+                                                                         back.biases)[0, 1]))
     with pytest.raises(ValueError, match="format_version"):
         C.Calibration.from_json({**cal.to_json(), "format_version": C.FORMAT_VERSION + 1})
 
@@ -217,14 +240,14 @@ def test_simulate_replays_the_decoders_adaptive_rounds_exactly(tiny_run):
     stats = C.stats_from_traces(traces, gamma, width)
     firsts = np.cumsum([0] + [len(t.rounds) for t in traces[:-1]])
     assert (stats.rescue[firsts] >= 2).any(), "no first round has a sibling rescue: vary the test drafter"
-    temps = [1.5, 0.8, 1.0, 2.0]
+    temps, biases = [1.5, 0.8, 1.0, 2.0], [0.3, -0.2, 0.0, 0.1]
     seen = set()
     for pol in [C.AdaptivePolicy(0.0, None, 3, 12), C.AdaptivePolicy(0.0, None, 2, 12),
                 C.AdaptivePolicy(0.3, None, 2, 12), C.AdaptivePolicy(0.15, 0.02, 3, 5),
                 C.AdaptivePolicy(0.5, None, 1, 12)]:
-        tau, b = C.simulate(stats, temps, pol)
+        tau, b = C.simulate(stats, temps, pol, biases)
         tp = TreePolicy([pol.max_width] * gamma, pol.beam, pol.node_budget, temps, pol.depth_threshold,
-                        pol.width_threshold)
+                        pol.width_threshold, biases)
         for i, p in enumerate(prompts):
             r = dec.generate(p, max_new_tokens=12, policy=tp, eos_token_id=[]).rounds[0]
             assert (r.n_accepted + 1, r.verified + 1) == (tau[firsts[i]], b[firsts[i]]), (pol, i)
@@ -246,7 +269,10 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     cal = C.run_calibration(run, quiet=True)
     data = json.loads((run / "calibration.json").read_text())
     assert (run / "calibration_reliability.png").stat().st_size > 1000
-    assert data["data"]["prompt_ids"] == chosen and data["data"]["heldout"].endswith("heldout_ids.json")
+    assert data["data"]["prompt_ids"][:3] == chosen and data["data"]["heldout"].startswith(str(run / "heldout_ids"))
+    assert len(data["data"]["prompt_ids"]) == 12 and data["data"]["probe"]["prompts"] == 3
+    assert data["data"]["sts"]["source"].startswith("anchor replay over greedy answers to 12 prompts")
+    assert data["data"]["count"][0] == data["data"]["sts"]["blocks"] > data["data"]["probe"]["rounds"]
     gamma = recipe.drafter.block_size
     assert len(data["temperatures"]) == gamma and all(t > 0 for t in data["temperatures"])
     for key in ("ece_before", "ece_after", "auroc_before", "auroc_after", "brier_before", "brier_after"):
@@ -272,6 +298,82 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     assert out.tokens == plain.generate(prompt, max_new_tokens=16, eos_token_id=[]).tokens
 
     # calibrating an artifact writes into the artifact (held-out split recomputed from the recipe)
-    again = C.run_calibration(art, overrides=["calibrate.measure=false", "calibrate.prompts=2"], quiet=True)
+    again = C.run_calibration(art, overrides=["calibrate.measure=false", "calibrate.prompts=2", "calibrate.texts=0"],
+                              quiet=True)
     assert (art / "calibration.json").is_file() and again.data["n_prompts"] == 2
+    assert again.data["sts"] == {"source": "probe rounds", "blocks": again.data["probe"]["rounds"]}
     assert again.data["heldout"].startswith("split_heldout") and set(again.measured) == {"probe"}
+
+
+def test_anchor_replay_equals_the_decoders_rounds(tiny_run):
+    """Replaying greedy drafting at every anchor of the target's own greedy text must reproduce, at the anchors
+    where the decoder's rounds started, exactly the confidences and survival the decoder observed."""
+    from dspark_train.data import Example, anchor_candidates
+    from dspark_train.decoding import SpeculativeDecoder, TreePolicy
+    from dspark_train.export import load_artifact
+
+    run, recipe, target = tiny_run
+    drafter = load_artifact(run, target=target)
+    gamma = drafter.config.block_size
+    dec = SpeculativeDecoder(target, drafter)
+    examples, starts = [], {}
+    for i, p in enumerate(PROMPTS):
+        trace = dec.generate(p, max_new_tokens=16, policy=TreePolicy.chain(gamma), eos_token_id=[])
+        examples.append(Example(str(i), p + trace.tokens, [0] * len(p) + [1] * len(trace.tokens)))
+        pos = len(p)  # the first round's anchor: the token prefill produced
+        for r in trace.rounds:
+            starts[(i, pos)] = r
+            pos += r.committed
+    stats = C.anchor_stats(target, drafter, examples, anchors_per_chunk=5)
+    keys = [(i, a) for i, e in enumerate(examples) for a in anchor_candidates(torch.tensor(e.loss_mask)).tolist()]
+    assert len(keys) == len(stats)
+    checked = 0
+    for row, key in enumerate(keys):
+        r = starts.get(key)
+        if r is None or len(r.tokens) < gamma or stats.depth[row] < gamma:  # rounds cut by the end of the text
+            continue
+        np.testing.assert_allclose(stats.conf_logits[row], r.conf_logits, atol=1e-4)
+        np.testing.assert_allclose(stats.top_probs[row], r.draft_probs, atol=1e-5)
+        assert stats.n_spine[row] == r.n_accepted, key
+        checked += 1
+    assert checked >= 2 * len(PROMPTS) and stats.n_spine.max() >= 1  # many rounds, some with accepted drafts
+    assert (stats.depth[:len(keys)] >= 1).all() and len(stats) > checked  # every anchor gives a sample
+
+
+def test_anchor_replay_does_not_observe_past_off_greedy_text(tiny_run):
+    """A slot is observed only while the text so far is the target's greedy path: a text that leaves it
+    after one token gives depth ≤ 2 at the anchor before the departure."""
+    from dspark_train.data import Example
+    from dspark_train.decoding import SpeculativeDecoder
+    from dspark_train.export import load_artifact
+
+    run, recipe, target = tiny_run
+    drafter = load_artifact(run, target=target)
+    p = PROMPTS[0]
+    plain = SpeculativeDecoder(target, None)
+    greedy = plain.generate(p, max_new_tokens=8, eos_token_id=[]).tokens
+    off = greedy[:2] + [(greedy[2] + 1) % target.vocab_size]  # position len(p)+2 leaves greedy, then follows it
+    off += plain.generate(p + off, max_new_tokens=8, eos_token_id=[]).tokens
+    stats = C.anchor_stats(target, drafter, [Example("x", p + off, [0] * len(p) + [1] * len(off))])
+    # anchors at len(p), len(p)+1, ...: slot k of anchor j predicts position len(p)+j+k+1
+    assert stats.depth[0] == 2 and stats.depth[1] == 1 and stats.depth[2] == drafter.config.block_size
+    assert np.isnan(stats.conf_logits[0, 2:]).all() and not np.isnan(stats.conf_logits[0, :2]).any()
+
+
+def test_heldout_prompts_top_up_with_untrained_prompts(tiny_run, tmp_path):
+    from dspark_train.config import load_recipe
+    from dspark_train.data import conversations_path, read_jsonl
+
+    run, recipe, target = tiny_run
+    prompts = [{"id": f"p{i}", "turns": [f"question {i}?"]} for i in range(6)] + [
+        {"id": c["id"], "turns": ["trained already"]} for c in read_jsonl(conversations_path(recipe))[:3]]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    r = load_recipe(run / "recipe.yaml", [f"data.prompts={path}"])
+    names, ids, source = C.heldout_prompts(tmp_path, r, target.tokenizer, limit=r.data.heldout + 4)
+    held = names[:r.data.heldout]
+    assert len(set(held)) == r.data.heldout and not any(n.startswith("p") for n in held)
+    assert sorted(names[r.data.heldout:]) == sorted(set(names[r.data.heldout:])) and len(names) == r.data.heldout + 4
+    assert all(n.startswith("p") for n in names[r.data.heldout:])  # never a prompt that has a training answer
+    assert "4 untrained prompts" in source
+    assert len(C.heldout_prompts(tmp_path, r, target.tokenizer, limit=100)[0]) == r.data.heldout + 6

@@ -33,7 +33,9 @@ CALIBRATION = {  # calibration.json as dspark calibrate writes it (calibrate.Cal
                  "best_chain": {"tau": 2.9, "verified": 4.0, "tokens_per_s": 37.0}},
     "measured": {}, "cost_profile": {"steps_per_s": [20.0 - 0.1 * i for i in range(32)],
                                      "meta": {"device": "cpu", "dtype": "float32"}},
-    "reliability": {}, "data": {"n_prompts": 8, "n_rounds": 120, "count": [120, 90, 60, 30], "dtype": "float32"},
+    "reliability": {},
+    "data": {"n_prompts": 8, "sts": {"source": "probe rounds", "blocks": 120}, "count": [120, 90, 60, 30],
+             "dtype": "float32"},
     "format_version": 1,
 }
 SUMMARY = {"steps": 20, "tokens": 12345, "final": {"loss": 1.23, "l1": 0.5}}
@@ -297,8 +299,8 @@ def test_model_card_of_export(exported):
     assert "| gsm8k | 50 | 3.46 | 2.08× | 41.5 | 20 | 24 | 0.61 | yes |" in body
     assert "| mt-bench | 80 | 2.25 | 1.50× |" in body
     assert "- gsm8k: 0.80, 0.60, 0.40, 0.20" in body
-    assert "on 8 held-out prompts (120 decoding rounds, float32)" in body
-    assert "       1 |    120 |  1.25 |    6.0% → 1.0%" in body and "depth threshold 0.31" in body
+    assert "on 8 held-out prompts (probe rounds, 120 drafted blocks, float32)" in body
+    assert "       1 |    120 |  1.25 | +0.00 |    6.0% → 1.0%" in body and "depth threshold 0.31" in body
     assert "`final.loss`: 1.23" in body and "`tokens`: 12,345" in body
     assert "dspark eval" in body and "load_artifact(" in body and "--mode adaptive" in body
     assert "mode='adaptive'" in body and "SpeculativeDecoder(target, drafter, calibration=drafter.calibration)" in body

@@ -110,10 +110,11 @@ class SpeculativeDecoder:
         gamma = drafter.config.block_size if drafter is not None else 0
         self.gamma = gamma
         adaptive = TreePolicy.from_calibration(calibration, gamma) if calibration is not None else None
-        temps = adaptive.temperatures if adaptive is not None else None
+        temps, biases = (adaptive.temperatures, adaptive.biases) if adaptive is not None else (None, None)
         self.policies = {
-            "chain": TreePolicy.chain(gamma, conf_threshold, temps),
-            "tree": tree or TreePolicy([3] + [2] * (gamma - 1), beam=4, node_budget=16, temperatures=temps),
+            "chain": TreePolicy.chain(gamma, conf_threshold, temps, biases),
+            "tree": tree or TreePolicy([3] + [2] * (gamma - 1), beam=4, node_budget=16, temperatures=temps,
+                                       biases=biases),
         }
         if adaptive is not None:
             self.policies["adaptive"] = adaptive
@@ -240,7 +241,8 @@ class SpeculativeDecoder:
         The KV cache is right-padded per row and re-gathered every round so each row's committed slots are
         0..len-1; a 4-D mask hides padding. Drafter states are per request (batch 1 each).
         """
-        policy = TreePolicy.chain(self.gamma, 0.0, self.policies["chain"].temperatures)
+        chain = self.policies["chain"]
+        policy = TreePolicy.chain(self.gamma, 0.0, chain.temperatures, chain.biases)
         _, params, eos, gen = self._setup("chain", policy, temperature, top_p, top_k, eos_token_id, seed, generator,
                                           max_new_tokens)
         tgt, drafter, dev = self.target, self.drafter, self.device

@@ -10,6 +10,7 @@ values (paper, Appendix A). Budget truncation follows a parent order fixed befor
 
 `calibration.json` fields read by `TreePolicy.from_calibration` (written by `dspark calibrate`):
     temperatures: [T_1, ..., T_γ]           STS temperature of slot k's confidence logit
+    biases: [b_1, ..., b_γ] (optional)      offset after scaling: c_k = σ(z_k / T_k + b_k)
     adaptive: {depth_threshold, width_threshold (or null), max_width, beam, node_budget}
 """
 from __future__ import annotations
@@ -36,24 +37,28 @@ class TreePolicy:
     temperatures: Optional[list[float]] = None  # STS temperature per slot for the confidence logits
     depth_threshold: float = 0.0  # a node gets children only if calibrated survival through their slot ≥ this
     width_threshold: Optional[float] = None  # if set: widths[k] candidates only where top draft prob < this, else 1
+    biases: Optional[list[float]] = None  # calibration offset per slot, added after the temperature
 
     @classmethod
-    def chain(cls, depth: int, conf_threshold: float = 0.0, temperatures: Optional[list[float]] = None
-              ) -> "TreePolicy":
-        return cls([1] * depth, 1, depth, temperatures, conf_threshold)
+    def chain(cls, depth: int, conf_threshold: float = 0.0, temperatures: Optional[list[float]] = None,
+              biases: Optional[list[float]] = None) -> "TreePolicy":
+        return cls([1] * depth, 1, depth, temperatures, conf_threshold, biases=biases)
 
     @classmethod
     def from_calibration(cls, calibration: Union[str, Path, dict], depth: int) -> "TreePolicy":
-        """The adaptive policy [E] tuned: STS temperatures plus depth/width thresholds and a node budget."""
+        """The adaptive policy [E] tuned: STS temperatures and offsets plus depth/width thresholds and a node
+        budget."""
         cal = calibration if isinstance(calibration, dict) else json.loads(Path(calibration).read_text())
         ad = cal.get("adaptive", {})
         return cls([int(ad.get("max_width", 1))] * depth, int(ad.get("beam", 1)), int(ad.get("node_budget", depth)),
-                   cal.get("temperatures"), float(ad.get("depth_threshold", 0.0)), ad.get("width_threshold"))
+                   cal.get("temperatures"), float(ad.get("depth_threshold", 0.0)), ad.get("width_threshold"),
+                   cal.get("biases") or None)
 
     def confidence(self, k: int, logit: float) -> float:
-        """Calibrated conditional survival of slot k: σ(z / T_k)."""
+        """Calibrated conditional survival of slot k: σ(z / T_k + b_k)."""
         t = self.temperatures[k] if self.temperatures and k < len(self.temperatures) else 1.0
-        x = logit / t
+        b = self.biases[k] if self.biases and k < len(self.biases) else 0.0
+        x = logit / t + b
         return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 

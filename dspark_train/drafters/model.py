@@ -292,6 +292,10 @@ class Drafter(PreTrainedModel):
         Teacher forcing: slot k's previous token is input_ids[p+k], its label input_ids[p+k+1]. DSpark ignores
         last_hidden; Medusa reads only last_hidden[p-1] (anchors must be >= 1) and ignores features.
         """
+        return self._heads(*self._block_hidden(features, last_hidden, input_ids, anchor_pos))
+
+    def _block_hidden(self, features, last_hidden, input_ids, anchor_pos):
+        """Backbone (or Medusa head) outputs of every block [B,A,γ,d] and the teacher-forced previous tokens."""
         g = self.config.block_size
         T = input_ids.shape[1]
         p = anchor_pos.clamp(min=0)
@@ -302,7 +306,20 @@ class Drafter(PreTrainedModel):
             hid = torch.stack([h + F.silu(m(h)) for m in self.medusa], 2)
         else:
             hid = self._backbone(features, prev[..., 0], anchor_pos, pos)
-        return self._heads(hid, prev)
+        return hid, prev
+
+    @torch.no_grad()
+    def blocks_at(self, features, last_hidden, input_ids, anchor_pos) -> DraftBlock:
+        """What `propose` returns at each of the anchors, all in one pass (rows = the B·A blocks, padding
+        included): with `head_step` this replays inference drafting at every position of a known text, which
+        is how calibration gathers many held-out samples without decoding."""
+        hid, _ = self._block_hidden(features, last_hidden, input_ids, anchor_pos)
+        return self._block(hid.flatten(0, 1))
+
+    def _block(self, hid) -> DraftBlock:
+        U = self._lm(hid)
+        conf = self.conf(hid).squeeze(-1).float() if self.config.head == "none" else None
+        return DraftBlock(self._full(U), hid, U, conf)
 
     def _backbone(self, features, anchors, anchor_pos, pos):
         """All A blocks of a sequence in one attention call: keys = [context (T) ; all blocks (A·γ)], and a
@@ -383,9 +400,7 @@ class Drafter(PreTrainedModel):
                     return kv[i, 0, :, :, :n + g], kv[i, 1, :, :, :n + g]
                 x = layer(x, join, cos, sin)
             hid = self.norm(x)
-        U = self._lm(hid)
-        conf = self.conf(hid).squeeze(-1).float() if self.config.head == "none" else None
-        return DraftBlock(self._full(U), hid, U, conf)
+        return self._block(hid)
 
     @torch.no_grad()
     def head_step(self, block: DraftBlock, k: int, prev_tokens: torch.Tensor, head_state=None):
