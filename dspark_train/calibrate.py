@@ -38,6 +38,7 @@ import numpy as np
 FORMAT_VERSION = 1
 CALIBRATION_FILE = "calibration.json"
 PLOT_FILE = "calibration_reliability.png"
+STATS_FILE = "calibration_stats.npz"  # the STS statistics (anchor replay), kept in the run
 HELDOUT_FILE = "heldout_ids.json"
 BIAS_GRID = [round(0.1 * i, 1) for i in range(-20, 21)]  # STS offsets b_k searched with calibrate.bias
 DEPTH_GRID = [0.0] + [round(0.02 * i, 2) for i in range(1, 50)]
@@ -150,6 +151,20 @@ class HeldoutStats:
                 kw[f.name] = np.asarray([[np.nan if x is None else x for x in row] for row in v] if v and
                                         isinstance(v[0], list) else v, dtype=float)
         return cls(**kw)
+
+    def save(self, path: Path) -> Path:
+        """Compressed numpy arrays (no pickle): the STS statistics are too many rows for calibration.json."""
+        arrays = {f.name: getattr(self, f.name) for f in fields(self)}
+        arrays["width"] = np.asarray(self.width)
+        tmp = Path(path).with_name(Path(path).name + ".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "HeldoutStats":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(**{f.name: (int(z[f.name]) if f.name == "width" else z[f.name]) for f in fields(cls)})
 
 
 def stats_from_traces(traces: Sequence, gamma: int, width: int) -> HeldoutStats:
@@ -794,7 +809,8 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
         expected={"adaptive": expected.to_dict(), "best_chain_depth": chain_d, "best_chain": chain_expected.to_dict()},
         cost_profile=cost, reliability={"before": before["reliability"], "after": after["reliability"]},
         data={"source": str(root), "heldout": source, "prompt_ids": names, "n_prompts": len(prompt_list),
-              "sts": {"source": sts_source, "blocks": len(sts_stats)}, "count": after["count"],
+              "sts": {"source": sts_source, "blocks": len(sts_stats),
+                      **({"file": STATS_FILE} if sts_stats is not stats else {})}, "count": after["count"],
               "max_new_tokens": cc.max_new_tokens, "decoding": "greedy", "dtype": cc.dtype,
               "probe": {"width": width, "beam": 1, "depth": gamma, "prompts": len(probe_prompts),
                         "rounds": len(stats), "ece_after": on_probe["ece"], "auroc_after": on_probe["auroc"]},
@@ -813,6 +829,8 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
 
     dest = Path(out).expanduser() if out else root
     dest.mkdir(parents=True, exist_ok=True)
+    if sts_stats is not stats:
+        sts_stats.save(dest / STATS_FILE)
     cal.save(dest / CALIBRATION_FILE)
     plot_reliability(cal, dest / PLOT_FILE)
     say(summary_table(cal))

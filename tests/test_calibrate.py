@@ -273,6 +273,10 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     assert len(data["data"]["prompt_ids"]) == 12 and data["data"]["probe"]["prompts"] == 3
     assert data["data"]["sts"]["source"].startswith("anchor replay over greedy answers to 12 prompts")
     assert data["data"]["count"][0] == data["data"]["sts"]["blocks"] > data["data"]["probe"]["rounds"]
+    sts = C.HeldoutStats.load(run / data["data"]["sts"]["file"])  # the fit is reproducible from the saved stats
+    assert len(sts) == data["data"]["sts"]["blocks"] and sts.width == 1
+    assert C.fit_sts(sts.conf_logits, sts.survived(), sts.observed(), recipe.calibrate.temperature_grid,
+                     recipe.calibrate.bins, C.BIAS_GRID) == (data["temperatures"], data["biases"])
     gamma = recipe.drafter.block_size
     assert len(data["temperatures"]) == gamma and all(t > 0 for t in data["temperatures"])
     for key in ("ece_before", "ece_after", "auroc_before", "auroc_after", "brier_before", "brier_after"):
