@@ -112,6 +112,8 @@ class TrainConfig:
     ce_weight: float = 0.1
     l1_weight: float = 0.9
     conf_weight: float = 1.0
+    # confidence label: soft = Σ min(p_d, p_t) (paper; sampling acceptance), greedy = argmax agreement
+    conf_label: str = field(default="soft", metadata=_choice("soft", "greedy"))
     decay_lambda: float = 4.0
     num_threads: Optional[int] = None
 

@@ -1,5 +1,9 @@
 """The DSpark training loss: 0.1·CE + 0.9·L1(p_d, p_t) + 1.0·BCE(c, c*), each weighted by exp(−(k−1)/λ).
 
+c* is the sampling acceptance rate Σ min(p_d, p_t) = 1 − ½‖p_d − p_t‖₁ (the paper's label), or, with
+`conf_label="greedy"`, whether the draft's argmax is the target's argmax: the acceptance event of greedy
+decoding itself, for drafters served greedily.
+
 p_t comes from the frozen LM head applied only at the positions a block needs, never to the whole sequence.
 With a pruned draft vocabulary D the L1 distance is still against the *full* target distribution:
 ‖p_d − p_t‖₁ = Σ_{v∈D} |p_d(v) − p_t(v)| + (1 − Σ_{v∈D} p_t(v)), since p_d is zero outside D.
@@ -24,6 +28,7 @@ class TargetDist:
     """p_t at block slots: probabilities on the draft vocabulary and the mass outside it."""
     probs: torch.Tensor  # [N, Vd] fp32
     outside: torch.Tensor  # [N] fp32, 1 − Σ_D p_t (zero without pruning)
+    greedy: torch.Tensor  # [N] long, the target's argmax in draft-vocabulary ids (−1: outside the draft vocabulary)
 
 
 @torch.no_grad()
@@ -33,16 +38,24 @@ def target_distribution(last_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
 
     The matmul runs in the head's dtype, as the target's own verification does; the softmax in fp32."""
     hidden = last_hidden.reshape(-1, last_hidden.shape[-1])[positions]
-    probs, outside = [], []
+    probs, outside, greedy = [], [], []
     for h in hidden.split(chunk):
         logp = F.log_softmax((h.to(lm_head_weight.dtype) @ lm_head_weight.T).float(), dim=-1)
-        p = (logp if draft_vocab is None else logp[:, draft_vocab]).exp()
+        top = logp.argmax(-1)
+        if draft_vocab is None:
+            p, g = logp.exp(), top
+        else:
+            p = logp[:, draft_vocab].exp()
+            hit = draft_vocab[None, :] == top[:, None]
+            g = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(top, -1))
         probs.append(p)
         outside.append((1.0 - p.sum(-1)).clamp_min(0.0) if draft_vocab is not None else torch.zeros(len(p), device=p.device))
+        greedy.append(g)
     if not probs:
         V = lm_head_weight.shape[0] if draft_vocab is None else len(draft_vocab)
-        return TargetDist(hidden.new_zeros((0, V), dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32))
-    return TargetDist(torch.cat(probs), torch.cat(outside))
+        return TargetDist(hidden.new_zeros((0, V), dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32),
+                          hidden.new_zeros(0, dtype=torch.long))
+    return TargetDist(torch.cat(probs), torch.cat(outside), torch.cat(greedy))
 
 
 def block_positions(anchor_pos: torch.Tensor, valid: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +76,7 @@ class LossOutput:
 
 def dspark_loss(logits: torch.Tensor, conf_logits: torch.Tensor, p_t: TargetDist, rows: torch.Tensor,
                 draft_labels: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor,
-                ce_weight: float, l1_weight: float, conf_weight: float) -> LossOutput:
+                ce_weight: float, l1_weight: float, conf_weight: float, conf_label: str = "soft") -> LossOutput:
     """Loss over the valid slots of a batch of blocks.
 
     logits [B,A,γ,Vd] and conf_logits [B,A,γ] from the drafter; p_t rows for the valid slots (in the order of
@@ -81,7 +94,8 @@ def dspark_loss(logits: torch.Tensor, conf_logits: torch.Tensor, p_t: TargetDist
     has_lbl = draft_lbl >= 0
     ce = -logp_d.gather(1, draft_lbl.clamp_min(0)[:, None])[:, 0] * has_lbl
     c_star = (1.0 - 0.5 * l1).detach().clamp(0.0, 1.0)
-    bce = F.binary_cross_entropy_with_logits(conf_logits[valid].float(), c_star, reduction="none")
+    label = c_star if conf_label == "soft" else (logp_d.argmax(-1) == p_t.greedy[rows]).float()
+    bce = F.binary_cross_entropy_with_logits(conf_logits[valid].float(), label, reduction="none")
     denom = B * A * float(weights.sum())
     loss = (ce_weight * (w * ce).sum() + l1_weight * (w * l1).sum() + conf_weight * (w * bce).sum()) / denom
     k = torch.nonzero(valid)[:, 2]

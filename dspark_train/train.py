@@ -381,7 +381,8 @@ def train(recipe: Recipe) -> Path:
         t_target = time.perf_counter() - t0
         out = engine(feats.features.to(ddtype), feats.last_hidden.to(ddtype), batch.input_ids, batch.anchor_pos)
         loss = dspark_loss(out.logits, out.conf_logits, p_t, rows, unwrapped.to_draft_ids(batch.labels),
-                           batch.valid, weights, t.ce_weight, t.l1_weight, t.conf_weight)
+                           batch.valid, weights, t.ce_weight, t.l1_weight, t.conf_weight,
+                           t.conf_label)
         return loss, t_target
 
     held = eval_batches(held_ex, t.batch_size, rank, world, d.anchors_per_seq, gamma, tok.pad_token_id)

@@ -46,7 +46,7 @@ def test_target_distribution_only_at_block_positions(setup):
     assert torch.allclose(pruned.outside[rows], 1 - expect[:, D].sum(-1), atol=1e-6)
 
 
-def _loss(setup, draft_vocab, logits, conf):
+def _loss(setup, draft_vocab, logits, conf, conf_label="soft"):
     hidden, W, anchors, valid, labels = setup
     pos, rows = L.block_positions(anchors, valid, T)
     dist = L.target_distribution(hidden, W, pos, draft_vocab)
@@ -55,7 +55,8 @@ def _loss(setup, draft_vocab, logits, conf):
         t2d = torch.full((V,), -1, dtype=torch.long)
         t2d[draft_vocab] = torch.arange(len(draft_vocab))
         draft_labels = t2d[labels]
-    return L.dspark_loss(logits, conf, dist, rows, draft_labels, valid, L.position_weights(G, 4.0), 0.1, 0.9, 1.0)
+    return L.dspark_loss(logits, conf, dist, rows, draft_labels, valid, L.position_weights(G, 4.0), 0.1, 0.9, 1.0,
+                         conf_label)
 
 
 def test_pruned_l1_equals_full_l1_with_zero_outside(setup):
@@ -132,3 +133,29 @@ def test_summarise_tau():
     s = L.summarise(sums)
     assert s["acc"] == pytest.approx([0.8, 0.5, 0.25])
     assert s["tau"] == pytest.approx(1 + 0.8 + 0.4 + 0.1)
+
+
+def test_greedy_confidence_label_is_argmax_agreement(setup):
+    """conf_label="greedy": BCE against 1[argmax p_d = argmax p_t]; a target argmax outside the pruned draft
+    vocabulary can never be drafted, so its label is 0. CE and L1 do not change."""
+    hidden, W, anchors, valid, labels = setup
+    D = torch.tensor([0, 2, 3, 4, 7, 9, 11, 15, 18])
+    logits = torch.randn(B, A, G, len(D))
+    conf = torch.randn(B, A, G)
+    full = hidden @ W.T
+    pos, rows = L.block_positions(anchors, valid, T)
+    dist = L.target_distribution(hidden, W, pos, D)
+    top = full.argmax(-1)
+    expect = [int((D == top[b, anchors[b, a] + k]).nonzero()[0]) if top[b, anchors[b, a] + k] in D else -1
+              for b, a, k in torch.nonzero(valid).tolist()]
+    assert dist.greedy[rows].tolist() == expect and -1 in expect and max(expect) >= 0
+    w = L.position_weights(G, 4.0)
+    num = wsum = 0.0
+    for i, (b, a, k) in enumerate(torch.nonzero(valid).tolist()):
+        y = float(int(logits[b, a, k].argmax()) == expect[i])
+        num += w[k] * F.binary_cross_entropy_with_logits(conf[b, a, k], torch.tensor(y))
+        wsum += w[k]
+    soft, greedy = (L.summarise(_loss(setup, D, logits, conf, lbl).sums) for lbl in ("soft", "greedy"))
+    assert greedy["conf_bce"] == pytest.approx(float(num / wsum), rel=1e-5) != soft["conf_bce"]
+    assert (greedy["l1"], greedy["ce"]) == (soft["l1"], soft["ce"])
+    assert (L.target_distribution(hidden, W, pos, None).greedy == top.flatten()[pos]).all()
