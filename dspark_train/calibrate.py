@@ -216,7 +216,7 @@ def anchor_stats(target, drafter, examples: Sequence, anchors_per_chunk: int = 6
     import torch
     from tqdm.auto import tqdm
 
-    from .data import anchor_candidates
+    from .data import anchor_candidates, block_labels
 
     g = drafter.config.block_size
     dev, ddtype = target.device, drafter.conf.weight.dtype
@@ -229,14 +229,16 @@ def anchor_stats(target, drafter, examples: Sequence, anchors_per_chunk: int = 6
         ids = torch.tensor([ex.input_ids], device=dev)
         T, s0 = ids.shape[1], int(anchors[0])
         feats = target.forward_features(ids, torch.ones_like(ids))
+        features, last_hidden = feats.features.to(ddtype), feats.last_hidden.to(ddtype)
         logp_t = torch.cat([torch.log_softmax(target.logits(h), -1)  # [T − s0, V]: rows from the first anchor
                             for h in feats.last_hidden[0, s0:].split(256)])
         greedy = logp_t.argmax(-1)  # the target's token after position s0 + i
-        mask = torch.tensor(ex.loss_mask, device=dev).bool()
+        # slots inside the supervised answer: the contiguous prefix, as the trainer's blocks
+        valid = block_labels(ids.cpu(), torch.tensor([ex.loss_mask]), anchors.cpu()[None], g, 0)[1][0].to(dev)
         follows = torch.zeros(T - s0, dtype=torch.bool, device=dev)
         follows[:-1] = ids[0, s0 + 1:] == greedy[:-1]
-        for a in anchors.split(anchors_per_chunk):
-            block = drafter.blocks_at(feats.features.to(ddtype), feats.last_hidden.to(ddtype), ids, a[None])
+        for a, ok in zip(anchors.split(anchors_per_chunk), valid.split(anchors_per_chunk)):
+            block = drafter.blocks_at(features, last_hidden, ids, a[None])
             pos = (a[:, None] + torch.arange(g, device=dev)).clamp(max=T - 1)  # slot k predicts pos + 1
             rel = pos - s0
             prev, state = ids[0, a][:, None], None
@@ -254,10 +256,8 @@ def anchor_stats(target, drafter, examples: Sequence, anchors_per_chunk: int = 6
                 p_t.append(lt.gather(1, tok[:, None])[:, 0].exp())
                 rate.append(torch.minimum(p_d, lt_d.exp()).sum(-1))
                 prev = tok[:, None]
-            inside = (a[:, None] + 1 + torch.arange(g, device=dev)) < T
-            valid = (inside & mask[(pos + 1).clamp(max=T - 1)]).long().cumprod(1)
-            on_greedy = torch.cat((torch.ones_like(valid[:, :1]), follows[rel[:, :-1]].long()), 1).cumprod(1)
-            depth = (valid * on_greedy).sum(1)
+            on_greedy = torch.cat((torch.ones_like(ok[:, :1]), follows[rel[:, :-1]]), 1).long().cumprod(1)
+            depth = (ok.long() * on_greedy).sum(1)
             n_spine = torch.minimum(torch.stack(match, 1).long().cumprod(1).sum(1), depth)
             cols = [torch.stack(c, 1).float() for c in (conf, top, p_t, rate)]
             unseen = torch.arange(g, device=dev)[None] >= depth[:, None]
@@ -650,7 +650,7 @@ def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str]
     Never the eval sets."""
     from .chat import prompt_ids, user_messages
     from .config import RecipeError
-    from .data import conversations_path, load_conversations, load_prompts, prompt_turns, read_jsonl, split_heldout
+    from .data import conversations_path, load_prompts, prompt_turns, read_jsonl, split_heldout, usable_conversations
 
     conv_file = conversations_path(recipe)
     ids_file = run / HELDOUT_FILE
@@ -665,9 +665,9 @@ def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str]
         if missing:
             raise FileNotFoundError(f"{ids_file}: {len(missing)} held-out ids not in {conv_file}")
         held, source = [by_id[i] for i in wanted], str(ids_file)
-    else:  # the trainer's split: the same records (load_conversations, max_prompts), the same seeded hash
+    else:  # the trainer's split: the same records (usable ones, max_prompts), the same seeded hash
         convs = read_jsonl(conv_file)
-        _, held = split_heldout(load_conversations(conv_file, recipe.data.max_prompts), recipe.data.heldout,
+        _, held = split_heldout(usable_conversations(convs, recipe.data.max_prompts), recipe.data.heldout,
                                 recipe.data.seed)
         source = f"split_heldout(data.heldout={recipe.data.heldout}, data.seed={recipe.data.seed})"
     names, prompts = [], []
@@ -784,7 +784,8 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     stats = stats_from_traces(traces, gamma, width)
     say(f"probe decode: {len(stats)} rounds on {len(probe_prompts)} prompts, τ {probe_measured['tau']:.2f} in "
         f"{time.perf_counter() - t0:.1f}s")
-    sts_stats = sts_stats or stats
+    if sts_stats is None:
+        sts_stats = stats
 
     # sequential temperature scaling
     z, y, obs = sts_stats.conf_logits, sts_stats.survived(), sts_stats.observed()

@@ -62,7 +62,11 @@ def write_jsonl_atomic(path: Path, records: Iterable[dict]) -> None:
 
 def load_conversations(path: Path, limit: Optional[int] = None) -> list[dict]:
     """Conversation records `{"id", "conversations": [messages]}` in file order; records with an error skipped."""
-    out = [r for r in read_jsonl(path) if "error" not in r and r.get("conversations")]
+    return usable_conversations(read_jsonl(path), limit)
+
+
+def usable_conversations(records: list[dict], limit: Optional[int] = None) -> list[dict]:
+    out = [r for r in records if "error" not in r and r.get("conversations")]
     return out[:limit] if limit is not None else out
 
 

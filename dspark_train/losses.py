@@ -28,34 +28,33 @@ class TargetDist:
     """p_t at block slots: probabilities on the draft vocabulary and the mass outside it."""
     probs: torch.Tensor  # [N, Vd] fp32
     outside: torch.Tensor  # [N] fp32, 1 − Σ_D p_t (zero without pruning)
-    greedy: torch.Tensor  # [N] long, the target's argmax in draft-vocabulary ids (−1: outside the draft vocabulary)
+    greedy: Optional[torch.Tensor] = None  # [N] long, target argmax in draft-vocabulary ids (−1: outside); on request
 
 
 @torch.no_grad()
 def target_distribution(last_hidden: torch.Tensor, lm_head_weight: torch.Tensor, positions: torch.Tensor,
-                        draft_vocab: Optional[torch.Tensor], chunk: int = 1024) -> TargetDist:
+                        draft_vocab: Optional[torch.Tensor], chunk: int = 1024, greedy: bool = False) -> TargetDist:
     """softmax(lm_head(last_hidden)) at the given flat positions only (gather first), in row chunks.
 
     The matmul runs in the head's dtype, as the target's own verification does; the softmax in fp32."""
     hidden = last_hidden.reshape(-1, last_hidden.shape[-1])[positions]
-    probs, outside, greedy = [], [], []
+    probs, outside, tops = [], [], []
     for h in hidden.split(chunk):
         logp = F.log_softmax((h.to(lm_head_weight.dtype) @ lm_head_weight.T).float(), dim=-1)
-        top = logp.argmax(-1)
-        if draft_vocab is None:
-            p, g = logp.exp(), top
-        else:
-            p = logp[:, draft_vocab].exp()
-            hit = draft_vocab[None, :] == top[:, None]
-            g = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(top, -1))
+        p = (logp if draft_vocab is None else logp[:, draft_vocab]).exp()
         probs.append(p)
         outside.append((1.0 - p.sum(-1)).clamp_min(0.0) if draft_vocab is not None else torch.zeros(len(p), device=p.device))
-        greedy.append(g)
+        if greedy:  # only for conf_label="greedy": a [N, |D|] comparison per chunk otherwise wasted
+            top = logp.argmax(-1)
+            if draft_vocab is not None:
+                hit = draft_vocab[None, :] == top[:, None]
+                top = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(top, -1))
+            tops.append(top)
     if not probs:
         V = lm_head_weight.shape[0] if draft_vocab is None else len(draft_vocab)
         return TargetDist(hidden.new_zeros((0, V), dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32),
-                          hidden.new_zeros(0, dtype=torch.long))
-    return TargetDist(torch.cat(probs), torch.cat(outside), torch.cat(greedy))
+                          hidden.new_zeros(0, dtype=torch.long) if greedy else None)
+    return TargetDist(torch.cat(probs), torch.cat(outside), torch.cat(tops) if greedy else None)
 
 
 def block_positions(anchor_pos: torch.Tensor, valid: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

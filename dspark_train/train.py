@@ -377,7 +377,7 @@ def train(recipe: Recipe) -> Path:
         t0 = time.perf_counter()
         feats = target.forward_features(batch.input_ids, batch.attention_mask)
         pos, rows = block_positions(batch.anchor_pos, batch.valid, batch.input_ids.shape[1])
-        p_t = target_distribution(feats.last_hidden, lm_w, pos, draft_vocab)
+        p_t = target_distribution(feats.last_hidden, lm_w, pos, draft_vocab, greedy=t.conf_label == "greedy")
         t_target = time.perf_counter() - t0
         out = engine(feats.features.to(ddtype), feats.last_hidden.to(ddtype), batch.input_ids, batch.anchor_pos)
         loss = dspark_loss(out.logits, out.conf_logits, p_t, rows, unwrapped.to_draft_ids(batch.labels),

@@ -49,7 +49,7 @@ def test_target_distribution_only_at_block_positions(setup):
 def _loss(setup, draft_vocab, logits, conf, conf_label="soft"):
     hidden, W, anchors, valid, labels = setup
     pos, rows = L.block_positions(anchors, valid, T)
-    dist = L.target_distribution(hidden, W, pos, draft_vocab)
+    dist = L.target_distribution(hidden, W, pos, draft_vocab, greedy=conf_label == "greedy")
     draft_labels = labels
     if draft_vocab is not None:
         t2d = torch.full((V,), -1, dtype=torch.long)
@@ -144,7 +144,7 @@ def test_greedy_confidence_label_is_argmax_agreement(setup):
     conf = torch.randn(B, A, G)
     full = hidden @ W.T
     pos, rows = L.block_positions(anchors, valid, T)
-    dist = L.target_distribution(hidden, W, pos, D)
+    dist = L.target_distribution(hidden, W, pos, D, greedy=True)
     top = full.argmax(-1)
     expect = [int((D == top[b, anchors[b, a] + k]).nonzero()[0]) if top[b, anchors[b, a] + k] in D else -1
               for b, a, k in torch.nonzero(valid).tolist()]
@@ -158,4 +158,4 @@ def test_greedy_confidence_label_is_argmax_agreement(setup):
     soft, greedy = (L.summarise(_loss(setup, D, logits, conf, lbl).sums) for lbl in ("soft", "greedy"))
     assert greedy["conf_bce"] == pytest.approx(float(num / wsum), rel=1e-5) != soft["conf_bce"]
     assert (greedy["l1"], greedy["ce"]) == (soft["l1"], soft["ce"])
-    assert (L.target_distribution(hidden, W, pos, None).greedy == top.flatten()[pos]).all()
+    assert (L.target_distribution(hidden, W, pos, None, greedy=True).greedy == top.flatten()[pos]).all()
