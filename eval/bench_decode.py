@@ -113,8 +113,8 @@ def exact_attention_cost(target, context: int = 300, repeats: int = 9) -> dict:
             if k != "step"} | {"step_ms": round(1e3 * step, 1)}
 
 
-def run_mode(target, dec, prompts, mode: str, max_new: int, policy) -> dict:
-    dec.generate(prompts[0][1], 8, mode=mode, policy=policy)  # warm-up
+def run_mode(target, dec, prompts, mode: str, max_new: int) -> dict:
+    dec.generate(prompts[0][1], 8, mode=mode)  # warm-up
     plain_generate(target, prompts[0][1], 8)
     rows, divergences = [], []
     for i, (bench, p) in enumerate(prompts):
@@ -125,7 +125,7 @@ def run_mode(target, dec, prompts, mode: str, max_new: int, policy) -> dict:
                 res["plain"] = plain_generate(target, p, max_new)
             else:
                 t0 = time.perf_counter()
-                tr = dec.generate(p, max_new, mode=mode, policy=policy)
+                tr = dec.generate(p, max_new, mode=mode)
                 res["spec"] = (tr, time.perf_counter() - t0)
         (plain, t_plain), (tr, t_spec) = res["plain"], res["spec"]
         rows.append((plain, t_plain, tr, t_spec))
@@ -210,7 +210,7 @@ def main() -> None:
     report["modes"] = []
     modes = [m for m in args.modes.split(",") if m]
     for mode in modes:
-        res = run_mode(target, dec, prompts, mode, args.max_new_tokens, None)
+        res = run_mode(target, dec, prompts, mode, args.max_new_tokens)
         print_mode(res, mode)
         report["modes"].append(res)
     if args.exact:
@@ -221,7 +221,7 @@ def main() -> None:
               f"vs {cost['tree16_exact']:.2f}")
         exact = SpeculativeDecoder(target, drafter, tree=tree, exact_attention=True)
         for mode in modes:
-            res = run_mode(target, exact, prompts, mode, args.max_new_tokens, None)
+            res = run_mode(target, exact, prompts, mode, args.max_new_tokens)
             res["mode"] = f"{mode}+exact"
             print_mode(res, f"{mode}, row-exact")
             report["modes"].append(res)

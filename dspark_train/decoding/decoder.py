@@ -217,7 +217,7 @@ class SpeculativeDecoder:
         n = len(tree)
         rnd = RoundTrace(tree.tokens[1:], tree.parents[1:], tree.depths[1:], tree.conf_logits[1:],
                          tree.draft_probs[1:], [i in on_path for i in range(1, n)], len(path) - 1, 0,
-                         tree.widths() if n > 1 else [])
+                         tree.widths())
         if probs is not None:
             par = torch.tensor(tree.parents[1:], dtype=torch.long, device=probs.device)
             tok = torch.tensor(tree.tokens[1:], dtype=torch.long, device=probs.device)

@@ -31,9 +31,12 @@ class SPSProfile:
     steps_per_s: list[float]
     meta: Optional[dict] = None
 
+    def __post_init__(self):
+        self._sec = [1.0 / s for s in self.steps_per_s]  # step times: what is interpolated
+
     def __call__(self, b: int) -> float:
         """SPS(B); linear in step time between points, extrapolated linearly in step time beyond the last."""
-        ts, sec = self.tokens, [1.0 / s for s in self.steps_per_s]
+        ts, sec = self.tokens, self._sec
         if b <= ts[0]:
             return self.steps_per_s[0]
         for i in range(1, len(ts)):

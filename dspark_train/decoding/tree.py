@@ -89,9 +89,6 @@ class DraftTree:
         self.draft_probs.append(q)
         return i
 
-    def is_chain(self) -> bool:
-        return all(p == i - 1 for i, p in enumerate(self.parents[1:], 1))
-
     def prefix(self, n: int) -> "DraftTree":
         """The first n nodes (closed under parents, as nodes are created parents first)."""
         kids = [[c for c in ch if c < n] for ch in self.children[:n]]
@@ -146,11 +143,12 @@ def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: Sampling
         support = (probs > 0).sum(dim=-1).tolist() if want > 1 else [1] * len(frontier)
         left = policy.node_budget - (len(tree) - 1)
         widths = []
+        child_surv = [surv[f] * policy.confidence(k, conf_k[f]) for f in range(len(frontier))]
         for f, u in enumerate(frontier):
             w = want
             if policy.width_threshold is not None and top[f] >= policy.width_threshold:
                 w = 1
-            if surv[f] * policy.confidence(k, conf_k[f]) < policy.depth_threshold:
+            if child_surv[f] < policy.depth_threshold:
                 w = 0
             w = max(0, min(w, left, support[f]))
             left -= w
@@ -167,10 +165,9 @@ def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: Sampling
         for f, u in enumerate(frontier):
             if widths[f] and keep:
                 tree.child_dist[u] = probs[f]
-            s = surv[f] * policy.confidence(k, conf_k[f])
             for i in range(widths[f]):
                 v = tree.add(cand[f][i], u, conf_k[f], cand_q[f][i])
-                grown.append((score[f] * cand_q[f][i], v, f, s))
+                grown.append((score[f] * cand_q[f][i], v, f, child_surv[f]))
         grown.sort(key=lambda g: -g[0])
         grown = grown[: policy.beam]
         frontier = [g[1] for g in grown]
