@@ -1,0 +1,132 @@
+"""Where things live, and the one way files are written.
+
+The run directory is the hand-off between stages: `dspark train` writes it, `dspark calibrate` adds to it,
+`dspark export` turns it into an artifact. Every stage names its files through `RunDir`, so this docstring is
+the whole contract:
+
+    runs/<name>/
+      recipe.yaml                  resolved recipe (train; calibrate and export read it)
+      heldout_ids.json             the held-out split {"conversations", "seed", "ids"} (train; calibrate)
+      draft_vocab.json             target ids of a pruned draft vocabulary (train; reused on resume)
+      metrics.jsonl                one record per step and per evaluation (train)
+      checkpoints/step-NNNNNN/     drafter.safetensors, optimizer.safetensors, rng-<rank>.safetensors,
+                                   trainer_state.json (train; resume)
+      checkpoints/latest           name of the newest complete checkpoint
+      final/                       the trained drafter, `save_pretrained` (train; calibrate, export)
+      train_summary.json           steps, tokens, held-out metrics (train; the model card)
+      calibration.json             STS + adaptive policy + cost profile (calibrate; decoder, export)
+      calibration_stats.npz        replayed STS statistics (calibrate)
+      calibration_reliability.png  reliability diagram (calibrate)
+      eval/                        report.json, report.md, plots (`dspark eval --out`, the demo)
+      artifact/                    the exported artifact (the demo's `dspark export`)
+      data.jsonl                   regenerated conversations when the demo had none
+
+Writers never leave half a file: `write_atomic` writes a sibling temp file and renames it over the target
+(rename is atomic on POSIX), `atomic_path` does the same for writers that want a file name, and
+`replace_dir` moves a finished temp directory into place.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+RECIPE = "recipe.yaml"
+HELDOUT = "heldout_ids.json"
+DRAFT_VOCAB = "draft_vocab.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+FINAL = "final"
+TRAIN_SUMMARY = "train_summary.json"
+CALIBRATION = "calibration.json"
+CALIBRATION_STATS = "calibration_stats.npz"
+RELIABILITY_PLOT = "calibration_reliability.png"
+EVAL = "eval"
+ARTIFACT = "artifact"
+DATA = "data.jsonl"
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one training run directory (nothing is created by naming it)."""
+
+    root: Path
+
+    def __init__(self, root: Union[str, Path]):
+        object.__setattr__(self, "root", Path(root).expanduser())
+
+    recipe = property(lambda self: self.root / RECIPE)
+    heldout = property(lambda self: self.root / HELDOUT)
+    draft_vocab = property(lambda self: self.root / DRAFT_VOCAB)
+    metrics = property(lambda self: self.root / METRICS)
+    checkpoints = property(lambda self: self.root / CHECKPOINTS)
+    final = property(lambda self: self.root / FINAL)
+    train_summary = property(lambda self: self.root / TRAIN_SUMMARY)
+    calibration = property(lambda self: self.root / CALIBRATION)
+    calibration_stats = property(lambda self: self.root / CALIBRATION_STATS)
+    reliability_plot = property(lambda self: self.root / RELIABILITY_PLOT)
+    eval = property(lambda self: self.root / EVAL)
+    artifact = property(lambda self: self.root / ARTIFACT)
+    data = property(lambda self: self.root / DATA)
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:06d}"
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        """The checkpoint `checkpoints/latest` names, if it is complete (its trainer_state.json exists)."""
+        pointer = self.checkpoints / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.checkpoints / pointer.read_text().strip()
+        return path if (path / TRAINER_STATE).is_file() else None
+
+
+def _temp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temp path beside `path`; when the block ends without error it is renamed onto `path`.
+    The temp name keeps `path`'s suffix, for writers that choose a format by it (numpy, safetensors)."""
+    path = Path(path)
+    tmp = _temp_sibling(path).with_suffix(path.suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_atomic(path: Union[str, Path], data: Union[str, bytes]) -> Path:
+    """Write text (UTF-8) or bytes to `path` through a temp file and a rename: readers see the old file or
+    the new one, never a torn one."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+    return path
+
+
+def replace_dir(tmp: Path, dest: Path) -> Path:
+    """Move the finished directory `tmp` to `dest`, replacing what was there. The old copy is renamed aside
+    first and removed only after the new one is in place, so a kill in between leaves one of the two."""
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        if old.exists() and not dest.exists():
+            os.rename(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
