@@ -23,7 +23,7 @@ the whole contract:
 
 Writers never leave half a file: `write_atomic` writes a sibling temp file and renames it over the target
 (rename is atomic on POSIX), `atomic_path` does the same for writers that want a file name, and
-`replace_dir` moves a finished temp directory into place.
+`replace_dir` moves a finished temp directory (conventionally `staging_dir(dest)`) into place.
 """
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ EVAL = "eval"
 ARTIFACT = "artifact"
 DATA = "data.jsonl"
 TRAINER_STATE = "trainer_state.json"
+CKPT_WEIGHTS = "drafter.safetensors"
+CKPT_OPTIMIZER = "optimizer.safetensors"
+STAGING = ".tmp-"  # prefix of a directory being written beside its final name
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,18 @@ class RunDir:
     artifact = property(lambda self: self.root / ARTIFACT)
     data = property(lambda self: self.root / DATA)
 
+    latest_pointer = property(lambda self: self.checkpoints / LATEST)
+
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:06d}"
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """The complete (renamed into place) checkpoint directories, oldest first."""
+        return sorted(self.checkpoints.glob("step-*"))
+
+    def staged_checkpoints(self) -> list[Path]:
+        """Checkpoint directories still being written, or left half-written by a kill."""
+        return sorted(self.checkpoints.glob(f"{STAGING}step-*"))
 
     def latest_checkpoint(self) -> Optional[Path]:
         """The checkpoint `checkpoints/latest` names, if it is complete (its trainer_state.json exists)."""
@@ -84,6 +97,25 @@ class RunDir:
             return None
         path = self.checkpoints / pointer.read_text().strip()
         return path if (path / TRAINER_STATE).is_file() else None
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The files of one checkpoint directory (checkpoints/step-NNNNNN or its staging directory)."""
+
+    root: Path
+
+    weights = property(lambda self: self.root / CKPT_WEIGHTS)
+    optimizer = property(lambda self: self.root / CKPT_OPTIMIZER)
+    trainer_state = property(lambda self: self.root / TRAINER_STATE)
+
+    def rng(self, rank: int) -> Path:
+        return self.root / f"rng-{rank}.safetensors"
+
+
+def staging_dir(dest: Path) -> Path:
+    """The hidden sibling a writer fills before `replace_dir(staging_dir(dest), dest)`."""
+    return dest.with_name(f"{STAGING}{dest.name}")
 
 
 def _temp_sibling(path: Path) -> Path:
