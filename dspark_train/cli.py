@@ -29,7 +29,7 @@ def cmd_fetch_target(args):
 
 
 def cmd_data(args):
-    from .data import run_data
+    from .regenerate import run_data
     run_data(_load(args), shard=args.shard)
 
 

@@ -26,9 +26,9 @@ from typing import Optional
 import torch
 
 from .config import REPO_ROOT, Recipe, RecipeError, exit_code, load_recipe, recipe_to_yaml
-from .data import (GlobalOrder, conversations_path, eval_batches, label_counts, load_conversations,
-                   select_draft_vocab, split_heldout, tokenize, train_batch)
+from .data import GlobalOrder, conversations_path, eval_batches, load_conversations, split_heldout, tokenize, train_batch
 from .losses import block_positions, dspark_loss, position_weights, summarise, target_distribution
+from .vocab import count_draft_tokens, select_draft_vocab
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 ACCELERATE_DIR = REPO_ROOT / "recipes" / "accelerate"
@@ -117,29 +117,6 @@ def lr_lambda(max_steps: int, warmup_ratio: float):
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, max_steps - warmup)))
     return f
-
-
-@torch.no_grad()
-def count_draft_tokens(target, examples, acc, batch_size: int, max_seqs: int) -> torch.Tensor:
-    """Label counts over all training sequences + target-argmax counts at supervised positions of the first
-    `max_seqs` of them (split over ranks, summed): the ranking for a pruned draft vocabulary."""
-    V, dev = target.vocab_size, target.device
-    counts = label_counts(examples, V).to(dev) if acc.is_main_process else torch.zeros(V, dtype=torch.long,
-                                                                                       device=dev)
-    mine = examples[:max_seqs][acc.process_index::acc.num_processes]
-    for b in range(0, len(mine), batch_size):
-        chunk = mine[b:b + batch_size]
-        T = max(len(e.input_ids) for e in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        att, sup = torch.zeros_like(ids), torch.zeros_like(ids)
-        for i, e in enumerate(chunk):
-            ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            att[i, :len(e.input_ids)] = 1
-            sup[i, :len(e.loss_mask)] = torch.tensor(e.loss_mask)
-        h = target.forward_features(ids.to(dev), att.to(dev)).last_hidden[sup.bool().to(dev)]
-        for part in h.split(1024):
-            counts += torch.bincount(target.logits(part).argmax(-1), minlength=V)
-    return acc.reduce(counts.to(acc.device), "sum")
 
 
 # =========================================================================== checkpoints
