@@ -37,7 +37,7 @@ def cmd_train(args):
     import os
     import subprocess
 
-    from .train import build_launch_command
+    from .launch import build_launch_command
     recipe = _load(args)
     cmd = build_launch_command(recipe, args.recipe, args.overrides)
     print("$ " + " ".join(cmd), flush=True)

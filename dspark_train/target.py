@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import RecipeError, TargetConfig
+from .layout import replace_dir, staging_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PYPI_TARGETS = {  # package -> (gguf file inside it, Hub id of the original model)
@@ -180,13 +181,10 @@ def convert_gguf(gguf: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> 
     clean.load_state_dict({k: v.to(dtype) for k, v in src.state_dict().items()}, strict=False)
     if getattr(cfg, "tie_word_embeddings", False):
         clean.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)
+    staging = staging_dir(out)
+    clean.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    replace_dir(staging, out)
 
 
 def _build_tiny_tokenizer():

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from dspark_train.config import load_recipe
-from dspark_train.train import build_launch_command
+from dspark_train.launch import build_launch_command
 
 STEPS, MID = 40, 20
-COMMON = ["drafter.draft_vocab_size=256", f"train.max_steps={STEPS}", "train.eval_every=20", "train.log_every=10", "train.mixed_precision='no'",
-          "train.num_threads=1", "logging.progress_bar=false"]
+COMMON = ["drafter.draft_vocab_size=256", f"train.max_steps={STEPS}", "train.eval_every=20", "train.log_every=10",
+          "train.mixed_precision='no'", "train.num_threads=1", "logging.progress_bar=false"]
 ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -192,7 +192,8 @@ def test_launch_command(repo):
         "recipes/accelerate/zero3.yaml") and cmd[cmd.index("--num_processes") + 1] == "4"
     assert cmd[-3:] == ["-m", "dspark_train.train", "x.yaml"]
     r = load_recipe(repo / "recipes" / "tiny.yaml", ["distributed.num_processes=16", "distributed.num_machines=2",
-                                                    "distributed.machine_rank=1", "distributed.main_process_ip=10.0.0.1"])
+                                                    "distributed.machine_rank=1",
+                                                    "distributed.main_process_ip=10.0.0.1"])
     cmd = build_launch_command(r, "x.yaml")
     assert cmd[cmd.index("--config_file") + 1].endswith("multi_node.yaml")
     assert cmd[cmd.index("--deepspeed_config_file") + 1].endswith("ds_zero2.json")
