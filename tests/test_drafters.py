@@ -288,7 +288,8 @@ def test_parameter_counts(target):
     assert counts["markov"] - counts["none"] == V * r + r * V + r  # W1, W2, conf weight on W1[x]
     assert counts["rnn"] - counts["markov"] == (2 * r + d) * 3 * r
     pruned = DrafterConfigSection(head="markov", num_layers=2, block_size=GAMMA, head_rank=16, draft_vocab_size=100)
-    assert count_parameters(pruned, target.config, len(target.feature_layers)) == counts["markov"] - (V - 101) * r - (V - 100) * r
+    assert (count_parameters(pruned, target.config, len(target.feature_layers))
+            == counts["markov"] - (V - 101) * r - (V - 100) * r)
 
 
 def test_count_parameters_needs_no_weights():
