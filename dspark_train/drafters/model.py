@@ -4,6 +4,9 @@ Shapes: B batch, T tokens, A anchors per sequence, γ = block_size slots, d hidd
 V target vocabulary, Vd draft vocabulary (V unless pruned). Slot k of the block for anchor p sits at
 position p+k, takes the anchor (k=0) or MASK as input, and predicts the token at p+k+1; its sequential
 head conditions on the token at p+k (teacher-forced in training, drafted in inference).
+
+Long because the training forward and the incremental inference path (`extend_context`, `propose`,
+`head_step`) are one class over one set of weights: kept side by side, a change to one is seen next to the other.
 """
 from __future__ import annotations
 
