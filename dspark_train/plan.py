@@ -40,16 +40,16 @@ def experts(tcfg) -> str:
 def memory_estimate(recipe: Recipe, target_params: int, drafter_trainable: int) -> dict:
     """Per-device bytes, activations excluded. Target: frozen weights, sharded under ZeRO-3 inference.
     Drafter: weights in the compute dtype, fp32 grads + master + two AdamW moments (16 B/param) sharded by stage."""
-    d = recipe.distributed
-    n = d.num_processes * 1  # num_processes counts all ranks over all machines in accelerate configs
+    dist = recipe.distributed
+    n = dist.num_processes * 1  # num_processes counts all ranks over all machines in accelerate configs
     tbytes = DTYPES[recipe.target.dtype].itemsize
-    target = target_params * tbytes / (n if d.target_zero_stage == 3 and d.accelerate_config else 1)
+    target = target_params * tbytes / (n if dist.target_zero_stage == 3 and dist.accelerate_config else 1)
     w = drafter_trainable * 2 if recipe.train.mixed_precision == "bf16" else drafter_trainable * 4
     states = drafter_trainable * 16
-    sharded = d.accelerate_config is not None
-    if sharded and d.zero_stage >= 3:
+    sharded = dist.accelerate_config is not None
+    if sharded and dist.zero_stage >= 3:
         drafter = (w + states) / n
-    elif sharded and d.zero_stage >= 1:
+    elif sharded and dist.zero_stage >= 1:
         drafter = w + states / n
     else:
         drafter = w + states
@@ -65,7 +65,7 @@ def plan(recipe: Recipe) -> str:
     tparams = count_target_parameters(tcfg)
     dparams = count_parameters(recipe.drafter, tcfg, len(layers))
     mem = memory_estimate(recipe, tparams, dparams)
-    d = recipe.distributed
+    dist = recipe.distributed
     lines = [
         "# resolved recipe", recipe_to_yaml(recipe).rstrip(), "",
         "# target",
@@ -94,9 +94,10 @@ def plan(recipe: Recipe) -> str:
     lines += [
         "",
         "# memory per device (weights + optimizer states, activations excluded)",
-        "launch:          " + (f"{d.accelerate_config}; {mem['processes']} process(es) on {d.num_machines} machine(s);"
-                                f" drafter ZeRO-{d.zero_stage}, target ZeRO-{d.target_zero_stage}"
-                                if d.accelerate_config else "single process, no DeepSpeed"),
+        "launch:          " + (f"{dist.accelerate_config}; {mem['processes']} process(es) on "
+                                f"{dist.num_machines} machine(s); drafter ZeRO-{dist.zero_stage}, "
+                                f"target ZeRO-{dist.target_zero_stage}"
+                                if dist.accelerate_config else "single process, no DeepSpeed"),
         f"target:          {human_bytes(mem['target_bytes'])} ({recipe.target.dtype})",
         f"drafter:         {human_bytes(mem['drafter_bytes'])}",
         f"total:           {human_bytes(mem['target_bytes'] + mem['drafter_bytes'])}",

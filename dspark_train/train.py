@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .checkpoint import Progress, gather_full_state, restore, save_checkpoint
-from .config import Recipe, exit_code, load_recipe, recipe_to_yaml
+from .config import Recipe, TrainConfig, exit_code, load_recipe, recipe_to_yaml
 from .data import (Batch, Example, GlobalOrder, conversations_path, eval_batches, load_conversations,
                    split_heldout, tokenize, train_batch)
 from .launch import deepspeed_plugins, resolve_mixed_precision
@@ -171,7 +171,7 @@ def setup_training(recipe: Recipe, acc, target, drafter, sharded_target: bool) -
 
 
 # =========================================================================== one step, evaluation, logging
-def loss_step(tr: Training, batch: Batch, train_cfg) -> tuple[LossOutput, float]:
+def loss_step(tr: Training, batch: Batch, train_cfg: TrainConfig) -> tuple[LossOutput, float]:
     """Target features → p_t at block positions → drafter → DSpark loss. Returns (LossOutput, target seconds)."""
     start = time.perf_counter()
     feats = tr.target.forward_features(batch.input_ids, batch.attention_mask)
@@ -220,7 +220,7 @@ class MetricsLog:
 
 
 @torch.no_grad()
-def evaluate(tr: Training, batches: list[Batch], train_cfg, acc, log: MetricsLog, step: int) -> dict:
+def evaluate(tr: Training, batches: list[Batch], train_cfg: TrainConfig, acc, log: MetricsLog, step: int) -> dict:
     """Held-out L1 / CE / confidence BCE / τ_sim / acceptance by position, summed over ranks, printed and logged."""
     tr.engine.eval()
     sums = None
