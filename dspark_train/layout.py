@@ -118,16 +118,12 @@ def staging_dir(dest: Path) -> Path:
     return dest.with_name(f"{STAGING}{dest.name}")
 
 
-def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 @contextmanager
 def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     """Yield a temp path beside `path`; when the block ends without error it is renamed onto `path`.
     The temp name keeps `path`'s suffix, for writers that choose a format by it (numpy, safetensors)."""
     path = Path(path)
-    tmp = _temp_sibling(path).with_suffix(path.suffix)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")  # per process: writers never share it
     try:
         yield tmp
         os.replace(tmp, path)
