@@ -26,20 +26,17 @@ size on each held-out round can be replayed exactly for any thresholds (`simulat
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
-FORMAT_VERSION = 1
-CALIBRATION_FILE = "calibration.json"
-PLOT_FILE = "calibration_reliability.png"
-STATS_FILE = "calibration_stats.npz"  # the STS statistics (anchor replay), kept in the run
-HELDOUT_FILE = "heldout_ids.json"
+from .calibration import (FORMAT_VERSION, AdaptivePolicy, Calibration, HeldoutStats, child_widths,  # noqa: F401
+                          plot_reliability, summary_table)
+from .layout import CALIBRATION_STATS, RunDir
+
 BIAS_GRID = [round(0.1 * i, 1) for i in range(-20, 21)]  # STS offsets b_k searched with calibrate.bias
 DEPTH_GRID = [0.0] + [round(0.02 * i, 2) for i in range(1, 50)]
 WIDTH_GRID = [round(0.1 * i, 1) for i in range(1, 10)] + [None]  # None: widen at every depth
@@ -94,79 +91,6 @@ def reliability(p: np.ndarray, y: np.ndarray, bins: int = 20) -> list[list]:
 
 
 # =========================================================================== held-out statistics
-@dataclass
-class HeldoutStats:
-    """Per round of the probe decode, per depth k = 1..γ of the spine (nan / 0 where not drafted).
-
-    survived through k ⇔ n_spine ≥ k. `rescue` = rank (2..W) of the sibling the target accepted at depth
-    n_spine + 1, 0 if none of the W candidates there matched (or that depth was not drafted)."""
-
-    conf_logits: np.ndarray  # [N, γ] raw confidence logit of the spine node's slot
-    top_probs: np.ndarray  # [N, γ] draft probability of the spine token (greedy: the top candidate)
-    target_probs: np.ndarray  # [N, γ] p_t(spine token | spine prefix)
-    accept_rates: np.ndarray  # [N, γ] Σ_v min(p_t, p_d) at the spine parent (the soft label c*)
-    depth: np.ndarray  # [N] drafted depth (γ except where max_new_tokens cut the round)
-    n_spine: np.ndarray  # [N] spine tokens accepted = prefix survival length
-    rescue: np.ndarray  # [N]
-    t_draft: np.ndarray  # [N] seconds: drafter (context extension + backbone + head)
-    t_book: np.ndarray  # [N] seconds: mask, acceptance, KV compaction
-    width: int  # W: candidates per depth in the probe
-
-    @property
-    def gamma(self) -> int:
-        return self.conf_logits.shape[1]
-
-    def __len__(self) -> int:
-        return self.conf_logits.shape[0]
-
-    def observed(self) -> np.ndarray:
-        """[N, γ] where a confidence logit and a survival label exist."""
-        return np.arange(self.gamma)[None] < self.depth[:, None]
-
-    def survived(self) -> np.ndarray:
-        """[N, γ] prefix survival through depth k."""
-        return np.arange(1, self.gamma + 1)[None] <= self.n_spine[:, None]
-
-    def to_dict(self) -> dict:
-        def enc(a):
-            return [[None if not np.isfinite(x) else round(float(x), 5) for x in row] for row in a]
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, np.ndarray):
-                v = enc(v) if v.ndim == 2 else [round(float(x), 6) if v.dtype.kind == "f" else int(x) for x in v]
-            out[f.name] = v
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HeldoutStats":
-        kw = {}
-        for f in fields(cls):
-            v = d[f.name]
-            if f.name == "width":
-                kw[f.name] = int(v)
-            elif f.name in ("depth", "n_spine", "rescue"):
-                kw[f.name] = np.asarray(v, dtype=np.int64)
-            else:
-                kw[f.name] = np.asarray([[np.nan if x is None else x for x in row] for row in v] if v and
-                                        isinstance(v[0], list) else v, dtype=float)
-        return cls(**kw)
-
-    def save(self, path: Path) -> Path:
-        """Compressed numpy arrays (no pickle): the STS statistics are too many rows for calibration.json."""
-        arrays = {f.name: getattr(self, f.name) for f in fields(self)}
-        arrays["width"] = np.asarray(self.width)
-        tmp = Path(path).with_name(Path(path).name + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: Path) -> "HeldoutStats":
-        with np.load(path, allow_pickle=False) as z:
-            return cls(**{f.name: (int(z[f.name]) if f.name == "width" else z[f.name]) for f in fields(cls)})
-
-
 def stats_from_traces(traces: Sequence, gamma: int, width: int) -> HeldoutStats:
     """Probe-decode traces (beam-1 trees; a chain is the width-1 case) → per-round spine statistics."""
     rows = []
@@ -391,20 +315,6 @@ def sps_table(cost: dict, max_b: int) -> np.ndarray:
 
 # =========================================================================== adaptive-k tuning
 @dataclass
-class AdaptivePolicy:
-    """The decoder's adaptive TreePolicy knobs (decoding/tree.py): a node gets children while the calibrated
-    survival through their slot ≥ depth_threshold; `max_width` candidates where the top draft probability is
-    < width_threshold (None: everywhere), else 1; at most node_budget draft nodes; `beam` nodes expanded per
-    depth."""
-
-    depth_threshold: float = 0.0
-    width_threshold: Optional[float] = None
-    max_width: int = 1
-    node_budget: int = 32
-    beam: int = 1
-
-
-@dataclass
 class Outcome:
     tau: float  # mean tokens committed per round (bonus included)
     verified: float  # mean tokens per verify forward (anchor included)
@@ -431,10 +341,7 @@ def simulate(stats: HeldoutStats, temperatures: Sequence[float], policy: Adaptiv
     tau = np.ones(n, np.int64)
     for k in range(g):
         s = surv * c[:, k]
-        w = np.full(n, policy.max_width, np.int64)
-        if policy.width_threshold is not None:
-            w[stats.top_probs[:, k] >= policy.width_threshold] = 1
-        w[s < policy.depth_threshold] = 0
+        w = child_widths(policy.max_width, stats.top_probs[:, k], s, policy.width_threshold, policy.depth_threshold)
         w = np.where(alive & (k < stats.depth), np.minimum(w, policy.node_budget - nodes), 0)
         nodes += w
         spine_ok = stats.n_spine > k
@@ -483,165 +390,6 @@ def best_fixed_chain(stats: HeldoutStats, sps: np.ndarray) -> tuple[int, Outcome
     return d, outs[d]
 
 
-# =========================================================================== calibration.json
-@dataclass
-class Calibration:
-    """calibration.json. Top-level per-position lists (slot k = 1..γ) are what the eval harness and the model
-    card summarise; `adaptive` + `temperatures` are what `TreePolicy.from_calibration` reads."""
-
-    block_size: int
-    temperatures: list[float]
-    ece_before: list
-    ece_after: list
-    auroc_before: list
-    auroc_after: list
-    brier_before: list
-    brier_after: list
-    adaptive: dict  # AdaptivePolicy fields
-    expected: dict = field(default_factory=dict)  # simulated on the held-out rounds: adaptive and best chain
-    measured: dict = field(default_factory=dict)  # decoded with the tuned policy / best chain on the prompts
-    cost_profile: dict = field(default_factory=dict)  # SPS(B): tokens, steps_per_s (smoothed), raw, meta
-    reliability: dict = field(default_factory=dict)  # {"before"|"after": {"k": [[mean pred, observed, n], ...]}}
-    data: dict = field(default_factory=dict)  # what it was fitted on, including the per-round statistics
-    biases: list[float] = field(default_factory=list)  # STS offsets b_k (empty: temperature only)
-    format_version: int = FORMAT_VERSION
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: Union[dict, str, Path]) -> "Calibration":
-        if not isinstance(d, dict):
-            d = json.loads(Path(d).read_text())
-        version = d.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
-            raise ValueError(f"calibration.json format_version {version} is newer than this dspark-train reads")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def save(self, path: Path) -> Path:
-        """Atomic write (temp file + rename): readers never see half a file."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(_dumps(self.to_json()) + "\n")
-        os.replace(tmp, path)
-        return path
-
-    def policy(self) -> AdaptivePolicy:
-        return AdaptivePolicy(**self.adaptive)
-
-    def stats(self) -> HeldoutStats:
-        return HeldoutStats.from_dict(self.data["stats"])
-
-
-def _dumps(x, indent: int = 0) -> str:
-    """JSON with one line per dict entry and per row: flat lists stay on one line (the per-round statistics
-    would otherwise take one line per number)."""
-    pad = " " * (indent + 1)
-    if isinstance(x, dict) and x:
-        body = ",\n".join(f"{pad}{json.dumps(str(k))}: {_dumps(v, indent + 1)}" for k, v in x.items())
-        return "{\n" + body + "\n" + " " * indent + "}"
-    if isinstance(x, list) and any(isinstance(v, (dict, list)) for v in x):
-        return "[\n" + ",\n".join(pad + _dumps(v, indent + 1) for v in x) + "\n" + " " * indent + "]"
-    return json.dumps(x)
-
-
-# =========================================================================== plot
-def plot_reliability(cal: Calibration, path: Path) -> Path:
-    """One panel per position: predicted vs observed prefix survival before/after STS, bin counts shaded."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    g = cal.block_size
-    cols = min(g, 4)
-    rows = math.ceil(g / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.1 * rows), squeeze=False)
-    for k in range(g):
-        ax = axes[k // cols][k % cols]
-        key = str(k + 1)
-        after = cal.reliability["after"][key]
-        n = len(after)
-        counts = np.array([r[2] for r in after], float)
-        if counts.sum():
-            ax.bar((np.arange(n) + 0.5) / n, counts / counts.max() * 0.25, width=1 / n, color="0.85", zorder=0)
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        for stage, style in (("before", "o-"), ("after", "s-")):
-            pts = [r for r in cal.reliability[stage][key] if r[2]]
-            ax.plot([r[0] for r in pts], [r[1] for r in pts], style, ms=3, lw=1, label=stage)
-        ece_b, ece_a, au = cal.ece_before[k], cal.ece_after[k], cal.auroc_after[k]
-        title = f"position {k + 1}"
-        if ece_b is not None:
-            title += f"\nECE {100 * ece_b:.1f}% → {100 * ece_a:.1f}%"
-        if au is not None:
-            title += f", AUC {au:.3f}"
-        ax.set_title(title, fontsize=9)
-        ax.set(xlim=(0, 1), ylim=(0, 1))
-        ax.tick_params(labelsize=7)
-        if k % cols == 0:
-            ax.set_ylabel("observed survival", fontsize=8)
-        if k // cols == rows - 1:
-            ax.set_xlabel("predicted survival", fontsize=8)
-    for k in range(g, rows * cols):
-        axes[k // cols][k % cols].axis("off")
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-# =========================================================================== summary
-def _pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x, spec=".3f") -> str:
-    return "—" if x is None else format(x, spec)
-
-
-def summary_table(cal: Calibration) -> str:
-    """The readable report `dspark calibrate` prints."""
-    lines = ["position | blocks | T_k   | b_k   | ECE before → after | AUROC before → after | Brier before → after",
-             "---------|--------|-------|-------|--------------------|----------------------|---------------------"]
-    counts = cal.data.get("count", [None] * cal.block_size)
-    biases = cal.biases or [0.0] * cal.block_size
-    for k in range(cal.block_size):
-        lines.append(f"{k + 1:>8} | {counts[k] if counts[k] is not None else '—':>6} | {cal.temperatures[k]:5.2f} | "
-                     f"{biases[k]:+5.2f} | "
-                     f"{_pct(cal.ece_before[k]):>7} → {_pct(cal.ece_after[k]):<8} | "
-                     f"{_num(cal.auroc_before[k]):>8} → {_num(cal.auroc_after[k]):<9} | "
-                     f"{_num(cal.brier_before[k]):>7} → {_num(cal.brier_after[k])}")
-    probe = cal.data.get("probe") or {}
-    if probe.get("ece_after") and cal.data.get("sts", {}).get("source") != "probe rounds":
-        lines += ["", f"on the {probe.get('rounds')} probe-decode rounds (noisier, fewer samples): ECE after "
-                  + ", ".join(_pct(e) for e in probe["ece_after"][:4]) + " at positions 1-4"]
-    ad = cal.adaptive
-    width = ("1 (chain)" if ad["max_width"] == 1 else
-             f"{ad['max_width']} where top draft prob < {ad['width_threshold']}" if ad["width_threshold"] is not None
-             else f"{ad['max_width']} at every depth")
-    lines += ["", f"adaptive policy: depth threshold {ad['depth_threshold']:.2f} on calibrated survival; width "
-              f"{width}; node budget {ad['node_budget']}; beam {ad['beam']}"]
-    rows = [("adaptive (expected)", cal.expected.get("adaptive")),
-            (f"chain d={cal.expected.get('best_chain_depth')} (expected)", cal.expected.get("best_chain")),
-            ("probe decode (measured)", cal.measured.get("probe")),
-            ("adaptive (measured)", cal.measured.get("adaptive")),
-            (f"chain d={cal.expected.get('best_chain_depth')} (measured)", cal.measured.get("best_chain"))]
-    lines += ["", "                            |   τ   | verified/round | tokens/s",
-              "----------------------------|-------|----------------|---------"]
-    for name, o in rows:
-        if o:
-            lines.append(f"{name:<27} | {o['tau']:5.2f} | {o['verified']:14.2f} | {o['tokens_per_s']:8.1f}")
-    cp = cal.cost_profile
-    if cp.get("steps_per_s"):
-        s = cp["steps_per_s"]
-        picks = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= len(s)]
-        lines += ["", "cost profile SPS(B) (smoothed, " + str(cp.get("meta", {}).get("device", "")) + ", "
-                  + str(cp.get("meta", {}).get("dtype", "")) + "): "
-                  + ", ".join(f"B={b}: {s[b - 1]:.1f}/s" for b in picks)]
-    return "\n".join(lines)
-
-
 # =========================================================================== the command
 def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str], list[list[int]], str]:
     """First-user-turn prompt ids the drafter never trained on, up to `limit`: the run's held-out
@@ -653,7 +401,7 @@ def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str]
     from .data import conversations_path, load_prompts, prompt_turns, read_jsonl, split_heldout, usable_conversations
 
     conv_file = conversations_path(recipe)
-    ids_file = run / HELDOUT_FILE
+    ids_file = RunDir(run).heldout
     if ids_file.is_file():  # {"conversations": path, "seed": s, "ids": [...]} as train.py writes it, or a list
         raw = json.loads(ids_file.read_text())
         wanted = [str(i) for i in (raw["ids"] if isinstance(raw, dict) else raw)]
@@ -744,13 +492,13 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
 
     from .config import load_recipe
     from .decoding import SpeculativeDecoder, TreePolicy
-    from .export import load_artifact
+    from .artifact import load_artifact
     from .target import load_target
 
     root = Path(run_or_artifact).expanduser()
-    recipe_file = root / "recipe.yaml"
+    recipe_file = RunDir(root).recipe
     if not recipe_file.is_file():
-        raise FileNotFoundError(f"{root}: no recipe.yaml (expected a training run directory or an artifact)")
+        raise FileNotFoundError(f"{root}: no {recipe_file.name} (expected a training run directory or an artifact)")
     recipe = load_recipe(recipe_file, ["distributed.accelerate_config=null", "target.config_path=null",
                                        *overrides])
     cc = recipe.calibrate
@@ -811,7 +559,7 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
         cost_profile=cost, reliability={"before": before["reliability"], "after": after["reliability"]},
         data={"source": str(root), "heldout": source, "prompt_ids": names, "n_prompts": len(prompt_list),
               "sts": {"source": sts_source, "blocks": len(sts_stats),
-                      **({"file": STATS_FILE} if sts_stats is not stats else {})}, "count": after["count"],
+                      **({"file": CALIBRATION_STATS} if sts_stats is not stats else {})}, "count": after["count"],
               "max_new_tokens": cc.max_new_tokens, "decoding": "greedy", "dtype": cc.dtype,
               "probe": {"width": width, "beam": 1, "depth": gamma, "prompts": len(probe_prompts),
                         "rounds": len(stats), "ece_after": on_probe["ece"], "auroc_after": on_probe["auroc"]},
@@ -828,12 +576,12 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     else:
         cal.measured = {"probe": probe_measured}
 
-    dest = Path(out).expanduser() if out else root
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = RunDir(out if out else root)
+    dest.root.mkdir(parents=True, exist_ok=True)
     if sts_stats is not stats:
-        sts_stats.save(dest / STATS_FILE)
-    cal.save(dest / CALIBRATION_FILE)
-    plot_reliability(cal, dest / PLOT_FILE)
+        sts_stats.save(dest.calibration_stats)
+    cal.save(dest.calibration)
+    plot_reliability(cal, dest.reliability_plot)
     say(summary_table(cal))
-    say(f"wrote {dest / CALIBRATION_FILE} and {dest / PLOT_FILE}")
+    say(f"wrote {dest.calibration} and {dest.reliability_plot}")
     return cal

@@ -381,7 +381,7 @@ def run_eval(args) -> dict:
         baselines.remove("assisted")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    from .export import load_artifact, resolve_artifact
+    from .artifact import load_artifact, resolve_artifact
 
     target = load_target(target_config(args.target, resolve_artifact(args.artifact), args.dtype))
     target.model.to(device)
@@ -593,7 +593,7 @@ def plot_report(report: dict, out: Path, calibration: Optional[dict]) -> list[Pa
     paths.append(_save(fig, out / "speedup.png"))
 
     if calibration and calibration.get("reliability"):  # the calibrator's own diagram, from calibration.json
-        from .calibrate import Calibration, plot_reliability
+        from .calibration import Calibration, plot_reliability
         paths.append(plot_reliability(Calibration.from_json(calibration), out / "reliability.png"))
     return paths
 

@@ -228,7 +228,7 @@ def test_simulate_replays_the_decoders_adaptive_rounds_exactly(tiny_run):
     """The first round of every prompt starts from the same state under any policy, so the replay of the probe
     round must give exactly the τ and verified size the decoder's adaptive policy produces there."""
     from dspark_train.decoding import SpeculativeDecoder, TreePolicy
-    from dspark_train.export import load_artifact
+    from dspark_train.artifact import load_artifact
 
     run, recipe, target = tiny_run
     drafter = load_artifact(run, target=target)
@@ -257,7 +257,8 @@ def test_simulate_replays_the_decoders_adaptive_rounds_exactly(tiny_run):
 
 def test_run_calibration_end_to_end(tiny_run, tmp_path):
     from dspark_train.decoding import SpeculativeDecoder
-    from dspark_train.export import export_run, load_artifact
+    from dspark_train.artifact import load_artifact
+    from dspark_train.export import export_run
 
     run, recipe, target = tiny_run
     from dspark_train.data import conversations_path, read_jsonl, split_heldout
@@ -314,7 +315,7 @@ def test_anchor_replay_equals_the_decoders_rounds(tiny_run):
     where the decoder's rounds started, exactly the confidences and survival the decoder observed."""
     from dspark_train.data import Example, anchor_candidates
     from dspark_train.decoding import SpeculativeDecoder, TreePolicy
-    from dspark_train.export import load_artifact
+    from dspark_train.artifact import load_artifact
 
     run, recipe, target = tiny_run
     drafter = load_artifact(run, target=target)
@@ -349,7 +350,7 @@ def test_anchor_replay_does_not_observe_past_off_greedy_text(tiny_run):
     after one token gives depth ≤ 2 at the anchor before the departure."""
     from dspark_train.data import Example
     from dspark_train.decoding import SpeculativeDecoder
-    from dspark_train.export import load_artifact
+    from dspark_train.artifact import load_artifact
 
     run, recipe, target = tiny_run
     drafter = load_artifact(run, target=target)
@@ -381,3 +382,18 @@ def test_heldout_prompts_top_up_with_untrained_prompts(tiny_run, tmp_path):
     assert all(n.startswith("p") for n in names[r.data.heldout:])  # never a prompt that has a training answer
     assert "4 untrained prompts" in source
     assert len(C.heldout_prompts(tmp_path, r, target.tokenizer, limit=100)[0]) == r.data.heldout + 6
+
+
+def test_every_reader_refuses_a_newer_calibration_naming_the_file(tmp_path):
+    """calibration.json has one schema: the decoder's reader checks the version as the artifact loader does."""
+    import re
+
+    from dspark_train.decoding import TreePolicy
+    from dspark_train.layout import ArtifactError
+
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({**_calibration().to_json(), "format_version": C.FORMAT_VERSION + 1}))
+    why = re.escape(f"{path}: format_version {C.FORMAT_VERSION + 1} is not one this dspark-train reads")
+    for read in (lambda: TreePolicy.from_calibration(path, depth=3), lambda: C.Calibration.from_json(path)):
+        with pytest.raises(ArtifactError, match=why):
+            read()

@@ -154,7 +154,7 @@ def test_sampling_reports_lossless_null(tiny_target, tmp_path):
 def tiny_artifact(tmp_path_factory, tiny_recipe, tiny_target):
     """An untrained drafter exported like an artifact: config.json, model.safetensors, recipe.yaml, and a
     calibration.json with reliability bins (neutral temperatures, so chain drafting is unchanged)."""
-    from dspark_train.calibrate import Calibration
+    from dspark_train.calibration import Calibration
     from dspark_train.config import recipe_to_yaml
     from dspark_train.drafters import build_drafter
 
