@@ -1,7 +1,12 @@
 """`dspark calibrate`: held-out acceptance statistics → sequential temperature scaling → cost profile →
 adaptive-k tuning → calibration.json (read by the decoder's `adaptive` mode, the eval harness and the card).
 
-Why each step (paper §3.2, METHOD.md §4):
+This module is the command; each step lives in a module named for it: heldout.py (which prompts, greedy
+answers, anchor replay, probe traces), sts.py (temperature scaling) with metrics.py (ECE/AUROC/Brier),
+adaptive.py (the exact replay and the threshold search), calibration.py (the file's schema, its table and
+reliability diagram). The cost profile is the decoder's SPS(B) profiler, smoothed here.
+
+Why each step (paper §3.2, docs/method.md §4):
 - The confidence head predicts c_k = P(draft k survives | 1..k−1 survived). The scheduler needs the absolute
   value of the prefix survival a_k = Π_{i≤k} c_i, and raw heads are over-confident, so STS fits one
   temperature per slot, left to right, minimising the 20-bin ECE of a_k with the earlier ones fixed; by
@@ -21,257 +26,28 @@ the previous round stopped, and carry measured drafting times): a beam-1 tree wh
 the chain (full depth γ, so every position's survival is observed) and which also offers the top-W
 siblings at every depth. Because the decoder's adaptive policy with beam 1 only ever prunes that tree
 (depth by the calibrated survival, width by the top draft probability, a node budget), its τ and verified
-size on each held-out round can be replayed exactly for any thresholds (`simulate`), without re-decoding.
+size on each held-out round can be replayed exactly for any thresholds (`adaptive.simulate`), without
+re-decoding.
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
+import torch
 
-from .calibration import (FORMAT_VERSION, AdaptivePolicy, Calibration, HeldoutStats, child_widths,  # noqa: F401
-                          plot_reliability, summary_table)
+from .adaptive import best_fixed_chain, tune_adaptive
+from .artifact import load_artifact
+from .calibration import Calibration, plot_reliability, summary_table
+from .config import load_recipe
+from .decoding import SpeculativeDecoder, SPSProfile, TreePolicy, load_or_measure_sps
+from .heldout import anchor_stats, greedy_texts, heldout_prompts, stats_from_traces
 from .layout import CALIBRATION_STATS, RunDir
-
-BIAS_GRID = [round(0.1 * i, 1) for i in range(-20, 21)]  # STS offsets b_k searched with calibrate.bias
-DEPTH_GRID = [0.0] + [round(0.02 * i, 2) for i in range(1, 50)]
-WIDTH_GRID = [round(0.1 * i, 1) for i in range(1, 10)] + [None]  # None: widen at every depth
-
-
-# =========================================================================== metrics
-def _bins(p: np.ndarray, bins: int) -> np.ndarray:
-    return np.minimum((p * bins).astype(np.int64), bins - 1)
-
-
-def ece(p: np.ndarray, y: np.ndarray, bins: int = 20) -> float:
-    """Expected calibration error with `bins` equal-width bins: Σ_b n_b/N · |mean p_b − mean y_b|."""
-    p, y = np.asarray(p, float), np.asarray(y, float)
-    if p.size == 0:
-        return float("nan")
-    b = _bins(p, bins)
-    gap = np.bincount(b, weights=p, minlength=bins) - np.bincount(b, weights=y, minlength=bins)
-    return float(np.abs(gap).sum() / p.size)
-
-
-def auroc(p: np.ndarray, y: np.ndarray) -> Optional[float]:
-    """Area under the ROC curve (Mann–Whitney, ties count half); None when only one class is present."""
-    p, y = np.asarray(p, float), np.asarray(y, bool)
-    pos, neg = int(y.sum()), int((~y).sum())
-    if pos == 0 or neg == 0:
-        return None
-    order = np.argsort(p, kind="mergesort")
-    ranks = np.empty(p.size)
-    sp = p[order]
-    # average ranks over ties
-    starts = np.r_[0, np.flatnonzero(np.diff(sp)) + 1]
-    ends = np.r_[starts[1:], sp.size]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0
-    return float((ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
-
-
-def brier(p: np.ndarray, y: np.ndarray) -> float:
-    p, y = np.asarray(p, float), np.asarray(y, float)
-    return float(np.mean((p - y) ** 2)) if p.size else float("nan")
-
-
-def reliability(p: np.ndarray, y: np.ndarray, bins: int = 20) -> list[list]:
-    """Per equal-width bin: [mean predicted, observed rate, count] (None, None for an empty bin)."""
-    p, y = np.asarray(p, float), np.asarray(y, float)
-    b = _bins(p, bins)
-    n = np.bincount(b, minlength=bins)
-    sp = np.bincount(b, weights=p, minlength=bins)
-    sy = np.bincount(b, weights=y, minlength=bins)
-    return [[round(sp[i] / n[i], 5), round(sy[i] / n[i], 5), int(n[i])] if n[i] else [None, None, 0]
-            for i in range(bins)]
-
-
-# =========================================================================== held-out statistics
-def stats_from_traces(traces: Sequence, gamma: int, width: int) -> HeldoutStats:
-    """Probe-decode traces (beam-1 trees; a chain is the width-1 case) → per-round spine statistics."""
-    rows = []
-    for trace in traces:
-        for r in trace.rounds:  # rounds with nothing drafted (the last token before max_new_tokens) count too
-            spine, u = [], 0  # follow the first (top-1) child of each spine node
-            kids: dict[int, list[int]] = {}
-            for i, p in enumerate(r.parents):
-                kids.setdefault(p, []).append(i + 1)
-            while u in kids:
-                u = kids[u][0]
-                spine.append(u)
-            n = 0
-            while n < len(spine) and r.accepted[spine[n] - 1]:
-                n += 1
-            rescue = 0
-            if n < len(spine):
-                parent = spine[n - 1] if n else 0
-                hit = [j for j, c in enumerate(kids[parent]) if r.accepted[c - 1]]
-                rescue = hit[0] + 1 if hit else 0
-            pick = [s - 1 for s in spine]
-            pad = [np.nan] * (gamma - len(pick))
-            tp = r.target_probs or [np.nan] * len(r.tokens)
-            ar = r.accept_rates or [np.nan] * len(r.tokens)
-            rows.append(([r.conf_logits[i] for i in pick] + pad, [r.draft_probs[i] for i in pick] + pad,
-                         [tp[i] for i in pick] + pad, [ar[i] for i in pick] + pad,
-                         len(spine), n, rescue, r.t_draft, r.t_book))
-    if not any(r[4] for r in rows):
-        raise ValueError("no drafted rounds in the held-out decode (max_new_tokens too small?)")
-    cols = list(zip(*rows))
-    f = lambda i: np.asarray(cols[i], dtype=float)  # noqa: E731
-    i64 = lambda i: np.asarray(cols[i], dtype=np.int64)  # noqa: E731
-    return HeldoutStats(f(0), f(1), f(2), f(3), i64(4), i64(5), i64(6), f(7), f(8), width)
-
-
-def anchor_stats(target, drafter, examples: Sequence, anchors_per_chunk: int = 64, progress: bool = False
-                 ) -> HeldoutStats:
-    """Greedy drafting replayed at *every* anchor of held-out conversations: one target forward and one
-    batched drafter pass per conversation instead of one decode round per sample, so thousands of rounds
-    for the price of a few dozen decodes (the 20-bin ECE of a few hundred probe rounds is mostly noise).
-
-    Each block is drafted exactly as the decoder would (`blocks_at` = `propose` at each anchor, then
-    `head_step` fed the drafted tokens) and compared with the target's greedy token at each slot. A slot is
-    observed while the text so far follows the target's greedy path (otherwise the target's next token
-    would be conditioned on a context a greedy decode never reaches): that condition is on the text, not on
-    the draft, so it does not select on the outcome."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from .data import anchor_candidates, block_labels
-
-    g = drafter.config.block_size
-    dev, ddtype = target.device, drafter.conf.weight.dtype
-    vocab = drafter.d2t  # work in the draft vocabulary: p_d is zero outside it
-    rows = []
-    for ex in tqdm(examples, desc="anchor replay", unit="text", disable=not progress):
-        anchors = anchor_candidates(torch.tensor(ex.loss_mask)).to(dev)
-        if not len(anchors):
-            continue
-        ids = torch.tensor([ex.input_ids], device=dev)
-        T, s0 = ids.shape[1], int(anchors[0])
-        feats = target.forward_features(ids, torch.ones_like(ids))
-        features, last_hidden = feats.features.to(ddtype), feats.last_hidden.to(ddtype)
-        logp_t = torch.cat([torch.log_softmax(target.logits(h), -1)  # [T − s0, V]: rows from the first anchor
-                            for h in feats.last_hidden[0, s0:].split(256)])
-        greedy = logp_t.argmax(-1)  # the target's token after position s0 + i
-        # slots inside the supervised answer: the contiguous prefix, as the trainer's blocks
-        valid = block_labels(ids.cpu(), torch.tensor([ex.loss_mask]), anchors.cpu()[None], g, 0)[1][0].to(dev)
-        follows = torch.zeros(T - s0, dtype=torch.bool, device=dev)
-        follows[:-1] = ids[0, s0 + 1:] == greedy[:-1]
-        for a, ok in zip(anchors.split(anchors_per_chunk), valid.split(anchors_per_chunk)):
-            block = drafter.blocks_at(features, last_hidden, ids, a[None])
-            pos = (a[:, None] + torch.arange(g, device=dev)).clamp(max=T - 1)  # slot k predicts pos + 1
-            rel = pos - s0
-            prev, state = ids[0, a][:, None], None
-            conf, top, match, p_t, rate = [], [], [], [], []
-            for k in range(g):
-                logits, z, state = drafter.head_step(block, k, prev, state)
-                lt = logp_t[rel[:, k]]
-                logits, lt_d = (logits[:, 0], lt) if vocab is None else (logits[:, 0, vocab], lt[:, vocab])
-                p_d = torch.softmax(logits, -1)
-                prob, tok = p_d.max(-1)
-                tok = tok if vocab is None else vocab[tok]
-                conf.append(z[:, 0])
-                top.append(prob)
-                match.append(tok == greedy[rel[:, k]])
-                p_t.append(lt.gather(1, tok[:, None])[:, 0].exp())
-                rate.append(torch.minimum(p_d, lt_d.exp()).sum(-1))
-                prev = tok[:, None]
-            on_greedy = torch.cat((torch.ones_like(ok[:, :1]), follows[rel[:, :-1]]), 1).long().cumprod(1)
-            depth = (ok.long() * on_greedy).sum(1)
-            n_spine = torch.minimum(torch.stack(match, 1).long().cumprod(1).sum(1), depth)
-            cols = [torch.stack(c, 1).float() for c in (conf, top, p_t, rate)]
-            unseen = torch.arange(g, device=dev)[None] >= depth[:, None]
-            cols = [c.masked_fill(unseen, float("nan")).cpu().numpy() for c in cols]
-            rows.append((*cols, depth.cpu().numpy(), n_spine.cpu().numpy()))
-    if not rows:
-        raise ValueError("no anchors in the held-out conversations")
-    cat = [np.concatenate(c) for c in zip(*rows)]
-    n = len(cat[4])
-    return HeldoutStats(*cat[:4], cat[4].astype(np.int64), cat[5].astype(np.int64), np.zeros(n, np.int64),
-                        np.full(n, np.nan), np.full(n, np.nan), 1)
-
-
-# =========================================================================== sequential temperature scaling
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def conditional(conf_logits: np.ndarray, temperatures: Sequence[float],
-                biases: Optional[Sequence[float]] = None) -> np.ndarray:
-    """c_k = σ(z_k / T_k + b_k): calibrated survival of slot k given slots 1..k−1 survived [N, γ]."""
-    g = conf_logits.shape[1]
-    t = np.asarray(temperatures, float)[None, :g]
-    b = np.asarray(biases, float)[None, :g] if biases is not None and len(biases) else 0.0
-    return _sigmoid(conf_logits / t + b)
-
-
-def survival(conf_logits: np.ndarray, temperatures: Sequence[float],
-             biases: Optional[Sequence[float]] = None) -> np.ndarray:
-    """a_k = Π_{i≤k} c_i: calibrated prefix survival [N, γ] (nan propagates past the drafted depth)."""
-    return np.cumprod(conditional(conf_logits, temperatures, biases), axis=1)
-
-
-def _refined(grid: list[float], i: int, n: int) -> list[float]:
-    """grid[i] plus 2n+1 points spanning its neighbours: the second, finer stage of a grid search."""
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    return sorted(set(np.linspace(lo, hi, 2 * n + 1).tolist()) | {grid[i]})
-
-
-def fit_sts(conf_logits: np.ndarray, survived: np.ndarray, observed: np.ndarray, grid: Sequence[float],
-            bins: int = 20, bias_grid: Optional[Sequence[float]] = None, refine: int = 24
-            ) -> tuple[list[float], list[float]]:
-    """Sequential temperature scaling. For k = 1..γ in order: T_k = argmin over `grid` (then a finer grid
-    between the winner's neighbours) of the ECE of a_{k−1}·σ(z_k/T + b), earlier slots fixed. Positions
-    without data keep T = 1.
-
-    With `bias_grid`, the offset b_k is searched jointly with T_k (Platt scaling, still order-preserving
-    within a slot): a temperature only sharpens or flattens, so it cannot remove a head's constant bias,
-    e.g. a confidence head trained on the soft sampling label Σ min(p_t, p_d) and used for greedy
-    acceptance. Without it b_k = 0 (the paper's STS). Returns (temperatures, offsets)."""
-    grid = sorted(float(t) for t in grid if t > 0)
-    bgrid = sorted(float(b) for b in bias_grid) if bias_grid is not None and len(bias_grid) else [0.0]
-    temps: list[float] = []
-    biases: list[float] = []
-    prev = np.ones(conf_logits.shape[0])
-    for k in range(conf_logits.shape[1]):
-        m = observed[:, k]
-        if not m.any():
-            temps.append(1.0)
-            biases.append(0.0)
-            continue
-        z, y, a = conf_logits[m, k], survived[m, k], prev[m]
-        score = lambda t, b: ece(a * _sigmoid(z / t + b), y, bins)  # noqa: E731
-        errs = np.array([[score(t, b) for b in bgrid] for t in grid])
-        i, j = np.unravel_index(int(np.argmin(errs)), errs.shape)
-        fine_t, fine_b = _refined(grid, i, refine), _refined(bgrid, j, refine // 4 if len(bgrid) > 1 else 0)
-        t_best, b_best = min(((t, b) for t in fine_t for b in fine_b),
-                             key=lambda tb: (score(*tb), abs(tb[0] - grid[i]) + abs(tb[1] - bgrid[j])))
-        temps.append(round(float(t_best), 4))
-        biases.append(round(float(b_best), 4))
-        prev = prev * _sigmoid(conf_logits[:, k] / t_best + b_best)
-    return temps, biases
-
-
-def position_metrics(conf_logits: np.ndarray, survived: np.ndarray, observed: np.ndarray,
-                     temperatures: Sequence[float], bins: int = 20, biases: Optional[Sequence[float]] = None) -> dict:
-    """Per position: ECE, AUROC, Brier of the prefix survival a_k against the observed survival, plus the
-    reliability bins and the number of rounds."""
-    a = survival(conf_logits, temperatures, biases)
-    out = {"ece": [], "auroc": [], "brier": [], "reliability": {}, "count": []}
-    for k in range(conf_logits.shape[1]):
-        m = observed[:, k]
-        p, y = a[m, k], survived[m, k]
-        out["ece"].append(round(ece(p, y, bins), 5) if m.any() else None)
-        au = auroc(p, y)
-        out["auroc"].append(None if au is None else round(au, 5))
-        out["brier"].append(round(brier(p, y), 5) if m.any() else None)
-        out["reliability"][str(k + 1)] = reliability(p, y, bins)
-        out["count"].append(int(m.sum()))
-    return out
+from .sts import BIAS_GRID, fit_sts, position_metrics
+from .target import load_target
 
 
 # =========================================================================== cost profile
@@ -295,8 +71,6 @@ def profile_cost(target, max_tokens: int, context: int, batch_sizes: Sequence[in
                  ) -> dict:
     """SPS(B) for B = 1..max_tokens verified tokens on this machine (the decoder's cached profiler), raw and
     smoothed: batch 1 at the top level, R > 1 requests (B = R·n total tokens) under `batches`."""
-    from .decoding import load_or_measure_sps
-
     out = {}
     for r in sorted(set(batch_sizes) | {1}):
         p = load_or_measure_sps(target, max_tokens=max_tokens, context=context, refresh=refresh, batch_size=r)
@@ -307,170 +81,11 @@ def profile_cost(target, max_tokens: int, context: int, batch_sizes: Sequence[in
 
 def sps_table(cost: dict, max_b: int) -> np.ndarray:
     """SPS at B = 0..max_b (index B) from a cost profile dict, via the decoder's interpolation."""
-    from .decoding import SPSProfile
-
     f = SPSProfile(cost["tokens"], cost["steps_per_s"])
     return np.array([f(max(b, 1)) for b in range(max_b + 1)])
 
 
-# =========================================================================== adaptive-k tuning
-@dataclass
-class Outcome:
-    tau: float  # mean tokens committed per round (bonus included)
-    verified: float  # mean tokens per verify forward (anchor included)
-    tokens_per_s: float  # Σ τ / Σ (t_draft + t_book + 1/SPS(B))
-
-    def to_dict(self) -> dict:
-        return {k: round(v, 4) for k, v in asdict(self).items()}
-
-
-def simulate(stats: HeldoutStats, temperatures: Sequence[float], policy: AdaptivePolicy,
-             biases: Optional[Sequence[float]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Replay the decoder's beam-1 drafting rule on every held-out round: returns (τ [N], B [N]).
-
-    Exact for greedy decoding: the spine is the probe's, siblings are leaves, so a round accepts the spine
-    while it matches and at the first miss at most one sibling of rank ≤ that depth's width."""
-    if policy.beam != 1 or policy.max_width > stats.width:
-        raise ValueError(f"simulate replays beam 1 with max_width ≤ the probe width {stats.width}")
-    n, g = stats.conf_logits.shape
-    c = conditional(np.nan_to_num(stats.conf_logits), temperatures, biases)
-    alive = np.ones(n, bool)
-    on_path = np.ones(n, bool)
-    surv = np.ones(n)
-    nodes = np.zeros(n, np.int64)
-    tau = np.ones(n, np.int64)
-    for k in range(g):
-        s = surv * c[:, k]
-        w = child_widths(policy.max_width, stats.top_probs[:, k], s, policy.width_threshold, policy.depth_threshold)
-        w = np.where(alive & (k < stats.depth), np.minimum(w, policy.node_budget - nodes), 0)
-        nodes += w
-        spine_ok = stats.n_spine > k
-        rescued = (stats.n_spine == k) & (stats.rescue >= 2) & (stats.rescue <= w)
-        tau += on_path & (w > 0) & (spine_ok | rescued)
-        on_path &= (w > 0) & spine_ok
-        alive &= w > 0
-        surv = s
-    return tau, nodes + 1
-
-
-def evaluate_policy(stats: HeldoutStats, temperatures: Sequence[float], policy: AdaptivePolicy, sps: np.ndarray,
-                    biases: Optional[Sequence[float]] = None) -> Outcome:
-    tau, b = simulate(stats, temperatures, policy, biases)
-    seconds = stats.t_draft + stats.t_book + 1.0 / sps[np.minimum(b, len(sps) - 1)]
-    return Outcome(float(tau.mean()), float(b.mean()), float(tau.sum() / seconds.sum()))
-
-
-def tune_adaptive(stats: HeldoutStats, temperatures: Sequence[float], sps: np.ndarray, max_width: int,
-                  node_budget: int, depth_grid: Sequence[float] = DEPTH_GRID,
-                  width_grid: Sequence[Optional[float]] = WIDTH_GRID, biases: Optional[Sequence[float]] = None
-                  ) -> tuple[AdaptivePolicy, Outcome]:
-    """Grid search over depth threshold × (width, width threshold) × node budget (1..γ, and the maximum)
-    for the highest simulated tokens/s. A budget of d at width 1 is the fixed-depth-d chain, so the result
-    is never worse than the best fixed chain on these rounds. Ties go to fewer verified tokens, then to the
-    earlier grid point."""
-    budgets = sorted({b for b in range(1, stats.gamma + 1)} | {node_budget})
-    best = None
-    for w in range(1, min(max_width, stats.width) + 1):
-        for wt in (width_grid if w > 1 else [None]):
-            for nb in (b for b in budgets if b <= node_budget):
-                for dt in depth_grid:
-                    pol = AdaptivePolicy(float(dt), wt, w, nb)
-                    out = evaluate_policy(stats, temperatures, pol, sps, biases)
-                    key = (round(out.tokens_per_s, 9), -out.verified)
-                    if best is None or key > best[0]:
-                        best = (key, pol, out)
-    return best[1], best[2]
-
-
-def best_fixed_chain(stats: HeldoutStats, sps: np.ndarray) -> tuple[int, Outcome]:
-    """The fixed-depth chain (d = 1..γ, no thresholds) with the highest simulated tokens/s."""
-    outs = {d: evaluate_policy(stats, [1.0] * stats.gamma, AdaptivePolicy(0.0, None, 1, d), sps)
-            for d in range(1, stats.gamma + 1)}
-    d = max(outs, key=lambda d: outs[d].tokens_per_s)
-    return d, outs[d]
-
-
 # =========================================================================== the command
-def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str], list[list[int]], str]:
-    """First-user-turn prompt ids the drafter never trained on, up to `limit`: the run's held-out
-    conversations first (the trainer's `heldout_ids.json`, or the recipe's deterministic split recomputed),
-    then prompts of `data.prompts` that have no conversation in the training file (in a seeded order).
-    Never the eval sets."""
-    from .chat import prompt_ids, user_messages
-    from .config import RecipeError
-    from .data import conversations_path, load_prompts, prompt_turns, read_jsonl, split_heldout, usable_conversations
-
-    conv_file = conversations_path(recipe)
-    ids_file = RunDir(run).heldout
-    if ids_file.is_file():  # {"conversations": path, "seed": s, "ids": [...]} as train.py writes it, or a list
-        raw = json.loads(ids_file.read_text())
-        wanted = [str(i) for i in (raw["ids"] if isinstance(raw, dict) else raw)]
-        recorded = Path(raw["conversations"]) if isinstance(raw, dict) and raw.get("conversations") else None
-        conv_file = recorded if recorded is not None and recorded.is_file() else conv_file
-        convs = read_jsonl(conv_file)
-        by_id = {str(c["id"]): c for c in convs}
-        missing = [i for i in wanted if i not in by_id]
-        if missing:
-            raise FileNotFoundError(f"{ids_file}: {len(missing)} held-out ids not in {conv_file}")
-        held, source = [by_id[i] for i in wanted], str(ids_file)
-    else:  # the trainer's split: the same records (usable ones, max_prompts), the same seeded hash
-        convs = read_jsonl(conv_file)
-        _, held = split_heldout(usable_conversations(convs, recipe.data.max_prompts), recipe.data.heldout,
-                                recipe.data.seed)
-        source = f"split_heldout(data.heldout={recipe.data.heldout}, data.seed={recipe.data.seed})"
-    names, prompts = [], []
-
-    def add(name: str, messages: list[dict]) -> None:
-        ids = prompt_ids(tokenizer, messages)
-        if len(ids) <= recipe.data.max_seq_len and len(prompts) < limit:  # longer ones were truncated in training
-            names.append(name)
-            prompts.append(ids)
-
-    for c in held:
-        turns = c["conversations"]
-        add(str(c["id"]), turns[:next((i for i, m in enumerate(turns) if m["role"] == "assistant"), len(turns))])
-    if len(prompts) < limit:
-        try:
-            trained = {str(c["id"]) for c in convs}  # the whole file: any of it may have been trained on
-            fresh = [p for p in load_prompts(recipe) if p["id"] not in trained]
-        except (RecipeError, FileNotFoundError) as e:  # no prompt file here: the held-out conversations only
-            fresh, source = [], f"{source} (data.prompts unavailable: {e})"
-        n0 = len(prompts)
-        for p in split_heldout(fresh, len(fresh), recipe.data.seed)[1]:
-            if len(prompts) == limit:
-                break
-            try:
-                add(p["id"], user_messages(prompt_turns(p["raw"])[:1]))
-            except (ValueError, TypeError, KeyError):
-                continue
-        if len(prompts) > n0:
-            source += f" + {len(prompts) - n0} untrained prompts of {recipe.data.prompts}"
-    if not prompts:
-        raise FileNotFoundError(f"{run}: no held-out prompt fits data.max_seq_len = {recipe.data.max_seq_len}")
-    return names, prompts, source
-
-
-def greedy_texts(target, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-                 progress: bool = True) -> list:
-    """prompt + the target's own greedy answer as `Example`s (loss mask on the answer): the text a greedy
-    decode produces, so anchor statistics over it have the decoder's context distribution. Batched
-    `generate` (prompts sorted by length to limit padding): several times the throughput of one prompt at
-    a time on a CPU."""
-    from tqdm.auto import tqdm
-
-    from .data import Example, generate_batch
-
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc="greedy answers", unit="prompt", disable=not progress) as bar:
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            for i, (new, _) in zip(idx, generate_batch(target, [prompts[i] for i in idx], max_new_tokens)):
-                out[i] = Example(str(i), prompts[i] + new, [0] * len(prompts[i]) + [1] * len(new))
-            bar.update(len(idx))
-    return out
-
-
 def _measure(decoder, prompts: list[list[int]], max_new_tokens: int, **kw) -> tuple[dict, list]:
     """Decode every prompt; τ and decode-only tokens/s (prefill excluded, as in the simulation)."""
     traces = [decoder.generate(p, max_new_tokens=max_new_tokens, **kw) for p in prompts]
@@ -488,13 +103,6 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
                     out: Optional[Union[str, Path]] = None, quiet: bool = False) -> Calibration:
     """Calibrate a training run (<run>/final + recipe.yaml) or an exported artifact in place: writes
     calibration.json and the reliability PNG next to the weights' recipe (or into `out`)."""
-    import torch
-
-    from .config import load_recipe
-    from .decoding import SpeculativeDecoder, TreePolicy
-    from .artifact import load_artifact
-    from .target import load_target
-
     root = Path(run_or_artifact).expanduser()
     recipe_file = RunDir(root).recipe
     if not recipe_file.is_file():
@@ -568,9 +176,9 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
 
     # 5. measure: the tuned adaptive policy and the best fixed chain, same prompts
     if cc.measure:
-        adaptive = SpeculativeDecoder(target, drafter, calibration=cal.to_json())
+        tuned = SpeculativeDecoder(target, drafter, calibration=cal.to_json())
         cal.measured = {"probe": probe_measured,
-                        "adaptive": _measure(adaptive, probe_prompts, cc.max_new_tokens, mode="adaptive")[0],
+                        "adaptive": _measure(tuned, probe_prompts, cc.max_new_tokens, mode="adaptive")[0],
                         "best_chain": _measure(decoder, probe_prompts, cc.max_new_tokens,
                                                policy=TreePolicy.chain(chain_d))[0]}
     else:

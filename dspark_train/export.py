@@ -17,8 +17,18 @@ from typing import Any, Optional
 
 import yaml
 
-from .artifact import (ARTIFACT_FILES, CARD, CONFIG, FINGERPRINT_FIELDS, FORMAT_VERSION, HUB_ID, WEIGHTS,
-                       check_safetensors, load_drafter, recorded_fingerprint)
+from .artifact import (
+    ARTIFACT_FILES,
+    CARD,
+    CONFIG,
+    FINGERPRINT_FIELDS,
+    FORMAT_VERSION,
+    HUB_ID,
+    WEIGHTS,
+    check_safetensors,
+    load_drafter,
+    recorded_fingerprint,
+)
 from .calibration import Calibration, read_calibration, summary_table
 from .config import RecipeError
 from .layout import CALIBRATION, RECIPE, TRAIN_SUMMARY, ArtifactError, RunDir, read_json, replace_dir
