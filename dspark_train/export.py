@@ -31,7 +31,8 @@ from .artifact import (
 )
 from .calibration import Calibration, read_calibration, summary_table
 from .config import RecipeError
-from .layout import CALIBRATION, RECIPE, TRAIN_SUMMARY, ArtifactError, RunDir, read_json, replace_dir
+from .layout import CALIBRATION, EVAL, RECIPE, TRAIN_SUMMARY, ArtifactError, RunDir, read_json, replace_dir
+from .report import REPORT_JSON
 
 
 class PushError(RecipeError):
@@ -80,7 +81,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False) ->
     except yaml.YAMLError as e:
         raise ArtifactError(f"{run.recipe}: invalid YAML ({e})") from None
     calibration = read_calibration(run.calibration) if run.calibration.is_file() else None
-    report = _optional_json(run.eval / "report.json")
+    report = _optional_json(run.eval / REPORT_JSON)
     summary = _optional_json(run.train_summary)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,7 @@ def _results_section(report: dict) -> list[str]:
     head = ["Benchmark", "prompts", "τ", "speedup", "tokens/s", "plain tokens/s"] + \
         [f"{n} tokens/s" for n in baseline_names] + ["verify rate", "lossless"]
     lines = ["## Measured acceptance and speedup", "",
-             "From `eval/report.json` of the training run: "
+             f"From `{EVAL}/{REPORT_JSON}` of the training run: "
              + ", ".join(f"{k} {_fmt(report.get(k))}" for k in ("mode", "temperature", "dtype", "device")
                          if report.get(k) is not None) + ". τ counts the bonus token; speedup is wall-clock "
              "tokens/s against plain decoding of the same target in the same run.", "",
