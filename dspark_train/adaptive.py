@@ -87,7 +87,7 @@ def tune_adaptive(stats: HeldoutStats, temperatures: Sequence[float], sps: np.nd
 
 def best_fixed_chain(stats: HeldoutStats, sps: np.ndarray) -> tuple[int, Outcome]:
     """The fixed-depth chain (d = 1..γ, no thresholds) with the highest simulated tokens/s."""
-    outs = {d: evaluate_policy(stats, [1.0] * stats.gamma, AdaptivePolicy(0.0, None, 1, d), sps)
-            for d in range(1, stats.gamma + 1)}
-    d = max(outs, key=lambda d: outs[d].tokens_per_s)
-    return d, outs[d]
+    outs = {depth: evaluate_policy(stats, [1.0] * stats.gamma, AdaptivePolicy(0.0, None, 1, depth), sps)
+            for depth in range(1, stats.gamma + 1)}
+    best = max(outs, key=lambda depth: outs[depth].tokens_per_s)
+    return best, outs[best]

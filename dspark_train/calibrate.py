@@ -89,13 +89,14 @@ def sps_table(cost: dict, max_b: int) -> np.ndarray:
 def _measure(decoder, prompts: list[list[int]], max_new_tokens: int, **kw) -> tuple[dict, list]:
     """Decode every prompt; τ and decode-only tokens/s (prefill excluded, as in the simulation)."""
     traces = [decoder.generate(p, max_new_tokens=max_new_tokens, **kw) for p in prompts]
-    rounds = [r for t in traces for r in t.rounds]
+    rounds = [r for trace in traces for r in trace.rounds]
     secs = sum(r.t_draft + r.t_verify + r.t_book for r in rounds)
     committed = sum(r.committed for r in rounds)
     return {"tau": round(sum(r.n_accepted + 1 for r in rounds) / max(1, len(rounds)), 4),
             "verified": round(sum(r.verified + 1 for r in rounds) / max(1, len(rounds)), 4),
             "tokens_per_s": round(committed / secs, 4) if secs else 0.0,
-            "end_to_end_tokens_per_s": round(sum(len(t.tokens) for t in traces) / sum(t.t_total for t in traces), 4),
+            "end_to_end_tokens_per_s": round(sum(len(tr.tokens) for tr in traces)
+                                             / sum(tr.t_total for tr in traces), 4),
             "rounds": len(rounds), "tokens": committed}, traces
 
 

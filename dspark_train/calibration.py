@@ -52,11 +52,11 @@ class AdaptivePolicy:
     beam: int = 1
 
     @classmethod
-    def from_json(cls, d: dict, node_budget: int = 32) -> "AdaptivePolicy":
+    def from_json(cls, obj: dict, node_budget: int = 32) -> "AdaptivePolicy":
         """calibration.json's `adaptive` object; a missing key takes the default (`node_budget` given)."""
-        wt = d.get("width_threshold")
-        return cls(float(d.get("depth_threshold", 0.0)), None if wt is None else float(wt),
-                   int(d.get("max_width", 1)), int(d.get("node_budget", node_budget)), int(d.get("beam", 1)))
+        wt = obj.get("width_threshold")
+        return cls(float(obj.get("depth_threshold", 0.0)), None if wt is None else float(wt),
+                   int(obj.get("max_width", 1)), int(obj.get("node_budget", node_budget)), int(obj.get("beam", 1)))
 
 
 def child_widths(want: int, top_prob, survival, width_threshold: Optional[float], depth_threshold: float
@@ -202,9 +202,9 @@ class Calibration:
     @classmethod
     def from_json(cls, source: Union[dict, str, Path]) -> "Calibration":
         """From a path or a parsed dict; unknown keys are ignored, a missing field is a TypeError."""
-        d = read_calibration(source)
+        data = read_calibration(source)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, path: Path) -> Path:
         """Atomic write (temp file + rename): readers never see half a file."""

@@ -24,8 +24,9 @@ def cmd_plan(args):
 
 def cmd_fetch_target(args):
     from .target import load_target
-    t = load_target(_load(args).target)
-    print(f"target ready: {t.name} ({t.num_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size})")
+    target = load_target(_load(args).target)
+    print(f"target ready: {target.name} ({target.num_layers} layers, hidden {target.hidden_size}, "
+          f"vocab {target.vocab_size})")
 
 
 def cmd_data(args):

@@ -24,7 +24,7 @@ from .chat import prompt_ids, user_messages
 from .config import REPO_ROOT, DataConfig, RecipeError, TargetConfig, load_recipe
 from .decoding import SpeculativeDecoder
 from .decoding.decoder import MODES
-from .layout import ARTIFACT, FINAL, RECIPE, read_json
+from .layout import ARTIFACT, CALIBRATION, FINAL, RECIPE, read_json
 from .report import (OUTPUTS, REPORT_JSON, REPORT_MD, RoundStat, Sample, assemble, method_metrics, render_markdown,
                      write_outputs, write_report)
 from .target import load_target
@@ -137,7 +137,7 @@ def load_benchmark(spec: str, data_root: str | Path, n: Optional[int] = None) ->
         except json.JSONDecodeError as e:
             raise BenchmarkError(f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         turns = row.get("turns") if isinstance(row, dict) else None
-        if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+        if not (isinstance(turns, list) and turns and all(isinstance(turn, str) for turn in turns)):
             raise BenchmarkError(f"{path}: line {lineno}: expected {{\"turns\": [\"...\", ...]}} "
                                  f"(a non-empty list of strings), got {line[:80]!r}")
         prompts.append(turns)
@@ -319,7 +319,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         name = artifact_name(spec, [PLAIN, *BASELINES, *drafters])
         drafter = load_artifact(spec, target=target)  # checks the fingerprint, attaches the target
         if cfg.mode == "adaptive" and drafter.calibration is None:
-            raise RecipeError(f"{spec}: --mode adaptive needs calibration.json (run `dspark calibrate` first)")
+            raise RecipeError(f"{spec}: --mode adaptive needs {CALIBRATION} (run `dspark calibrate` first)")
         drafters[name] = {"drafter": spec, "calibration": drafter.calibration,
                           **{k: getattr(drafter.config, k) for k in ("kind", "head", "block_size")}}
         methods[name] = decoder_method(target, drafter, cfg, gen["eos_token_id"])

@@ -103,8 +103,9 @@ def method_metrics(plain: list[list[Sample]], ours: list[list[Sample]], greedy: 
     })
     if drafter:  # sampled outputs differ by design: no divergence analysis
         out["divergences"] = None if not greedy else [
-            {"prompt": i, "turn": t, "position": pos, "plain_token": _at(p.ids, pos), "drafter_token": _at(o.ids, pos)}
-            for i, (pt, ot) in enumerate(zip(plain, ours)) for t, (p, o) in enumerate(zip(pt, ot))
+            {"prompt": i, "turn": turn, "position": pos, "plain_token": _at(p.ids, pos),
+             "drafter_token": _at(o.ids, pos)}
+            for i, (pt, ot) in enumerate(zip(plain, ours)) for turn, (p, o) in enumerate(zip(pt, ot))
             if (pos := first_divergence(p.ids, o.ids)) is not None]
     return out
 
@@ -127,9 +128,9 @@ def assemble(per_drafter: dict[str, dict], drafters: dict[str, dict], settings, 
         "device_name": env["device_name"], "dtype": env["dtype"],
         **{k: getattr(settings, k) for k in SETTINGS}, "threads": env["threads"],
         "benchmarks": per_drafter[primary],
-        "drafters": {name: {**{k: v for k, v in d.items() if k != "calibration"},
-                            "calibration": calibration_summary(d.get("calibration")),
-                            "benchmarks": per_drafter[name]} for name, d in drafters.items()},
+        "drafters": {name: {**{k: v for k, v in info.items() if k != "calibration"},
+                            "calibration": calibration_summary(info.get("calibration")),
+                            "benchmarks": per_drafter[name]} for name, info in drafters.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": env["versions"],
     }
@@ -168,13 +169,13 @@ def render_markdown(report: dict) -> str:
              f"device {report['device']} ({report['device_name']}, {report['threads']} threads) · dtype "
              f"{report['dtype']} · temperature {report['temperature']} · mode {report['mode']} · "
              f"max_new_tokens {report['max_new_tokens']} · {turns}", ""]
-    for name, d in report["drafters"].items():
-        baselines = sorted({b for e in d["benchmarks"].values() for b in e["baselines"]})
+    for name, drafter in report["drafters"].items():
+        baselines = sorted({b for e in drafter["benchmarks"].values() for b in e["baselines"]})
         lines += [f"## {name}", "",
                   "| benchmark | prompts | τ | verify rate | tok/s | plain tok/s | speedup | lossless | agreement | "
                   + " | ".join(f"{b} tok/s (×)" for b in baselines) + " |",
                   "|" + "---|" * (9 + len(baselines))]
-        for bname, e in d["benchmarks"].items():
+        for bname, e in drafter["benchmarks"].items():
             lossless = {True: "yes", False: "**no**", None: "n/a (sampling)"}[e["lossless"]]
             cells = [bname, str(e["n_prompts"]), _fmt(e["tau"]), _fmt(e["verify_rate"]), _fmt(e["tokens_per_s"], ".1f"),
                      _fmt(e["baseline_tokens_per_s"], ".1f"), _fmt(e["speedup"], ".2f") + "×", lossless,
@@ -182,24 +183,25 @@ def render_markdown(report: dict) -> str:
             cells += [f"{_fmt(e['baselines'][b]['tokens_per_s'], '.1f')} ({_fmt(e['baselines'][b]['speedup'])}×)"
                       if b in e["baselines"] else "—" for b in baselines]
             lines.append("| " + " | ".join(cells) + " |")
-        depth = max((len(e["accept_rate_by_position"]) for e in d["benchmarks"].values()), default=0)
+        depth = max((len(e["accept_rate_by_position"]) for e in drafter["benchmarks"].values()), default=0)
         if depth:
             lines += ["", "Acceptance by position (prefix survival / conditional):", "",
                       "| benchmark | " + " | ".join(str(k) for k in range(1, depth + 1)) + " |",
                       "|" + "---|" * (depth + 1)]
-            for bname, e in d["benchmarks"].items():
+            for bname, e in drafter["benchmarks"].items():
                 pairs = list(zip(e["accept_rate_by_position"], e["conditional_accept_by_position"]))
                 cells = [f"{_fmt(s)} / {_fmt(c)}" for s, c in pairs] + ["—"] * (depth - len(pairs))
                 lines.append(f"| {bname} | " + " | ".join(cells) + " |")
-        divs = [(b, x) for b, e in d["benchmarks"].items() for x in e["divergences"] or []]
+        divs = [(b, x) for b, e in drafter["benchmarks"].items() for x in e["divergences"] or []]
         if divs:
             lines += ["", f"Divergences from plain greedy ({len(divs)}): first differing position and the target's "
                       "top-2 logit gap there (near-ties are expected in bf16, not in fp32):", ""]
             lines += [f"- {b} prompt {x['prompt']} turn {x['turn']}: position {x['position']}, gap "
                       f"{_fmt(x['top2_logit_gap'], '.4f')}" for b, x in divs]
-        cal = d.get("calibration")
+        cal = drafter.get("calibration")
         if cal and cal.get("ece_before"):
-            pairs = ", ".join(f"{_fmt(b, '.1%')} → {_fmt(a, '.1%')}" for b, a in zip(cal["ece_before"], cal["ece_after"]))
+            pairs = ", ".join(f"{_fmt(b, '.1%')} → {_fmt(a, '.1%')}"
+                              for b, a in zip(cal["ece_before"], cal["ece_after"]))
             lines += ["", f"Confidence calibration (ECE by position, before → after STS): {pairs}"]
         lines.append("")
     if len(report["drafters"]) > 1:
@@ -234,14 +236,14 @@ def plot_report(report: dict, out: Path, calibration: Optional[dict]) -> list[Pa
 
     fig, axes = plt.subplots(1, len(benches), figsize=(4 * len(benches), 3.4), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], benches):
-        for i, (name, d) in enumerate(drafters.items()):
-            e = d["benchmarks"][b]
+        for i, (name, drafter) in enumerate(drafters.items()):
+            e = drafter["benchmarks"][b]
             ks = range(1, len(e["accept_rate_by_position"]) + 1)
             color = f"C{i}"
             ax.plot(ks, e["accept_rate_by_position"], "o-", color=color, label=f"{name} survival")
             ax.plot(ks, [c if c is not None else float("nan") for c in e["conditional_accept_by_position"]],
                     "x--", color=color, alpha=0.6, label=f"{name} conditional")
-        ax.set_title(f"{b} (τ " + ", ".join(_fmt(d['benchmarks'][b]['tau']) for d in drafters.values()) + ")")
+        ax.set_title(f"{b} (τ " + ", ".join(_fmt(dr['benchmarks'][b]['tau']) for dr in drafters.values()) + ")")
         ax.set_xlabel("draft position k")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1.02)
@@ -251,7 +253,7 @@ def plot_report(report: dict, out: Path, calibration: Optional[dict]) -> list[Pa
     fig.tight_layout()
     paths.append(_save(fig, out / ACCEPTANCE_PLOT))
 
-    bars = {name: [d["benchmarks"][b]["speedup"] for b in benches] for name, d in drafters.items()}
+    bars = {name: [dr["benchmarks"][b]["speedup"] for b in benches] for name, dr in drafters.items()}
     for base in sorted({x for e in report["benchmarks"].values() for x in e["baselines"]}):
         bars[base] = [report["benchmarks"][b]["baselines"].get(base, {}).get("speedup") for b in benches]
     fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(benches) * max(1, len(bars)) / 2), 3.6))

@@ -20,9 +20,9 @@ def conditional(conf_logits: np.ndarray, temperatures: Sequence[float],
                 biases: Optional[Sequence[float]] = None) -> np.ndarray:
     """c_k = σ(z_k / T_k + b_k): calibrated survival of slot k given slots 1..k−1 survived [N, γ]."""
     g = conf_logits.shape[1]
-    t = np.asarray(temperatures, float)[None, :g]
-    b = np.asarray(biases, float)[None, :g] if biases is not None and len(biases) else 0.0
-    return _sigmoid(conf_logits / t + b)
+    temps = np.asarray(temperatures, float)[None, :g]
+    offsets = np.asarray(biases, float)[None, :g] if biases is not None and len(biases) else 0.0
+    return _sigmoid(conf_logits / temps + offsets)
 
 
 def survival(conf_logits: np.ndarray, temperatures: Sequence[float],
@@ -48,7 +48,7 @@ def fit_sts(conf_logits: np.ndarray, survived: np.ndarray, observed: np.ndarray,
     within a slot): a temperature only sharpens or flattens, so it cannot remove a head's constant bias,
     e.g. a confidence head trained on the soft sampling label Σ min(p_t, p_d) and used for greedy
     acceptance. Without it b_k = 0 (the paper's STS). Returns (temperatures, offsets)."""
-    grid = sorted(float(t) for t in grid if t > 0)
+    grid = sorted(float(temp) for temp in grid if temp > 0)
     bgrid = sorted(float(b) for b in bias_grid) if bias_grid is not None and len(bias_grid) else [0.0]
     temps: list[float] = []
     biases: list[float] = []
@@ -60,11 +60,11 @@ def fit_sts(conf_logits: np.ndarray, survived: np.ndarray, observed: np.ndarray,
             biases.append(0.0)
             continue
         z, y, a = conf_logits[m, k], survived[m, k], prev[m]
-        score = lambda t, b: ece(a * _sigmoid(z / t + b), y, bins)  # noqa: E731
-        errs = np.array([[score(t, b) for b in bgrid] for t in grid])
+        score = lambda temp, bias: ece(a * _sigmoid(z / temp + bias), y, bins)  # noqa: E731
+        errs = np.array([[score(temp, bias) for bias in bgrid] for temp in grid])
         i, j = np.unravel_index(int(np.argmin(errs)), errs.shape)
         fine_t, fine_b = _refined(grid, i, refine), _refined(bgrid, j, refine // 4 if len(bgrid) > 1 else 0)
-        t_best, b_best = min(((t, b) for t in fine_t for b in fine_b),
+        t_best, b_best = min(((temp, bias) for temp in fine_t for bias in fine_b),
                              key=lambda tb: (score(*tb), abs(tb[0] - grid[i]) + abs(tb[1] - bgrid[j])))
         temps.append(round(float(t_best), 4))
         biases.append(round(float(b_best), 4))

@@ -131,8 +131,8 @@ def run_mode(target, dec, prompts, mode: str, max_new: int) -> dict:
     rounds = [r for _, _, tr, _ in rows for r in tr.rounds]
     n_plain = sum(len(p) for p, *_ in rows)
     n_spec = sum(len(tr.tokens) for _, _, tr, _ in rows)
-    t_plain = sum(t for _, t, _, _ in rows)
-    t_spec = sum(t for *_, t in rows)
+    t_plain = sum(secs for _, secs, _, _ in rows)
+    t_spec = sum(secs for *_, secs in rows)
     t_pre = sum(tr.t_prefill for _, _, tr, _ in rows)
     tau = statistics.fmean(r.n_accepted + 1 for r in rounds)
     ms = lambda xs: 1e3 * statistics.fmean(xs)  # noqa: E731
@@ -158,9 +158,10 @@ def print_mode(res: dict, label: str) -> None:
           f"tok/s {res['tokens_per_s']:.1f} vs {res['baseline_tokens_per_s']:.1f}  speedup {res['speedup']:.2f} "
           f"(decode {res['decode_speedup']:.2f} / ideal {res['ideal_speedup']:.2f} = efficiency "
           f"{res['efficiency']:.2f})  agreement {res['agreement']:.2f}")
-    for d in res["divergences"]:
-        print(f"    diverged: {d['benchmark']} #{d['prompt']} at token {d['position']}: top-2 gap "
-              f"{d['top2_gap']} (bf16 spacing {d['bf16_spacing']}) {'near-tie' if d['near_tie'] else 'NOT a near-tie'}")
+    for div in res["divergences"]:
+        print(f"    diverged: {div['benchmark']} #{div['prompt']} at token {div['position']}: top-2 gap "
+              f"{div['top2_gap']} (bf16 spacing {div['bf16_spacing']}) "
+              f"{'near-tie' if div['near_tie'] else 'NOT a near-tie'}")
 
 
 def main() -> None:

@@ -137,7 +137,8 @@ def test_report_schema_and_speedup_from_scripted_decoders(tiny_target, tmp_path)
                                           prompt_lookup_num_tokens=3)}
     bench = Benchmark("toy", tmp_path / "toy.jsonl", [["hi", "more"], ["hello"]])
     m = measure(bench, tiny_target, methods, args, ["good", "bad"])
-    drafters = {"good": {"drafter": "good-artifact", "calibration": None}, "bad": {"drafter": "bad", "calibration": None}}
+    drafters = {"good": {"drafter": "good-artifact", "calibration": None},
+                "bad": {"drafter": "bad", "calibration": None}}
     report = build_report([m], tiny_target, drafters, ["prompt-lookup"], args)
     write_report(report, tmp_path / "out", calibration=None)
 
