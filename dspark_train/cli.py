@@ -24,8 +24,9 @@ def cmd_plan(args):
 
 def cmd_fetch_target(args):
     from .target import load_target
-    t = load_target(_load(args).target)
-    print(f"target ready: {t.name} ({t.num_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size})")
+    target = load_target(_load(args).target)
+    print(f"target ready: {target.name} ({target.num_layers} layers, hidden {target.hidden_size}, "
+          f"vocab {target.vocab_size})")
 
 
 def cmd_data(args):
@@ -63,9 +64,55 @@ def cmd_push(args):
                   commit_message=args.commit_message, dry_run=args.dry_run)
 
 
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """`dspark eval`'s flags, one per `evaluate.EvalConfig` field. A flag left out is left out of the namespace
+    (SUPPRESS), so the EvalConfig defaults are the only defaults and the parser never imports torch."""
+    unset = argparse.SUPPRESS
+    p.add_argument("artifact", help="drafter artifact directory or Hub id")
+    p.add_argument("--target", default=unset,
+                   help="target model id/path or recipe YAML (default: the artifact's recipe.yaml, else the "
+                        "model id in its target fingerprint)")
+    p.add_argument("--benchmarks", default=unset, type=_comma_list,
+                   help="comma-separated names (<data-root>/eval/<name>.jsonl) or jsonl paths of {\"turns\": [...]}")
+    p.add_argument("--n", type=int, default=unset, help="prompts per benchmark (the first N; 0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=unset)
+    p.add_argument("--mode", default=unset, help="chain, tree or adaptive (needs calibration.json)")
+    p.add_argument("--temperature", type=float, default=unset, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=unset)
+    p.add_argument("--top-k", type=int, default=unset, help="0 = off")
+    p.add_argument("--seed", type=int, default=unset, help="sampling seed (each prompt and method reseeds)")
+    p.add_argument("--dtype", default=unset,
+                   help="target dtype, bfloat16 or float32 (default: the target recipe's, bfloat16 for a bare "
+                        "model id)")
+    p.add_argument("--device", default=unset, help="default: cuda when available, else cpu")
+    p.add_argument("--out", default=unset, help="output directory (report.json, report.md, plots)")
+    p.add_argument("--multi-turn", action="store_true", default=unset,
+                   help="all turns; later turns see the target's own previous answers")
+    p.add_argument("--save-outputs", action="store_true", default=unset, help="write every generation to outputs.jsonl")
+    p.add_argument("--compare", nargs="+", default=unset, metavar="ARTIFACT",
+                   help="more drafter artifacts measured in the same run (one report, one plot)")
+    p.add_argument("--baselines", default=unset, type=_comma_list,
+                   help="transformers baselines: prompt-lookup, assisted (needs --assistant); '' for none")
+    p.add_argument("--prompt-lookup-tokens", type=int, default=unset, help="prompt_lookup_num_tokens")
+    p.add_argument("--assistant", default=unset, help="small model with the same tokenizer for assisted generation")
+    p.add_argument("--threads", type=int, default=unset, help="torch CPU threads")
+    p.add_argument("--data-root", default=unset, help="data root (relative to the repo root)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=unset, help="no progress bars")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def eval_config(args: argparse.Namespace):
+    """The EvalConfig the parsed `dspark eval` flags describe (validated: a bad value exits 2 naming the flag)."""
+    from .evaluate import EvalConfig
+    return EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "fn")})
+
+
 def cmd_eval(args):
     from .evaluate import run_eval
-    run_eval(args)
+    run_eval(eval_config(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_push)
 
     s = sub.add_parser("eval", help="τ, acceptance and wall-clock speedup side by side, with plots")
-    from .evaluate import add_eval_arguments
     add_eval_arguments(s)
     s.set_defaults(fn=cmd_eval)
     return p

@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from .artifact import WEIGHTS
 from .config import REPO_ROOT, load_recipe
+from .layout import RunDir
+from .report import REPORT_JSON, REPORT_MD
 
 RECIPE = "recipes/smollm2_135m.yaml"
 BENCHMARKS = "gsm8k,mt-bench,humaneval,mbpp"
@@ -52,34 +55,33 @@ def main() -> int:
 
     recipe = load_recipe(REPO_ROOT / RECIPE, [s for s in sets if s != "--set"])
     conversations = recipe.resolve_data_path(recipe.data.conversations)
+    shown, files = RunDir(run_dir), RunDir(root)  # paths as the user typed them; the same from the repo root
     run(dspark + ["fetch-target", RECIPE])
     if conversations is None or not conversations.is_file():
         print(f"\nno regenerated conversations at {conversations}: regenerating a small set with the target")
-        data_sets = sets + ["--set", "data.conversations=null", "--set", f"data.output={run_dir}/data.jsonl",
+        data_sets = sets + ["--set", "data.conversations=null", "--set", f"data.output={shown.data}",
                             "--set", "data.max_prompts=" + ("32" if fast else "400")]
         run(dspark + ["data", RECIPE] + data_sets)
-        sets += ["--set", f"data.conversations={(root / 'data.jsonl').resolve()}"]
+        sets += ["--set", f"data.conversations={files.data.resolve()}"]
     else:
         print(f"\nusing target-regenerated conversations: {conversations}")
 
-    if (root / "final" / "model.safetensors").is_file():
-        print(f"\ntrained drafter found: {run_dir}/final (delete it to retrain)")
+    if (files.final / WEIGHTS).is_file():
+        print(f"\ntrained drafter found: {shown.final} (delete it to retrain)")
     else:
         run(dspark + ["train", RECIPE] + sets)
 
-    if not (root / "calibration.json").is_file():
+    if not files.calibration.is_file():
         run(dspark + ["calibrate", str(run_dir)] + [a for s in cfg["calibrate"] for a in ("--set", s)])
-    artifact = run_dir / "artifact"
-    report = run_dir / "eval" / "report.json"
-    if not (root / "eval" / "report.json").is_file():
-        run(dspark + ["export", str(run_dir), str(artifact), "--force"])
-        run(dspark + ["eval", str(artifact), "--mode", "adaptive", "--out", str(run_dir / "eval")] + cfg["eval"])
+    if not (files.eval / REPORT_JSON).is_file():
+        run(dspark + ["export", str(run_dir), str(shown.artifact), "--force"])
+        run(dspark + ["eval", str(shown.artifact), "--mode", "adaptive", "--out", str(shown.eval)] + cfg["eval"])
     # export last so the model card carries the measured table
-    run(dspark + ["export", str(run_dir), str(artifact), "--force"])
+    run(dspark + ["export", str(run_dir), str(shown.artifact), "--force"])
 
-    print("\n" + (root / "eval" / "report.md").read_text())
-    print(f"artifact:  {artifact}/\nreport:    {report} (+ report.md)\nplots:     {run_dir}/eval/*.png\n"
-          f"calibration: {run_dir}/calibration.json")
+    print("\n" + (files.eval / REPORT_MD).read_text())
+    print(f"artifact:  {shown.artifact}/\nreport:    {shown.eval / REPORT_JSON} (+ {REPORT_MD})\n"
+          f"plots:     {shown.eval}/*.png\ncalibration: {shown.calibration}")
     return 0
 
 

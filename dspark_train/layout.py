@@ -27,12 +27,15 @@ Writers never leave half a file: `write_atomic` writes a sibling temp file and r
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
+
+from .config import RecipeError
 
 RECIPE = "recipe.yaml"
 HELDOUT = "heldout_ids.json"
@@ -158,3 +161,23 @@ def replace_dir(tmp: Path, dest: Path) -> Path:
         raise
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+# --------------------------------------------------------------------------- reading back
+# Readers of the run's and the artifact's JSON files: a bad file is one line naming it, never a traceback.
+class ArtifactError(RecipeError):
+    """A missing, malformed or mismatched run or artifact file: the one-line message names the file or the
+    field (the CLI prints it and exits 2, as for a bad recipe). Here, below every reader, because
+    calibration.json is read by the decoder as well as by the artifact loader."""
+
+
+def read_json(path: Union[str, Path]) -> dict:
+    """A JSON object from `path`, or an ArtifactError naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    return data

@@ -60,3 +60,11 @@ def test_typo_key_exit_2(tmp_path):
 def test_set_override_reaches_plan(capsys):
     assert main(["plan", str(REPO / "recipes" / "tiny.yaml"), "--set", "drafter.num_layers=2"]) == 0
     assert "2 layer(s), block size 4" in capsys.readouterr().out
+
+
+def test_building_the_parser_imports_no_torch():
+    """`dspark --help` and `dspark plan` stay fast: the eval flags live in the CLI, not in the torch harness."""
+    code = ("import sys; from dspark_train.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert proc.stdout.strip() == "[]"

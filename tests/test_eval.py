@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
+from dspark_train.cli import add_eval_arguments, eval_config
 from dspark_train.cli import main as cli_main
-from dspark_train.evaluate import (PLAIN, Benchmark, BenchmarkError, RoundStat, acceptance_metrics,
-                                   add_eval_arguments, build_report, first_divergence, hf_method, load_benchmark,
-                                   measure, write_report, _gen_kwargs)
+from dspark_train.config import RecipeError
+from dspark_train.evaluate import (PLAIN, Benchmark, BenchmarkError, EvalConfig, build_report, generation_kwargs,
+                                   hf_method, load_benchmark, measure)
+from dspark_train.report import RoundStat, acceptance_metrics, first_divergence, write_report
 
 TOP_LEVEL = ("target", "drafter", "device", "dtype", "temperature", "mode", "benchmarks")
 PER_BENCHMARK = ("n_prompts", "tau", "accept_rate_by_position", "conditional_accept_by_position", "verify_rate",
@@ -19,7 +21,7 @@ PER_BENCHMARK = ("n_prompts", "tau", "accept_rate_by_position", "conditional_acc
 def eval_args(*argv):
     p = argparse.ArgumentParser()
     add_eval_arguments(p)
-    return p.parse_args(["artifact", "--no-progress", *argv])
+    return eval_config(p.parse_args(["artifact", "--no-progress", *argv]))
 
 
 # --------------------------------------------------------------------------- metrics
@@ -87,6 +89,33 @@ def test_cli_reports_bad_benchmark_in_one_line(tmp_path, capsys):
     assert "nope.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, flag", [(["--n", "-3"], "--n: must be >= 0"),
+                                        (["--max-new-tokens", "-5"], "--max-new-tokens: must be >= 1"),
+                                        (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+                                        (["--temperature", "-1"], "--temperature: must be >= 0"),
+                                        (["--top-p", "0"], "--top-p: must be in"), (["--top-p", "1.5"], "--top-p"),
+                                        (["--top-k", "-1"], "--top-k: must be >= 0"),
+                                        (["--mode", "beam"], "--mode: expected one of chain, tree, adaptive"),
+                                        (["--dtype", "int8"], "--dtype: expected one of"),
+                                        (["--baselines", "medusa"], "--baselines: unknown"),
+                                        (["--prompt-lookup-tokens", "0"], "--prompt-lookup-tokens: must be >= 1"),
+                                        (["--threads", "0"], "--threads: must be >= 1"),
+                                        (["--benchmarks", ","], "--benchmarks: no benchmark given")])
+def test_bad_eval_settings_exit_2_naming_the_flag(argv, flag, tmp_path, capsys):
+    """Checked before anything loads: one line naming the flag, exit 2, no traceback ([M] cases 1 and 2)."""
+    with pytest.raises(RecipeError, match=flag):
+        eval_args(*argv)
+    assert cli_main(["eval", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: " + flag.split(":")[0]) and "\n" not in err
+
+
+def test_eval_config_defaults_are_the_flags_defaults():
+    assert eval_args() == EvalConfig("artifact", progress=False)
+    with pytest.raises(RecipeError, match="--n: expected an integer, got '5'"):
+        EvalConfig("artifact", n="5")
+
+
 # --------------------------------------------------------------------------- the harness with scripted decoders
 def scripted(plain, trace, corrupt_at=None):
     """A 'decoder' that returns plain decoding's ids (optionally one token changed) and a fixed trace."""
@@ -100,13 +129,16 @@ def scripted(plain, trace, corrupt_at=None):
 
 def test_report_schema_and_speedup_from_scripted_decoders(tiny_target, tmp_path):
     args = eval_args("--max-new-tokens", "6", "--multi-turn")
-    plain = hf_method(tiny_target.model, _gen_kwargs(tiny_target, args))
+    plain = hf_method(tiny_target.model, generation_kwargs(tiny_target, args.temperature, args.top_p, args.top_k))
     trace = [RoundStat(5, 4, 4), RoundStat(5, 0, 4)]
     methods = {PLAIN: plain, "good": scripted(plain, trace), "bad": scripted(plain, trace, corrupt_at=2),
-               "prompt-lookup": hf_method(tiny_target.model, _gen_kwargs(tiny_target, args), prompt_lookup_num_tokens=3)}
+               "prompt-lookup": hf_method(tiny_target.model,
+                                          generation_kwargs(tiny_target, args.temperature, args.top_p, args.top_k),
+                                          prompt_lookup_num_tokens=3)}
     bench = Benchmark("toy", tmp_path / "toy.jsonl", [["hi", "more"], ["hello"]])
     m = measure(bench, tiny_target, methods, args, ["good", "bad"])
-    drafters = {"good": {"drafter": "good-artifact", "calibration": None}, "bad": {"drafter": "bad", "calibration": None}}
+    drafters = {"good": {"drafter": "good-artifact", "calibration": None},
+                "bad": {"drafter": "bad", "calibration": None}}
     report = build_report([m], tiny_target, drafters, ["prompt-lookup"], args)
     write_report(report, tmp_path / "out", calibration=None)
 
@@ -142,7 +174,7 @@ def test_report_schema_and_speedup_from_scripted_decoders(tiny_target, tmp_path)
 
 def test_sampling_reports_lossless_null(tiny_target, tmp_path):
     args = eval_args("--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "20")
-    plain = hf_method(tiny_target.model, _gen_kwargs(tiny_target, args))
+    plain = hf_method(tiny_target.model, generation_kwargs(tiny_target, args.temperature, args.top_p, args.top_k))
     methods = {PLAIN: plain, "d": scripted(plain, [RoundStat(3, 1, 2)])}
     m = measure(Benchmark("toy", tmp_path, [["hi"]]), tiny_target, methods, args, ["d"])
     e = build_report([m], tiny_target, {"d": {"drafter": "d"}}, [], args)["benchmarks"]["toy"]
@@ -154,7 +186,7 @@ def test_sampling_reports_lossless_null(tiny_target, tmp_path):
 def tiny_artifact(tmp_path_factory, tiny_recipe, tiny_target):
     """An untrained drafter exported like an artifact: config.json, model.safetensors, recipe.yaml, and a
     calibration.json with reliability bins (neutral temperatures, so chain drafting is unchanged)."""
-    from dspark_train.calibrate import Calibration
+    from dspark_train.calibration import Calibration
     from dspark_train.config import recipe_to_yaml
     from dspark_train.drafters import build_drafter
 
