@@ -52,7 +52,7 @@ $(ENGINE_STAMP):
 	touch $(ENGINE_STAMP)
 
 engine-check: setup $(ENGINE_STAMP)
-	$(PY) eval/engine_check.py prepare --out $(ENGINE_DIR) $(if $(RUN),--run $(RUN))
+	HF_HUB_OFFLINE=1 $(PY) eval/engine_check.py prepare --out $(ENGINE_DIR) $(if $(RUN),--run $(RUN))
 	HF_HUB_OFFLINE=1 $(ENGINE_PY) eval/engine_check.py engine --out $(ENGINE_DIR)
 
 clean:

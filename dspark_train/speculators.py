@@ -9,8 +9,9 @@ Facts this module relies on, read in the sources of speculators 0.9.0 and vllm-c
   1-based `feature_layers`. vLLM captures them in ascending order and internally stores id - 1.
 - Draft layers are Qwen3 layers: per-head q_norm/k_norm before RoPE on queries and on both context and block
   keys; the context (RMSNorm(fc(features)), `hidden_norm`) gets no input_layernorm.
-- `d2t` holds offsets (target id = draft id + d2t[draft id]); speculators rebuilds the draft LM head from a
-  boolean `t2d` mask, so draft ids must ascend with target ids: the export sorts the draft vocabulary.
+- `d2t` holds offsets (target id = draft id + d2t[draft id]); speculators builds its verifier head (and any
+  LM head missing from the file) from a boolean `t2d` mask, i.e. in ascending target-id order, so the export
+  sorts the draft vocabulary (a permutation: the draft distribution over target ids is unchanged).
 - `markov_head.markov_w1` has one row per *target* token (vLLM indexes it with the previous target id); ours
   has the draft rows plus one shared row for every token outside, which expands exactly.
 - MASK is row `mask_token_id` of `embed_tokens`. A frozen target row (`drafter.mask_token_id`) needs no

@@ -257,7 +257,7 @@ def main() -> int:
                    "head none, sample_from_anchor false, qk_norm)")
     p.add_argument("--benchmark", default="gsm8k")
     p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--mode", default="plain")
     args = p.parse_args()
     out = Path(args.out)
