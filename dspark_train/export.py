@@ -175,10 +175,14 @@ def load_artifact(path_or_hub_id: str | Path, target=None, revision: Optional[st
     Returns the Drafter (eval mode) with `.calibration` set to calibration.json's dict, or None when the
     artifact is uncalibrated. With a target: check the fingerprint (FingerprintMismatch names the field),
     move the drafter to the target's device and attach the target's frozen embedding and LM head."""
+    from .speculators import is_speculators_dir, load_speculators
+
     root = resolve_artifact(path_or_hub_id, revision, token)
-    drafter = load_drafter(_weights_dir(root))
+    speculators = is_speculators_dir(root)  # a `dspark export --format speculators` directory reads back too
+    drafter = load_speculators(root) if speculators else load_drafter(_weights_dir(root))
     if target is not None:
-        check_fingerprint(drafter, target, ignore)
+        if not speculators or drafter.config.target_fingerprint:  # foreign speculators files record none
+            check_fingerprint(drafter, target, ignore)
         drafter.to(target.device)
         drafter.attach_target(target)
     drafter.calibration = _optional_json(root / CALIBRATION)

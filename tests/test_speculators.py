@@ -13,6 +13,7 @@ from dspark_train import speculators as sp
 from dspark_train.cli import main
 from dspark_train.config import DrafterConfigSection, recipe_to_yaml
 from dspark_train.drafters import DrafterConfig, build_drafter
+from dspark_train.export import load_artifact
 
 GAMMA = 4
 
@@ -101,7 +102,7 @@ def test_export_names_and_shapes_match_the_format(tmp_path, tiny_recipe, tiny_ta
 def test_round_trip_gives_identical_draft_logits(tmp_path, tiny_recipe, tiny_target, opts, vocab, mask):
     run, d = make_run(tmp_path, tiny_recipe, tiny_target, vocab=vocab, **opts)
     out = sp.export_speculators(run, tmp_path / "spec", target=tiny_target, mask_token_id=mask)
-    back = sp.load_speculators(out).attach_target(tiny_target)
+    back = load_artifact(out, target=tiny_target)  # our loader reads the speculators directory back
     assert back.config.block_size == GAMMA and back.config.sample_from_anchor == d.config.sample_from_anchor
     ref_logits, ref_conf = draft_logits(d, tiny_target)
     logits, conf = draft_logits(back, tiny_target)
