@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import exit_code, load_recipe
+from .config import RecipeError, exit_code, load_recipe
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +53,13 @@ def cmd_calibrate(args):
 
 
 def cmd_export(args):
-    from .export import export_run
+    from .export import export_run, export_speculators
+    if args.format == "speculators":
+        out = export_speculators(args.run_dir, args.out_dir, mask_token_id=args.mask_token_id, force=args.force)
+        print(f"speculators-format drafter written to {out} (serve it: README, 'Serve it')")
+        return
+    if args.mask_token_id is not None:
+        raise RecipeError("--mask-token-id: applies to --format speculators only")
     out = export_run(args.run_dir, args.out_dir, force=args.force)
     print(f"artifact written to {out}")
 
@@ -148,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("out_dir")
     s.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    s.add_argument("--format", choices=("dspark", "speculators"), default="dspark",
+                   help="dspark: our artifact (default); speculators: the format vLLM and speculators load")
+    s.add_argument("--mask-token-id", type=int, default=None, metavar="ID",
+                   help="speculators: the embedding row that carries a learned MASK (default: a spare token)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("push", help="upload an artifact to the Hugging Face Hub")

@@ -70,6 +70,8 @@ class DrafterConfigSection:
     num_key_value_heads: Optional[int] = None
     draft_vocab_size: Optional[int] = None  # restrict the draft vocabulary to the most frequent tokens
     mask_token_id: Optional[int] = None  # None = a dedicated learned embedding
+    qk_norm: bool = True  # per-head q/k RMSNorm (Qwen3-style), as vLLM/SGLang/speculators draft layers compute
+    sample_from_anchor: bool = True  # false: DFlash fill-in layout (γ+1 slots), the one vLLM's "dflash" method runs
     medusa_heads: int = 4
     init_from: Optional[str] = None  # start from an exported drafter
 
