@@ -11,6 +11,7 @@ import yaml
 
 from .artifact import CALIBRATION, CONFIG, FINGERPRINT_FIELDS, FORMAT_VERSION, HUB_ID, RECIPE, WEIGHTS
 from .calibration import Calibration, summary_table
+from .hardware import Capabilities
 from .layout import EVAL, TRAIN_SUMMARY, ArtifactError
 from .report import REPORT_JSON
 
@@ -79,18 +80,25 @@ def _results_section(report: dict) -> list[str]:
     if not benches:
         return []
     baseline_names = sorted({n for b in benches.values() for n in (b.get("baselines") or {})})
-    head = ["Benchmark", "prompts", "τ", "speedup", "tokens/s", "plain tokens/s"] + \
+    head = ["Benchmark", "prompts", "τ", "speedup", "× fastest plain", "tokens/s", "plain tokens/s"] + \
         [f"{n} tokens/s" for n in baseline_names] + ["verify rate", "lossless"]
+    machine = report.get("machine")
+    where = f" on {Capabilities.from_dict(machine).describe()}" if machine else ""
     lines = ["## Measured acceptance and speedup", "",
-             f"From `{EVAL}/{REPORT_JSON}` of the training run: "
+             f"From `{EVAL}/{REPORT_JSON}` of the training run{where}: "
              + ", ".join(f"{k} {_fmt(report.get(k))}" for k in ("mode", "temperature", "dtype", "device")
                          if report.get(k) is not None) + ". τ counts the bonus token; speedup is wall-clock "
-             "tokens/s against plain decoding of the same target in the same run.", "",
+             "tokens/s against plain decoding of the same target at the same precision in the same run; "
+             "× fastest plain is against the fastest plain decoding measured there among float32/bfloat16 "
+             "(on a CPU without bf16 units the two precisions differ in speed, hardware.py).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def times(x) -> str:
+        return f"{x:.2f}×" if isinstance(x, (int, float)) else "–"
     for name, b in benches.items():
-        speedup = b.get("speedup")
-        row = [name, _fmt(b.get("n_prompts")), _fmt(b.get("tau")),
-               f"{speedup:.2f}×" if isinstance(speedup, (int, float)) else "–",
+        fastest = b.get("fastest_plain") or {}
+        row = [name, _fmt(b.get("n_prompts")), _fmt(b.get("tau")), times(b.get("speedup")),
+               times(b.get("speedup_vs_fastest_plain")) + (f" ({fastest['dtype']})" if fastest else ""),
                _fmt(b.get("tokens_per_s")), _fmt(b.get("baseline_tokens_per_s"))]
         row += [_fmt(((b.get("baselines") or {}).get(n) or {}).get("tokens_per_s")) for n in baseline_names]
         row += [_fmt(b.get("verify_rate")), _fmt(b.get("lossless"))]
@@ -196,9 +204,12 @@ def _training_section(config: dict, recipe: dict, summary: Optional[dict]) -> li
                      f"{_fmt(drafter.get('head_rank'))}, feature layers {_fmt(config.get('feature_layers'))}")
     if train:
         batch = (train.get("batch_size") or 0) * (train.get("grad_accum") or 1) * (dist.get("num_processes") or 1)
+        mixed = ((summary or {}).get("hardware") or {}).get("mixed_precision") or {}
+        precision = f"`{train.get('mixed_precision')}`" + (
+            f" → `{mixed['value']}` ({mixed['reason']})" if mixed.get("setting") == "auto" else "")
         lines.append(f"- optimisation: {_fmt(train.get('max_steps'))} steps, lr {_fmt(train.get('lr'))} "
                      f"(warmup {_fmt(train.get('warmup_ratio'))}, cosine), global batch {batch} sequences, "
-                     f"precision `{train.get('mixed_precision')}`")
+                     f"precision {precision}")
         lines.append(f"- loss: {_fmt(train.get('ce_weight'))}·CE + {_fmt(train.get('l1_weight'))}·L1 + "
                      f"{_fmt(train.get('conf_weight'))}·confidence BCE, "
                      f"position decay λ = {_fmt(train.get('decay_lambda'))}")

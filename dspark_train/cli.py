@@ -88,8 +88,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=unset, help="0 = off")
     p.add_argument("--seed", type=int, default=unset, help="sampling seed (each prompt and method reseeds)")
     p.add_argument("--dtype", default=unset,
-                   help="target dtype, bfloat16 or float32 (default: the target recipe's, bfloat16 for a bare "
-                        "model id)")
+                   help="target dtype: auto (default: bfloat16 where the hardware computes it, i.e. CUDA with bf16 "
+                        "or a CPU with AMX/AVX512-BF16, else float32), bfloat16 or float32")
     p.add_argument("--device", default=unset, help="default: cuda when available, else cpu")
     p.add_argument("--out", default=unset, help="output directory (report.json, report.md, plots)")
     p.add_argument("--multi-turn", action="store_true", default=unset,
@@ -99,6 +99,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="more drafter artifacts measured in the same run (one report, one plot)")
     p.add_argument("--baselines", default=unset, type=_comma_list,
                    help="transformers baselines: prompt-lookup, assisted (needs --assistant); '' for none")
+    p.add_argument("--no-fastest-plain", dest="fastest_plain", action="store_false", default=unset,
+                   help="do not time plain decoding in the other of float32/bfloat16 (speedup_vs_fastest_plain "
+                        "then compares against the same precision only; saves memory on big targets)")
     p.add_argument("--prompt-lookup-tokens", type=int, default=unset, help="prompt_lookup_num_tokens")
     p.add_argument("--assistant", default=unset, help="small model with the same tokenizer for assisted generation")
     p.add_argument("--threads", type=int, default=unset, help="torch CPU threads")

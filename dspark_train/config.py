@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -46,7 +46,8 @@ class TargetConfig:
     revision: Optional[str] = None
     gguf_file: Optional[str] = None
     adapter: Optional[str] = None  # PEFT adapter merged at load
-    dtype: str = field(default="bfloat16", metadata=_choice("float32", "bfloat16", "float16"))
+    # auto: bfloat16 where the hardware computes it (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32
+    dtype: str = field(default="auto", metadata=_choice("auto", "float32", "bfloat16", "float16"))
     trust_remote_code: bool = False
     config: Optional[dict] = None  # inline architecture config: a randomly initialised target (tests)
     config_path: Optional[str] = None  # architecture config.json for offline planning of big targets
@@ -110,7 +111,7 @@ class TrainConfig:
     eval_every: int = 100
     log_every: int = 10
     seed: int = 0
-    mixed_precision: str = field(default="auto", metadata=_choice("auto", "no", "bf16"))
+    mixed_precision: str = field(default="auto", metadata=_choice("auto", "no", "bf16"))  # auto: bf16 where native
     ce_weight: float = 0.1
     l1_weight: float = 0.9
     conf_weight: float = 1.0
@@ -152,7 +153,7 @@ class CalibrateConfig:
     temperature_grid: list[float] = field(default_factory=lambda: [0.25 * i for i in range(1, 41)])
     max_nodes: int = 32  # tree node budget for adaptive mode
     max_width: int = 4  # candidates per depth in the probe decode and the most adaptive mode may use
-    dtype: str = field(default="bfloat16", metadata=_choice("float32", "bfloat16"))
+    dtype: str = field(default="auto", metadata=_choice("auto", "float32", "bfloat16"))  # as target.dtype
     profile_context: int = 256  # KV-cache length the cost profile SPS(B) is measured at
     profile_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
     measure: bool = True  # decode the prompts again with the tuned policy and the best chain to measure τ, tokens/s
@@ -365,5 +366,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     return recipe
 
 
-def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+def recipe_to_yaml(recipe: Recipe, notes: Sequence[str] = ()) -> str:
+    """The recipe as YAML; `notes` become leading comment lines (a run records what `auto` resolved to)."""
+    return "".join(f"# {n}\n" for n in notes) + yaml.safe_dump(recipe.to_dict(), sort_keys=False)

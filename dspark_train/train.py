@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -32,7 +32,8 @@ from .checkpoint import Progress, gather_full_state, restore, save_checkpoint
 from .config import Recipe, TrainConfig, exit_code, load_recipe, recipe_to_yaml
 from .data import (Batch, Example, GlobalOrder, conversations_path, eval_batches, load_conversations,
                    split_heldout, tokenize, train_batch)
-from .launch import deepspeed_plugins, resolve_mixed_precision
+from .hardware import detect, resolve_mixed_precision
+from .launch import deepspeed_plugins
 from .layout import RunDir, replace_dir, staging_dir, write_atomic
 from .losses import LossOutput, block_positions, dspark_loss, position_weights, summarise, target_distribution
 from .vocab import count_draft_tokens, select_draft_vocab
@@ -55,7 +56,7 @@ def setup_accelerator(recipe: Recipe, run: RunDir) -> tuple[Any, bool]:
         backend = recipe.distributed.backend or ("nccl" if torch.cuda.is_available() else "gloo")
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=60)))
     acc = Accelerator(
-        mixed_precision=resolve_mixed_precision(train_cfg.mixed_precision),
+        mixed_precision=resolve_mixed_precision(train_cfg.mixed_precision).value,
         gradient_accumulation_steps=train_cfg.grad_accum, deepspeed_plugins=plugins,
         log_with=recipe.logging.trackers or None, project_dir=str(run.root), kwargs_handlers=handlers)
     # accelerate registers the active DeepSpeed config with transformers, which would then build models inside
@@ -71,10 +72,24 @@ def setup_models(recipe: Recipe, acc, sharded_target: bool):
     from .drafters import build_drafter
     from .target import load_target
 
-    target = load_target(recipe.target)
+    target = load_target(recipe.target, acc.device.type)
     if not sharded_target:
         target.model.to(acc.device)
     return target, build_drafter(recipe.drafter, target)
+
+
+def hardware_record(recipe: Recipe, acc, target) -> dict:
+    """The machine and what `auto` chose on it, with the reasons: printed, written as recipe.yaml's header
+    comment and into train_summary.json (the recipe itself keeps `auto`, so it stays portable)."""
+    caps = detect(acc.device.type)
+    return {"machine": caps.describe(), "target_dtype": target.precision.to_dict(),
+            "mixed_precision": resolve_mixed_precision(recipe.train.mixed_precision, caps).to_dict()}
+
+
+def hardware_notes(hardware: dict) -> list[str]:
+    """`hardware_record` as lines: "machine: …", "target_dtype: auto → float32 (why)", "mixed_precision: …"."""
+    return [f"machine: {hardware['machine']}"] + [f"{k}: {v['setting']} → {v['value']} ({v['reason']})"
+                                                  for k, v in hardware.items() if isinstance(v, dict)]
 
 
 @dataclass
@@ -83,9 +98,10 @@ class TrainingData:
     heldout: list[Example]
 
 
-def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int) -> TrainingData:
+def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int, notes: Sequence[str] = ()) -> TrainingData:
     """Load the conversations, split off the held-out set, tokenise both. The main process records the resolved
-    recipe and the held-out ids in the run directory (calibrate and export read them)."""
+    recipe (headed by `notes` as comments: what `auto` chose) and the held-out ids in the run directory
+    (calibrate and export read them)."""
     data_cfg = recipe.data
     path = conversations_path(recipe)
     convs = load_conversations(path, data_cfg.max_prompts)
@@ -96,7 +112,7 @@ def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int) -> Train
               f"{dropped + held_dropped} dropped as shorter than one block (γ+1 = {gamma + 1} supervised tokens)")
     if acc.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(run.recipe, recipe_to_yaml(recipe))
+        write_atomic(run.recipe, recipe_to_yaml(recipe, notes))
         write_atomic(run.heldout, json.dumps(
             {"conversations": str(path), "seed": data_cfg.seed, "ids": [str(c["id"]) for c in held_convs]}, indent=1))
     return TrainingData(train_ex, held_ex)
@@ -269,7 +285,8 @@ def show_step(bar, acc, rec: dict, step: int, log_every: int) -> None:
 
 
 # =========================================================================== the final drafter
-def save_final(acc, run: RunDir, tr: Training, progress: Progress, data: TrainingData, ev: dict) -> None:
+def save_final(acc, run: RunDir, tr: Training, progress: Progress, data: TrainingData, ev: dict,
+               hardware: Optional[dict] = None) -> None:
     """<run>/final: a plain drafter with the consolidated fp32 weights, `save_pretrained` into a staging dir and
     renamed into place; train_summary.json beside it. Collective: every rank calls."""
     weights, _ = gather_full_state(acc, tr.named, tr.raw_opt, with_moments=False)
@@ -285,7 +302,7 @@ def save_final(acc, run: RunDir, tr: Training, progress: Progress, data: Trainin
     write_atomic(run.train_summary, json.dumps({
         "steps": progress.step, "tokens": progress.tokens,
         "tokens_per_s": progress.tokens / max(progress.seconds, 1e-9), "world_size": acc.num_processes,
-        "train_sequences": len(data.train), "heldout_sequences": len(data.heldout),
+        "train_sequences": len(data.train), "heldout_sequences": len(data.heldout), "hardware": hardware,
         "final": {k: v for k, v in ev.items() if k != "acc"} | {"acc_by_position": ev.get("acc")}}, indent=1))
     print(f"final drafter saved to {run.final}", flush=True)
 
@@ -302,8 +319,10 @@ def train(recipe: Recipe) -> Path:
     resume = run.latest_checkpoint()
     acc.print(f"resuming from {resume}" if resume else f"starting {run.root}", flush=True)
     target, drafter = setup_models(recipe, acc, sharded_target)
+    hardware = hardware_record(recipe, acc, target)
+    acc.print("\n".join(hardware_notes(hardware)), flush=True)
     gamma, pad_id = drafter.config.block_size, target.tokenizer.pad_token_id
-    data = setup_data(recipe, run, acc, target.tokenizer, gamma)
+    data = setup_data(recipe, run, acc, target.tokenizer, gamma, hardware_notes(hardware))
     setup_draft_vocab(recipe, run, acc, target, drafter, data.train)
     tr = setup_training(recipe, acc, target, drafter, sharded_target)
     progress = restore(resume, acc, tr.engine, tr.named, tr.raw_opt, tr.scheduler) if resume else Progress()
@@ -345,7 +364,7 @@ def train(recipe: Recipe) -> Path:
     bar.close()
     if held and not ev:  # a rerun of a finished run
         ev = evaluate(tr, held, train_cfg, acc, log, progress.step)
-    save_final(acc, run, tr, progress, data, ev)
+    save_final(acc, run, tr, progress, data, ev, hardware)
     log.close()
     acc.end_training()
     return run.root

