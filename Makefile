@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup lint test test-fast demo bench clean
+.PHONY: setup lint test test-fast demo bench curve clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ demo: setup
 
 bench: setup
 	$(PY) eval/bench.py
+
+# held-out τ against training minutes for the recipe variants (eval/learning_curve.py --help); on 2 cores two
+# variants train at once, one thread each. Smoke version: make curve CURVE_ARGS="--minutes 1,2 --variants baseline,kl"
+CURVE_ARGS ?=
+curve: setup
+	$(PY) eval/learning_curve.py --parallel 2 $(CURVE_ARGS)
 
 clean:
 	rm -rf runs
