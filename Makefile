@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup lint test test-fast demo bench clean engine-check
+.PHONY: setup lint test test-fast demo bench curve clean engine-check
 
 setup: $(STAMP)
 
@@ -59,6 +59,11 @@ $(ENGINE_STAMP):
 engine-check: setup $(ENGINE_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) eval/engine_check.py prepare --out $(ENGINE_DIR) $(if $(RUN),--run $(RUN))
 	HF_HUB_OFFLINE=1 $(ENGINE_PY) eval/engine_check.py engine --out $(ENGINE_DIR)
+# held-out τ against training minutes for the recipe variants (eval/learning_curve.py --help); on 2 cores two
+# variants train at once, one thread each. Smoke version: make curve CURVE_ARGS="--minutes 1,2 --variants baseline,kl"
+CURVE_ARGS ?=
+curve: setup
+	$(PY) eval/learning_curve.py --parallel 2 $(CURVE_ARGS)
 
 clean:
 	rm -rf runs

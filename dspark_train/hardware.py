@@ -141,3 +141,17 @@ def resolve_mixed_precision(setting: str, caps: Optional[Capabilities] = None) -
     caps = caps or detect()
     return Choice("auto", "bf16" if caps.bf16 else "no",
                   f"{_why(caps)} → " + ("bf16 autocast" if caps.bf16 else "fp32 training"))
+
+
+def run_record(device_type: str, target_precision, mixed_precision: str) -> dict:
+    """The machine and what `auto` chose on it, with the reasons: printed, written as recipe.yaml's header
+    comment and into train_summary.json (the recipe itself keeps `auto`, so it stays portable)."""
+    caps = detect(device_type)
+    return {"machine": caps.describe(), "target_dtype": target_precision.to_dict(),
+            "mixed_precision": resolve_mixed_precision(mixed_precision, caps).to_dict()}
+
+
+def record_lines(record: dict) -> list[str]:
+    """`run_record` as lines: "machine: …", "target_dtype: auto → float32 (why)", "mixed_precision: …"."""
+    return [f"machine: {record['machine']}"] + [f"{k}: {v['setting']} → {v['value']} ({v['reason']})"
+                                                for k, v in record.items() if isinstance(v, dict)]

@@ -24,6 +24,7 @@ from transformers import initialization as init
 from ..config import DrafterConfigSection
 from ..target import default_feature_layers
 from .config import FINGERPRINT_KEYS, DrafterConfig
+from .init import init_from_target
 
 
 @dataclass
@@ -449,6 +450,7 @@ class Drafter(PreTrainedModel):
 # ---------------------------------------------------------------------- construction
 def build_drafter(section: DrafterConfigSection, target) -> Drafter:
     """A new drafter for `target` (or the exported one at `section.init_from`), attached, on the target's device.
+    `section.init: target` starts a new one from the target's layers (drafters/init.py).
 
     A pruned draft vocabulary is set afterwards from data (`set_draft_vocab`), since it needs token counts.
     """
@@ -463,6 +465,8 @@ def build_drafter(section: DrafterConfigSection, target) -> Drafter:
                              + ", ".join(f"{k} ({getattr(cfg, k)} vs {getattr(drafter.config, k)})" for k in bad))
     else:
         drafter = Drafter(cfg)
+        if section.init == "target":
+            init_from_target(drafter, target, section.init_acceptance)
     return drafter.to(target.device).attach_target(target)
 
 
