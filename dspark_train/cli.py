@@ -98,6 +98,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=unset, help="torch CPU threads")
     p.add_argument("--data-root", default=unset, help="data root (relative to the repo root)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=unset, help="no progress bars")
+    p.add_argument("--truncate-prompts", action="store_true", default=unset,
+                   help="keep the last (window - max-new-tokens) tokens of a prompt too long for the target "
+                        "(default: refuse it, naming its length and the window)")
 
 
 def _comma_list(text: str) -> list[str]:

@@ -25,13 +25,32 @@ class RecipeError(ValueError):
 
 
 def exit_code(fn, *args) -> int:
-    """Run a CLI action: a bad recipe or a missing file prints one line on stderr and exits 2, no traceback."""
+    """Run a CLI action: a bad recipe, file or flag prints one line on stderr and exits 2, no traceback. An
+    OSError about a named path (missing, a directory, no permission, disk full) is the user's to fix too."""
     try:
         fn(*args)
     except (RecipeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def utf8_text(raw: bytes, path) -> str:
+    """`raw` decoded as UTF-8 (a leading BOM dropped); invalid UTF-8 is a RecipeError naming the file, the line
+    and the column, never a UnicodeDecodeError traceback."""
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = len(raw[raw.rfind(b"\n", 0, e.start) + 1:e.start].decode("utf-8", errors="replace")) + 1
+        raise RecipeError(f"{path}: line {line}: invalid UTF-8 (byte {raw[e.start]:#04x} at column {column}); "
+                          "save the file as UTF-8") from None
 
 
 def _choice(*values):
@@ -78,7 +97,9 @@ class DrafterConfigSection:
 class DataConfig:
     root: str = "../shared/data"  # where the local data files live; relative paths resolve against it
     prompts: str = "train/prompts_mix.jsonl"  # local jsonl/parquet or Hub dataset id
-    prompts_hub_id: Optional[str] = None  # public fallback when the local file is absent
+    # public Hub datasets ("owner/name" or "owner/name:config", train split) read when the local file is absent
+    prompts_hub_id: Optional[list[str]] = None
+    skip_bad_lines: bool = False  # skip (and count) malformed lines of prompt/conversation files instead of failing
     conversations: Optional[str] = "distill/smollm2-135m-instruct.jsonl"  # already regenerated answers
     output: Optional[str] = None  # where `dspark data` writes; default <train.output_dir>/data.jsonl
     max_seq_len: int = 1024
@@ -225,6 +246,8 @@ def _coerce(value: Any, tp, where: str):
         return _coerce(value, args[0], where)
     if origin is list:
         (item,) = typing.get_args(tp)
+        if item is str and isinstance(value, str):  # a single name is a list of one
+            value = [value]
         if not isinstance(value, list):
             raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -342,7 +365,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{src}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(utf8_text(path.read_bytes(), src)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""

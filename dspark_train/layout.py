@@ -30,10 +30,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from .config import RecipeError
 
@@ -181,3 +182,60 @@ def read_json(path: Union[str, Path]) -> dict:
     if not isinstance(data, dict):
         raise ArtifactError(f"{path}: expected a JSON object")
     return data
+
+
+def check_version(data: dict, path: Union[str, Path], current: int, fix: str = "upgrade dspark-train") -> int:
+    """The `format_version` of a file this code wrote (absent: 1), refusing one it cannot read (newer, or not a
+    positive int) in one line naming the file. Every versioned file's reader calls it."""
+    version = data.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= current:
+        raise ArtifactError(f"{path}: format_version {version!r} is not one this dspark-train reads "
+                            f"(1..{current}); {fix}")
+    return version
+
+
+class DataFileError(RecipeError):
+    """A malformed line in a JSON-lines input: the one-line message names the file and the line (CLI: exit 2)."""
+
+
+def iter_jsonl(path: Union[str, Path], skip_bad: bool = False, hint: str = "", quiet: bool = False
+               ) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSON-lines file: the one reader of every JSONL input.
+
+    Lines end at b"\\n" only (never at U+2028/U+2029 or other separators a JSON string may hold unescaped; a
+    trailing \\r is JSON whitespace), and each line is decoded as UTF-8 on its own, so a bad line names its
+    number. A bad line (invalid UTF-8 or JSON) is a DataFileError ending in `hint` (how to skip it), or with
+    `skip_bad` it is skipped and the skipped count is noted on stderr once the file is read (`quiet`: not noted,
+    for this code's own append-only files, where a kill may tear the last line)."""
+    path = Path(path)
+    bad = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            raw = raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
+                why = f"invalid UTF-8 (byte {raw[e.start]:#04x} at column {column})"
+            else:
+                if not text.strip():
+                    continue
+                try:
+                    value = json.loads(text.rstrip("\r\n"))  # columns counted on the line itself
+                except json.JSONDecodeError as e:
+                    why = f"invalid JSON ({e.msg} at column {e.colno})"
+                else:
+                    yield lineno, value
+                    continue
+            if not skip_bad:
+                raise DataFileError(f"{path}: line {lineno}: {why}" + (f"; {hint}" if hint else ""))
+            bad.append(f"line {lineno}: {why}")
+    if bad and not quiet:
+        more = f", and {len(bad) - 1} more" if len(bad) > 1 else ""
+        print(f"note: {path}: skipped {len(bad)} bad line{'s' if len(bad) > 1 else ''} ({bad[0]}{more})",
+              file=sys.stderr)
+
+
+def read_jsonl(path: Union[str, Path], skip_bad: bool = False, hint: str = "", quiet: bool = False) -> list:
+    """Every value of a JSON-lines file (`iter_jsonl`)."""
+    return [value for _, value in iter_jsonl(path, skip_bad, hint, quiet)]

@@ -34,6 +34,11 @@ def default_feature_layers(num_layers: int, count: int = 5) -> list[int]:
     return sorted(set(layers))
 
 
+class PromptTooLong(RecipeError):
+    """A prompt that, with the tokens to generate, does not fit the target's context window (a ValueError for
+    Python callers; the CLI prints it on one line and exits 2)."""
+
+
 @dataclass
 class TargetFeatures:
     features: torch.Tensor  # [B, T, m*d] concat of feature layers (drafter context input)
@@ -94,6 +99,35 @@ class FrozenTarget:
     @property
     def lm_head(self) -> nn.Linear:
         return self.model.get_output_embeddings()
+
+    @property
+    def context_window(self) -> Optional[int]:
+        """Positions the target can attend over: its config's max_position_embeddings (or n_positions, …),
+        else the tokenizer's model_max_length when that is a real limit; None when neither says."""
+        return self._window()[0]
+
+    def _window(self) -> tuple[Optional[int], str]:
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            n = getattr(self.config, key, None)
+            if isinstance(n, int) and n > 0:
+                return n, key
+        n = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(n, int) and 0 < n < 10**9:  # transformers' "no limit" is ~1e30
+            return n, "the tokenizer's model_max_length"
+        return None, ""
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int = 0, what: str = "prompt") -> None:
+        """Refuse (PromptTooLong, naming the counts and the window) a prompt that, with `max_new_tokens` more,
+        exceeds the context window: positions past it are not ones the target was trained on, and attention
+        over a huge prompt can run for hours before anything fails."""
+        window, source = self._window()
+        if window is None or prompt_tokens + max_new_tokens <= window:
+            return
+        if prompt_tokens >= window:
+            raise PromptTooLong(f"{what} is {prompt_tokens} tokens, longer than the target's window of {window} "
+                                f"tokens ({source})")
+        raise PromptTooLong(f"{what} is {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = "
+                            f"{prompt_tokens + max_new_tokens} > the target's window of {window} tokens ({source})")
 
     @property
     def device(self) -> torch.device:

@@ -88,7 +88,7 @@ def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int) -> Train
     recipe and the held-out ids in the run directory (calibrate and export read them)."""
     data_cfg = recipe.data
     path = conversations_path(recipe)
-    convs = load_conversations(path, data_cfg.max_prompts)
+    convs = load_conversations(path, data_cfg.max_prompts, data_cfg.skip_bad_lines)
     train_convs, held_convs = split_heldout(convs, data_cfg.heldout, data_cfg.seed)
     train_ex, dropped = tokenize(train_convs, tokenizer, data_cfg.max_seq_len, gamma)
     held_ex, held_dropped = tokenize(held_convs, tokenizer, data_cfg.max_seq_len, gamma)
