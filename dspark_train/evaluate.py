@@ -27,6 +27,7 @@ from .decoding.decoder import MODES
 from .layout import ARTIFACT, CALIBRATION, FINAL, RECIPE, DataFileError, iter_jsonl, read_json
 from .report import (OUTPUTS, REPORT_JSON, REPORT_MD, RoundStat, Sample, assemble, method_metrics, render_markdown,
                      write_outputs, write_report)
+from .runlock import holds_lock
 from .target import PromptTooLong, load_target
 
 BENCHMARKS = ("gsm8k", "mt-bench", "humaneval", "mbpp")
@@ -322,6 +323,7 @@ def benchmark_report(m: Measured, target, drafter: str, baselines: Sequence[str]
     return entry
 
 
+@holds_lock(lambda cfg: cfg.out, "dspark eval")
 def run_eval(cfg: EvalConfig) -> dict:
     """`dspark eval`: load, warm up, measure every benchmark side by side, write the report and plots."""
     if cfg.threads:

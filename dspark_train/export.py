@@ -33,6 +33,7 @@ from .calibration import Calibration, read_calibration, summary_table
 from .config import RecipeError
 from .layout import CALIBRATION, EVAL, RECIPE, TRAIN_SUMMARY, ArtifactError, RunDir, read_json, replace_dir
 from .report import REPORT_JSON
+from .runlock import holds_lock
 
 
 class PushError(RecipeError):
@@ -56,6 +57,7 @@ def _finish_tree(path: Path) -> None:
         os.close(fd)
 
 
+@holds_lock(lambda run_dir, out_dir, force=False: out_dir, "dspark export")
 def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
     """Write the artifact for a finished training run into out_dir (atomically); returns out_dir."""
     run, out = RunDir(run_dir), Path(out_dir).expanduser()

@@ -21,6 +21,9 @@ the whole contract:
       artifact/                    the exported artifact (the demo's `dspark export`)
       data.jsonl                   regenerated conversations when the demo had none
 
+One writer at a time: every command that writes a run directory (train, calibrate, export, data, eval --out)
+holds its lock, `<parent>/.<name>.lock` beside it (`lock_path`, runlock.py); a second one is refused.
+
 Writers never leave half a file: `write_atomic` writes a sibling temp file and renames it over the target
 (rename is atomic on POSIX), `atomic_path` does the same for writers that want a file name, and
 `replace_dir` moves a finished temp directory (conventionally `staging_dir(dest)`) into place.
@@ -115,6 +118,13 @@ class CheckpointFiles:
 
     def rng(self, rank: int) -> Path:
         return self.root / f"rng-{rank}.safetensors"
+
+
+def lock_path(path: Union[str, Path]) -> Path:
+    """The lock file of a run directory, artifact or output file (runlock.RunLock): `<parent>/.<name>.lock`,
+    beside it, so replacing the directory whole keeps it and a copy of the run does not carry it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
 
 
 def staging_dir(dest: Path) -> Path:

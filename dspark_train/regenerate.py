@@ -19,6 +19,7 @@ from .chat import prompt_ids
 from .config import Recipe, RecipeError
 from .data import (conversations_path, load_conversations, load_prompts, output_path, prompt_turns, read_jsonl,
                    write_jsonl_atomic)
+from .runlock import holds_lock
 from .target import PromptTooLong
 
 
@@ -162,6 +163,8 @@ def _shard_complete(out: Path, prompts: list[dict], i: int, n: int) -> bool:
     return all(p["id"] in seen for p in prompts[i::n])
 
 
+@holds_lock(lambda recipe, shard=None, target=None: _part_path(output_path(recipe), *parse_shard(shard)),
+            "dspark data")  # shards run side by side: each holds its own part file
 def run_data(recipe: Recipe, shard=None, target=None) -> Path:
     """`dspark data`: regenerate answers for the recipe's prompts with the frozen target.
 

@@ -35,6 +35,7 @@ from .data import (Batch, Example, GlobalOrder, conversations_path, eval_batches
 from .launch import deepspeed_plugins, resolve_mixed_precision
 from .layout import RunDir, replace_dir, staging_dir, write_atomic
 from .losses import LossOutput, block_positions, dspark_loss, position_weights, summarise, target_distribution
+from .runlock import holds_lock
 from .vocab import count_draft_tokens, select_draft_vocab
 
 
@@ -291,8 +292,10 @@ def save_final(acc, run: RunDir, tr: Training, progress: Progress, data: Trainin
 
 
 # =========================================================================== training
+@holds_lock(lambda recipe: recipe.resolve_path(recipe.train.output_dir), "dspark train", main_process_only=True)
 def train(recipe: Recipe) -> Path:
-    """Train the recipe's drafter; returns the run directory (final drafter in <run>/final)."""
+    """Train the recipe's drafter; returns the run directory (final drafter in <run>/final). The main process
+    holds the run directory's lock throughout (runlock.py): a second trainer on it is refused."""
     from tqdm.auto import tqdm
 
     train_cfg = recipe.train
