@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -66,7 +66,8 @@ class TargetConfig:
     revision: Optional[str] = None
     gguf_file: Optional[str] = None
     adapter: Optional[str] = None  # PEFT adapter merged at load
-    dtype: str = field(default="bfloat16", metadata=_choice("float32", "bfloat16", "float16"))
+    # auto: bfloat16 where the hardware computes it (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32
+    dtype: str = field(default="auto", metadata=_choice("auto", "float32", "bfloat16", "float16"))
     trust_remote_code: bool = False
     config: Optional[dict] = None  # inline architecture config: a randomly initialised target (tests)
     config_path: Optional[str] = None  # architecture config.json for offline planning of big targets
@@ -90,8 +91,13 @@ class DrafterConfigSection:
     num_key_value_heads: Optional[int] = None
     draft_vocab_size: Optional[int] = None  # restrict the draft vocabulary to the most frequent tokens
     mask_token_id: Optional[int] = None  # None = a dedicated learned embedding
+    qk_norm: bool = True  # per-head q/k RMSNorm (Qwen3-style), as vLLM/SGLang/speculators draft layers compute
+    sample_from_anchor: bool = True  # false: DFlash fill-in layout (γ+1 slots), the one vLLM's "dflash" method runs
     medusa_heads: int = 4
     init_from: Optional[str] = None  # start from an exported drafter
+    # random, or target: draft layers copied from the target layers after the last feature layer (drafters/init.py)
+    init: str = field(default="random", metadata=_choice("random", "target"))
+    init_acceptance: float = 0.3  # init: target: the confidence head starts at this expected per-slot acceptance
 
 
 @dataclass
@@ -105,6 +111,7 @@ class DataConfig:
     output: Optional[str] = None  # where `dspark data` writes; default <train.output_dir>/data.jsonl
     max_seq_len: int = 1024
     anchors_per_seq: int = 64
+    eval_anchors_per_seq: Optional[int] = None  # held-out evaluation anchors per sequence (None: anchors_per_seq)
     heldout: int = 64  # conversations held out for evaluation and calibration
     max_prompts: Optional[int] = None
     max_new_tokens: int = 256
@@ -112,13 +119,17 @@ class DataConfig:
     top_p: float = 0.95
     gen_batch_size: int = 8
     seed: int = 0
-    vocab_sample_seqs: int = 256  # training sequences whose target argmax ranks a pruned draft vocabulary
+    # a pruned draft vocabulary ranks tokens by training-label counts (the regenerated answers are the target's own
+    # tokens); > 0 adds the target's argmax over that many training sequences (a target forward each, with a bar)
+    vocab_sample_seqs: int = 0
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     max_steps: int = 1000
+    max_minutes: Optional[float] = None  # wall-clock training budget (evaluation excluded); max_steps stays a cap
+    eval_at_minutes: list[float] = field(default_factory=list)  # held-out evaluations at these training minutes
     lr: float = 6e-4
     warmup_ratio: float = 0.04
     weight_decay: float = 0.0
@@ -130,14 +141,23 @@ class TrainConfig:
     eval_every: int = 100
     log_every: int = 10
     seed: int = 0
-    mixed_precision: str = field(default="auto", metadata=_choice("auto", "no", "bf16"))
+    mixed_precision: str = field(default="auto", metadata=_choice("auto", "no", "bf16"))  # auto: bf16 where native
+    optimizer: str = field(default="adamw", metadata=_choice("adamw", "muon"))  # muon: 2-D hidden weights only
     ce_weight: float = 0.1
-    l1_weight: float = 0.9
+    l1_weight: float = 0.9  # weight of the distribution term (L1, KL or their blend: `loss`)
+    # l1: the paper's ‖p_d − p_t‖₁; kl: forward KL(p_t ‖ p_d); kl_to_l1: (1 − α)·KL + α·L1 (losses.py)
+    loss: str = field(default="l1", metadata=_choice("l1", "kl", "kl_to_l1"))
+    # kl_to_l1's α: acceptance = each slot's current acceptance estimate; progress = min(1, progress / blend_end)
+    blend: str = field(default="acceptance", metadata=_choice("acceptance", "progress"))
+    blend_end: float = 0.5  # blend: progress: the fraction of the horizon where the loss becomes pure L1
     conf_weight: float = 1.0
     # confidence label: soft = Σ min(p_d, p_t) (paper; sampling acceptance), greedy = argmax agreement
     conf_label: str = field(default="soft", metadata=_choice("soft", "greedy"))
     decay_lambda: float = 4.0
     num_threads: Optional[int] = None
+    # target features cached on disk for epochs >= 2 (feature_cache.py): off | bfloat16 | int8 (per-row scale) | float32
+    feature_cache: str = field(default="off", metadata=_choice("off", "bfloat16", "int8", "float32"))
+    feature_cache_dir: Optional[str] = None  # None: <run>/feature_cache; a shared root, e.g. ~/.cache/dspark/features
 
 
 @dataclass
@@ -172,7 +192,7 @@ class CalibrateConfig:
     temperature_grid: list[float] = field(default_factory=lambda: [0.25 * i for i in range(1, 41)])
     max_nodes: int = 32  # tree node budget for adaptive mode
     max_width: int = 4  # candidates per depth in the probe decode and the most adaptive mode may use
-    dtype: str = field(default="bfloat16", metadata=_choice("float32", "bfloat16"))
+    dtype: str = field(default="auto", metadata=_choice("auto", "float32", "bfloat16"))  # as target.dtype
     profile_context: int = 256  # KV-cache length the cost profile SPS(B) is measured at
     profile_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
     measure: bool = True  # decode the prompts again with the tuned policy and the best chain to measure τ, tokens/s
@@ -314,54 +334,39 @@ def _validate(r: Recipe, src: str) -> None:
             for x in v if isinstance(v, list) else [v]:
                 if isinstance(x, float) and not math.isfinite(x):
                     bad(f"{section}.{f.name}", f"must be a finite number, got {x}")
-    if r.target.num_feature_layers < 1:
-        bad("target.num_feature_layers", "must be >= 1")
+    limits = (("target.num_feature_layers drafter.head_rank drafter.medusa_heads drafter.intermediate_size "
+               "drafter.num_attention_heads drafter.num_key_value_heads drafter.draft_vocab_size data.max_seq_len "
+               "data.anchors_per_seq data.eval_anchors_per_seq data.max_new_tokens data.gen_batch_size "
+               "data.max_prompts train.max_steps train.batch_size train.grad_accum train.checkpoint_every "
+               "train.keep_checkpoints train.eval_every train.log_every train.num_threads distributed.num_processes "
+               "distributed.num_machines calibrate.prompts calibrate.batch_size calibrate.max_new_tokens "
+               "calibrate.max_nodes calibrate.max_width calibrate.profile_context", 1, ">="),
+              ("drafter.mask_token_id data.heldout data.temperature data.vocab_sample_seqs train.weight_decay "
+               "train.ce_weight train.l1_weight train.conf_weight calibrate.texts", 0, ">="),
+              ("train.lr train.grad_clip train.decay_lambda train.max_minutes", 0, ">"))
+    for keys, low, op in limits:  # every number with a plain lower bound; null, where allowed, is "not set"
+        for key in keys.split():
+            v = getattr(getattr(r, key.split(".")[0]), key.split(".")[1])
+            if v is not None and not (v >= low if op == ">=" else v > low):
+                bad(key, f"must be {op} {low}, got {v}")
     if r.target.feature_layers is not None and (not r.target.feature_layers or min(r.target.feature_layers) < 1):
         bad("target.feature_layers", f"must be >= 1 (layers are numbered from 1), got {r.target.feature_layers}")
-    for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads", "draft_vocab_size"):
-        if getattr(r.drafter, key) is not None and getattr(r.drafter, key) < 1:
-            bad(f"drafter.{key}", f"must be >= 1 or null, got {getattr(r.drafter, key)}")
-    if r.drafter.mask_token_id is not None and r.drafter.mask_token_id < 0:
-        bad("drafter.mask_token_id", f"must be a token id >= 0 or null, got {r.drafter.mask_token_id}")
     if r.drafter.block_size < 2:
         bad("drafter.block_size", f"must be >= 2, got {r.drafter.block_size}")
     if r.drafter.num_layers < 1 and r.drafter.kind == "dspark":
         bad("drafter.num_layers", "must be >= 1")
-    for key in ("head_rank", "medusa_heads"):
-        if getattr(r.drafter, key) < 1:
-            bad(f"drafter.{key}", "must be >= 1")
-    for key in ("max_seq_len", "anchors_per_seq", "max_new_tokens", "gen_batch_size"):
-        if getattr(r.data, key) < 1:
-            bad(f"data.{key}", "must be >= 1")
-    if r.data.heldout < 0:
-        bad("data.heldout", "must be >= 0")
-    if r.data.max_prompts is not None and r.data.max_prompts < 1:
-        bad("data.max_prompts", f"must be >= 1 or null (all), got {r.data.max_prompts}")
-    if r.data.temperature < 0:
-        bad("data.temperature", f"must be >= 0 (0 = greedy), got {r.data.temperature}")
     if not 0 < r.data.top_p <= 1:
         bad("data.top_p", f"must be in (0, 1], got {r.data.top_p}")
-    if r.data.vocab_sample_seqs < 0:
-        bad("data.vocab_sample_seqs", "must be >= 0 (0 = rank the draft vocabulary by label counts only)")
-    if not r.train.lr > 0:
-        bad("train.lr", f"must be > 0, got {r.train.lr}")
     if not 0 <= r.train.warmup_ratio < 1:
         bad("train.warmup_ratio", f"must be in [0, 1), got {r.train.warmup_ratio}")
-    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every", "log_every",
-                "keep_checkpoints"):
-        if getattr(r.train, key) < 1:
-            bad(f"train.{key}", f"must be >= 1, got {getattr(r.train, key)}")
-    for key in ("weight_decay", "ce_weight", "l1_weight", "conf_weight"):
-        if getattr(r.train, key) < 0:
-            bad(f"train.{key}", f"must be >= 0, got {getattr(r.train, key)}")
-    for key in ("grad_clip", "decay_lambda"):
-        if not getattr(r.train, key) > 0:
-            bad(f"train.{key}", f"must be > 0, got {getattr(r.train, key)}")
-    if r.train.num_threads is not None and r.train.num_threads < 1:
-        bad("train.num_threads", f"must be >= 1 or null, got {r.train.num_threads}")
-    for key in ("num_processes", "num_machines"):
-        if getattr(r.distributed, key) < 1:
-            bad(f"distributed.{key}", f"must be >= 1, got {getattr(r.distributed, key)}")
+    if any(not m > 0 for m in r.train.eval_at_minutes):
+        bad("train.eval_at_minutes", f"minutes must be > 0, got {r.train.eval_at_minutes}")
+    if not 0 < r.train.blend_end <= 1:
+        bad("train.blend_end", f"must be in (0, 1], got {r.train.blend_end}")
+    if not 0 < r.drafter.init_acceptance < 1:
+        bad("drafter.init_acceptance", f"must be in (0, 1), got {r.drafter.init_acceptance}")
+    if r.drafter.init == "target" and (r.drafter.kind != "dspark" or r.drafter.init_from):
+        bad("drafter.init", "target applies to a new dspark drafter (not kind medusa, not with init_from)")
     if not 0 <= r.distributed.machine_rank < r.distributed.num_machines:
         bad("distributed.machine_rank", f"must be in 0..num_machines-1 = {r.distributed.num_machines - 1}, "
                                         f"got {r.distributed.machine_rank}")
@@ -375,11 +380,6 @@ def _validate(r: Recipe, src: str) -> None:
             bad("logging.trackers", f"unknown tracker {t!r} (use wandb, tensorboard)")
     if r.calibrate.bins < 2:
         bad("calibrate.bins", "must be >= 2")
-    for key in ("prompts", "batch_size", "max_new_tokens", "max_nodes", "max_width", "profile_context"):
-        if getattr(r.calibrate, key) < 1:
-            bad(f"calibrate.{key}", f"must be >= 1, got {getattr(r.calibrate, key)}")
-    if r.calibrate.texts < 0:
-        bad("calibrate.texts", f"must be >= 0, got {r.calibrate.texts}")
     if not r.calibrate.temperature_grid or min(r.calibrate.temperature_grid) <= 0:
         bad("calibrate.temperature_grid", "must be a non-empty list of positive temperatures")
     if any(b < 1 for b in r.calibrate.profile_batch_sizes):
@@ -421,5 +421,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     return recipe
 
 
-def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+def recipe_to_yaml(recipe: Recipe, notes: Sequence[str] = ()) -> str:
+    """The recipe as YAML; `notes` become leading comment lines (a run records what `auto` resolved to)."""
+    return "".join(f"# {n}\n" for n in notes) + yaml.safe_dump(recipe.to_dict(), sort_keys=False)

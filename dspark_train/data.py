@@ -12,7 +12,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -20,7 +20,8 @@ import torch
 
 from .chat import conversation_ids
 from .config import Recipe, RecipeError, utf8_text
-from .layout import DataFileError, RunDir, atomic_path, iter_jsonl
+from .layout import (HELDOUT_VERSION, ArtifactError, DataFileError, RunDir, atomic_path, check_version, iter_jsonl,
+                     read_json_value, write_atomic)
 from .layout import read_jsonl as read_jsonl_file
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")  # owner/name, optionally :config
@@ -228,6 +229,23 @@ def split_heldout(items: list, n: int, seed: int, key=lambda x: x["id"]) -> tupl
     return [x for x in items if key(x) not in held], [x for x in items if key(x) in held]
 
 
+def save_heldout_split(path: Path, conversations: Path, seed: int, held: list) -> None:
+    """heldout_ids.json: which conversations the trainer held out, so calibration probes exactly those."""
+    write_atomic(path, json.dumps({"format_version": HELDOUT_VERSION, "conversations": str(conversations),
+                                   "seed": seed, "ids": [str(c["id"]) for c in held]}, indent=1))
+
+
+def read_heldout_split(path: Path):
+    """heldout_ids.json as save_heldout_split writes it (a bare list of ids in the first runs), version-checked;
+    one line naming the file otherwise."""
+    raw = read_json_value(path)
+    if isinstance(raw, dict):
+        check_version(raw, path, HELDOUT_VERSION)
+    if not isinstance(raw, list) and not (isinstance(raw, dict) and isinstance(raw.get("ids"), list)):
+        raise ArtifactError(f'{path}: expected {{"format_version", "conversations", "seed", "ids": [...]}}')
+    return raw
+
+
 # =========================================================================== anchors and batches
 @dataclass
 class Batch:
@@ -236,10 +254,11 @@ class Batch:
     anchor_pos: torch.Tensor  # [B, A] long, -1 = padding
     labels: torch.Tensor  # [B, A, γ] target token ids for slots 0..γ-1 (pad id where invalid)
     valid: torch.Tensor  # [B, A, γ] bool: the contiguous supervised prefix of each block
+    example_ids: tuple = field(default=())  # each row's Example.id (None = empty row): the feature cache's keys
 
     def to(self, device) -> "Batch":
         return Batch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.anchor_pos,
-                                               self.labels, self.valid)))
+                                               self.labels, self.valid)), self.example_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -302,7 +321,7 @@ def make_batch(examples: list[Optional[Example]], seeds: list[Optional[int]], an
         a = sample_anchors(e.loss_mask, anchors, s)
         apos[i, : len(a)] = a
     labels, valid = block_labels(ids, lmask, apos, gamma, pad_id)
-    return Batch(ids, att, apos, labels, valid)
+    return Batch(ids, att, apos, labels, valid, tuple(None if e is None else e.id for e in examples))
 
 
 class GlobalOrder:

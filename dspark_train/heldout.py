@@ -16,19 +16,9 @@ from .calibration import HeldoutStats
 from .chat import prompt_ids, user_messages
 from .config import RecipeError
 from .data import (Example, anchor_candidates, block_labels, conversations_path, load_prompts, prompt_turns,
-                   read_conversations, split_heldout, usable_conversations)
-from .layout import HELDOUT_VERSION, ArtifactError, RunDir, check_version, read_json_value
+                   read_conversations, read_heldout_split, split_heldout, usable_conversations)
+from .layout import RunDir
 from .regenerate import generate_batch
-
-
-def _heldout_ids(path: Path):
-    """heldout_ids.json (a bare list in the first runs), version-checked; one line naming the file otherwise."""
-    raw = read_json_value(path)
-    if isinstance(raw, dict):
-        check_version(raw, path, HELDOUT_VERSION)
-    if not isinstance(raw, list) and not (isinstance(raw, dict) and isinstance(raw.get("ids"), list)):
-        raise ArtifactError(f'{path}: expected {{"format_version", "conversations", "seed", "ids": [...]}}')
-    return raw
 
 
 def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str], list[list[int]], str]:
@@ -39,7 +29,7 @@ def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str]
     conv_file = conversations_path(recipe)
     ids_file = RunDir(run).heldout
     if ids_file.is_file():  # {"conversations": path, "seed": s, "ids": [...]} as train.py writes it, or a list
-        raw = _heldout_ids(ids_file)
+        raw = read_heldout_split(ids_file)
         wanted = [str(i) for i in (raw["ids"] if isinstance(raw, dict) else raw)]
         recorded = Path(raw["conversations"]) if isinstance(raw, dict) and raw.get("conversations") else None
         conv_file = recorded if recorded is not None and recorded.is_file() else conv_file

