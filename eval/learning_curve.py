@@ -111,14 +111,11 @@ def train_variant(name: str, overrides: list[str], args, threads: int) -> dict:
 # --------------------------------------------------------------------------- reading the runs
 def read_points(run: Path, minutes: list[float]) -> list[dict]:
     """The evaluation standing for each point (the last one tagged with it), plus the step-0 one as minute 0."""
-    records = []
-    for line in (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []:
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "eval/tau" in r:
-            records.append(r)
+    from dspark_train.layout import read_jsonl  # lines end at \n only; a line torn by a kill is skipped
+
+    metrics = run / "metrics.jsonl"
+    records = [r for r in (read_jsonl(metrics, skip_bad=True, quiet=True) if metrics.is_file() else [])
+               if "eval/tau" in r]
     points = []
     start = [r for r in records if r["step"] == 0]
     tagged = {m: [r for r in records if m in r.get("eval/at_minutes", [])] for m in minutes}
