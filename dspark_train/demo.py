@@ -23,8 +23,8 @@ BENCHMARKS = "gsm8k,mt-bench,humaneval,mbpp"
 def settings(fast: bool) -> dict:
     """Budgets: the full demo fits a coffee break on 2 cores; the fast one only proves the wiring."""
     if fast:
-        return dict(train=["train.max_steps=12", "train.checkpoint_every=6", "train.eval_every=6",
-                           "data.max_prompts=64", "data.heldout=8", "data.anchors_per_seq=16"],
+        return dict(train=["train.max_minutes=null", "train.max_steps=12", "train.checkpoint_every=6",
+                           "train.eval_every=6", "data.max_prompts=64", "data.heldout=8", "data.anchors_per_seq=16"],
                     calibrate=["calibrate.prompts=3", "calibrate.texts=8", "calibrate.max_new_tokens=24",
                                "calibrate.measure=false"],
                     eval=["--n", "2", "--max-new-tokens", "24", "--benchmarks", "gsm8k,mt-bench"])

@@ -21,7 +21,7 @@ from dspark_train.demo import RECIPE, run  # noqa: E402
 from dspark_train.layout import RunDir  # noqa: E402
 from dspark_train.report import REPORT_MD  # noqa: E402
 
-BASELINES = {"dflash": ["drafter.head=none"], "medusa": ["drafter.kind=medusa"]}
+BASELINES = {"dflash": ["drafter.head=none"], "medusa": ["drafter.kind=medusa", "drafter.init=random"]}
 
 
 def main() -> int:
@@ -36,9 +36,11 @@ def main() -> int:
     demo, out = RunDir(args.demo_dir), Path(args.out)  # relative to the repo root, as `make bench` runs
     if not (REPO / demo.artifact / WEIGHTS).is_file():
         run([sys.executable, "-m", "dspark_train.demo"])
-    # same budget as the DSpark drafter: the demo run's resolved recipe, with only the drafter kind changed
+    # same budget as the DSpark drafter (its wall-clock minutes and step cap): the demo run's resolved recipe, with
+    # only the drafter kind changed
     demo_recipe = yaml.safe_load((REPO / demo.recipe).read_text())
     budget = [f"train.max_steps={demo_recipe['train']['max_steps']}",
+              f"train.max_minutes={demo_recipe['train'].get('max_minutes') or 'null'}",
               f"data.conversations={demo_recipe['data']['conversations']}"]
     artifacts = []
     for name, change in BASELINES.items():
