@@ -1,7 +1,10 @@
 """Adaptive-k tuning (docs/method.md §4): replay the decoder's beam-1 adaptive policy on the probe decode's
 held-out rounds for any thresholds, and pick the depth threshold × width × node budget with the most committed
-tokens per second under this machine's cost profile SPS(B). numpy only: the replay shares the decoder's
-width/depth rule (`calibration.child_widths`) instead of importing the decoder.
+tokens per second under this machine's cost profile SPS(B). Plain decoding (node budget 0: no drafting, one
+token per target step at SPS(1)) is a candidate too, so the tuned policy is never expected to be slower than
+plain decoding on the measured cost curve. numpy only: the replay shares the decoder's width/depth rule
+(`calibration.child_widths`) instead of importing the decoder, and the decoder may re-run the search
+(`decoding/retune.py`) on a machine whose cost curve differs from the calibrating one's.
 """
 from __future__ import annotations
 
@@ -59,7 +62,8 @@ def simulate(stats: HeldoutStats, maps: Sequence[SlotMap], policy: AdaptivePolic
 def evaluate_policy(stats: HeldoutStats, maps: Sequence[SlotMap], policy: AdaptivePolicy, sps: np.ndarray
                     ) -> Outcome:
     tau, b = simulate(stats, maps, policy)
-    seconds = stats.t_draft + stats.t_book + 1.0 / sps[np.minimum(b, len(sps) - 1)]
+    overhead = 0.0 if policy.node_budget == 0 else stats.t_draft + stats.t_book  # budget 0: the decoder drafts nothing
+    seconds = overhead + 1.0 / sps[np.minimum(b, len(sps) - 1)]
     return Outcome(float(tau.mean()), float(b.mean()), float(tau.sum() / seconds.sum()))
 
 
@@ -68,10 +72,13 @@ def tune_adaptive(stats: HeldoutStats, maps: Sequence[SlotMap], sps: np.ndarray,
                   width_grid: Sequence[Optional[float]] = WIDTH_GRID) -> tuple[AdaptivePolicy, Outcome]:
     """Grid search over depth threshold × (width, width threshold) × node budget (1..γ, and the maximum)
     for the highest simulated tokens/s. A budget of d at width 1 is the fixed-depth-d chain, so the result
-    is never worse than the best fixed chain on these rounds. Ties go to fewer verified tokens, then to the
-    earlier grid point."""
+    is never worse than the best fixed chain on these rounds; plain decoding (budget 0) is the first
+    candidate, so where no draft pays the policy drafts nothing. Ties go to fewer verified tokens, then to the
+    earlier candidate."""
     budgets = sorted({b for b in range(1, stats.gamma + 1)} | {node_budget})
-    best = None
+    plain = AdaptivePolicy(0.0, None, 1, 0)
+    out = evaluate_policy(stats, maps, plain, sps)
+    best = ((round(out.tokens_per_s, 9), -out.verified), plain, out)
     for w in range(1, min(max_width, stats.width) + 1):
         for wt in (width_grid if w > 1 else [None]):
             for nb in (b for b in budgets if b <= node_budget):
@@ -79,7 +86,7 @@ def tune_adaptive(stats: HeldoutStats, maps: Sequence[SlotMap], sps: np.ndarray,
                     pol = AdaptivePolicy(float(dt), wt, w, nb)
                     out = evaluate_policy(stats, maps, pol, sps)
                     key = (round(out.tokens_per_s, 9), -out.verified)
-                    if best is None or key > best[0]:
+                    if key > best[0]:
                         best = (key, pol, out)
     return best[1], best[2]
 

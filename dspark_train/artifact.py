@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from .calibration import read_calibration
 from .drafters import Drafter
 from .drafters.config import FORMAT_VERSION
+from . import speculators
 from .layout import CALIBRATION, RECIPE, ArtifactError, RunDir, read_json
 
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
@@ -150,9 +151,11 @@ def load_artifact(path_or_hub_id: str | Path, target=None, revision: Optional[st
     names the field), move the drafter to the target's device and attach the target's frozen embedding and
     LM head."""
     root = resolve_artifact(path_or_hub_id, revision, token)
-    drafter = load_drafter(weights_dir(root))
+    foreign = speculators.is_speculators_dir(root)  # a `dspark export --format speculators` directory reads back
+    drafter = speculators.load_speculators(root) if foreign else load_drafter(weights_dir(root))
     if target is not None:
-        check_fingerprint(drafter, target, ignore)
+        if not foreign or drafter.config.target_fingerprint:  # speculators files from elsewhere record none
+            check_fingerprint(drafter, target, ignore)
         drafter.to(target.device)
         drafter.attach_target(target)
     calibration = root / CALIBRATION

@@ -19,9 +19,12 @@ Why each step (paper §3.2, docs/method.md §4):
   drafting replayed at every anchor (`anchor_stats`: one target forward per answer, tens of thousands of
   blocks in minutes on a CPU), not from one decode round per sample.
 - Whether verifying more tokens pays depends on the machine: SPS(B), target steps per second at B verified
-  tokens, is profiled once (the decoder's `load_or_measure_sps`, cached) and smoothed to be non-increasing.
+  tokens, is profiled once per machine key (CPU model or GPU name, CPU flags, threads, dtype: the decoder's
+  `cost_profile`, cached), smoothed to be non-increasing, and recorded with its key. The decoder re-tunes the
+  policy on these held-out rounds where it runs under another key (decoding/retune.py).
 - Depth and width thresholds are chosen to maximise committed tokens per second, Σ τ / Σ round time, on the
-  held-out rounds themselves.
+  held-out rounds themselves; plain decoding is a candidate, so the policy never expects to lose to it.
+- The dtype (`calibrate.dtype`, default auto) is bf16 only where the hardware computes it (hardware.py).
 
 The adaptive-k statistics come from one greedy *probe* decode per held-out prompt (its rounds start where
 the previous round stopped, and carry measured drafting times): a beam-1 tree whose spine is exactly
@@ -38,53 +41,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from .adaptive import best_fixed_chain, tune_adaptive
 from .artifact import load_artifact
 from .calibration import Calibration, plot_reliability, summary_table
 from .config import load_recipe
-from .decoding import SpeculativeDecoder, SPSProfile, TreePolicy, load_or_measure_sps
+from .hardware import detect
+from .decoding import SpeculativeDecoder, SPSProfile, TreePolicy, cost_profile
 from .heldout import anchor_stats, greedy_texts, heldout_prompts, stats_from_traces
 from .layout import CALIBRATION_STATS, RunDir
 from .sts import BIAS_GRID, fit_maps, position_metrics, text_folds
 from .target import load_target
-
-
-# =========================================================================== cost profile
-def smooth_sps(steps_per_s: Sequence[float]) -> list[float]:
-    """Isotonic fit (pool adjacent violators) making the step time non-decreasing in B, i.e. SPS
-    non-increasing: timing noise must not create fake sweet spots, and Algorithm 1's early stop assumes a
-    smoothly decaying curve."""
-    blocks: list[list[float]] = []  # [mean step time, weight]
-    for s in steps_per_s:
-        blocks.append([1.0 / s, 1.0])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (m1, w1), (m2, w2) = blocks[-2], blocks.pop()
-            blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2]
-    out = []
-    for m, w in blocks:
-        out += [1.0 / m] * int(w)
-    return out
-
-
-def profile_cost(target, max_tokens: int, context: int, batch_sizes: Sequence[int] = (1,), refresh: bool = False
-                 ) -> dict:
-    """SPS(B) for B = 1..max_tokens verified tokens on this machine (the decoder's cached profiler), raw and
-    smoothed: batch 1 at the top level, R > 1 requests (B = R·n total tokens) under `batches`."""
-    out = {}
-    for r in sorted(set(batch_sizes) | {1}):
-        p = load_or_measure_sps(target, max_tokens=max_tokens, context=context, refresh=refresh, batch_size=r)
-        out[r] = {"tokens": list(p.tokens), "steps_per_s": [round(x, 4) for x in smooth_sps(p.steps_per_s)],
-                  "raw_steps_per_s": [round(x, 4) for x in p.steps_per_s], "meta": p.meta or {}}
-    return {**out[1], "batches": {str(r): v for r, v in out.items() if r > 1}}
-
-
-def sps_table(cost: dict, max_b: int) -> np.ndarray:
-    """SPS at B = 0..max_b (index B) from a cost profile dict, via the decoder's interpolation."""
-    f = SPSProfile(cost["tokens"], cost["steps_per_s"])
-    return np.array([f(max(b, 1)) for b in range(max_b + 1)])
 
 
 # =========================================================================== the command
@@ -116,15 +84,18 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     cc = recipe.calibrate
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     recipe.target.dtype = cc.dtype
-    target = load_target(recipe.target)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    target = load_target(recipe.target, device)  # calibrate.dtype auto: bf16 only where the hardware computes it
+    target.model.to(device)
     drafter = load_artifact(root, target=target)
     gamma = drafter.config.block_size
     width = cc.max_width
     names, prompt_list, source = heldout_prompts(root, recipe, target.tokenizer,
                                                  max(prompts or cc.prompts, cc.texts))
     probe_prompts = prompt_list[:prompts or cc.prompts]
+    caps = detect(device)
     say(f"calibrating {root}: {len(prompt_list)} held-out prompts ({source}), γ={gamma}, probe width {width}, "
-        f"{cc.dtype}, {torch.get_num_threads()} threads")
+        f"dtype {target.precision}, {caps.describe()}")
 
     # 1. STS statistics: the target's greedy answers, with greedy drafting replayed at every anchor
     sts_stats, sts_source = None, "probe rounds"
@@ -160,8 +131,8 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
 
     # 3. cost profile
     max_b = min(cc.max_nodes, width * gamma) + 1
-    cost = profile_cost(target, max_b, context=cc.profile_context, batch_sizes=cc.profile_batch_sizes)
-    sps = sps_table(cost, max_b)
+    cost = cost_profile(target, max_b, context=cc.profile_context, batch_sizes=cc.profile_batch_sizes)
+    sps = SPSProfile(cost["tokens"], cost["steps_per_s"]).table(max_b)
 
     # 4. adaptive-k tuning on the held-out rounds
     policy, expected = tune_adaptive(stats, maps, sps, cc.max_width, cc.max_nodes)
@@ -179,7 +150,9 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
                       "folds": "alternate held-out texts" if sts_stats.text is not None else "halves of the rows",
                       "seconds": round(fit_s, 1),
                       **({"file": CALIBRATION_STATS} if sts_stats is not stats else {})}, "count": after["count"],
-              "max_new_tokens": cc.max_new_tokens, "decoding": "greedy", "dtype": cc.dtype,
+              "max_new_tokens": cc.max_new_tokens, "decoding": "greedy", "dtype": target.precision.value,
+              "hardware": {"machine": caps.to_dict(), "dtype": target.precision.to_dict()},
+              "tuning": {"max_width": cc.max_width, "max_nodes": cc.max_nodes},
               "probe": {"width": width, "beam": 1, "depth": gamma, "prompts": len(probe_prompts),
                         "rounds": len(stats), "ece_after": on_probe["ece"], "auroc_after": on_probe["auroc"]},
               "target": target.fingerprint(), "threads": torch.get_num_threads(),

@@ -18,7 +18,9 @@ Fields (slot k = 1..γ; per-position lists have γ entries):
     adaptive: {depth_threshold, width_threshold (or null), max_width, node_budget, beam}  (AdaptivePolicy)
     ece_/auroc_/brier_ before, after     per-position metrics of the prefix survival a_k = Π_{i≤k} c_i
     expected, measured                   simulated / decoded τ, verified tokens, tokens/s of the tuned policy
-    cost_profile                         SPS(B): tokens, steps_per_s (smoothed), raw, meta, batches
+    cost_profile                         SPS(B): tokens, steps_per_s (smoothed), raw, meta, batches, and the
+                                         `machine` key it was measured under (device, name, flags, threads,
+                                         dtype): under another key the decoder re-tunes `adaptive`
     reliability                          {"before"|"after": {"k": [[mean predicted, observed, count], ...]}}
     data                                 what it was fitted on, including the probe's per-round `stats`
 
@@ -48,8 +50,8 @@ FORMAT_VERSION = 2  # 2: per-slot `maps` (and `ece_crossfit`); 1: STS from tempe
 class AdaptivePolicy:
     """The decoder's adaptive TreePolicy knobs (decoding/tree.py): a node gets children while the calibrated
     survival through their slot ≥ depth_threshold; `max_width` candidates where the top draft probability is
-    < width_threshold (None: everywhere), else 1; at most node_budget draft nodes; `beam` nodes expanded per
-    depth."""
+    < width_threshold (None: everywhere), else 1; at most node_budget draft nodes (0: plain decoding, the
+    drafter does not run); `beam` nodes expanded per depth."""
 
     depth_threshold: float = 0.0
     width_threshold: Optional[float] = None
@@ -287,8 +289,11 @@ def summary_table(cal: Calibration) -> str:
     width = ("1 (chain)" if ad["max_width"] == 1 else
              f"{ad['max_width']} where top draft prob < {ad['width_threshold']}" if ad["width_threshold"] is not None
              else f"{ad['max_width']} at every depth")
-    lines += ["", f"adaptive policy: depth threshold {ad['depth_threshold']:.2f} on calibrated survival; width "
-              f"{width}; node budget {ad['node_budget']}; beam {ad['beam']}"]
+    if ad["node_budget"] == 0:
+        lines += ["", "adaptive policy: plain decoding (no draft pays under this machine's cost profile)"]
+    else:
+        lines += ["", f"adaptive policy: depth threshold {ad['depth_threshold']:.2f} on calibrated survival; width "
+                  f"{width}; node budget {ad['node_budget']}; beam {ad['beam']}"]
     rows = [("adaptive (expected)", cal.expected.get("adaptive")),
             (f"chain d={cal.expected.get('best_chain_depth')} (expected)", cal.expected.get("best_chain")),
             ("probe decode (measured)", cal.measured.get("probe")),
@@ -303,8 +308,10 @@ def summary_table(cal: Calibration) -> str:
     if cp.get("steps_per_s"):
         s = cp["steps_per_s"]
         picks = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= len(s)]
-        lines += ["", "cost profile SPS(B) (smoothed, " + str(cp.get("meta", {}).get("device", "")) + ", "
-                  + str(cp.get("meta", {}).get("dtype", "")) + "): "
+        m, meta = cp.get("machine") or {}, cp.get("meta") or {}
+        where = f"{m['device']} {m['name']}" + (f", {m['threads']} threads" if m.get("threads") else "") if m \
+            else str(meta.get("device", ""))
+        lines += ["", f"cost profile SPS(B) (smoothed, {where}, {m.get('dtype') or meta.get('dtype', '')}): "
                   + ", ".join(f"B={b}: {s[b - 1]:.1f}/s" for b in picks)]
     return "\n".join(lines)
 

@@ -1,7 +1,8 @@
 """Resumable checkpoints that do not depend on the world size or on DeepSpeed.
 
 A checkpoint (`RunDir.checkpoint(step)`, files named by `layout.CheckpointFiles`) holds the full fp32 master
-weights and AdamW moments by parameter name, the scheduler, each rank's RNG and the *global* data position
+weights and optimizer state by parameter name (AdamW moments, or Muon's momentum: `optim.moment_keys`), the
+scheduler and its horizon (`Progress.schedule`, schedule.py), each rank's RNG and the *global* data position
 (samples consumed), so a run resumes at any number of processes, with or without DeepSpeed ZeRO-2/3. It is
 written into a staging directory and renamed into place, then `checkpoints/latest` is replaced atomically: a
 kill at any moment leaves the previous checkpoint intact. `restore` puts everything back in one call.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -18,18 +19,19 @@ import torch
 
 from .config import RecipeError
 from .layout import CheckpointFiles, RunDir, replace_dir, staging_dir, write_atomic
-
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+from .optim import ADAM_KEYS, moment_keys, set_moments
 
 
 @dataclass
 class Progress:
-    """Where training stands: optimizer steps taken, global samples consumed, and totals for the summary."""
+    """Where training stands: optimizer steps taken, global samples consumed, totals for the summary (`seconds` is
+    the training clock: rank-averaged step time, evaluation excluded) and the schedule's horizon record."""
 
     step: int = 0
     position: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    schedule: dict = field(default_factory=dict)  # schedule.Horizon.to_dict()
 
     def advance(self, samples: int, tokens: int, seconds: float) -> int:
         """Count one optimizer step that consumed `samples` global positions; returns the new step."""
@@ -51,8 +53,9 @@ def _is_zero3(param) -> bool:
 
 # =========================================================================== gathering (save side)
 def gather_full_state(acc, named: list, raw_opt, with_moments: bool = True) -> tuple[dict, dict]:
-    """Full fp32 master weights (and AdamW moments) by name; collective under DeepSpeed: every rank calls."""
-    if _is_deepspeed(acc):
+    """Full fp32 master weights (and optimizer moments) by name; collective under DeepSpeed: every rank calls."""
+    deepspeed = _is_deepspeed(acc)
+    if deepspeed:
         from deepspeed.utils import safe_get_full_fp32_param as get_weight
         from deepspeed.utils import safe_get_full_optimizer_state as get_moment
     else:
@@ -64,7 +67,7 @@ def gather_full_state(acc, named: list, raw_opt, with_moments: bool = True) -> t
     weights, moments = {}, {}
     for name, p in named:
         weights[name] = get_weight(p).float().cpu()
-        for k in ADAM_KEYS if with_moments else ():
+        for k in (ADAM_KEYS if deepspeed else moment_keys(raw_opt, p)) if with_moments else ():
             moments[f"{name}.{k}"] = get_moment(p, k).float().cpu()
     return weights, moments
 
@@ -128,7 +131,8 @@ def restore(path: Path, acc, engine, named: list, raw_opt, scheduler) -> Progres
         torch.set_rng_state(saved_rng["cpu"])
         if "cuda" in saved_rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(saved_rng["cuda"])
-    return Progress(state["step"], state["position"], state.get("tokens", 0), state.get("seconds", 0.0))
+    return Progress(state["step"], state["position"], state.get("tokens", 0), state.get("seconds", 0.0),
+                    state.get("schedule", {}))
 
 
 @torch.no_grad()
@@ -152,10 +156,10 @@ def _restore_weights(acc, named: list, weights: dict) -> None:
 def restore_optimizer(acc, engine, named: list, raw_opt, weights: dict, moments: dict, step: int) -> None:
     """Put saved masters and moments into the (possibly ZeRO-partitioned) optimizer after `prepare`."""
     if not _is_deepspeed(acc):
-        raw_opt.load_state_dict({"state": {i: {"step": torch.tensor(float(step)),
-                                               **{k: moments[f"{n}.{k}"].to(p) for k in ADAM_KEYS}}
-                                           for i, (n, p) in enumerate(named)},
-                                 "param_groups": raw_opt.state_dict()["param_groups"]})
+        try:
+            set_moments(raw_opt, named, moments, step, "checkpoint")
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
         return
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 

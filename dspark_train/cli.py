@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import exit_code, load_recipe
+from .config import RecipeError, exit_code, load_recipe
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +53,13 @@ def cmd_calibrate(args):
 
 
 def cmd_export(args):
-    from .export import export_run
+    from .export import export_run, export_speculators
+    if args.format == "speculators":
+        out = export_speculators(args.run_dir, args.out_dir, mask_token_id=args.mask_token_id, force=args.force)
+        print(f"speculators-format drafter written to {out} (serve it: README, 'Serve it')")
+        return
+    if args.mask_token_id is not None:
+        raise RecipeError("--mask-token-id: applies to --format speculators only")
     out = export_run(args.run_dir, args.out_dir, force=args.force)
     print(f"artifact written to {out}")
 
@@ -82,8 +88,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=unset, help="0 = off")
     p.add_argument("--seed", type=int, default=unset, help="sampling seed (each prompt and method reseeds)")
     p.add_argument("--dtype", default=unset,
-                   help="target dtype, bfloat16 or float32 (default: the target recipe's, bfloat16 for a bare "
-                        "model id)")
+                   help="target dtype: auto (default: bfloat16 where the hardware computes it, i.e. CUDA with bf16 "
+                        "or a CPU with AMX/AVX512-BF16, else float32), bfloat16 or float32")
     p.add_argument("--device", default=unset, help="default: cuda when available, else cpu")
     p.add_argument("--out", default=unset, help="output directory (report.json, report.md, plots)")
     p.add_argument("--multi-turn", action="store_true", default=unset,
@@ -93,6 +99,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="more drafter artifacts measured in the same run (one report, one plot)")
     p.add_argument("--baselines", default=unset, type=_comma_list,
                    help="transformers baselines: prompt-lookup, assisted (needs --assistant); '' for none")
+    p.add_argument("--no-fastest-plain", dest="fastest_plain", action="store_false", default=unset,
+                   help="do not time plain decoding in the other of float32/bfloat16 (speedup_vs_fastest_plain "
+                        "then compares against the same precision only; saves memory on big targets)")
     p.add_argument("--prompt-lookup-tokens", type=int, default=unset, help="prompt_lookup_num_tokens")
     p.add_argument("--assistant", default=unset, help="small model with the same tokenizer for assisted generation")
     p.add_argument("--threads", type=int, default=unset, help="torch CPU threads")
@@ -148,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("out_dir")
     s.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    s.add_argument("--format", choices=("dspark", "speculators"), default="dspark",
+                   help="dspark: our artifact (default); speculators: the format vLLM and speculators load")
+    s.add_argument("--mask-token-id", type=int, default=None, metavar="ID",
+                   help="speculators: the embedding row that carries a learned MASK (default: a spare token)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("push", help="upload an artifact to the Hugging Face Hub")

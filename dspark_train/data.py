@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -152,10 +152,11 @@ class Batch:
     anchor_pos: torch.Tensor  # [B, A] long, -1 = padding
     labels: torch.Tensor  # [B, A, γ] target token ids for slots 0..γ-1 (pad id where invalid)
     valid: torch.Tensor  # [B, A, γ] bool: the contiguous supervised prefix of each block
+    example_ids: tuple = field(default=())  # each row's Example.id (None = empty row): the feature cache's keys
 
     def to(self, device) -> "Batch":
         return Batch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.anchor_pos,
-                                               self.labels, self.valid)))
+                                               self.labels, self.valid)), self.example_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -218,7 +219,7 @@ def make_batch(examples: list[Optional[Example]], seeds: list[Optional[int]], an
         a = sample_anchors(e.loss_mask, anchors, s)
         apos[i, : len(a)] = a
     labels, valid = block_labels(ids, lmask, apos, gamma, pad_id)
-    return Batch(ids, att, apos, labels, valid)
+    return Batch(ids, att, apos, labels, valid, tuple(None if e is None else e.id for e in examples))
 
 
 class GlobalOrder:

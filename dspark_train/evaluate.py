@@ -2,16 +2,18 @@
 
 Every method (plain target ``generate``, each drafter's speculative decoder, transformers' prompt-lookup and
 assisted generation) runs on the same prompt back to back, in an order rotated per prompt, so machine drift
-cancels instead of biasing one method. This module measures; report.py holds the report's fields (the
+cancels instead of biasing one method. Plain decoding also runs in the other of float32/bfloat16, so each
+speedup is given twice: against plain decoding at the same precision (the papers' convention) and against the
+fastest plain decoding this machine offers (what a user would otherwise run; hardware.py explains why the two
+differ on CPUs without bf16 units). This module measures; report.py holds the report's fields (the
 binding schema of docs/method.md §7), report.md and the plots. The library takes an `EvalConfig`; the flags
 that fill it are cli.py's.
 """
 from __future__ import annotations
 
 import json
-import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -24,15 +26,21 @@ from .chat import prompt_ids, user_messages
 from .config import REPO_ROOT, DataConfig, RecipeError, TargetConfig, load_recipe
 from .decoding import SpeculativeDecoder
 from .decoding.decoder import MODES
+from .hardware import AUTO_DTYPES, detect
 from .layout import ARTIFACT, CALIBRATION, FINAL, RECIPE, read_json
-from .report import (OUTPUTS, REPORT_JSON, REPORT_MD, RoundStat, Sample, assemble, method_metrics, render_markdown,
-                     write_outputs, write_report)
+from .report import (OUTPUTS, REPORT_JSON, REPORT_MD, RoundStat, Sample, assemble, fastest_plain, method_metrics,
+                     render_markdown, speedup_over, write_outputs, write_report)
 from .target import load_target
 
 BENCHMARKS = ("gsm8k", "mt-bench", "humaneval", "mbpp")
 BASELINES = ("prompt-lookup", "assisted")
-DTYPES = ("bfloat16", "float32")
+DTYPES = ("auto", *AUTO_DTYPES)
 PLAIN = "plain"
+
+
+def plain_name(dtype: str) -> str:
+    """The method name of plain decoding in a dtype other than the target's, e.g. "plain-bfloat16"."""
+    return f"{PLAIN}-{dtype}"
 
 Method = Callable[[list[int], int], tuple[list[int], list[RoundStat]]]  # (prompt ids, max new) -> ids, rounds
 
@@ -57,13 +65,14 @@ class EvalConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int = 0  # sampling seed (each prompt and method reseeds)
-    dtype: Optional[str] = None  # target dtype; None: the target recipe's
+    dtype: str = "auto"  # target dtype; auto: bfloat16 where the hardware computes it, else float32 (hardware.py)
     device: Optional[str] = None  # None: cuda when available, else cpu
     out: str = "runs/eval"  # report.json, report.md, plots
     multi_turn: bool = False  # all turns; later turns see the target's own previous answers
     save_outputs: bool = False  # every generation in outputs.jsonl
     compare: list[str] = field(default_factory=list)  # more drafter artifacts, measured in the same run
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # transformers baselines
+    fastest_plain: bool = True  # also time plain decoding in the other of float32/bfloat16
     prompt_lookup_tokens: int = 10  # prompt_lookup_num_tokens
     assistant: Optional[str] = None  # small model with the target's tokenizer, for assisted generation
     threads: Optional[int] = None  # torch CPU threads
@@ -92,7 +101,7 @@ class EvalConfig:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             bad("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
-        if self.dtype is not None and self.dtype not in DTYPES:
+        if self.dtype not in DTYPES:
             bad("dtype", f"expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
         unknown = set(self.baselines) - set(BASELINES)
         if unknown:
@@ -149,7 +158,8 @@ def load_benchmark(spec: str, data_root: str | Path, n: Optional[int] = None) ->
 
 # --------------------------------------------------------------------------- loading
 def target_config(target: Optional[str], artifact: Path, dtype: Optional[str]) -> TargetConfig:
-    """`--target` as a recipe file or a model id/path; absent: the artifact's recipe, else its fingerprint."""
+    """`--target` as a recipe file or a model id/path; absent: the artifact's recipe, else its fingerprint.
+    `dtype` (when given) replaces the recipe's."""
     if target is not None and Path(target).suffix in (".yaml", ".yml"):
         cfg = load_recipe(target).target
     elif target is not None:
@@ -204,9 +214,8 @@ def hf_method(model, gen_kwargs: dict, **extra) -> Method:
     return run
 
 
-def decoder_method(target, drafter, cfg: EvalConfig, eos_token_id) -> Method:
+def decoder_method(decoder: SpeculativeDecoder, cfg: EvalConfig, eos_token_id) -> Method:
     """Our speculative decoder (dspark_train.decoding), its per-round trace turned into RoundStats."""
-    decoder = SpeculativeDecoder(target, drafter, calibration=drafter.calibration)
     sampling = dict(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                     eos_token_id=eos_token_id)
 
@@ -288,16 +297,23 @@ def measure(bench: Benchmark, target, methods: dict[str, Method], cfg: EvalConfi
 
 
 def benchmark_report(m: Measured, target, drafter: str, baselines: Sequence[str], greedy: bool) -> dict:
-    """The §7 entry of one benchmark for one drafter, with divergence gaps and the shared baselines."""
+    """The §7 entry of one benchmark for one drafter, with divergence gaps, the shared baselines and the
+    speedups against the fastest plain decoding measured (any dtype)."""
     plain = m.samples[PLAIN]
     entry = method_metrics(plain, m.samples[drafter], greedy)
     for div in entry["divergences"] or []:
         context = m.prompts[div["prompt"]][div["turn"]] + plain[div["prompt"]][div["turn"]].ids[:div["position"]]
         div["top2_logit_gap"] = top2_gap(target, context)
+    dtype = str(target.dtype).removeprefix("torch.")
+    fastest = fastest_plain({dtype: plain, **{d: m.samples[plain_name(d)] for d in AUTO_DTYPES
+                                              if d != dtype and plain_name(d) in m.samples}})
+    entry.update(fastest)
+    entry["speedup_vs_fastest_plain"] = speedup_over(entry["tokens_per_s"], fastest)
     entry["baselines"] = {}
     for b in baselines:
         r = method_metrics(plain, m.samples[b], greedy, drafter=False)
         entry["baselines"][b] = {k: r[k] for k in ("tokens_per_s", "speedup", "agreement", "lossless")}
+        entry["baselines"][b]["speedup_vs_fastest_plain"] = speedup_over(r["tokens_per_s"], fastest)
     entry["file"] = str(m.benchmark.path)
     return entry
 
@@ -310,24 +326,36 @@ def run_eval(cfg: EvalConfig) -> dict:
     baselines = [b for b in cfg.baselines if b != "assisted" or cfg.assistant]  # assisted needs --assistant
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    target = load_target(target_config(cfg.target, resolve_artifact(cfg.artifact), cfg.dtype))
+    tcfg = target_config(cfg.target, resolve_artifact(cfg.artifact), cfg.dtype)
+    target = load_target(tcfg, device.type)
     target.model.to(device)
+    print(f"{detect(device.type).describe()}; target dtype {target.precision}", flush=True)
     gen = generation_kwargs(target, cfg.temperature, cfg.top_p, cfg.top_k)
     methods: dict[str, Method] = {PLAIN: hf_method(target.model, gen)}
+    if cfg.fastest_plain:  # plain decoding in the other precision: the fastest plain decoding this machine offers
+        for dtype in AUTO_DTYPES:
+            if dtype != target.precision.value:
+                other = load_target(replace(tcfg, dtype=dtype), device.type).model.to(device)
+                methods[plain_name(dtype)] = hf_method(other, gen)
     drafters: dict[str, dict] = {}
     for spec in [cfg.artifact, *cfg.compare]:
-        name = artifact_name(spec, [PLAIN, *BASELINES, *drafters])
+        name = artifact_name(spec, [*methods, *BASELINES, *drafters])
         drafter = load_artifact(spec, target=target)  # checks the fingerprint, attaches the target
         if cfg.mode == "adaptive" and drafter.calibration is None:
             raise RecipeError(f"{spec}: --mode adaptive needs {CALIBRATION} (run `dspark calibrate` first)")
+        decoder = SpeculativeDecoder(target, drafter, calibration=drafter.calibration)
         drafters[name] = {"drafter": spec, "calibration": drafter.calibration,
                           **{k: getattr(drafter.config, k) for k in ("kind", "head", "block_size")}}
-        methods[name] = decoder_method(target, drafter, cfg, gen["eos_token_id"])
+        if cfg.mode == "adaptive":  # resolved before timing: a policy tuned on another machine is re-tuned here
+            decoder.adaptive_policy()
+            drafters[name]["adaptive_policy"] = decoder.adaptive_info
+            print(f"{name}: adaptive policy from {decoder.adaptive_info['source']} "
+                  f"({decoder.adaptive_info['why']})", flush=True)
+        methods[name] = decoder_method(decoder, cfg, gen["eos_token_id"])
     if "prompt-lookup" in baselines:
         methods["prompt-lookup"] = hf_method(target.model, gen, prompt_lookup_num_tokens=cfg.prompt_lookup_tokens)
     if "assisted" in baselines:
-        dtype = str(target.dtype).removeprefix("torch.")
-        assistant = load_target(TargetConfig(model=cfg.assistant, dtype=dtype))
+        assistant = load_target(TargetConfig(model=cfg.assistant, dtype=target.precision.value), device.type)
         if assistant.tokenizer.get_vocab() != target.tokenizer.get_vocab():
             raise RecipeError(f"--assistant {cfg.assistant}: its tokenizer differs from the target's")
         methods["assisted"] = hf_method(target.model, gen, assistant_model=assistant.model.to(device))
@@ -350,20 +378,17 @@ def run_eval(cfg: EvalConfig) -> dict:
 def build_report(measured: Sequence[Measured], target, drafters: dict[str, dict], baselines: Sequence[str],
                  cfg: EvalConfig) -> dict:
     """The §7 report of a finished measurement (report.assemble): per benchmark and drafter the metrics
-    against plain decoding, with the target's top-2 logit gap at every divergence; the settings; the machine."""
+    against plain decoding, with the target's top-2 logit gap at every divergence; the settings; the machine
+    (hardware.py: CPU model and the flags that matter, or the GPU) and the dtype choice with its reason."""
     greedy = cfg.temperature <= 0
     per_drafter = {name: {m.benchmark.name: benchmark_report(m, target, name, baselines, greedy) for m in measured}
                    for name in drafters}
-    environment = {"target": target.name, "device": target.device.type, "device_name": _device_name(target.device),
-                   "dtype": str(target.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+    caps = detect(target.device.type)
+    environment = {"target": target.name, "device": target.device.type, "device_name": caps.name,
+                   "machine": caps.to_dict(), "dtype": target.precision.value,
+                   "dtype_choice": target.precision.to_dict(), "threads": torch.get_num_threads(),
                    "versions": _versions()}
     return assemble(per_drafter, drafters, cfg, environment)
-
-
-def _device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def _versions() -> dict:

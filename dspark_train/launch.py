@@ -1,9 +1,10 @@
-"""How a training run is launched: the process command, the DeepSpeed plugins, the mixed precision.
+"""How a training run is launched: the process command and the DeepSpeed plugins.
 
 `dspark train` runs `build_launch_command`'s command: plain python for one process, else `accelerate launch`
 with a bundled or user accelerate config. Inside the launched trainer, `deepspeed_plugins` builds accelerate's
 two DeepSpeed plugins from the launch environment: "drafter" (the launch's ZeRO-2/3 config, with the recipe's
-batch, accumulation and clipping written in) and "target" (ZeRO-3 inference, the frozen target sharded).
+batch, accumulation and clipping written in) and "target" (ZeRO-3 inference, the frozen target sharded). Mixed
+precision and the target dtype resolve through hardware.py (`auto`: bf16 only where the hardware computes it).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import REPO_ROOT, Recipe, RecipeError
+from .hardware import resolve_dtype
 
 ACCELERATE_DIR = REPO_ROOT / "recipes" / "accelerate"
 
@@ -46,17 +48,6 @@ def build_launch_command(recipe: Recipe, recipe_path, overrides=()) -> list[str]
     return cmd + tail
 
 
-def resolve_mixed_precision(setting: str) -> str:
-    """"auto" = bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
-    if setting != "auto":
-        return setting
-    import torch
-
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
-
-
 def deepspeed_plugins(recipe: Recipe) -> Optional[dict]:
     """{"drafter": launch config with the recipe's batch/accumulation/clipping, "target": ZeRO-3 inference};
     None when the launch did not ask for DeepSpeed."""
@@ -78,7 +69,7 @@ def deepspeed_plugins(recipe: Recipe) -> Optional[dict]:
                      gradient_clipping=train_cfg.grad_clip)
     plugins = {"drafter": DeepSpeedPlugin(hf_ds_config=ds_config, zero3_init_flag=False)}
     if recipe.distributed.target_zero_stage == 3:
-        target_dtype = recipe.target.dtype
+        target_dtype = resolve_dtype(recipe.target.dtype).value
         plugins["target"] = DeepSpeedPlugin(hf_ds_config={  # the frozen model's batch size must be explicit
             "zero_optimization": {"stage": 3, "overlap_comm": False},
             "train_micro_batch_size_per_gpu": train_cfg.batch_size, "train_batch_size": train_cfg.batch_size * world,

@@ -12,6 +12,7 @@ the whole contract:
       checkpoints/step-NNNNNN/     drafter.safetensors, optimizer.safetensors, rng-<rank>.safetensors,
                                    trainer_state.json (train; resume)
       checkpoints/latest           name of the newest complete checkpoint
+      feature_cache/<key>/         cached target features, `train.feature_cache` (train; feature_cache.py)
       final/                       the trained drafter, `save_pretrained` (train; calibrate, export)
       train_summary.json           steps, tokens, held-out metrics (train; the model card)
       calibration.json             STS + adaptive policy + cost profile (calibrate; decoder, export)
@@ -51,6 +52,7 @@ RELIABILITY_PLOT = "calibration_reliability.png"
 EVAL = "eval"
 ARTIFACT = "artifact"
 DATA = "data.jsonl"
+FEATURE_CACHE = "feature_cache"
 TRAINER_STATE = "trainer_state.json"
 CKPT_WEIGHTS = "drafter.safetensors"
 CKPT_OPTIMIZER = "optimizer.safetensors"
@@ -79,6 +81,7 @@ class RunDir:
     eval = property(lambda self: self.root / EVAL)
     artifact = property(lambda self: self.root / ARTIFACT)
     data = property(lambda self: self.root / DATA)
+    feature_cache = property(lambda self: self.root / FEATURE_CACHE)
 
     latest_pointer = property(lambda self: self.checkpoints / LATEST)
 

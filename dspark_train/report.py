@@ -5,8 +5,10 @@ dict, report.md, the plots and outputs.jsonl. Measuring is evaluate.py's job; no
 Definitions: τ = mean committed tokens per verify round, bonus included; acceptance at position k = share of
 rounds that verified position k whose drafts 1..k all survived; conditional acceptance = the same given 1..k−1
 survived; verify rate = committed ÷ tokens in the verify passes (anchor included); speedup = tokens/s ÷ plain
-decoding's tokens/s on the same prompts in the same run; `lossless` = every greedy output equals plain greedy
-decoding (None when sampling).
+decoding's tokens/s at the same precision on the same prompts in the same run (the papers' convention);
+speedup_vs_fastest_plain = tokens/s ÷ the fastest plain decoding measured among float32/bfloat16 (what a user
+of this machine would otherwise run); `lossless` = every greedy output equals plain greedy decoding (None when
+sampling).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .calibration import Calibration, plot_reliability
+from .hardware import Capabilities
 from .layout import atomic_path, write_atomic
 
 REPORT_JSON, REPORT_MD, OUTPUTS = "report.json", "report.md", "outputs.jsonl"
@@ -110,6 +113,19 @@ def method_metrics(plain: list[list[Sample]], ours: list[list[Sample]], greedy: 
     return out
 
 
+def fastest_plain(plain_by_dtype: dict[str, list[list[Sample]]]) -> dict:
+    """Plain decoding's tokens/s per dtype (samples [prompt][turn]) and the fastest of them."""
+    tps = {d: _throughput([s for turns in samples for s in turns])[2] for d, samples in plain_by_dtype.items()}
+    best = max(tps, key=tps.get)
+    return {"plain_tokens_per_s_by_dtype": tps, "fastest_plain": {"dtype": best, "tokens_per_s": tps[best]}}
+
+
+def speedup_over(tokens_per_s: float, fastest: dict) -> Optional[float]:
+    """tokens/s ÷ the fastest plain decoding's (`fastest_plain`'s record)."""
+    base = fastest["fastest_plain"]["tokens_per_s"]
+    return tokens_per_s / base if base > 0 else None
+
+
 def _at(ids: Sequence[int], i: int) -> Optional[int]:
     return ids[i] if i < len(ids) else None
 
@@ -120,12 +136,14 @@ def assemble(per_drafter: dict[str, dict], drafters: dict[str, dict], settings, 
 
     per_drafter[name][benchmark]: method_metrics' entry (plus the target's top-2 gaps and the baselines);
     drafters[name]: {"drafter", "calibration", kind, head, block_size}; settings: the run's EvalConfig
-    (its SETTINGS fields are copied); environment: target, device, device_name, dtype, threads, versions."""
+    (its SETTINGS fields are copied); environment: target, device, device_name, machine (hardware.Capabilities),
+    dtype, dtype_choice (what was asked, chosen and why), threads, versions."""
     primary = next(iter(drafters))
     env = environment
     return {
         "target": env["target"], "drafter": drafters[primary]["drafter"], "device": env["device"],
-        "device_name": env["device_name"], "dtype": env["dtype"],
+        "device_name": env["device_name"], "machine": env.get("machine"), "dtype": env["dtype"],
+        "dtype_choice": env.get("dtype_choice"),
         **{k: getattr(settings, k) for k in SETTINGS}, "threads": env["threads"],
         "benchmarks": per_drafter[primary],
         "drafters": {name: {**{k: v for k, v in info.items() if k != "calibration"},
@@ -165,21 +183,30 @@ def _fmt(x, spec=".2f", none="—") -> str:
 def render_markdown(report: dict) -> str:
     """report.md: settings, one table per drafter, acceptance by position, divergences, comparison."""
     turns = "all turns" if report["multi_turn"] else "first turn"
+    machine = report.get("machine")
+    where = (Capabilities.from_dict(machine).describe() if machine else
+             f"{report['device']} ({report['device_name']}, {report['threads']} threads)")
+    choice = report.get("dtype_choice") or {}
+    dtype = report["dtype"] + (f" ({choice['setting']}: {choice['reason']})" if choice.get("setting") == "auto" else "")
     lines = [f"# Speculative decoding eval: {report['drafter']} on {report['target']}", "",
-             f"device {report['device']} ({report['device_name']}, {report['threads']} threads) · dtype "
-             f"{report['dtype']} · temperature {report['temperature']} · mode {report['mode']} · "
-             f"max_new_tokens {report['max_new_tokens']} · {turns}", ""]
+             f"machine {where} · dtype {dtype} · temperature {report['temperature']} · mode {report['mode']} · "
+             f"max_new_tokens {report['max_new_tokens']} · {turns}", "",
+             "speedup: against plain decoding at the same precision (the papers' convention); × fastest plain: "
+             "against the fastest plain decoding measured here among float32/bfloat16 (what this machine would "
+             "otherwise run).", ""]
     for name, drafter in report["drafters"].items():
         baselines = sorted({b for e in drafter["benchmarks"].values() for b in e["baselines"]})
         lines += [f"## {name}", "",
-                  "| benchmark | prompts | τ | verify rate | tok/s | plain tok/s | speedup | lossless | agreement | "
-                  + " | ".join(f"{b} tok/s (×)" for b in baselines) + " |",
-                  "|" + "---|" * (9 + len(baselines))]
+                  "| benchmark | prompts | τ | verify rate | tok/s | plain tok/s | speedup | fastest plain tok/s | "
+                  "× fastest plain | lossless | agreement | " + " | ".join(f"{b} tok/s (×)" for b in baselines) + " |",
+                  "|" + "---|" * (11 + len(baselines))]
         for bname, e in drafter["benchmarks"].items():
             lossless = {True: "yes", False: "**no**", None: "n/a (sampling)"}[e["lossless"]]
+            fastest = e.get("fastest_plain") or {}
             cells = [bname, str(e["n_prompts"]), _fmt(e["tau"]), _fmt(e["verify_rate"]), _fmt(e["tokens_per_s"], ".1f"),
-                     _fmt(e["baseline_tokens_per_s"], ".1f"), _fmt(e["speedup"], ".2f") + "×", lossless,
-                     _fmt(e["agreement"], ".0%")]
+                     _fmt(e["baseline_tokens_per_s"], ".1f"), _fmt(e["speedup"], ".2f") + "×",
+                     f"{_fmt(fastest.get('tokens_per_s'), '.1f')} ({fastest.get('dtype', '—')})",
+                     _fmt(e.get("speedup_vs_fastest_plain"), ".2f") + "×", lossless, _fmt(e["agreement"], ".0%")]
             cells += [f"{_fmt(e['baselines'][b]['tokens_per_s'], '.1f')} ({_fmt(e['baselines'][b]['speedup'])}×)"
                       if b in e["baselines"] else "—" for b in baselines]
             lines.append("| " + " | ".join(cells) + " |")
@@ -198,6 +225,10 @@ def render_markdown(report: dict) -> str:
                       "top-2 logit gap there (near-ties are expected in bf16, not in fp32):", ""]
             lines += [f"- {b} prompt {x['prompt']} turn {x['turn']}: position {x['position']}, gap "
                       f"{_fmt(x['top2_logit_gap'], '.4f')}" for b, x in divs]
+        policy = drafter.get("adaptive_policy")
+        if policy:
+            lines += ["", f"Adaptive policy: {_policy_text(policy.get('policy') or {})}; from {policy['source']} "
+                      f"({policy['why']})."]
         cal = drafter.get("calibration")
         if cal and cal.get("ece_before"):
             pairs = ", ".join(f"{_fmt(b, '.1%')} → {_fmt(a, '.1%')}"
@@ -206,14 +237,24 @@ def render_markdown(report: dict) -> str:
         lines.append("")
     if len(report["drafters"]) > 1:
         names = list(report["drafters"])
-        lines += ["## Comparison (τ / speedup)", "", "| benchmark | " + " | ".join(names) + " |",
+        lines += ["## Comparison (τ / speedup / × fastest plain)", "", "| benchmark | " + " | ".join(names) + " |",
                   "|" + "---|" * (len(names) + 1)]
         for bname in report["benchmarks"]:
-            cells = [f"{_fmt(report['drafters'][n]['benchmarks'][bname]['tau'])} / "
-                     f"{_fmt(report['drafters'][n]['benchmarks'][bname]['speedup'])}×" for n in names]
+            es = [report["drafters"][n]["benchmarks"][bname] for n in names]
+            cells = [f"{_fmt(e['tau'])} / {_fmt(e['speedup'])}× / {_fmt(e.get('speedup_vs_fastest_plain'))}×"
+                     for e in es]
             lines.append(f"| {bname} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _policy_text(p: dict) -> str:
+    if p.get("node_budget") == 0:
+        return "plain decoding (no draft pays under this machine's cost curve)"
+    width = p.get("max_width", 1)
+    return (f"depth threshold {_fmt(p.get('depth_threshold'))}, width {width}"
+            + (f" where top draft prob < {p['width_threshold']}" if width > 1 and p.get("width_threshold") else "")
+            + f", node budget {p.get('node_budget')}")
 
 
 def write_report(report: dict, out: Path, calibration: Optional[dict]) -> list[Path]:

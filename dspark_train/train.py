@@ -4,8 +4,11 @@
     accelerate launch --config_file recipes/accelerate/zero2.yaml -m dspark_train.train RECIPE
 
 `train` reads top to bottom: set up the accelerator, the target and drafter, the data, the draft vocabulary and
-the optimizer; `restore` the latest checkpoint if there is one; then each step accumulates `loss_step` over
-micro-batches, logs a `step_record`, evaluates and checkpoints on schedule; `save_final` writes the drafter.
+the optimizer; `restore` the latest checkpoint if there is one; fix the schedule's horizon (`setup_budget`: the
+recipe's max_steps, or a throughput probe under `train.max_minutes`, schedule.py); then each `train_step`
+accumulates `loss_step` over micro-batches and logs a `step_record`, the loop evaluates (every `eval_every` steps
+and at the `eval_at_minutes` points of the training clock) and checkpoints on schedule; `save_final` writes the
+drafter. Target features come online or through the feature cache (`train.feature_cache`, feature_cache.py).
 
 Under DeepSpeed two plugins run side by side (launch.py): "drafter" (ZeRO-2/3, trained) and "target" (ZeRO-3
 inference, the frozen target sharded across ranks). Checkpoints (checkpoint.py) are consolidated and world-size
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -24,17 +26,21 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
 from .checkpoint import Progress, gather_full_state, restore, save_checkpoint
-from .config import Recipe, TrainConfig, exit_code, load_recipe, recipe_to_yaml
+from .config import Recipe, RecipeError, TrainConfig, exit_code, load_recipe, recipe_to_yaml
 from .data import (Batch, Example, GlobalOrder, conversations_path, eval_batches, load_conversations,
                    split_heldout, tokenize, train_batch)
-from .launch import deepspeed_plugins, resolve_mixed_precision
+from .feature_cache import FeatureSource, open_cache
+from .hardware import record_lines, resolve_mixed_precision, run_record
+from .launch import deepspeed_plugins
 from .layout import RunDir, replace_dir, staging_dir, write_atomic
 from .losses import LossOutput, block_positions, dspark_loss, position_weights, summarise, target_distribution
+from .optim import build_optimizer
+from .schedule import Budget, Horizon, blend_alpha, probe_horizon, probe_step_seconds
 from .vocab import count_draft_tokens, select_draft_vocab
 
 
@@ -55,7 +61,7 @@ def setup_accelerator(recipe: Recipe, run: RunDir) -> tuple[Any, bool]:
         backend = recipe.distributed.backend or ("nccl" if torch.cuda.is_available() else "gloo")
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=60)))
     acc = Accelerator(
-        mixed_precision=resolve_mixed_precision(train_cfg.mixed_precision),
+        mixed_precision=resolve_mixed_precision(train_cfg.mixed_precision).value,
         gradient_accumulation_steps=train_cfg.grad_accum, deepspeed_plugins=plugins,
         log_with=recipe.logging.trackers or None, project_dir=str(run.root), kwargs_handlers=handlers)
     # accelerate registers the active DeepSpeed config with transformers, which would then build models inside
@@ -71,7 +77,7 @@ def setup_models(recipe: Recipe, acc, sharded_target: bool):
     from .drafters import build_drafter
     from .target import load_target
 
-    target = load_target(recipe.target)
+    target = load_target(recipe.target, acc.device.type)
     if not sharded_target:
         target.model.to(acc.device)
     return target, build_drafter(recipe.drafter, target)
@@ -81,11 +87,13 @@ def setup_models(recipe: Recipe, acc, sharded_target: bool):
 class TrainingData:
     train: list[Example]
     heldout: list[Example]
+    path: Path  # the conversations file (the feature cache's data key)
 
 
-def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int) -> TrainingData:
+def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int, notes: Sequence[str] = ()) -> TrainingData:
     """Load the conversations, split off the held-out set, tokenise both. The main process records the resolved
-    recipe and the held-out ids in the run directory (calibrate and export read them)."""
+    recipe (headed by `notes` as comments: what `auto` chose) and the held-out ids in the run directory
+    (calibrate and export read them)."""
     data_cfg = recipe.data
     path = conversations_path(recipe)
     convs = load_conversations(path, data_cfg.max_prompts)
@@ -96,10 +104,10 @@ def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int) -> Train
               f"{dropped + held_dropped} dropped as shorter than one block (γ+1 = {gamma + 1} supervised tokens)")
     if acc.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
-        write_atomic(run.recipe, recipe_to_yaml(recipe))
+        write_atomic(run.recipe, recipe_to_yaml(recipe, notes))
         write_atomic(run.heldout, json.dumps(
             {"conversations": str(path), "seed": data_cfg.seed, "ids": [str(c["id"]) for c in held_convs]}, indent=1))
-    return TrainingData(train_ex, held_ex)
+    return TrainingData(train_ex, held_ex, path)
 
 
 def setup_draft_vocab(recipe: Recipe, run: RunDir, acc, target, drafter, examples: list[Example]) -> None:
@@ -114,21 +122,11 @@ def setup_draft_vocab(recipe: Recipe, run: RunDir, acc, target, drafter, example
         counts = count_draft_tokens(target, examples, acc, recipe.train.batch_size, recipe.data.vocab_sample_seqs)
         vocab = select_draft_vocab(counts.cpu(), size, target.tokenizer)
         covered = float(counts[vocab.to(counts.device)].sum() / counts.sum().clamp_min(1))
-        acc.print(f"draft vocabulary: {len(vocab)} of {target.vocab_size} tokens, {covered:.1%} of counted "
-                  f"labels + target argmaxes")
+        what = "training labels" + (" + target argmaxes" if recipe.data.vocab_sample_seqs else "")
+        acc.print(f"draft vocabulary: {len(vocab)} of {target.vocab_size} tokens, {covered:.1%} of counted {what}")
         if acc.is_main_process:
             write_atomic(run.draft_vocab, json.dumps(vocab.tolist()))
     drafter.set_draft_vocab(vocab)
-
-
-def lr_lambda(max_steps: int, warmup_ratio: float):
-    warmup = math.ceil(warmup_ratio * max_steps)
-
-    def f(step: int) -> float:  # step = optimizer steps taken so far
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, max_steps - warmup)))
-    return f
 
 
 @dataclass
@@ -138,25 +136,35 @@ class Training:
     engine: Any  # the prepared drafter (DeepSpeed engine or wrapped module): forward, backward, accumulate
     drafter: Any  # the same drafter unwrapped: draft vocabulary, id mapping, config for the final save
     opt: Any  # the prepared optimizer: step / zero_grad
-    raw_opt: torch.optim.AdamW  # the optimizer as built: its param groups (lr) and, without DeepSpeed, moments
+    raw_opt: torch.optim.Optimizer  # the optimizer as built (optim.py): param groups (lr), moments without DeepSpeed
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    horizon: Horizon  # the schedule the scheduler follows (changed in place by the probe, a resume, re-estimates)
     named: list  # trainable (name, parameter) pairs in a fixed order: the checkpoint's keys
     target: Any  # the FrozenTarget
+    features: FeatureSource  # training batches' target features: online, or through the feature cache
     lm_head: torch.Tensor  # the target's LM head weight on this device, taken before sharding: p_t
     dtype: torch.dtype  # the drafter's parameter dtype: target features are cast to it
     position_weights: torch.Tensor  # exp(−(k−1)/λ) per block slot
 
 
-def setup_training(recipe: Recipe, acc, target, drafter, sharded_target: bool) -> Training:
-    """AdamW + warmup-cosine schedule, then `prepare`: the trained drafter first, the frozen target under its own
-    plugin second."""
+def setup_training(recipe: Recipe, run: RunDir, acc, target, drafter, sharded_target: bool,
+                   data: TrainingData) -> Training:
+    """Optimizer (AdamW, or Muon + AdamW) + warmup-cosine schedule over max_steps (a time budget re-aims it in
+    `setup_budget`), then `prepare`: the trained drafter first, the frozen target under its own plugin second;
+    the feature cache when the recipe asks for one."""
+    from accelerate.utils import DistributedType
     from transformers.integrations import unset_hf_deepspeed_config
 
     train_cfg = recipe.train
+    if train_cfg.optimizer == "muon" and acc.distributed_type == DistributedType.DEEPSPEED:
+        raise RecipeError(f"{recipe.source}: train.optimizer: muon is not supported under DeepSpeed ZeRO (it needs "
+                          "whole 2-D matrices; ZeRO partitions flattened parameters): use adamw, or launch without "
+                          "DeepSpeed")
     lm_head = target.lm_head.weight.detach().to(acc.device)
     named = [(n, p) for n, p in drafter.named_parameters() if p.requires_grad]
-    raw_opt = torch.optim.AdamW([p for _, p in named], lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(raw_opt, lr_lambda(train_cfg.max_steps, train_cfg.warmup_ratio))
+    raw_opt = build_optimizer(named, train_cfg)
+    horizon = Horizon.fixed(train_cfg.max_steps, train_cfg.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(raw_opt, lambda step: horizon.lr_factor(step))
     engine, opt = acc.prepare(drafter, raw_opt)
     unwrapped = acc.unwrap_model(engine)
     unwrapped.attach_target(target)  # DeepSpeed casts parameters, not buffers: re-copy in the training dtype
@@ -166,24 +174,63 @@ def setup_training(recipe: Recipe, acc, target, drafter, sharded_target: bool) -
         acc.state.select_deepspeed_plugin("drafter")
     unset_hf_deepspeed_config()  # again (selecting re-registers): the final drafter is built plainly on rank 0
     weights = position_weights(unwrapped.config.block_size, train_cfg.decay_lambda).to(acc.device)
-    return Training(engine, unwrapped, opt, raw_opt, scheduler, named, target, lm_head,
-                    next(unwrapped.parameters()).dtype, weights)
+    dtype = next(unwrapped.parameters()).dtype
+    cache = open_cache(recipe, run.feature_cache, target, data.path, acc.process_index)
+    if cache is not None:
+        acc.print(f"feature cache: {cache.dir} ({cache.fmt}, {len(cache.entries)} sequences stored)")
+    features = FeatureSource(target, cache, dtype, acc, sharded_target)
+    return Training(engine, unwrapped, opt, raw_opt, scheduler, horizon, named, target, features, lm_head, dtype,
+                    weights)
+
+
+def setup_budget(recipe: Recipe, acc, tr: Training, progress: Progress, probe_batches, epoch_size: int) -> Budget:
+    """The schedule's horizon: a resumed run's recorded one; under `train.max_minutes` a fresh run's comes from a
+    throughput probe (schedule.py), whose seconds go on the training clock; else max_steps."""
+    train_cfg = recipe.train
+    if progress.schedule:
+        restored = Horizon.from_dict(progress.schedule)
+        tr.horizon.warmup, tr.horizon.changes = restored.warmup, restored.changes
+    elif train_cfg.max_minutes is not None:
+        start = time.perf_counter()
+        tr.engine.eval()
+        with torch.no_grad():
+            per_step = probe_step_seconds(lambda b: loss_step(tr, b.to(acc.device), train_cfg)[1], probe_batches())
+        tr.engine.train()
+        per_step = float(acc.reduce(torch.tensor([per_step * train_cfg.grad_accum], device=acc.device), "mean"))
+        progress.seconds += float(acc.reduce(torch.tensor([time.perf_counter() - start], device=acc.device), "mean"))
+        fresh = probe_horizon(per_step, 60.0 * train_cfg.max_minutes - progress.seconds, train_cfg.max_steps,
+                              train_cfg.warmup_ratio)
+        tr.horizon.warmup, tr.horizon.changes = fresh.warmup, fresh.changes
+        tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.raw_opt, lambda step: tr.horizon.lr_factor(step))
+        acc.print(f"time budget {train_cfg.max_minutes:g} min: probe {per_step:.2f} s/step → horizon "
+                  f"{tr.horizon.steps} steps (warmup {tr.horizon.warmup})", flush=True)
+    progress.schedule = tr.horizon.to_dict()
+    return Budget(tr.horizon, train_cfg.max_steps, train_cfg.max_minutes, train_cfg.eval_at_minutes,
+                  progress.step, progress.seconds, progress.position // epoch_size)
 
 
 # =========================================================================== one step, evaluation, logging
-def loss_step(tr: Training, batch: Batch, train_cfg: TrainConfig) -> tuple[LossOutput, float]:
-    """Target features → p_t at block positions → drafter → DSpark loss. Returns (LossOutput, target seconds)."""
+def loss_step(tr: Training, batch: Batch, train_cfg: TrainConfig, blend: Optional[float] = None,
+              evaluating: bool = False) -> tuple[LossOutput, float]:
+    """Target features (the feature source in training, the target itself in evaluation) → p_t at block positions
+    → drafter → DSpark loss. Returns (LossOutput, target seconds). Evaluation also carries the target's argmax,
+    for the greedy acceptance statistics."""
     start = time.perf_counter()
-    feats = tr.target.forward_features(batch.input_ids, batch.attention_mask)
+    if evaluating:
+        f = tr.target.forward_features(batch.input_ids, batch.attention_mask)
+        features, last_hidden = f.features, f.last_hidden
+    else:
+        features, last_hidden = tr.features(batch)
     pos, rows = block_positions(batch.anchor_pos, batch.valid, batch.input_ids.shape[1])
-    p_t = target_distribution(feats.last_hidden, tr.lm_head, pos, tr.drafter.draft_vocab,
-                              greedy=train_cfg.conf_label == "greedy")
+    p_t = target_distribution(last_hidden, tr.lm_head, pos, tr.drafter.draft_vocab,
+                              greedy=evaluating or train_cfg.conf_label == "greedy")
     target_s = time.perf_counter() - start
-    out = tr.engine(feats.features.to(tr.dtype), feats.last_hidden.to(tr.dtype), batch.input_ids, batch.anchor_pos)
+    out = tr.engine(features.to(tr.dtype), last_hidden.to(tr.dtype), batch.input_ids, batch.anchor_pos)
     loss = dspark_loss(out.logits, out.conf_logits, p_t, rows, tr.drafter.to_draft_ids(batch.labels), batch.valid,
                        tr.position_weights, train_cfg.ce_weight, train_cfg.l1_weight, train_cfg.conf_weight,
-                       train_cfg.conf_label)
+                       train_cfg.conf_label, train_cfg.loss, blend)
     return loss, target_s
+
 
 
 def _flat_config(recipe: Recipe) -> dict:
@@ -220,37 +267,49 @@ class MetricsLog:
 
 
 @torch.no_grad()
-def evaluate(tr: Training, batches: list[Batch], train_cfg: TrainConfig, acc, log: MetricsLog, step: int) -> dict:
-    """Held-out L1 / CE / confidence BCE / τ_sim / acceptance by position, summed over ranks, printed and logged."""
+def evaluate(tr: Training, batches: list[Batch], train_cfg: TrainConfig, acc, log: MetricsLog, progress: Progress,
+             at_minutes: tuple = ()) -> dict:
+    """Held-out L1 / CE / confidence BCE / τ_sim (soft) / τ_greedy / acceptance by position, summed over ranks,
+    printed and logged with where training stands (steps, tokens, training-clock seconds; `at_minutes`: the
+    wall-clock points this evaluation stands for)."""
+    start = time.perf_counter()
     tr.engine.eval()
     sums = None
+    blend = blend_alpha(train_cfg, progress.step, tr.horizon)
     for b in batches:
-        out, _ = loss_step(tr, b.to(acc.device), train_cfg)
+        out, _ = loss_step(tr, b.to(acc.device), train_cfg, blend, evaluating=True)
         sums = out.sums if sums is None else sums + out.sums
     tr.engine.train()
     ev = summarise(acc.reduce(sums, "sum"))
-    acc.print(f"eval step {step}: L1 {ev['l1']:.4f}  CE {ev['ce']:.3f}  τ_sim {ev['tau']:.3f}  acc/pos "
+    acc.print(f"eval step {progress.step} ({progress.seconds / 60:.1f} train min): L1 {ev['l1']:.4f}  "
+              f"CE {ev['ce']:.3f}  τ_sim {ev['tau']:.3f}  τ_greedy {ev['tau_greedy']:.3f}  acc/pos "
               + " ".join(f"{a:.2f}" for a in ev["acc"]), flush=True)
-    log({"eval/l1": ev["l1"], "eval/ce": ev["ce"], "eval/conf_bce": ev["conf_bce"], "eval/tau": ev["tau"],
-         **{f"eval/acc_{k + 1}": a for k, a in enumerate(ev["acc"])}}, step)
+    log({"eval/l1": ev["l1"], "eval/ce": ev["ce"], "eval/conf_bce": ev["conf_bce"], "eval/div": ev["div"],
+         "eval/tau": ev["tau"], "eval/tau_greedy": ev["tau_greedy"],
+         **{f"eval/acc_{k + 1}": a for k, a in enumerate(ev["acc"])},
+         **{f"eval/survival_greedy_{k + 1}": a for k, a in enumerate(ev["survival_greedy"])},
+         "eval/train_seconds": progress.seconds, "eval/tokens": progress.tokens,
+         "eval/seconds": time.perf_counter() - start, **({"eval/at_minutes": list(at_minutes)} if at_minutes else {})},
+        progress.step)
     return ev
 
 
 def step_record(acc, loss: float, sums: torch.Tensor, target_s: float, seconds: float, tokens: int, lr: float,
                 grad_norm) -> dict:
     """One optimizer step's record, reduced over ranks: loss and its parts, lr, gradient norm, tokens (total and
-    per rank), throughput, and the time split between the target's forward and the drafter's step."""
+    per rank), throughput, the step time (rank mean: every rank's training clock adds the same number) and its
+    split between the target's forward (or the feature cache) and the drafter's step."""
     world = acc.num_processes
-    stats = acc.reduce(torch.tensor([loss / world, target_s, seconds - target_s], device=acc.device), "sum")
+    stats = acc.reduce(torch.tensor([loss / world, target_s, seconds - target_s, seconds], device=acc.device), "sum")
     rank_tokens = acc.gather(torch.tensor([tokens], device=acc.device)).tolist()
     parts = summarise(acc.reduce(sums, "sum"))
-    target_s, drafter_s = float(stats[1]) / world, float(stats[2]) / world
+    target_s, drafter_s, step_s = (float(x) / world for x in stats[1:])
     return {"train/loss": float(stats[0]), "train/ce": parts["ce"], "train/l1": parts["l1"],
-            "train/conf_bce": parts["conf_bce"], "train/tau": parts["tau"], "train/lr": lr,
+            "train/div": parts["div"], "train/conf_bce": parts["conf_bce"], "train/tau": parts["tau"], "train/lr": lr,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
             "train/tokens": sum(rank_tokens), "train/rank_tokens": rank_tokens,
-            "train/tokens_per_s": sum(rank_tokens) / seconds,
-            "time/target_s": target_s, "time/drafter_s": drafter_s,
+            "train/tokens_per_s": sum(rank_tokens) / step_s,
+            "time/step_s": step_s, "time/target_s": target_s, "time/drafter_s": drafter_s,
             "time/drafter_target_ratio": drafter_s / max(target_s, 1e-9)}
 
 
@@ -269,7 +328,8 @@ def show_step(bar, acc, rec: dict, step: int, log_every: int) -> None:
 
 
 # =========================================================================== the final drafter
-def save_final(acc, run: RunDir, tr: Training, progress: Progress, data: TrainingData, ev: dict) -> None:
+def save_final(acc, run: RunDir, tr: Training, progress: Progress, data: TrainingData, ev: dict,
+               hardware: Optional[dict] = None) -> None:
     """<run>/final: a plain drafter with the consolidated fp32 weights, `save_pretrained` into a staging dir and
     renamed into place; train_summary.json beside it. Collective: every rank calls."""
     weights, _ = gather_full_state(acc, tr.named, tr.raw_opt, with_moments=False)
@@ -282,15 +342,48 @@ def save_final(acc, run: RunDir, tr: Training, progress: Progress, data: Trainin
     shutil.rmtree(staging, ignore_errors=True)
     final.save_pretrained(staging)
     replace_dir(staging, run.final)
+    cache = tr.features.cache
     write_atomic(run.train_summary, json.dumps({
-        "steps": progress.step, "tokens": progress.tokens,
+        "steps": progress.step, "tokens": progress.tokens, "train_seconds": progress.seconds,
         "tokens_per_s": progress.tokens / max(progress.seconds, 1e-9), "world_size": acc.num_processes,
-        "train_sequences": len(data.train), "heldout_sequences": len(data.heldout),
+        "schedule": progress.schedule,
+        "feature_cache": cache.stats(len(tr.target.feature_layers) + 1, tr.target.hidden_size) if cache else None,
+        "train_sequences": len(data.train), "heldout_sequences": len(data.heldout), "hardware": hardware,
         "final": {k: v for k, v in ev.items() if k != "acc"} | {"acc_by_position": ev.get("acc")}}, indent=1))
     print(f"final drafter saved to {run.final}", flush=True)
 
 
 # =========================================================================== training
+def train_step(tr: Training, recipe: Recipe, data: TrainingData, order: GlobalOrder, progress: Progress, acc,
+               gamma: int, pad_id: int) -> dict:
+    """One optimizer step over grad_accum micro-batches (ranks and micro-batches take consecutive global
+    positions); advances `progress` (the training clock by the rank-averaged step time) and returns the record."""
+    train_cfg, world, rank = recipe.train, acc.num_processes, acc.process_index
+    started, loss, sums, target_s, tokens = time.perf_counter(), 0.0, None, 0.0, 0
+    blend = blend_alpha(train_cfg, progress.step, tr.horizon)
+    for micro in range(train_cfg.grad_accum):
+        start = progress.position + (micro * world + rank) * train_cfg.batch_size
+        batch = train_batch(data.train, order, start, train_cfg.batch_size, recipe, gamma, pad_id).to(acc.device)
+        with acc.accumulate(tr.engine):
+            out, batch_target_s = loss_step(tr, batch, train_cfg, blend)
+            acc.backward(out.loss)
+            grad_norm = (acc.clip_grad_norm_(tr.engine.parameters(), train_cfg.grad_clip)
+                         if acc.sync_gradients else None)
+            tr.opt.step()
+            tr.opt.zero_grad()
+        loss += float(out.loss.detach()) / train_cfg.grad_accum
+        sums = out.sums if sums is None else sums + out.sums
+        target_s += batch_target_s
+        tokens += batch.num_tokens
+    lr = tr.scheduler.get_last_lr()[0]
+    tr.scheduler.step()
+    rec = step_record(acc, loss, sums, target_s, time.perf_counter() - started, tokens, lr, grad_norm)
+    progress.advance(train_cfg.batch_size * world * train_cfg.grad_accum, rec["train/tokens"], rec["time/step_s"])
+    rec |= {"train/seconds": progress.seconds, "train/horizon": tr.horizon.steps,
+            "train/epoch": progress.position / len(data.train)}
+    return rec
+
+
 def train(recipe: Recipe) -> Path:
     """Train the recipe's drafter; returns the run directory (final drafter in <run>/final)."""
     from tqdm.auto import tqdm
@@ -302,50 +395,43 @@ def train(recipe: Recipe) -> Path:
     resume = run.latest_checkpoint()
     acc.print(f"resuming from {resume}" if resume else f"starting {run.root}", flush=True)
     target, drafter = setup_models(recipe, acc, sharded_target)
+    hardware = run_record(acc.device.type, target.precision, recipe.train.mixed_precision)
+    acc.print("\n".join(record_lines(hardware)), flush=True)
     gamma, pad_id = drafter.config.block_size, target.tokenizer.pad_token_id
-    data = setup_data(recipe, run, acc, target.tokenizer, gamma)
+    data = setup_data(recipe, run, acc, target.tokenizer, gamma, record_lines(hardware))
     setup_draft_vocab(recipe, run, acc, target, drafter, data.train)
-    tr = setup_training(recipe, acc, target, drafter, sharded_target)
+    tr = setup_training(recipe, run, acc, target, drafter, sharded_target, data)
     progress = restore(resume, acc, tr.engine, tr.named, tr.raw_opt, tr.scheduler) if resume else Progress()
 
-    held = eval_batches(data.heldout, train_cfg.batch_size, rank, world, recipe.data.anchors_per_seq, gamma, pad_id)
+    held = eval_batches(data.heldout, train_cfg.batch_size, rank, world,
+                        recipe.data.eval_anchors_per_seq or recipe.data.anchors_per_seq, gamma, pad_id)
     order = GlobalOrder(len(data.train), recipe.data.seed)
+    budget = setup_budget(recipe, acc, tr, progress, lambda: [train_batch(
+        data.train, order, progress.position + (i * world + rank) * train_cfg.batch_size, train_cfg.batch_size,
+        recipe, gamma, pad_id) for i in range(3)], len(data.train))
     log = MetricsLog(recipe, run, acc)
-    ev = evaluate(tr, held, train_cfg, acc, log, progress.step) if progress.step == 0 and held else {}
-    bar = tqdm(total=train_cfg.max_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
+    ev = evaluate(tr, held, train_cfg, acc, log, progress) if progress.step == 0 and held else {}
+    bar = tqdm(total=tr.horizon.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (acc.is_main_process and recipe.logging.progress_bar))
     tr.engine.train()
-    while progress.step < train_cfg.max_steps:
-        started, loss, sums, target_s, tokens = time.perf_counter(), 0.0, None, 0.0, 0
-        for micro in range(train_cfg.grad_accum):  # ranks and micro-batches take consecutive global positions
-            start = progress.position + (micro * world + rank) * train_cfg.batch_size
-            batch = train_batch(data.train, order, start, train_cfg.batch_size, recipe, gamma, pad_id).to(acc.device)
-            with acc.accumulate(tr.engine):
-                out, batch_target_s = loss_step(tr, batch, train_cfg)
-                acc.backward(out.loss)
-                grad_norm = (acc.clip_grad_norm_(tr.engine.parameters(), train_cfg.grad_clip)
-                             if acc.sync_gradients else None)
-                tr.opt.step()
-                tr.opt.zero_grad()
-            loss += float(out.loss.detach()) / train_cfg.grad_accum
-            sums = out.sums if sums is None else sums + out.sums
-            target_s += batch_target_s
-            tokens += batch.num_tokens
-        lr = tr.scheduler.get_last_lr()[0]
-        tr.scheduler.step()
-        seconds = time.perf_counter() - started
-        rec = step_record(acc, loss, sums, target_s, seconds, tokens, lr, grad_norm)
-        step = progress.advance(train_cfg.batch_size * world * train_cfg.grad_accum, rec["train/tokens"], seconds)
+    while not budget.done(progress.step, progress.seconds):
+        rec = train_step(tr, recipe, data, order, progress, acc, gamma, pad_id)
+        step = progress.step
+        if budget.observe(step, progress.seconds, progress.position // len(data.train)):
+            bar.total = tr.horizon.steps
+            progress.schedule = tr.horizon.to_dict()
         log(rec, step)
         show_step(bar, acc, rec, step, train_cfg.log_every)
-        if held and (step % train_cfg.eval_every == 0 or step == train_cfg.max_steps):
-            ev = evaluate(tr, held, train_cfg, acc, log, step)
-        if step % train_cfg.checkpoint_every == 0 or step == train_cfg.max_steps:
+        done, due = budget.done(step, progress.seconds), budget.due_evals(progress.seconds)
+        if held and (step % train_cfg.eval_every == 0 or due or done):
+            at = due + (budget.remaining_evals(progress.seconds) if done else [])
+            ev = evaluate(tr, held, train_cfg, acc, log, progress, tuple(at))
+        if step % train_cfg.checkpoint_every == 0 or done:
             save_checkpoint(acc, run, progress, tr.named, tr.raw_opt, tr.scheduler, train_cfg.keep_checkpoints)
     bar.close()
     if held and not ev:  # a rerun of a finished run
-        ev = evaluate(tr, held, train_cfg, acc, log, progress.step)
-    save_final(acc, run, tr, progress, data, ev)
+        ev = evaluate(tr, held, train_cfg, acc, log, progress)
+    save_final(acc, run, tr, progress, data, ev, hardware)
     log.close()
     acc.end_training()
     return run.root

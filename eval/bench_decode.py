@@ -1,7 +1,7 @@
 """Decoder benchmark: where a round's time goes, and how much of the ideal speedup survives the Python.
 
-SmolLM2-135M-Instruct (bf16 by default) with a drafter artifact, or an untrained drafter when none is
-given (τ ≈ 1 then: the figures show overheads, not gains). Prints
+SmolLM2-135M-Instruct (dtype auto by default: bf16 only where the hardware computes it) with a drafter artifact,
+or an untrained drafter when none is given (τ ≈ 1 then: the figures show overheads, not gains). Prints
 
 1. the verify cost curve t(B)/t(1), B = 1..--curve tokens on a ~300-token KV cache (also SPS(B));
 2. per mode, over the first --n prompts of each benchmark, plain `generate` and the speculative decoder
@@ -13,7 +13,7 @@ given (τ ≈ 1 then: the figures show overheads, not gains). Prints
    `--exact` repeats the run with row-exact verification attention (bit-exact in bf16) and its cost.
 
     python eval/bench_decode.py [--drafter ARTIFACT] [--benchmarks gsm8k,mt-bench] [--n 8] [--data-root DIR]
-        [--max-new-tokens 64] [--modes chain,tree] [--dtype bfloat16] [--threads 1] [--exact] [--json OUT]
+        [--max-new-tokens 64] [--modes chain,tree] [--dtype auto] [--threads 1] [--exact] [--json OUT]
 
 Timings on a CPU shared with other processes are noisy; compare figures from one run only.
 """
@@ -31,6 +31,7 @@ from dspark_train.chat import prompt_ids, user_messages
 from dspark_train.config import DataConfig, DrafterConfigSection, TargetConfig
 from dspark_train.decoding import SpeculativeDecoder, TreePolicy, measure_sps
 from dspark_train.evaluate import generation_kwargs, hf_method, load_benchmark, top2_logits
+from dspark_train.hardware import detect
 from dspark_train.layout import write_atomic
 from dspark_train.report import first_divergence
 from dspark_train.target import load_target
@@ -177,7 +178,7 @@ def main() -> None:
     ap.add_argument("--gamma", type=int, default=7, help="block size of the untrained drafter")
     ap.add_argument("--draft-vocab", type=int, default=8192, help="untrained drafter's pruned vocab (0 = full)")
     ap.add_argument("--tree", default="3,2,2,1,1,1,1", help="tree widths per depth (beam 3, budget 16)")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--curve", type=int, default=32, help="verify cost curve up to this many tokens (0 = skip)")
     ap.add_argument("--exact", action="store_true", help="also run with row-exact verification attention")
@@ -190,12 +191,14 @@ def main() -> None:
     widths = [int(w) for w in args.tree.split(",")][:drafter.config.block_size]
     tree = TreePolicy(widths, beam=3, node_budget=16)
     prompts = load_prompts(target.tokenizer, args.benchmarks.split(","), args.n, args.data_root)
-    report = {"target": target.name, "dtype": args.dtype,
+    report = {"target": target.name, "dtype": target.precision.value, "dtype_choice": target.precision.to_dict(),
+              "machine": detect(target.device.type).to_dict(),
               "drafter": args.drafter or f"untrained (1 layer, draft vocab {args.draft_vocab or 'full'})",
               "threads": torch.get_num_threads(), "gamma": drafter.config.block_size, "prompts": len(prompts),
               "max_new_tokens": args.max_new_tokens}
-    print(f"{target.name} {args.dtype}, drafter {report['drafter']} (γ={report['gamma']}), {len(prompts)} prompts, "
-          f"{args.max_new_tokens} new tokens, {report['threads']} thread(s)")
+    print(f"{detect(target.device.type).describe()}\n{target.name} {target.precision}, drafter {report['drafter']} "
+          f"(γ={report['gamma']}), {len(prompts)} prompts, {args.max_new_tokens} new tokens, "
+          f"{report['threads']} thread(s)")
 
     if args.curve:
         with torch.no_grad():

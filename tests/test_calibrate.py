@@ -9,7 +9,8 @@ import torch
 
 from dspark_train import calibrate as C
 from dspark_train.adaptive import best_fixed_chain, simulate, tune_adaptive
-from dspark_train.calibrate import run_calibration, smooth_sps
+from dspark_train.calibrate import run_calibration
+from dspark_train.decoding import machine_key, smooth_sps
 from dspark_train.calibration import FORMAT_VERSION, AdaptivePolicy, Calibration, HeldoutStats, summary_table
 from dspark_train.heldout import anchor_stats, heldout_prompts, stats_from_traces
 from dspark_train.metrics import auroc, brier, ece, reliability
@@ -139,12 +140,26 @@ def test_tuner_widens_only_when_verification_is_cheap():
     assert d == 2 and chain.tau == pytest.approx(2.0)
 
 
+def test_tuner_picks_plain_decoding_where_no_draft_pays():
+    """Where drafting plus verification cost more than the drafts save (an AVX2 CPU in bf16: verifying costs ~6×
+    a step), the tuned policy is plain decoding (node budget 0), never a verify size slower than plain."""
+    p, gamma = 0.6, 6
+    costly = _stats(_geometric_rounds(p, gamma, n=1000), gamma, p, overhead=0.05)  # drafting: half a target step
+    sps = _sps(lambda b: 10.0 / (1 + 0.5 * (b - 1)))  # bf16-on-AVX2-like: every verified token costs half a step
+    policy, out = tune_adaptive(costly, [], sps, max_width=1, node_budget=32)
+    assert policy.node_budget == 0 and out.tau == 1.0 and out.verified == 1.0
+    assert out.tokens_per_s == pytest.approx(10.0)  # plain decoding: SPS(1), no drafting cost
+    assert best_fixed_chain(costly, sps)[1].tokens_per_s < 10.0  # every chain would lose to it
+    cheap, out = tune_adaptive(costly, [], _sps(lambda b: 10.0), max_width=1, node_budget=32)
+    assert cheap.node_budget > 0 and out.tokens_per_s > 10.0  # fp32-like flat curve: drafting pays
+
+
 def test_overhead_per_round_favours_deeper_verification():
     p, gamma = 0.8, 6
     sps = _sps(lambda b: 10.0 / (1 + 0.3 * (b - 1)))
-    cheap, costly = (_stats(_geometric_rounds(p, gamma), gamma, p, overhead=o) for o in (0.0, 0.5))
+    cheap, costly = (_stats(_geometric_rounds(p, gamma), gamma, p, overhead=o) for o in (0.0, 0.05))
     verified = [tune_adaptive(s, [], sps, 1, 32)[1].verified for s in (cheap, costly)]
-    assert verified[1] > verified[0]  # a fixed cost per round makes each round worth filling
+    assert verified[1] > verified[0]  # a fixed cost per round (half a step) makes each round worth filling
 
 
 # --------------------------------------------------------------------------- calibration.json
@@ -299,6 +314,10 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     assert cost["tokens"][0] == 1 and len(cost["steps_per_s"]) == 8 + 1  # B = 1..max_nodes + the anchor
     assert all(a >= b for a, b in zip(cost["steps_per_s"], cost["steps_per_s"][1:]))
     assert cost["batches"]["2"]["tokens"] == [2, 4, 6, 8] and cost["batches"]["4"]["tokens"] == [4, 8]
+    assert cost["machine"] == machine_key(target) and cost["machine"]["dtype"] == "float32"
+    assert data["data"]["hardware"]["dtype"] == {"setting": "float32", "value": "float32", "reason": "asked for"}
+    assert data["data"]["hardware"]["machine"]["name"] == cost["machine"]["name"]
+    assert data["data"]["tuning"] == {"max_width": 3, "max_nodes": 8}
     assert {"probe", "adaptive", "best_chain"} <= set(data["measured"])
     assert data["expected"]["adaptive"]["tokens_per_s"] >= data["expected"]["best_chain"]["tokens_per_s"] - 1e-6
     assert Calibration.from_json(data) == cal
@@ -313,6 +332,7 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     prompt = [1, 5, 9, 13]
     out = dec.generate(prompt, max_new_tokens=16, mode="adaptive", eos_token_id=[])
     assert out.tokens == plain.generate(prompt, max_new_tokens=16, eos_token_id=[]).tokens
+    assert dec.adaptive_info["source"] == "calibration.json"  # tuned under this very machine key
 
     # calibrating an artifact writes into the artifact (held-out split recomputed from the recipe)
     again = run_calibration(art, overrides=["calibrate.measure=false", "calibrate.prompts=2", "calibrate.texts=0"],
@@ -322,6 +342,49 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     assert again.data["sts"]["blocks"] == again.data["probe"]["rounds"]
     assert "file" not in again.data["sts"] and again.data["sts"]["folds"] == "alternate held-out texts"
     assert again.data["heldout"].startswith("split_heldout") and set(again.measured) == {"probe"}
+
+
+def test_a_policy_tuned_under_another_machine_key_is_retuned_here(tiny_run, tmp_path, monkeypatch):
+    """calibration.json tuned on an AMX Xeon in bf16 must not steer the decoder on this machine: its cost curve is
+    replaced by one measured here, the threshold search re-runs on the stored held-out rounds with the stored
+    confidences, and the result (cached) is what `dspark calibrate` tunes on this machine."""
+    from dspark_train.artifact import load_artifact
+    from dspark_train.decoding import SpeculativeDecoder, retune
+
+    run, recipe, target = tiny_run
+    cal = run_calibration(run, overrides=["calibrate.measure=false", "calibrate.texts=0"], out=tmp_path / "cal",
+                          quiet=True).to_json()
+    drafter = load_artifact(run, target=target)
+    here = machine_key(target)
+    odd = {"depth_threshold": 0.9, "width_threshold": None, "max_width": 1, "node_budget": 1, "beam": 1}
+    same = SpeculativeDecoder(target, drafter, calibration={**cal, "adaptive": odd})
+    assert same.adaptive_policy().node_budget == 1 and same.adaptive_info["source"] == "calibration.json"
+
+    xeon = {**here, "name": "Intel(R) Xeon(R) Platinum 8480+", "flags": ["avx2", "avx512f", "avx512_bf16",
+                                                                         "amx_tile", "amx_bf16"], "dtype": "bfloat16"}
+    n = len(cal["cost_profile"]["steps_per_s"])
+    foreign = {**cal, "adaptive": odd, "cost_profile": {**cal["cost_profile"], "machine": xeon,
+                                                        "steps_per_s": [1000.0] * n}}
+    stats = HeldoutStats.from_dict(cal["data"]["stats"])
+    monkeypatch.setattr(retune, "measure_draft_seconds", lambda *a, **k: float(np.nanmedian(stats.t_draft)))
+    dec = SpeculativeDecoder(target, drafter, calibration=foreign)
+    policy, info = dec.adaptive_policy(), dec.adaptive_info
+    assert info["source"] == "re-tuned on this machine" and info["calibrated_on"] == xeon and info["machine"] == here
+    assert "Xeon" in info["why"] and info["draft_time_scale"] == 1.0
+    assert info["cost_profile"]["machine"] == here  # this machine's curve (its cache), not the Xeon's
+    assert info["cost_profile"]["steps_per_s"] == cal["cost_profile"]["steps_per_s"]
+    assert info["expected"]["tokens_per_s"] == pytest.approx(cal["expected"]["adaptive"]["tokens_per_s"], rel=1e-3)
+    assert info["policy"] == cal["adaptive"] and policy.node_budget == cal["adaptive"]["node_budget"]
+    assert policy.maps == Calibration.from_json(cal).slot_maps()  # the calibrated confidences carry over
+
+    def no_search(*a, **k):
+        raise AssertionError("re-tuned again instead of reading the cache")
+    monkeypatch.setattr(retune, "tune_adaptive", no_search)
+    again = SpeculativeDecoder(target, drafter, calibration=foreign)
+    again.adaptive_policy()
+    assert again.adaptive_info["policy"] == info["policy"]
+    plain = SpeculativeDecoder(target, None).generate(PROMPTS[1], max_new_tokens=12, eos_token_id=[]).tokens
+    assert again.generate(PROMPTS[1], max_new_tokens=12, mode="adaptive", eos_token_id=[]).tokens == plain
 
 
 def test_anchor_replay_equals_the_decoders_rounds(tiny_run):

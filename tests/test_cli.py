@@ -31,8 +31,13 @@ def test_plan_offline(recipe, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["plan", str(REPO / "recipes" / recipe)]) == 0
     out = capsys.readouterr().out
-    for needle in ("# resolved recipe", "feature layers:", "trainable:", "# memory per device", "1 layer(s):"):
+    for needle in ("# resolved recipe", "feature layers:", "trainable:", "# memory per device", "1 layer(s):",
+                   "# precision on this machine", "machine:         cpu: ", "calibrate.dtype: auto → "):
         assert needle in out
+    from dspark_train.hardware import resolve_dtype
+    auto = resolve_dtype("auto")  # what this machine's hardware makes of `auto`, with its reason
+    expect = "target.dtype:    float32 → float32 (asked for)" if recipe == "tiny.yaml" else f"target.dtype:    {auto}"
+    assert expect in out
     if recipe == "deepseek_v2.yaml":
         assert "DeepseekV2ForCausalLM" in out and "64 routed, 6 per token, 2 shared" in out
         assert "parameters:      15.706 B" in out

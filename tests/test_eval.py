@@ -9,13 +9,15 @@ from dspark_train.cli import add_eval_arguments, eval_config
 from dspark_train.cli import main as cli_main
 from dspark_train.config import RecipeError
 from dspark_train.evaluate import (PLAIN, Benchmark, BenchmarkError, EvalConfig, build_report, generation_kwargs,
-                                   hf_method, load_benchmark, measure)
+                                   hf_method, load_benchmark, measure, plain_name)
+from dspark_train.hardware import cpu_info
 from dspark_train.report import RoundStat, acceptance_metrics, first_divergence, write_report
 
-TOP_LEVEL = ("target", "drafter", "device", "dtype", "temperature", "mode", "benchmarks")
+TOP_LEVEL = ("target", "drafter", "device", "device_name", "machine", "dtype", "dtype_choice", "temperature", "mode",
+             "benchmarks")
 PER_BENCHMARK = ("n_prompts", "tau", "accept_rate_by_position", "conditional_accept_by_position", "verify_rate",
-                 "tokens_per_s", "baseline_tokens_per_s", "speedup", "lossless", "agreement", "divergences",
-                 "baselines")
+                 "tokens_per_s", "baseline_tokens_per_s", "speedup", "plain_tokens_per_s_by_dtype", "fastest_plain",
+                 "speedup_vs_fastest_plain", "lossless", "agreement", "divergences", "baselines")
 
 
 def eval_args(*argv):
@@ -146,8 +148,13 @@ def test_report_schema_and_speedup_from_scripted_decoders(tiny_target, tmp_path)
     assert set(TOP_LEVEL) <= set(saved)
     assert saved["drafter"] == "good-artifact" and saved["mode"] == "chain" and saved["temperature"] == 0.0
     assert saved["dtype"] == "float32" and saved["device"] == "cpu"
+    assert saved["machine"]["name"] == saved["device_name"] == cpu_info()[0]  # the CPU model, not platform.machine()
+    assert saved["dtype_choice"] == {"setting": "float32", "value": "float32", "reason": "asked for"}
     e = saved["benchmarks"]["toy"]
     assert set(PER_BENCHMARK) <= set(e)
+    # no plain decoding in another dtype was measured: the fastest plain is the same-precision one
+    assert e["fastest_plain"] == {"dtype": "float32", "tokens_per_s": e["baseline_tokens_per_s"]}
+    assert e["speedup_vs_fastest_plain"] == e["speedup"]
     assert e["n_prompts"] == 2 and e["n_generations"] == 3
     assert e["speedup"] == e["tokens_per_s"] / e["baseline_tokens_per_s"]
     assert e["tau"] == pytest.approx(3.0) and e["accept_rate_by_position"] == [0.5] * 4
@@ -215,20 +222,31 @@ def test_end_to_end_tiny_target_is_lossless(tiny_artifact, tmp_path):
     assert set(TOP_LEVEL) <= set(report)
     assert report["target"] == "inline:llama-seed0" and report["dtype"] == "float32" and report["mode"] == "chain"
     assert report["drafter"] == str(tiny_artifact) and len(report["drafters"]) == 2
+    assert report["dtype_choice"]["setting"] == "float32" and report["machine"]["device"] == "cpu"
     for d in report["drafters"].values():
         assert d["kind"] == "dspark" and d["block_size"] == 4 and d["calibration"]["ece_after"] == [0.02] * 4
         for name, e in d["benchmarks"].items():
             assert set(PER_BENCHMARK) <= set(e), name
             assert e["lossless"] is True and e["agreement"] == 1.0 and e["divergences"] == []
             assert e["speedup"] == e["tokens_per_s"] / e["baseline_tokens_per_s"]
+            # plain decoding was timed in both precisions; the second speedup is against the faster one
+            by_dtype = e["plain_tokens_per_s_by_dtype"]
+            assert set(by_dtype) == {"float32", "bfloat16"} and by_dtype["float32"] == e["baseline_tokens_per_s"]
+            assert e["fastest_plain"]["tokens_per_s"] == max(by_dtype.values())
+            assert by_dtype[e["fastest_plain"]["dtype"]] == e["fastest_plain"]["tokens_per_s"]
+            assert e["speedup_vs_fastest_plain"] == e["tokens_per_s"] / e["fastest_plain"]["tokens_per_s"]
+            assert e["baselines"]["prompt-lookup"]["speedup_vs_fastest_plain"] == pytest.approx(
+                e["baselines"]["prompt-lookup"]["tokens_per_s"] / e["fastest_plain"]["tokens_per_s"])
             assert e["tau"] >= 1.0 and len(e["accept_rate_by_position"]) == 4
             assert 0 < e["verify_rate"] <= 1
             assert set(e["baselines"]) == {"prompt-lookup"}
     assert report["benchmarks"]["mt-bench"]["n_generations"] == 4  # two prompts, two turns each
     rows = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 + 4 and set(rows[0]["outputs"]) == {"plain", "dspark", *report["drafters"], "prompt-lookup"}
+    assert len(rows) == 2 + 4 and set(rows[0]["outputs"]) == {"plain", plain_name("bfloat16"), "dspark",
+                                                              *report["drafters"], "prompt-lookup"}
     assert all(r["outputs"]["plain"]["ids"] == r["outputs"]["dspark"]["ids"] for r in rows)
-    assert "| gsm8k | 2 |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| gsm8k | 2 |" in md and "× fastest plain" in md and f"machine cpu: {cpu_info()[0]}" in md
     for png in ("acceptance_by_position.png", "speedup.png", "reliability.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -16,10 +16,12 @@ from dspark_train.config import recipe_to_yaml
 REPORT = {
     "target": "inline:llama-seed0", "drafter": "artifact", "device": "cpu", "dtype": "float32", "temperature": 0.0,
     "mode": "chain",
+    "machine": {"device": "cpu", "name": "AMD EPYC", "flags": ["avx2"], "threads": 2, "cuda_bf16": False},
     "benchmarks": {
         "gsm8k": {"n_prompts": 50, "tau": 3.4567, "accept_rate_by_position": [0.8, 0.6, 0.4, 0.2],
                   "conditional_accept_by_position": [0.8, 0.75, 0.66, 0.5], "verify_rate": 0.61,
                   "tokens_per_s": 41.5, "baseline_tokens_per_s": 20.0, "speedup": 2.075, "lossless": True,
+                  "fastest_plain": {"dtype": "bfloat16", "tokens_per_s": 30.0}, "speedup_vs_fastest_plain": 41.5 / 30,
                   "baselines": {"prompt_lookup": {"tokens_per_s": 24.0}}},
         "mt-bench": {"n_prompts": 80, "tau": 2.25, "accept_rate_by_position": [0.6, 0.3, 0.1, 0.05],
                      "verify_rate": 0.4, "tokens_per_s": 30.0, "baseline_tokens_per_s": 20.0, "speedup": 1.5,
@@ -40,7 +42,11 @@ CALIBRATION = {  # calibration.json as dspark calibrate writes it (calibrate.Cal
              "dtype": "float32"},
     "format_version": 1,
 }
-SUMMARY = {"steps": 20, "tokens": 12345, "final": {"loss": 1.23, "l1": 0.5}}
+AMD = "cpu: AMD EPYC has no amx_bf16/avx512_bf16"
+SUMMARY = {"steps": 20, "tokens": 12345, "final": {"loss": 1.23, "l1": 0.5},
+           "hardware": {"machine": "cpu: AMD EPYC (avx2; no amx_bf16/avx512_bf16), 2 threads",
+                        "target_dtype": {"setting": "auto", "value": "float32", "reason": f"{AMD} → float32"},
+                        "mixed_precision": {"setting": "auto", "value": "no", "reason": f"{AMD} → fp32 training"}}}
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -305,11 +311,13 @@ def test_model_card_of_export(exported):
     assert meta["library_name"] == "dspark-train" and meta["pipeline_tag"] == "text-generation"
     assert meta["license"] == "apache-2.0" and "speculative-decoding" in meta["tags"] and "dspark" in meta["tags"]
     assert "base_model" not in meta  # an inline test target is not a Hub model
-    assert "| gsm8k | 50 | 3.46 | 2.08× | 41.5 | 20 | 24 | 0.61 | yes |" in body
-    assert "| mt-bench | 80 | 2.25 | 1.50× |" in body
+    assert "| gsm8k | 50 | 3.46 | 2.08× | 1.38× (bfloat16) | 41.5 | 20 | 24 | 0.61 | yes |" in body
+    assert "| mt-bench | 80 | 2.25 | 1.50× | – |" in body
+    assert "training run on cpu: AMD EPYC (avx2; no amx_bf16/avx512_bf16), 2 threads:" in body
+    assert f"precision `auto` → `no` ({AMD} → fp32 training)" in body
     assert "- gsm8k: 0.80, 0.60, 0.40, 0.20" in body
     assert "on 8 held-out prompts (probe rounds, 120 drafted blocks, float32)" in body
-    assert "       1 |    120 |  1.25 | +0.00 |    6.0% → 1.0%" in body and "depth threshold 0.31" in body
+    assert "       1 |    120 | sts T=1.25 b=+0.00   |    6.0% → 1.0%" in body and "depth threshold 0.31" in body
     assert "`final.loss`: 1.23" in body and "`tokens`: 12,345" in body
     assert "dspark eval" in body and "load_artifact(" in body and "--mode adaptive" in body
     assert "mode='adaptive'" in body and "SpeculativeDecoder(target, drafter, calibration=drafter.calibration)" in body

@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from .attention import use_row_exact_attention
 from .cache import gather_slots, keep_slots, select_rows
 from .sampling import SamplingParams, accept_rate, sample, warp
+from .retune import policy_for_machine
 from .scheduler import SPSProfile, prefix_schedule
 from .tree import DraftTree, TreePolicy, accept_greedy, accept_sampling, draft_tree, tree_mask
 
@@ -96,29 +97,47 @@ class SpeculativeDecoder:
     """Lossless speculative decoding of a FrozenTarget with a Drafter (None = plain target decoding).
 
     Modes: "chain" (γ = drafter.config.block_size tokens, optional confidence threshold), "tree" (fixed
-    widths), "adaptive" (TreePolicy from a calibration.json). `policy=` overrides a mode's default.
+    widths), "adaptive" (TreePolicy from a calibration.json, re-tuned on first use where its cost profile was
+    measured under another machine key: decoding/retune.py; retune=False takes it as is). `policy=` overrides
+    a mode's default; a policy with node budget 0 is plain decoding (the drafter does not run).
     exact_attention=True switches the target to row-exact verification attention (decoding/attention.py):
     bf16 greedy output then equals plain bf16 greedy bit for bit, at some verify cost.
     """
 
     def __init__(self, target, drafter=None, calibration: Union[str, dict, None] = None,
-                 tree: Optional[TreePolicy] = None, conf_threshold: float = 0.0, exact_attention: bool = False):
+                 tree: Optional[TreePolicy] = None, conf_threshold: float = 0.0, exact_attention: bool = False,
+                 retune: bool = True):
         if exact_attention:
             use_row_exact_attention(target.model)
         self.target = target
         self.drafter = drafter
         gamma = drafter.config.block_size if drafter is not None else 0
         self.gamma = gamma
-        adaptive = TreePolicy.from_calibration(calibration, gamma) if calibration is not None else None
-        maps = adaptive.maps if adaptive is not None else None
+        calibrated = TreePolicy.from_calibration(calibration, gamma) if calibration is not None else None
+        maps = calibrated.maps if calibrated is not None else None
         self.policies = {
             "chain": TreePolicy.chain(gamma, conf_threshold, maps),
             "tree": tree or TreePolicy([3] + [2] * (gamma - 1), beam=4, node_budget=16, maps=maps),
         }
-        if adaptive is not None:
-            self.policies["adaptive"] = adaptive
+        self.calibration, self.retune = calibration, retune
+        self.adaptive_info: Optional[dict] = None  # where the adaptive policy came from (adaptive_policy())
         self.device = target.device
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+    def adaptive_policy(self) -> TreePolicy:
+        """The adaptive policy for this machine, resolved on first use (`adaptive_info` records its source):
+        calibration.json's own under the machine key it was tuned for, else re-tuned here
+        (retune.policy_for_machine)."""
+        if "adaptive" not in self.policies:
+            if self.calibration is None or self.drafter is None:
+                raise ValueError("mode 'adaptive' needs a calibration (SpeculativeDecoder(..., calibration=...))")
+            if self.retune:
+                self.policies["adaptive"], self.adaptive_info = policy_for_machine(self.target, self.drafter,
+                                                                                   self.calibration)
+            else:
+                self.policies["adaptive"] = TreePolicy.from_calibration(self.calibration, self.gamma)
+                self.adaptive_info = {"source": "calibration.json", "why": "retune=False"}
+        return self.policies["adaptive"]
 
     # ------------------------------------------------------------------ helpers
     def _setup(self, mode, policy, temperature, top_p, top_k, eos_token_id, seed, generator, max_new_tokens):
@@ -127,9 +146,7 @@ class SpeculativeDecoder:
         if policy is None:
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-            if mode not in self.policies:
-                raise ValueError("mode 'adaptive' needs a calibration (SpeculativeDecoder(..., calibration=...))")
-            policy = self.policies[mode]
+            policy = self.adaptive_policy() if mode == "adaptive" else self.policies[mode]
         params = SamplingParams(temperature, top_p, top_k)
         if eos_token_id is None:
             eos_token_id = self.target.model.generation_config.eos_token_id
@@ -158,7 +175,8 @@ class SpeculativeDecoder:
         distributed exactly as the target's (same temperature/top-p/top-k)."""
         policy, params, eos, gen = self._setup(mode, policy, temperature, top_p, top_k, eos_token_id, seed,
                                                generator, max_new_tokens)
-        tgt, drafter, dev = self.target, self.drafter, self.device
+        tgt, dev = self.target, self.device
+        drafter = self.drafter if policy.node_budget > 0 else None  # budget 0: plain decoding, no drafting
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1).to(dev)
         t_start = self._now()
         cache = DynamicCache(config=tgt.config)
