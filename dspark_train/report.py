@@ -24,7 +24,8 @@ from .layout import atomic_path, write_atomic
 
 REPORT_JSON, REPORT_MD, OUTPUTS = "report.json", "report.md", "outputs.jsonl"
 ACCEPTANCE_PLOT, SPEEDUP_PLOT, RELIABILITY_PLOT = "acceptance_by_position.png", "speedup.png", "reliability.png"
-SETTINGS = ("temperature", "mode", "top_p", "top_k", "seed", "max_new_tokens", "multi_turn")  # EvalConfig fields
+SETTINGS = ("temperature", "mode", "top_p", "top_k", "seed", "max_new_tokens", "multi_turn",  # EvalConfig fields
+            "truncate_prompts")
 
 
 # --------------------------------------------------------------------------- fields from timed samples

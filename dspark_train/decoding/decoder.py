@@ -172,12 +172,14 @@ class SpeculativeDecoder:
                  policy: Optional[TreePolicy] = None, record_probs: bool = False) -> DecodeTrace:
         """Generate up to `max_new_tokens` ids after `prompt_ids`. eos_token_id None = the target's
         generation_config (pass [] for none). Greedy output equals plain greedy decoding; sampled output is
-        distributed exactly as the target's (same temperature/top-p/top-k)."""
+        distributed exactly as the target's (same temperature/top-p/top-k). A prompt that does not fit the
+        target's window with `max_new_tokens` more raises target.PromptTooLong (a ValueError) up front."""
         policy, params, eos, gen = self._setup(mode, policy, temperature, top_p, top_k, eos_token_id, seed,
                                                generator, max_new_tokens)
         tgt, dev = self.target, self.device
         drafter = self.drafter if policy.node_budget > 0 else None  # budget 0: plain decoding, no drafting
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1).to(dev)
+        tgt.check_fits(prompt.shape[1], max_new_tokens)  # PromptTooLong: refused before any forward
         t_start = self._now()
         cache = DynamicCache(config=tgt.config)
         out = tgt.forward_features(prompt, cache=cache)
@@ -265,6 +267,8 @@ class SpeculativeDecoder:
         tgt, drafter, dev = self.target, self.drafter, self.device
         R = len(prompts)
         lens = [len(p) for p in prompts]
+        for r, n in enumerate(lens):
+            tgt.check_fits(n, max_new_tokens, f"prompt {r}")
         S = max(lens)
         t_start = self._now()
         ids = torch.zeros(R, S, dtype=torch.long)
