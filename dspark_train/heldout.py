@@ -96,7 +96,7 @@ def greedy_texts(target, prompts: list[list[int]], max_new_tokens: int, batch_si
 def stats_from_traces(traces: Sequence, gamma: int, width: int) -> HeldoutStats:
     """Probe-decode traces (beam-1 trees; a chain is the width-1 case) → per-round spine statistics."""
     rows = []
-    for trace in traces:
+    for text, trace in enumerate(traces):
         for r in trace.rounds:  # rounds with nothing drafted (the last token before max_new_tokens) count too
             spine, u = [], 0  # follow the first (top-1) child of each spine node
             kids: dict[int, list[int]] = {}
@@ -119,13 +119,13 @@ def stats_from_traces(traces: Sequence, gamma: int, width: int) -> HeldoutStats:
             ar = r.accept_rates or [np.nan] * len(r.tokens)
             rows.append(([r.conf_logits[i] for i in pick] + pad, [r.draft_probs[i] for i in pick] + pad,
                          [tp[i] for i in pick] + pad, [ar[i] for i in pick] + pad,
-                         len(spine), n, rescue, r.t_draft, r.t_book))
+                         len(spine), n, rescue, r.t_draft, r.t_book, text))
     if not any(r[4] for r in rows):
         raise ValueError("no drafted rounds in the held-out decode (max_new_tokens too small?)")
     cols = list(zip(*rows))
     f = lambda i: np.asarray(cols[i], dtype=float)  # noqa: E731
     i64 = lambda i: np.asarray(cols[i], dtype=np.int64)  # noqa: E731
-    return HeldoutStats(f(0), f(1), f(2), f(3), i64(4), i64(5), i64(6), f(7), f(8), width)
+    return HeldoutStats(f(0), f(1), f(2), f(3), i64(4), i64(5), i64(6), f(7), f(8), width, i64(9))
 
 
 def anchor_stats(target, drafter, examples: Sequence, anchors_per_chunk: int = 64, progress: bool = False
@@ -143,7 +143,7 @@ def anchor_stats(target, drafter, examples: Sequence, anchors_per_chunk: int = 6
     dev, ddtype = target.device, drafter.conf.weight.dtype
     vocab = drafter.d2t  # work in the draft vocabulary: p_d is zero outside it
     rows = []
-    for ex in tqdm(examples, desc="anchor replay", unit="text", disable=not progress):
+    for text, ex in enumerate(tqdm(examples, desc="anchor replay", unit="text", disable=not progress)):
         anchors = anchor_candidates(torch.tensor(ex.loss_mask)).to(dev)
         if not len(anchors):
             continue
@@ -183,10 +183,10 @@ def anchor_stats(target, drafter, examples: Sequence, anchors_per_chunk: int = 6
             cols = [torch.stack(c, 1).float() for c in (conf, top, p_t, rate)]
             unseen = torch.arange(g, device=dev)[None] >= depth[:, None]
             cols = [c.masked_fill(unseen, float("nan")).cpu().numpy() for c in cols]
-            rows.append((*cols, depth.cpu().numpy(), n_spine.cpu().numpy()))
+            rows.append((*cols, depth.cpu().numpy(), n_spine.cpu().numpy(), np.full(len(a), text)))
     if not rows:
         raise ValueError("no anchors in the held-out conversations")
     cat = [np.concatenate(c) for c in zip(*rows)]
     n = len(cat[4])
     return HeldoutStats(*cat[:4], cat[4].astype(np.int64), cat[5].astype(np.int64), np.zeros(n, np.int64),
-                        np.full(n, np.nan), np.full(n, np.nan), 1)
+                        np.full(n, np.nan), np.full(n, np.nan), 1, cat[6].astype(np.int64))

@@ -158,7 +158,7 @@ def assemble(per_drafter: dict[str, dict], drafters: dict[str, dict], settings, 
 def calibration_summary(cal: Optional[dict]) -> Optional[dict]:
     if cal is None:
         return None
-    keys = ("temperatures", "biases", "ece_before", "ece_after", "auroc_before", "auroc_after", "adaptive")
+    keys = ("maps", "temperatures", "biases", "ece_before", "ece_after", "auroc_before", "auroc_after", "adaptive")
     return {k: cal[k] for k in keys if k in cal}
 
 

@@ -114,11 +114,10 @@ class SpeculativeDecoder:
         gamma = drafter.config.block_size if drafter is not None else 0
         self.gamma = gamma
         calibrated = TreePolicy.from_calibration(calibration, gamma) if calibration is not None else None
-        temps, biases = (calibrated.temperatures, calibrated.biases) if calibrated is not None else (None, None)
+        maps = calibrated.maps if calibrated is not None else None
         self.policies = {
-            "chain": TreePolicy.chain(gamma, conf_threshold, temps, biases),
-            "tree": tree or TreePolicy([3] + [2] * (gamma - 1), beam=4, node_budget=16, temperatures=temps,
-                                       biases=biases),
+            "chain": TreePolicy.chain(gamma, conf_threshold, maps),
+            "tree": tree or TreePolicy([3] + [2] * (gamma - 1), beam=4, node_budget=16, maps=maps),
         }
         self.calibration, self.retune = calibration, retune
         self.adaptive_info: Optional[dict] = None  # where the adaptive policy came from (adaptive_policy())
@@ -262,7 +261,7 @@ class SpeculativeDecoder:
         0..len-1; a 4-D mask hides padding. Drafter states are per request (batch 1 each).
         """
         chain = self.policies["chain"]
-        policy = TreePolicy.chain(self.gamma, 0.0, chain.temperatures, chain.biases)
+        policy = TreePolicy.chain(self.gamma, 0.0, chain.maps)
         _, params, eos, gen = self._setup("chain", policy, temperature, top_p, top_k, eos_token_id, seed, generator,
                                           max_new_tokens)
         tgt, drafter, dev = self.target, self.drafter, self.device

@@ -8,13 +8,13 @@ Losslessness rule for the shape of a tree: how many children a node gets may dep
 ancestors and the drafter's confidence for the *next* slot given the node, never on the children's own
 values (paper, Appendix A). Budget truncation follows a parent order fixed before children are drawn.
 
-`TreePolicy.from_calibration` reads `temperatures`, `biases` and `adaptive` of a calibration.json through its
-schema (dspark_train/calibration.py, which also refuses a newer format_version); the adaptive width/depth rule
-is `calibration.child_widths`, shared with the tuner's exact replay (`adaptive.simulate`).
+`TreePolicy.from_calibration` reads the per-slot calibration maps and `adaptive` of a calibration.json through
+its schema (dspark_train/calibration.py, which also refuses a newer format_version); a map is applied by
+`slotmaps.SlotMap.__call__` and the adaptive width/depth rule is `calibration.child_widths`, both shared with
+the tuner's exact replay (`adaptive.simulate`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -22,6 +22,7 @@ from typing import Optional, Union
 import torch
 
 from ..calibration import child_widths, read_adaptive
+from ..slotmaps import IDENTITY, SlotMap
 from .sampling import SamplingParams, residual, sample, sample_without_replacement, warp
 
 
@@ -33,30 +34,24 @@ class TreePolicy:
     widths: list[int]
     beam: int = 1
     node_budget: int = 64  # draft nodes per round, the anchor excluded
-    temperatures: Optional[list[float]] = None  # STS temperature per slot for the confidence logits
+    maps: Optional[list[SlotMap]] = None  # calibration map per slot for the confidence logits (None: raw σ)
     depth_threshold: float = 0.0  # a node gets children only if calibrated survival through their slot ≥ this
     width_threshold: Optional[float] = None  # if set: widths[k] candidates only where top draft prob < this, else 1
-    biases: Optional[list[float]] = None  # calibration offset per slot, added after the temperature
 
     @classmethod
-    def chain(cls, depth: int, conf_threshold: float = 0.0, temperatures: Optional[list[float]] = None,
-              biases: Optional[list[float]] = None) -> "TreePolicy":
-        return cls([1] * depth, 1, depth, temperatures, conf_threshold, biases=biases)
+    def chain(cls, depth: int, conf_threshold: float = 0.0, maps: Optional[list[SlotMap]] = None) -> "TreePolicy":
+        return cls([1] * depth, 1, depth, maps, conf_threshold)
 
     @classmethod
     def from_calibration(cls, calibration: Union[str, Path, dict], depth: int) -> "TreePolicy":
-        """The adaptive policy [E] tuned: STS temperatures and offsets plus depth/width thresholds and a node
+        """The adaptive policy [E] tuned: per-slot calibration maps plus depth/width thresholds and a node
         budget."""
-        temperatures, biases, ad = read_adaptive(calibration, depth)
-        return cls([ad.max_width] * depth, ad.beam, ad.node_budget, temperatures, ad.depth_threshold,
-                   ad.width_threshold, biases)
+        maps, ad = read_adaptive(calibration, depth)
+        return cls([ad.max_width] * depth, ad.beam, ad.node_budget, maps, ad.depth_threshold, ad.width_threshold)
 
     def confidence(self, k: int, logit: float) -> float:
-        """Calibrated conditional survival of slot k: σ(z / T_k + b_k)."""
-        t = self.temperatures[k] if self.temperatures and k < len(self.temperatures) else 1.0
-        b = self.biases[k] if self.biases and k < len(self.biases) else 0.0
-        x = logit / t + b
-        return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+        """Calibrated conditional survival of slot k: its map applied to the raw logit (slotmaps.py)."""
+        return float((self.maps[k] if self.maps and k < len(self.maps) else IDENTITY)(logit))
 
 
 @dataclass
