@@ -128,7 +128,7 @@ class CopyPrior:
                 out_h.append(dh)
                 out_t.append(dt)
             else:
-                s = min(1.0, weight / t)
+                s = min(1.0, weight / (t + dt))
                 out_h.append((h + dh) * s)
                 out_t.append((t + dt) * s)
         return cls(out_h, out_t, weight)
