@@ -19,7 +19,10 @@ from typing import Callable, Optional, Sequence
 from .config import REPO_ROOT, DataConfig, RecipeError, TargetConfig
 
 BENCHMARKS = ("gsm8k", "mt-bench", "humaneval", "mbpp")
-BASELINES = ("prompt-lookup", "assisted")
+BASELINES = ("prompt-lookup", "assisted", "drafter-only", "copy-only")
+# [J] hybrid: drafter-only = the same decoder without copy branches, copy-only = our copy drafter without the
+# learned drafter; both apply only to hybrid runs (--mode hybrid or --hybrid)
+DECODER_BASELINES = ("drafter-only", "copy-only")
 PLAIN = "plain"
 
 
@@ -37,7 +40,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated names (<data-root>/eval/<name>.jsonl) or jsonl paths of {\"turns\": [...]}")
     p.add_argument("--n", type=int, default=50, help="prompts per benchmark (the first N; 0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--mode", choices=("chain", "tree", "adaptive"), default="chain")
+    p.add_argument("--mode", choices=("chain", "tree", "adaptive", "hybrid"), default="chain",
+                   help="hybrid = adaptive (tree without calibration) + copy branches")  # [J] hybrid
+    p.add_argument("--hybrid", action="store_true",
+                   help="merge copy-drafter branches (prompt + output so far) into the mode's trees")  # [J] hybrid
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -51,8 +57,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-outputs", action="store_true", help="write every generation to outputs.jsonl")
     p.add_argument("--compare", nargs="+", default=[], metavar="ARTIFACT",
                    help="more drafter artifacts measured in the same run (one report, one plot)")
-    p.add_argument("--baselines", default=",".join(BASELINES),
-                   help="transformers baselines: prompt-lookup, assisted (needs --assistant); '' for none")
+    p.add_argument("--baselines", default="prompt-lookup,assisted,drafter-only",
+                   help="prompt-lookup, assisted (needs --assistant), drafter-only and copy-only (hybrid runs "
+                        "only); '' for none")
     p.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens")
     p.add_argument("--assistant", default=None, help="small model with the same tokenizer for assisted generation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -112,6 +119,9 @@ class RoundStat:
     verified: int  # tokens in the target's verify pass: the anchor plus every drafted node
     accepted: int  # drafted tokens accepted (the bonus/correction token excluded)
     depth: int  # draft positions that were verified (chain: drafted length; tree: deepest level)
+    # [J] hybrid: {source: [verified nodes, accepted nodes]} for drafter / copy / both; drafter forward skipped
+    sources: Optional[dict] = None
+    skipped: bool = False
 
 
 @dataclass
@@ -144,9 +154,27 @@ def acceptance_metrics(rounds: Sequence[RoundStat]) -> dict:
         alive = sum(r.accepted >= k - 1 for r in reached)
         conditional.append(survived / alive if alive else None)
     committed = sum(r.accepted + 1 for r in rounds)
-    return {"tau": committed / len(rounds), "accept_rate_by_position": survival,
-            "conditional_accept_by_position": conditional,
-            "verify_rate": committed / sum(r.verified for r in rounds), "rounds": len(rounds)}
+    out = {"tau": committed / len(rounds), "accept_rate_by_position": survival,
+           "conditional_accept_by_position": conditional,
+           "verify_rate": committed / sum(r.verified for r in rounds), "rounds": len(rounds)}
+    if any(r.sources is not None for r in rounds):  # [J] hybrid
+        out.update(source_metrics(rounds))
+    return out
+
+
+def source_metrics(rounds: Sequence[RoundStat]) -> dict:
+    """[J] hybrid: per source (drafter, copy, both = a node both proposed) verified and accepted draft nodes,
+    acceptance = accepted / verified, and the share of all accepted draft tokens; rounds that skipped the
+    drafter's forward."""
+    totals = {s: [0, 0] for s in ("drafter", "copy", "both")}
+    for r in rounds:
+        for s, (v, a) in (r.sources or {}).items():
+            totals[s][0] += v
+            totals[s][1] += a
+    accepted = sum(a for _, a in totals.values())
+    return {"sources": {s: {"verified": v, "accepted": a, "acceptance": a / v if v else None,
+                            "share_of_accepted": a / accepted if accepted else None} for s, (v, a) in totals.items()},
+            "drafter_skipped_rounds": sum(r.skipped for r in rounds) / len(rounds)}
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
@@ -257,22 +285,39 @@ def hf_method(model, gen_kwargs: dict, **extra) -> Method:
     return run
 
 
-def decoder_method(target, drafter, args, eos_token_id) -> Method:
-    """Our speculative decoder (dspark_train.decoding), its per-round trace turned into RoundStats."""
+def decoder_method(target, drafter, args, eos_token_id, hybrid: Optional[bool] = None,
+                   calibration: Optional[dict] = None) -> Method:
+    """Our speculative decoder (dspark_train.decoding), its per-round trace turned into RoundStats.
+    [J] hybrid: `hybrid` overrides --mode hybrid / --hybrid (the drafter-only and copy-only baselines);
+    drafter None = copy drafting alone (then `calibration` supplies the copy prior and cost profile)."""
     import torch
 
     from .decoding import SpeculativeDecoder
 
-    decoder = SpeculativeDecoder(target, drafter, calibration=drafter.calibration)
-    sampling = dict(mode=args.mode, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                    eos_token_id=eos_token_id)
+    decoder = SpeculativeDecoder(target, drafter, calibration=drafter.calibration if drafter else calibration)
+    if hybrid is None:
+        hybrid = args.mode == "hybrid" or args.hybrid
+    mode = ("adaptive" if "adaptive" in decoder.policies else "tree") if args.mode == "hybrid" else args.mode
+    sampling = dict(mode=mode, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    eos_token_id=eos_token_id, hybrid=hybrid)
 
     def run(prompt: list[int], max_new_tokens: int):
         seed = int(torch.randint(0, 2**62, ()).item())  # from the harness's per-sample torch seed
         out = decoder.generate(prompt, max_new_tokens=max_new_tokens, seed=seed, **sampling)
         # RoundTrace.verified counts the draft nodes; the verify pass also computes the anchor
-        return out.tokens, [RoundStat(r.verified + 1, r.n_accepted, max(r.depths, default=0)) for r in out.rounds]
+        return out.tokens, [RoundStat(r.verified + 1, r.n_accepted, max(r.depths, default=0),
+                                      _by_source(r) if hybrid else None, r.drafter_skipped) for r in out.rounds]
     return run
+
+
+def _by_source(r) -> dict:
+    """[J] hybrid: {source: [verified, accepted]} of one RoundTrace."""
+    out = {}
+    for s, ok in zip(r.sources, r.accepted):
+        e = out.setdefault(s, [0, 0])
+        e[0] += 1
+        e[1] += ok
+    return out
 
 
 def top2_gap(target, context: list[int]) -> float:
@@ -355,8 +400,10 @@ def benchmark_report(m: Measured, target, drafter: str, baselines: Sequence[str]
         d["top2_logit_gap"] = top2_gap(target, context)
     entry["baselines"] = {}
     for b in baselines:
-        r = method_metrics(plain, m.samples[b], greedy, drafter=False)
-        entry["baselines"][b] = {k: r[k] for k in ("tokens_per_s", "speedup", "agreement", "lossless")}
+        ours = b in DECODER_BASELINES  # [J] hybrid: our own decoders also report τ and where tokens came from
+        r = method_metrics(plain, m.samples[b], greedy, drafter=ours)
+        keys = ("tokens_per_s", "speedup", "agreement", "lossless") + (("tau", "sources") if ours else ())
+        entry["baselines"][b] = {k: r.get(k) for k in keys}
     entry["file"] = str(m.benchmark.path)
     return entry
 
@@ -379,6 +426,8 @@ def run_eval(args) -> dict:
         raise RecipeError(f"--baselines: unknown {sorted(unknown)} (known: {', '.join(BASELINES)})")
     if "assisted" in baselines and not args.assistant:
         baselines.remove("assisted")
+    if args.mode != "hybrid" and not args.hybrid:  # [J] hybrid: these compare against the hybrid decoder
+        baselines = [b for b in baselines if b not in DECODER_BASELINES]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     from .export import load_artifact, resolve_artifact
@@ -396,6 +445,11 @@ def run_eval(args) -> dict:
         drafters[name] = {"drafter": spec, "calibration": drafter.calibration,
                           **{k: getattr(drafter.config, k) for k in ("kind", "head", "block_size")}}
         methods[name] = decoder_method(target, drafter, args, gen["eos_token_id"])
+        if len(drafters) == 1 and "drafter-only" in baselines:  # [J] hybrid
+            methods["drafter-only"] = decoder_method(target, drafter, args, gen["eos_token_id"], hybrid=False)
+        if len(drafters) == 1 and "copy-only" in baselines:  # [J] hybrid
+            methods["copy-only"] = decoder_method(target, None, args, gen["eos_token_id"], hybrid=True,
+                                                  calibration=drafter.calibration)
     if "prompt-lookup" in baselines:
         methods["prompt-lookup"] = hf_method(target.model, gen, prompt_lookup_num_tokens=args.prompt_lookup_tokens)
     if "assisted" in baselines:
@@ -432,7 +486,7 @@ def build_report(measured: Sequence[Measured], target, drafters: dict[str, dict]
     return {
         "target": target.name, "drafter": drafters[primary]["drafter"], "device": target.device.type,
         "device_name": _device_name(target.device), "dtype": str(target.dtype).removeprefix("torch."),
-        "temperature": args.temperature, "mode": args.mode,
+        "temperature": args.temperature, "mode": args.mode, "hybrid": args.mode == "hybrid" or args.hybrid,
         "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
         "multi_turn": args.multi_turn, "threads": torch.get_num_threads(),
         "benchmarks": per_drafter[primary],
@@ -490,7 +544,8 @@ def render_markdown(report: dict) -> str:
     turns = "all turns" if report["multi_turn"] else "first turn"
     lines = [f"# Speculative decoding eval: {report['drafter']} on {report['target']}", "",
              f"device {report['device']} ({report['device_name']}, {report['threads']} threads) · dtype "
-             f"{report['dtype']} · temperature {report['temperature']} · mode {report['mode']} · "
+             f"{report['dtype']} · temperature {report['temperature']} · mode {report['mode']}"
+             f"{' + copy branches' if report.get('hybrid') and report['mode'] != 'hybrid' else ''} · "
              f"max_new_tokens {report['max_new_tokens']} · {turns}", ""]
     for name, d in report["drafters"].items():
         baselines = sorted({b for e in d["benchmarks"].values() for b in e["baselines"]})
@@ -503,7 +558,8 @@ def render_markdown(report: dict) -> str:
             cells = [bname, str(e["n_prompts"]), _fmt(e["tau"]), _fmt(e["verify_rate"]), _fmt(e["tokens_per_s"], ".1f"),
                      _fmt(e["baseline_tokens_per_s"], ".1f"), _fmt(e["speedup"], ".2f") + "×", lossless,
                      _fmt(e["agreement"], ".0%")]
-            cells += [f"{_fmt(e['baselines'][b]['tokens_per_s'], '.1f')} ({_fmt(e['baselines'][b]['speedup'])}×)"
+            cells += [f"{_fmt(e['baselines'][b]['tokens_per_s'], '.1f')} ({_fmt(e['baselines'][b]['speedup'])}×"
+                      + (f", τ {_fmt(e['baselines'][b]['tau'])}" if e["baselines"][b].get("tau") else "") + ")"
                       if b in e["baselines"] else "—" for b in baselines]
             lines.append("| " + " | ".join(cells) + " |")
         depth = max((len(e["accept_rate_by_position"]) for e in d["benchmarks"].values()), default=0)
@@ -515,6 +571,7 @@ def render_markdown(report: dict) -> str:
                 pairs = list(zip(e["accept_rate_by_position"], e["conditional_accept_by_position"]))
                 cells = [f"{_fmt(s)} / {_fmt(c)}" for s, c in pairs] + ["—"] * (depth - len(pairs))
                 lines.append(f"| {bname} | " + " | ".join(cells) + " |")
+        lines += _source_table(d["benchmarks"])  # [J] hybrid
         divs = [(b, x) for b, e in d["benchmarks"].items() for x in e["divergences"] or []]
         if divs:
             lines += ["", f"Divergences from plain greedy ({len(divs)}): first differing position and the target's "
@@ -536,6 +593,22 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {bname} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _source_table(benchmarks: dict) -> list[str]:
+    """[J] hybrid: where accepted draft tokens came from, and each source's acceptance (accepted / verified
+    nodes); `both` = nodes the drafter and the copy drafter proposed alike."""
+    rows = [(b, e["sources"], e["drafter_skipped_rounds"]) for b, e in benchmarks.items() if e.get("sources")]
+    if not rows:
+        return []
+
+    def cell(x):
+        return f"{_fmt(x['share_of_accepted'], '.0%')} ({x['accepted']}/{x['verified']} = {_fmt(x['acceptance'])})"
+    lines = ["", "Accepted draft tokens by source: share of all accepted (accepted / verified nodes = acceptance):", "",
+             "| benchmark | drafter | copy | both | rounds without a drafter forward |", "|---|---|---|---|---|"]
+    lines += [f"| {b} | {cell(src['drafter'])} | {cell(src['copy'])} | {cell(src['both'])} | {_fmt(skip, '.0%')} |"
+              for b, src, skip in rows]
+    return lines
 
 
 def write_report(report: dict, out: Path, calibration: Optional[dict]) -> list[Path]:
