@@ -504,6 +504,7 @@ class Calibration:
     reliability: dict = field(default_factory=dict)  # {"before"|"after": {"k": [[mean pred, observed, n], ...]}}
     data: dict = field(default_factory=dict)  # what it was fitted on, including the per-round statistics
     biases: list[float] = field(default_factory=list)  # STS offsets b_k (empty: temperature only)
+    copy: dict = field(default_factory=dict)  # [J] hybrid: the copy drafter's acceptance prior (decoding/copy.py)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -767,13 +768,16 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
         f"{cc.dtype}, {torch.get_num_threads()} threads")
 
     # 1. STS statistics: the target's greedy answers, with greedy drafting replayed at every anchor
-    sts_stats, sts_source = None, "probe rounds"
+    sts_stats, sts_source, copy_prior = None, "probe rounds", None
     if cc.texts:
         t0 = time.perf_counter()
         texts = greedy_texts(target, prompt_list[:cc.texts], cc.max_new_tokens, cc.batch_size, progress=not quiet)
         sts_stats = anchor_stats(target, drafter, texts, progress=not quiet)
         sts_source = f"anchor replay over greedy answers to {len(texts)} prompts"
         say(f"{sts_source}: {len(sts_stats)} blocks in {time.perf_counter() - t0:.1f}s")
+        # [J] hybrid: the copy drafter's per-cell acceptance, replayed over the same greedy answers
+        from .decoding.copy import fit_copy_prior
+        copy_prior = fit_copy_prior([(ex.input_ids, ex.loss_mask.index(1)) for ex in texts if 1 in ex.loss_mask])
 
     # 2. probe decode: the chain at full depth plus top-W siblings at every depth
     decoder = SpeculativeDecoder(target, drafter)
@@ -807,6 +811,7 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
         block_size=gamma, temperatures=temps, biases=biases,
         ece_before=before["ece"], ece_after=after["ece"], auroc_before=before["auroc"], auroc_after=after["auroc"],
         brier_before=before["brier"], brier_after=after["brier"], adaptive=asdict(policy),
+        copy=copy_prior.to_dict() if copy_prior else {},  # [J] hybrid
         expected={"adaptive": expected.to_dict(), "best_chain_depth": chain_d, "best_chain": chain_expected.to_dict()},
         cost_profile=cost, reliability={"before": before["reliability"], "after": after["reliability"]},
         data={"source": str(root), "heldout": source, "prompt_ids": names, "n_prompts": len(prompt_list),

@@ -300,6 +300,11 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     prompt = [1, 5, 9, 13]
     out = dec.generate(prompt, max_new_tokens=16, mode="adaptive", eos_token_id=[])
     assert out.tokens == plain.generate(prompt, max_new_tokens=16, eos_token_id=[]).tokens
+    # [J] hybrid: the copy prior replayed over the same greedy answers; the hybrid decoder reads it
+    from dspark_train.decoding import CopyPrior
+    assert sum(data["copy"]["trials"]) > 0 and dec.copy.prior == CopyPrior.from_dict(data["copy"])
+    out = dec.generate(prompt, max_new_tokens=16, mode="hybrid", eos_token_id=[])
+    assert out.tokens == plain.generate(prompt, max_new_tokens=16, eos_token_id=[]).tokens
 
     # calibrating an artifact writes into the artifact (held-out split recomputed from the recipe)
     again = C.run_calibration(art, overrides=["calibrate.measure=false", "calibrate.prompts=2", "calibrate.texts=0"],
