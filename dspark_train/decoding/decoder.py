@@ -265,7 +265,8 @@ class SpeculativeDecoder:
             tok = torch.tensor(tree.tokens[1:], dtype=torch.long, device=probs.device)
             rnd.target_probs = probs[par, tok].tolist()
             rates = {u: float(accept_rate(probs[u], q)) for u, q in tree.child_dist.items()}
-            rnd.accept_rates = [rates.get(p, float("nan")) for p in tree.parents[1:]]
+            rnd.accept_rates = [rates.get(p, float("nan")) if s & DRAFTER else float("nan")  # copy: δ, no rate
+                                for p, s in zip(tree.parents[1:], tree.sources[1:])]
         return rnd
 
     # ------------------------------------------------------------------ several requests per forward
