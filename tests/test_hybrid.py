@@ -404,3 +404,16 @@ def test_smollm2_fp32_hybrid_greedy_equals_generate():
                 assert tr.tokens == ref, (name, mode)
                 copied += sum(ok for r in tr.rounds for s, ok in zip(r.sources, r.accepted) if s != "drafter")
     assert copied > 0
+
+
+def test_cost_profile_of_another_dtype_is_not_used(small, tmp_path, monkeypatch):
+    """calibration.json's SPS(B) sizes hybrid trees only when it was measured for this dtype and device."""
+    target, drafter = small
+    prof = {"tokens": [1, 2], "steps_per_s": [10.0, 5.0], "meta": {"dtype": "torch.bfloat16", "device": "cpu"}}
+    assert SpeculativeDecoder(target, drafter, calibration={"cost_profile": prof}).sps is None
+    prof["meta"]["dtype"] = str(target.dtype)
+    assert SpeculativeDecoder(target, drafter, calibration={"cost_profile": prof}).sps(2) == 5.0
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path))
+    dec = SpeculativeDecoder(target, drafter, calibration={"cost_profile": {**prof, "meta": {"dtype": "x"}}})
+    dec.generate([5, 6, 7], 4, mode="hybrid", eos_token_id=[])  # measured here and cached
+    assert dec.sps.meta["dtype"] == str(target.dtype) and list(tmp_path.glob("sps_*.json"))

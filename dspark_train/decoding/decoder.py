@@ -110,7 +110,8 @@ class SpeculativeDecoder:
     `hybrid=True` merges the copy drafter's continuations into any mode's tree (decoding/hybrid.py); mode
     "hybrid" is adaptive (tree without a calibration) with hybrid=True. `copy` / `hybrid` / `sps` override
     the copy drafter (default: calibration.json's `copy` prior), the hybrid policy and the verify-cost
-    curve that sizes hybrid trees (default: calibration.json's cost profile, else measured once and cached).
+    curve that sizes hybrid trees (default: calibration.json's cost profile when it was measured with this
+    dtype and device, else measured once and cached).
     exact_attention=True switches the target to row-exact verification attention (decoding/attention.py):
     bf16 greedy output then equals plain bf16 greedy bit for bit, at some verify cost.
     """
@@ -139,7 +140,11 @@ class SpeculativeDecoder:
         self.copy = copy or CopyDrafter(prior=prior_from_calibration(calibration))
         self.hybrid = hybrid or HybridPolicy()
         cost = (calibration or {}).get("cost_profile") or {}
-        self.sps = sps or (SPSProfile(cost["tokens"], cost["steps_per_s"]) if cost.get("tokens") else None)
+        meta = cost.get("meta") or {}
+        same = meta.get("dtype", str(target.dtype)) == str(target.dtype) and \
+            str(meta.get("device", target.device.type)).split(":")[0] == target.device.type
+        # a profile of another dtype or device says nothing about this one (bf16 vs fp32 on a CPU: 3× apart)
+        self.sps = sps or (SPSProfile(cost["tokens"], cost["steps_per_s"]) if cost.get("tokens") and same else None)
         self.device = target.device
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
