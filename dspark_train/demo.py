@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from .artifact import WEIGHTS
 from .config import REPO_ROOT, load_recipe
+from .layout import RunDir, read_json
+from .report import REPORT_JSON, REPORT_MD
 
 RECIPE = "recipes/smollm2_135m.yaml"
 BENCHMARKS = "gsm8k,mt-bench,humaneval,mbpp"
@@ -41,11 +44,9 @@ def run(cmd: list[str]) -> None:
 
 
 def _recommend(report_file: Path) -> str:
-    """[J] hybrid: which decoding the measurement favours, hybrid adaptive or adaptive without copy branches
-    (tokens/s summed over the benchmarks of the demo's eval)."""
-    import json
-
-    benches = json.loads(report_file.read_text())["benchmarks"].values()
+    """Which decoding the measurement favours, hybrid adaptive or adaptive without copy branches (tokens/s
+    summed over the benchmarks of the demo's eval)."""
+    benches = read_json(report_file)["benchmarks"].values()
     ours = sum(b["tokens_per_s"] for b in benches)
     alone = sum(b["baselines"].get("drafter-only", {}).get("tokens_per_s") or 0.0 for b in benches)
     if not alone:
@@ -66,37 +67,36 @@ def main() -> int:
 
     recipe = load_recipe(REPO_ROOT / RECIPE, [s for s in sets if s != "--set"])
     conversations = recipe.resolve_data_path(recipe.data.conversations)
+    shown, files = RunDir(run_dir), RunDir(root)  # paths as the user typed them; the same from the repo root
     run(dspark + ["fetch-target", RECIPE])
     if conversations is None or not conversations.is_file():
         print(f"\nno regenerated conversations at {conversations}: regenerating a small set with the target")
-        data_sets = sets + ["--set", "data.conversations=null", "--set", f"data.output={run_dir}/data.jsonl",
+        data_sets = sets + ["--set", "data.conversations=null", "--set", f"data.output={shown.data}",
                             "--set", "data.max_prompts=" + ("32" if fast else "400")]
         run(dspark + ["data", RECIPE] + data_sets)
-        sets += ["--set", f"data.conversations={(root / 'data.jsonl').resolve()}"]
+        sets += ["--set", f"data.conversations={files.data.resolve()}"]
     else:
         print(f"\nusing target-regenerated conversations: {conversations}")
 
-    if (root / "final" / "model.safetensors").is_file():
-        print(f"\ntrained drafter found: {run_dir}/final (delete it to retrain)")
+    if (files.final / WEIGHTS).is_file():
+        print(f"\ntrained drafter found: {shown.final} (delete it to retrain)")
     else:
         run(dspark + ["train", RECIPE] + sets)
 
-    if not (root / "calibration.json").is_file():
+    if not files.calibration.is_file():
         run(dspark + ["calibrate", str(run_dir)] + [a for s in cfg["calibrate"] for a in ("--set", s)])
-    artifact = run_dir / "artifact"
-    report = run_dir / "eval" / "report.json"
-    if not (root / "eval" / "report.json").is_file():
-        run(dspark + ["export", str(run_dir), str(artifact), "--force"])
-        # [J] hybrid: adaptive trees with copy branches, the same drafter without them measured in the same run
-        run(dspark + ["eval", str(artifact), "--mode", "adaptive", "--hybrid", "--out", str(run_dir / "eval")]
+    if not (files.eval / REPORT_JSON).is_file():
+        run(dspark + ["export", str(run_dir), str(shown.artifact), "--force"])
+        # adaptive trees with copy branches, and the same drafter without them (drafter-only) in the same run
+        run(dspark + ["eval", str(shown.artifact), "--mode", "adaptive", "--hybrid", "--out", str(shown.eval)]
             + cfg["eval"])
     # export last so the model card carries the measured table
-    run(dspark + ["export", str(run_dir), str(artifact), "--force"])
+    run(dspark + ["export", str(run_dir), str(shown.artifact), "--force"])
 
-    print("\n" + (root / "eval" / "report.md").read_text())
-    print(_recommend((root / "eval" / "report.json")))
-    print(f"artifact:  {artifact}/\nreport:    {report} (+ report.md)\nplots:     {run_dir}/eval/*.png\n"
-          f"calibration: {run_dir}/calibration.json")
+    print("\n" + (files.eval / REPORT_MD).read_text())
+    print(_recommend(files.eval / REPORT_JSON))
+    print(f"artifact:  {shown.artifact}/\nreport:    {shown.eval / REPORT_JSON} (+ {REPORT_MD})\n"
+          f"plots:     {shown.eval}/*.png\ncalibration: {shown.calibration}")
     return 0
 
 

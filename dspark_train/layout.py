@@ -12,6 +12,7 @@ the whole contract:
       checkpoints/step-NNNNNN/     drafter.safetensors, optimizer.safetensors, rng-<rank>.safetensors,
                                    trainer_state.json (train; resume)
       checkpoints/latest           name of the newest complete checkpoint
+      feature_cache/<key>/         cached target features, `train.feature_cache` (train; feature_cache.py)
       final/                       the trained drafter, `save_pretrained` (train; calibrate, export)
       train_summary.json           steps, tokens, held-out metrics (train; the model card)
       calibration.json             STS + adaptive policy + cost profile (calibrate; decoder, export)
@@ -23,16 +24,19 @@ the whole contract:
 
 Writers never leave half a file: `write_atomic` writes a sibling temp file and renames it over the target
 (rename is atomic on POSIX), `atomic_path` does the same for writers that want a file name, and
-`replace_dir` moves a finished temp directory into place.
+`replace_dir` moves a finished temp directory (conventionally `staging_dir(dest)`) into place.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Union
+
+from .config import RecipeError
 
 RECIPE = "recipe.yaml"
 HELDOUT = "heldout_ids.json"
@@ -48,7 +52,11 @@ RELIABILITY_PLOT = "calibration_reliability.png"
 EVAL = "eval"
 ARTIFACT = "artifact"
 DATA = "data.jsonl"
+FEATURE_CACHE = "feature_cache"
 TRAINER_STATE = "trainer_state.json"
+CKPT_WEIGHTS = "drafter.safetensors"
+CKPT_OPTIMIZER = "optimizer.safetensors"
+STAGING = ".tmp-"  # prefix of a directory being written beside its final name
 
 
 @dataclass(frozen=True)
@@ -73,9 +81,20 @@ class RunDir:
     eval = property(lambda self: self.root / EVAL)
     artifact = property(lambda self: self.root / ARTIFACT)
     data = property(lambda self: self.root / DATA)
+    feature_cache = property(lambda self: self.root / FEATURE_CACHE)
+
+    latest_pointer = property(lambda self: self.checkpoints / LATEST)
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:06d}"
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """The complete (renamed into place) checkpoint directories, oldest first."""
+        return sorted(self.checkpoints.glob("step-*"))
+
+    def staged_checkpoints(self) -> list[Path]:
+        """Checkpoint directories still being written, or left half-written by a kill."""
+        return sorted(self.checkpoints.glob(f"{STAGING}step-*"))
 
     def latest_checkpoint(self) -> Optional[Path]:
         """The checkpoint `checkpoints/latest` names, if it is complete (its trainer_state.json exists)."""
@@ -86,8 +105,23 @@ class RunDir:
         return path if (path / TRAINER_STATE).is_file() else None
 
 
-def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The files of one checkpoint directory (checkpoints/step-NNNNNN or its staging directory)."""
+
+    root: Path
+
+    weights = property(lambda self: self.root / CKPT_WEIGHTS)
+    optimizer = property(lambda self: self.root / CKPT_OPTIMIZER)
+    trainer_state = property(lambda self: self.root / TRAINER_STATE)
+
+    def rng(self, rank: int) -> Path:
+        return self.root / f"rng-{rank}.safetensors"
+
+
+def staging_dir(dest: Path) -> Path:
+    """The hidden sibling a writer fills before `replace_dir(staging_dir(dest), dest)`."""
+    return dest.with_name(f"{STAGING}{dest.name}")
 
 
 @contextmanager
@@ -95,7 +129,7 @@ def atomic_path(path: Union[str, Path]) -> Iterator[Path]:
     """Yield a temp path beside `path`; when the block ends without error it is renamed onto `path`.
     The temp name keeps `path`'s suffix, for writers that choose a format by it (numpy, safetensors)."""
     path = Path(path)
-    tmp = _temp_sibling(path).with_suffix(path.suffix)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")  # per process: writers never share it
     try:
         yield tmp
         os.replace(tmp, path)
@@ -130,3 +164,23 @@ def replace_dir(tmp: Path, dest: Path) -> Path:
         raise
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+# --------------------------------------------------------------------------- reading back
+# Readers of the run's and the artifact's JSON files: a bad file is one line naming it, never a traceback.
+class ArtifactError(RecipeError):
+    """A missing, malformed or mismatched run or artifact file: the one-line message names the file or the
+    field (the CLI prints it and exits 2, as for a bad recipe). Here, below every reader, because
+    calibration.json is read by the decoder as well as by the artifact loader."""
+
+
+def read_json(path: Union[str, Path]) -> dict:
+    """A JSON object from `path`, or an ArtifactError naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    return data

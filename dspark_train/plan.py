@@ -1,4 +1,5 @@
-"""`dspark plan`: what a recipe will do, offline: target architecture, feature layers, drafter size, memory."""
+"""`dspark plan`: what a recipe will do, offline: target architecture, feature layers, drafter size, memory, and
+what `auto` precision resolves to on this machine (hardware.py) and why."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,7 @@ import io
 import torch
 
 from .config import Recipe, recipe_to_yaml
+from .hardware import detect, resolve_dtype, resolve_mixed_precision
 from .target import DTYPES, default_feature_layers, load_target_config
 
 GiB = 1024 ** 3
@@ -37,19 +39,21 @@ def experts(tcfg) -> str:
     return "dense"
 
 
-def memory_estimate(recipe: Recipe, target_params: int, drafter_trainable: int) -> dict:
-    """Per-device bytes, activations excluded. Target: frozen weights, sharded under ZeRO-3 inference.
-    Drafter: weights in the compute dtype, fp32 grads + master + two AdamW moments (16 B/param) sharded by stage."""
-    d = recipe.distributed
-    n = d.num_processes * 1  # num_processes counts all ranks over all machines in accelerate configs
-    tbytes = DTYPES[recipe.target.dtype].itemsize
-    target = target_params * tbytes / (n if d.target_zero_stage == 3 and d.accelerate_config else 1)
-    w = drafter_trainable * 2 if recipe.train.mixed_precision == "bf16" else drafter_trainable * 4
+def memory_estimate(recipe: Recipe, target_params: int, drafter_trainable: int, target_dtype: str,
+                    mixed_precision: str) -> dict:
+    """Per-device bytes, activations excluded, for the resolved `target_dtype` and `mixed_precision`. Target:
+    frozen weights, sharded under ZeRO-3 inference. Drafter: weights in the compute dtype, fp32 grads + master +
+    two AdamW moments (16 B/param) sharded by stage."""
+    dist = recipe.distributed
+    n = dist.num_processes * 1  # num_processes counts all ranks over all machines in accelerate configs
+    tbytes = DTYPES[target_dtype].itemsize
+    target = target_params * tbytes / (n if dist.target_zero_stage == 3 and dist.accelerate_config else 1)
+    w = drafter_trainable * 2 if mixed_precision == "bf16" else drafter_trainable * 4
     states = drafter_trainable * 16
-    sharded = d.accelerate_config is not None
-    if sharded and d.zero_stage >= 3:
+    sharded = dist.accelerate_config is not None
+    if sharded and dist.zero_stage >= 3:
         drafter = (w + states) / n
-    elif sharded and d.zero_stage >= 1:
+    elif sharded and dist.zero_stage >= 1:
         drafter = w + states / n
     else:
         drafter = w + states
@@ -64,8 +68,11 @@ def plan(recipe: Recipe) -> str:
                                                                     recipe.target.num_feature_layers)
     tparams = count_target_parameters(tcfg)
     dparams = count_parameters(recipe.drafter, tcfg, len(layers))
-    mem = memory_estimate(recipe, tparams, dparams)
-    d = recipe.distributed
+    caps = detect()
+    dtype, mixed = resolve_dtype(recipe.target.dtype, caps), resolve_mixed_precision(recipe.train.mixed_precision, caps)
+    calib = resolve_dtype(recipe.calibrate.dtype, caps)
+    mem = memory_estimate(recipe, tparams, dparams, dtype.value, mixed.value)
+    dist = recipe.distributed
     lines = [
         "# resolved recipe", recipe_to_yaml(recipe).rstrip(), "",
         "# target",
@@ -93,11 +100,18 @@ def plan(recipe: Recipe) -> str:
         lines.append(f"  {n_layers} layer(s):   " + "   ".join(row))
     lines += [
         "",
+        "# precision on this machine (auto: bf16 only where the hardware computes it)",
+        f"machine:         {caps.describe()}",
+        f"target.dtype:    {dtype}",
+        f"train.mixed_precision: {mixed}",
+        f"calibrate.dtype: {calib}",
+        "",
         "# memory per device (weights + optimizer states, activations excluded)",
-        "launch:          " + (f"{d.accelerate_config}; {mem['processes']} process(es) on {d.num_machines} machine(s);"
-                                f" drafter ZeRO-{d.zero_stage}, target ZeRO-{d.target_zero_stage}"
-                                if d.accelerate_config else "single process, no DeepSpeed"),
-        f"target:          {human_bytes(mem['target_bytes'])} ({recipe.target.dtype})",
+        "launch:          " + (f"{dist.accelerate_config}; {mem['processes']} process(es) on "
+                                f"{dist.num_machines} machine(s); drafter ZeRO-{dist.zero_stage}, "
+                                f"target ZeRO-{dist.target_zero_stage}"
+                                if dist.accelerate_config else "single process, no DeepSpeed"),
+        f"target:          {human_bytes(mem['target_bytes'])} ({dtype.value})",
         f"drafter:         {human_bytes(mem['drafter_bytes'])}",
         f"total:           {human_bytes(mem['target_bytes'] + mem['drafter_bytes'])}",
     ]

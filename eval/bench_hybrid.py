@@ -30,8 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from dspark_train.chat import prompt_ids, user_messages  # noqa: E402
 from dspark_train.config import TargetConfig  # noqa: E402
-from dspark_train.decoding import (CopyDrafter, DraftTree, SPSProfile, SpeculativeDecoder, merge_copy,  # noqa: E402
-                                   measure_sps)
+from dspark_train.decoding import CopyDrafter, DraftTree, SpeculativeDecoder, merge_copy  # noqa: E402
 from dspark_train.decoding.hybrid import budget  # noqa: E402
 from dspark_train.evaluate import BENCHMARKS, load_benchmark  # noqa: E402
 from dspark_train.target import load_target  # noqa: E402
@@ -175,7 +174,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     target = load_target(TargetConfig(model=args.target, dtype=args.dtype))
     if args.drafter:
-        from dspark_train.export import load_artifact
+        from dspark_train.artifact import load_artifact
         drafter = load_artifact(args.drafter, target=target)
     else:
         from eval.bench_decode import make_drafter
@@ -186,11 +185,11 @@ def main() -> None:
               "drafter": args.drafter or "untrained", "mode": mode}
 
     ids = long_request(target.tokenizer, args.context, args.data_root)
-    sps = (SPSProfile(calibration["cost_profile"]["tokens"], calibration["cost_profile"]["steps_per_s"])
-           if calibration and calibration.get("cost_profile") else measure_sps(target, 32, 256, repeats=3))
+    sps = SpeculativeDecoder(target, drafter, calibration=calibration).cost_curve()  # the curve hybrid decoding uses
     cost = copy_cost(ids, args.rounds, 3, 12, sps)
     step = target_step_ms(target, len(ids), args.repeats)
-    cost.update(context=len(ids), target_step_ms=round(step, 2), per_round_fraction=round(cost["per_round_ms"] / step, 5))
+    cost.update(context=len(ids), target_step_ms=round(step, 2),
+                per_round_fraction=round(cost["per_round_ms"] / step, 5))
     report["copy_cost"] = cost
     print(f"copy drafter at {len(ids)} tokens of context: index {cost['index_us_per_token']} µs/token, per round "
           f"{cost['per_round_ms']:.3f} ms (query {cost['query_ms']:.3f}, merge+budget+update "
@@ -199,7 +198,8 @@ def main() -> None:
 
     prompts = random_prompts(target.tokenizer, args.random_prompts, args.random_length)
     report["random_prompts"] = res = overhead(target, drafter, calibration, prompts, mode, args.max_new_tokens)
-    print(f"random-token prompts ({len(prompts)} × {args.random_length} tokens, {args.max_new_tokens} new, mode {mode}):")
+    print(f"random-token prompts ({len(prompts)} × {args.random_length} tokens, {args.max_new_tokens} new, "
+          f"mode {mode}):")
     for k in ("plain", "drafter-only", "hybrid"):
         print(f"  {k:<13} {json.dumps(res[k])}")
     print(f"  hybrid / drafter-only tokens/s: {res['hybrid_vs_drafter_only']:.4f}; identical outputs "

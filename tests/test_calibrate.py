@@ -8,6 +8,13 @@ import pytest
 import torch
 
 from dspark_train import calibrate as C
+from dspark_train.adaptive import best_fixed_chain, simulate, tune_adaptive
+from dspark_train.calibrate import run_calibration
+from dspark_train.decoding import CopyPrior, machine_key, smooth_sps
+from dspark_train.calibration import FORMAT_VERSION, AdaptivePolicy, Calibration, HeldoutStats, summary_table
+from dspark_train.heldout import anchor_stats, heldout_prompts, stats_from_traces
+from dspark_train.metrics import auroc, brier, ece, reliability
+from dspark_train.sts import BIAS_GRID, conditional, fit_sts, position_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -24,13 +31,13 @@ def test_metrics_on_known_values():
     p = np.array([0.1, 0.1, 0.9, 0.9])
     y = np.array([0, 1, 1, 1])
     # bins: 0.1 -> mean p 0.1 vs 0.5; 0.9 -> 0.9 vs 1.0  => (2*0.4 + 2*0.1)/4
-    assert C.ece(p, y, 20) == pytest.approx(0.25)
-    assert C.auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
-    assert C.auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
-    assert C.auroc(np.full(4, 0.5), np.array([0, 1, 0, 1])) == 0.5
-    assert C.auroc(p, np.ones(4)) is None
-    assert C.brier(p, y) == pytest.approx((0.01 + 0.81 + 0.01 + 0.01) / 4)
-    rel = C.reliability(p, y, 20)
+    assert ece(p, y, 20) == pytest.approx(0.25)
+    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+    assert auroc(np.full(4, 0.5), np.array([0, 1, 0, 1])) == 0.5
+    assert auroc(p, np.ones(4)) is None
+    assert brier(p, y) == pytest.approx((0.01 + 0.81 + 0.01 + 0.01) / 4)
+    rel = reliability(p, y, 20)
     assert rel[2] == [0.1, 0.5, 2] and rel[18] == [0.9, 1.0, 2] and rel[0] == [None, None, 0]
 
 
@@ -46,10 +53,10 @@ def _overconfident(n=6000, gamma=4, scale=3.0, seed=0):
 
 def test_sts_lowers_ece_and_keeps_order():
     z, y, obs = _overconfident()
-    temps, biases = C.fit_sts(z, y, obs, [0.25 * i for i in range(1, 41)], 20)
+    temps, biases = fit_sts(z, y, obs, [0.25 * i for i in range(1, 41)], 20)
     assert biases == [0.0] * 4  # no offset grid: the paper's temperature-only STS
-    before = C.position_metrics(z, y, obs, [1.0] * 4)
-    after = C.position_metrics(z, y, obs, temps)
+    before = position_metrics(z, y, obs, [1.0] * 4)
+    after = position_metrics(z, y, obs, temps)
     for k in range(4):
         assert 2.0 < temps[k] < 4.5, temps  # recovers the over-confidence factor 3
         assert after["ece"][k] < before["ece"][k] / 2
@@ -63,26 +70,26 @@ def test_sts_lowers_ece_and_keeps_order():
 
 def test_sts_is_sequential_earlier_temperatures_fixed():
     z, y, obs = _overconfident(gamma=3)
-    temps, _ = C.fit_sts(z, y, obs, [0.25 * i for i in range(1, 41)], 20)
+    temps, _ = fit_sts(z, y, obs, [0.25 * i for i in range(1, 41)], 20)
     # refitting position 2 alone with T_1 fixed gives the same T_2
     a1 = 1 / (1 + np.exp(-z[:, 0] / temps[0]))
     grid = np.linspace(0.25, 10, 2000)
-    errs = [C.ece(a1 / (1 + np.exp(-z[:, 1] / t)), y[:, 1]) for t in grid]
-    assert C.ece(a1 / (1 + np.exp(-z[:, 1] / temps[1])), y[:, 1]) <= min(errs) + 2e-3
+    errs = [ece(a1 / (1 + np.exp(-z[:, 1] / t)), y[:, 1]) for t in grid]
+    assert ece(a1 / (1 + np.exp(-z[:, 1] / temps[1])), y[:, 1]) <= min(errs) + 2e-3
 
 
 def test_smooth_sps_is_non_increasing_and_keeps_monotone_input():
     raw = [100, 90, 95, 80, 85, 84, 60]
-    s = C.smooth_sps(raw)
+    s = smooth_sps(raw)
     assert len(s) == len(raw) and all(a >= b for a, b in zip(s, s[1:]))
-    assert C.smooth_sps([10, 9, 8]) == pytest.approx([10, 9, 8])
+    assert smooth_sps([10, 9, 8]) == pytest.approx([10, 9, 8])
 
 
 # --------------------------------------------------------------------------- tuner
 def _stats(n_spine, gamma, conf_p, top_probs=0.5, rescue=None, width=4, overhead=0.0):
     n = len(n_spine)
     z = np.full((n, gamma), np.log(conf_p / (1 - conf_p)))
-    return C.HeldoutStats(z, np.full((n, gamma), top_probs), np.full((n, gamma), np.nan),
+    return HeldoutStats(z, np.full((n, gamma), top_probs), np.full((n, gamma), np.nan),
                           np.full((n, gamma), np.nan), np.full(n, gamma), np.asarray(n_spine),
                           np.zeros(n, np.int64) if rescue is None else np.asarray(rescue),
                           np.full(n, overhead), np.zeros(n), width)
@@ -109,35 +116,49 @@ def test_tuner_finds_known_depth_optimum(name, sps, depth):
     table = _sps(sps)
     expected = {d: (1 + sum(p ** j for j in range(1, d + 1))) * sps(d + 1) for d in range(gamma + 1)}
     assert max(expected, key=expected.get) == depth
-    policy, out = C.tune_adaptive(stats, [1.0] * gamma, table, max_width=1, node_budget=32)
-    tau, b = C.simulate(stats, [1.0] * gamma, policy)
+    policy, out = tune_adaptive(stats, [1.0] * gamma, table, max_width=1, node_budget=32)
+    tau, b = simulate(stats, [1.0] * gamma, policy)
     assert (b == depth + 1).all(), (name, policy)
     assert out.tau == pytest.approx(1 + sum(p ** j for j in range(1, depth + 1)), abs=1e-3)
 
 
 def test_tuner_widens_only_when_verification_is_cheap():
-    gamma, n = 2, 1000
+    gamma = 2
     n_spine = np.array([0] * 500 + [2] * 500)  # half the rounds miss at depth 1 ...
     rescue = np.array([2] * 200 + [0] * 300 + [0] * 500)  # ... and 200 of those have the target's token at rank 2
     stats = _stats(n_spine, gamma, 0.5, top_probs=0.4, rescue=rescue, width=4)
-    flat, out = C.tune_adaptive(stats, [1.0] * gamma, _sps(lambda b: 10.0), max_width=4, node_budget=32)
+    flat, out = tune_adaptive(stats, [1.0] * gamma, _sps(lambda b: 10.0), max_width=4, node_budget=32)
     assert flat.max_width >= 2 and (flat.width_threshold is None or flat.width_threshold > 0.4)
     assert out.tau == pytest.approx(1 + 0.5 * 2 + 0.2)
-    two, out = C.tune_adaptive(stats, [1.0] * gamma, _sps(lambda b: 10.0), max_width=2, node_budget=32)
+    two, out = tune_adaptive(stats, [1.0] * gamma, _sps(lambda b: 10.0), max_width=2, node_budget=32)
     assert two.max_width == 2 and out.tau == pytest.approx(1 + 0.5 * 2 + 0.2)  # rank 2 needs exactly width 2
-    steep, out = C.tune_adaptive(stats, [1.0] * gamma, _sps(lambda b: 10.0 / b), max_width=4, node_budget=32)
+    steep, out = tune_adaptive(stats, [1.0] * gamma, _sps(lambda b: 10.0 / b), max_width=4, node_budget=32)
     assert steep.max_width == 1 and out.verified == 1.0
     # the fixed-depth chain comparison
-    d, chain = C.best_fixed_chain(stats, _sps(lambda b: 10.0))
+    d, chain = best_fixed_chain(stats, _sps(lambda b: 10.0))
     assert d == 2 and chain.tau == pytest.approx(2.0)
+
+
+def test_tuner_picks_plain_decoding_where_no_draft_pays():
+    """Where drafting plus verification cost more than the drafts save (an AVX2 CPU in bf16: verifying costs ~6×
+    a step), the tuned policy is plain decoding (node budget 0), never a verify size slower than plain."""
+    p, gamma = 0.6, 6
+    costly = _stats(_geometric_rounds(p, gamma, n=1000), gamma, p, overhead=0.05)  # drafting: half a target step
+    sps = _sps(lambda b: 10.0 / (1 + 0.5 * (b - 1)))  # bf16-on-AVX2-like: every verified token costs half a step
+    policy, out = tune_adaptive(costly, [1.0] * gamma, sps, max_width=1, node_budget=32)
+    assert policy.node_budget == 0 and out.tau == 1.0 and out.verified == 1.0
+    assert out.tokens_per_s == pytest.approx(10.0)  # plain decoding: SPS(1), no drafting cost
+    assert best_fixed_chain(costly, sps)[1].tokens_per_s < 10.0  # every chain would lose to it
+    cheap, out = tune_adaptive(costly, [1.0] * gamma, _sps(lambda b: 10.0), max_width=1, node_budget=32)
+    assert cheap.node_budget > 0 and out.tokens_per_s > 10.0  # fp32-like flat curve: drafting pays
 
 
 def test_overhead_per_round_favours_deeper_verification():
     p, gamma = 0.8, 6
     sps = _sps(lambda b: 10.0 / (1 + 0.3 * (b - 1)))
-    cheap, costly = (_stats(_geometric_rounds(p, gamma), gamma, p, overhead=o) for o in (0.0, 0.5))
-    verified = [C.tune_adaptive(s, [1.0] * gamma, sps, 1, 32)[1].verified for s in (cheap, costly)]
-    assert verified[1] > verified[0]  # a fixed cost per round makes each round worth filling
+    cheap, costly = (_stats(_geometric_rounds(p, gamma), gamma, p, overhead=o) for o in (0.0, 0.05))
+    verified = [tune_adaptive(s, [1.0] * gamma, sps, 1, 32)[1].verified for s in (cheap, costly)]
+    assert verified[1] > verified[0]  # a fixed cost per round (half a step) makes each round worth filling
 
 
 # --------------------------------------------------------------------------- calibration.json
@@ -150,21 +171,21 @@ def test_sts_offset_removes_a_constant_bias_that_temperature_cannot():
     y = np.cumprod(rng.random(q.shape) < q, axis=1).astype(bool)
     obs = np.ones_like(y)
     grid = [0.25 * i for i in range(1, 41)]
-    t_only, _ = C.fit_sts(z, y, obs, grid, 20)
-    temps, biases = C.fit_sts(z, y, obs, grid, 20, bias_grid=C.BIAS_GRID)
-    e_t = C.position_metrics(z, y, obs, t_only)["ece"]
-    e_tb = C.position_metrics(z, y, obs, temps, biases=biases)["ece"]
+    t_only, _ = fit_sts(z, y, obs, grid, 20)
+    temps, biases = fit_sts(z, y, obs, grid, 20, bias_grid=BIAS_GRID)
+    e_t = position_metrics(z, y, obs, t_only)["ece"]
+    e_tb = position_metrics(z, y, obs, temps, biases=biases)["ece"]
     assert e_t[0] > 0.02 and e_tb[0] < 0.01 and e_tb[1] < e_t[1]
     assert abs(temps[0] - 1.0) < 0.15 and abs(biases[0] + 1.5) < 0.2, (temps, biases)
-    c = C.conditional(z, temps, biases)[:, 0]
+    c = conditional(z, temps, biases)[:, 0]
     assert (np.argsort(c, kind="stable") == np.argsort(z[:, 0], kind="stable")).all()
 
 
 def _calibration(gamma=3):
     z, y, obs = _overconfident(n=200, gamma=gamma)
     stats = _stats(np.array([0, 1, 3, 2]), gamma, 0.7)
-    m = C.position_metrics(z, y, obs, [2.0] * gamma)
-    return C.Calibration(gamma, [2.0] * gamma, m["ece"], m["ece"], m["auroc"], m["auroc"], m["brier"], m["brier"],
+    m = position_metrics(z, y, obs, [2.0] * gamma)
+    return Calibration(gamma, [2.0] * gamma, m["ece"], m["ece"], m["auroc"], m["auroc"], m["brier"], m["brier"],
                          adaptive={"depth_threshold": 0.3, "width_threshold": 0.6, "max_width": 3, "node_budget": 9,
                                    "beam": 1},
                          expected={"adaptive": {"tau": 2.0, "verified": 3.0, "tokens_per_s": 12.0}},
@@ -178,21 +199,26 @@ def test_calibration_json_round_trip_and_decoder_reads_it(tmp_path):
 
     cal = _calibration()
     path = cal.save(tmp_path / "calibration.json")
-    back = C.Calibration.from_json(path)
+    back = Calibration.from_json(path)
     assert back == cal
-    assert json.loads(path.read_text())["format_version"] == C.FORMAT_VERSION
+    assert json.loads(path.read_text())["format_version"] == FORMAT_VERSION
     stats = back.stats()
     assert stats.n_spine.tolist() == [0, 1, 3, 2] and stats.width == 4
     np.testing.assert_allclose(stats.conf_logits, np.log(0.7 / 0.3), atol=1e-4)
-    assert back.policy() == C.AdaptivePolicy(0.3, 0.6, 3, 9, 1)
+    assert back.policy() == AdaptivePolicy(0.3, 0.6, 3, 9, 1)
     pol = TreePolicy.from_calibration(path, depth=3)
     assert (pol.widths, pol.beam, pol.node_budget, pol.temperatures, pol.depth_threshold, pol.width_threshold,
             pol.biases) == ([3, 3, 3], 1, 9, [2.0] * 3, 0.3, 0.6, [0.5, -0.25, 0.0])
     assert pol.confidence(0, 1.0) == pytest.approx(1 / (1 + np.exp(-(1.0 / 2.0 + 0.5))))
-    assert pol.confidence(1, 1.0) == pytest.approx(float(C.conditional(np.array([[0.0, 1.0]]), [2.0] * 3,
+    assert pol.confidence(1, 1.0) == pytest.approx(float(conditional(np.array([[0.0, 1.0]]), [2.0] * 3,
                                                                          back.biases)[0, 1]))
     with pytest.raises(ValueError, match="format_version"):
-        C.Calibration.from_json({**cal.to_json(), "format_version": C.FORMAT_VERSION + 1})
+        Calibration.from_json({**cal.to_json(), "format_version": FORMAT_VERSION + 1})
+    # a file written before the copy prior existed (same format_version) still loads; hybrid decoding then
+    # starts from the default prior
+    from dspark_train.decoding.copy import prior_from_calibration
+    older = {k: v for k, v in cal.to_json().items() if k != "copy"}
+    assert Calibration.from_json(older).copy == {} and prior_from_calibration(older) == CopyPrior.default()
 
 
 # --------------------------------------------------------------------------- against the real decoder
@@ -228,7 +254,7 @@ def test_simulate_replays_the_decoders_adaptive_rounds_exactly(tiny_run):
     """The first round of every prompt starts from the same state under any policy, so the replay of the probe
     round must give exactly the τ and verified size the decoder's adaptive policy produces there."""
     from dspark_train.decoding import SpeculativeDecoder, TreePolicy
-    from dspark_train.export import load_artifact
+    from dspark_train.artifact import load_artifact
 
     run, recipe, target = tiny_run
     drafter = load_artifact(run, target=target)
@@ -237,15 +263,15 @@ def test_simulate_replays_the_decoders_adaptive_rounds_exactly(tiny_run):
     prompts = PROMPTS
     probe = TreePolicy([width] * gamma, beam=1, node_budget=width * gamma)
     traces = [dec.generate(p, max_new_tokens=12, policy=probe, eos_token_id=[]) for p in prompts]
-    stats = C.stats_from_traces(traces, gamma, width)
+    stats = stats_from_traces(traces, gamma, width)
     firsts = np.cumsum([0] + [len(t.rounds) for t in traces[:-1]])
     assert (stats.rescue[firsts] >= 2).any(), "no first round has a sibling rescue: vary the test drafter"
     temps, biases = [1.5, 0.8, 1.0, 2.0], [0.3, -0.2, 0.0, 0.1]
     seen = set()
-    for pol in [C.AdaptivePolicy(0.0, None, 3, 12), C.AdaptivePolicy(0.0, None, 2, 12),
-                C.AdaptivePolicy(0.3, None, 2, 12), C.AdaptivePolicy(0.15, 0.02, 3, 5),
-                C.AdaptivePolicy(0.5, None, 1, 12)]:
-        tau, b = C.simulate(stats, temps, pol, biases)
+    for pol in [AdaptivePolicy(0.0, None, 3, 12), AdaptivePolicy(0.0, None, 2, 12),
+                AdaptivePolicy(0.3, None, 2, 12), AdaptivePolicy(0.15, 0.02, 3, 5),
+                AdaptivePolicy(0.5, None, 1, 12)]:
+        tau, b = simulate(stats, temps, pol, biases)
         tp = TreePolicy([pol.max_width] * gamma, pol.beam, pol.node_budget, temps, pol.depth_threshold,
                         pol.width_threshold, biases)
         for i, p in enumerate(prompts):
@@ -257,7 +283,8 @@ def test_simulate_replays_the_decoders_adaptive_rounds_exactly(tiny_run):
 
 def test_run_calibration_end_to_end(tiny_run, tmp_path):
     from dspark_train.decoding import SpeculativeDecoder
-    from dspark_train.export import export_run, load_artifact
+    from dspark_train.artifact import load_artifact
+    from dspark_train.export import export_run
 
     run, recipe, target = tiny_run
     from dspark_train.data import conversations_path, read_jsonl, split_heldout
@@ -266,17 +293,17 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     chosen = [str(c["id"]) for c in held[1:4]]  # as train.py writes it
     (run / "heldout_ids.json").write_text(json.dumps({"conversations": str(path), "seed": 0, "ids": chosen}))
 
-    cal = C.run_calibration(run, quiet=True)
+    cal = run_calibration(run, quiet=True)
     data = json.loads((run / "calibration.json").read_text())
     assert (run / "calibration_reliability.png").stat().st_size > 1000
     assert data["data"]["prompt_ids"][:3] == chosen and data["data"]["heldout"].startswith(str(run / "heldout_ids"))
     assert len(data["data"]["prompt_ids"]) == 12 and data["data"]["probe"]["prompts"] == 3
     assert data["data"]["sts"]["source"].startswith("anchor replay over greedy answers to 12 prompts")
     assert data["data"]["count"][0] == data["data"]["sts"]["blocks"] > data["data"]["probe"]["rounds"]
-    sts = C.HeldoutStats.load(run / data["data"]["sts"]["file"])  # the fit is reproducible from the saved stats
+    sts = HeldoutStats.load(run / data["data"]["sts"]["file"])  # the fit is reproducible from the saved stats
     assert len(sts) == data["data"]["sts"]["blocks"] and sts.width == 1
-    assert C.fit_sts(sts.conf_logits, sts.survived(), sts.observed(), recipe.calibrate.temperature_grid,
-                     recipe.calibrate.bins, C.BIAS_GRID) == (data["temperatures"], data["biases"])
+    assert fit_sts(sts.conf_logits, sts.survived(), sts.observed(), recipe.calibrate.temperature_grid,
+                     recipe.calibrate.bins, BIAS_GRID) == (data["temperatures"], data["biases"])
     gamma = recipe.drafter.block_size
     assert len(data["temperatures"]) == gamma and all(t > 0 for t in data["temperatures"])
     for key in ("ece_before", "ece_after", "auroc_before", "auroc_after", "brier_before", "brier_after"):
@@ -286,10 +313,14 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     assert cost["tokens"][0] == 1 and len(cost["steps_per_s"]) == 8 + 1  # B = 1..max_nodes + the anchor
     assert all(a >= b for a, b in zip(cost["steps_per_s"], cost["steps_per_s"][1:]))
     assert cost["batches"]["2"]["tokens"] == [2, 4, 6, 8] and cost["batches"]["4"]["tokens"] == [4, 8]
+    assert cost["machine"] == machine_key(target) and cost["machine"]["dtype"] == "float32"
+    assert data["data"]["hardware"]["dtype"] == {"setting": "float32", "value": "float32", "reason": "asked for"}
+    assert data["data"]["hardware"]["machine"]["name"] == cost["machine"]["name"]
+    assert data["data"]["tuning"] == {"max_width": 3, "max_nodes": 8}
     assert {"probe", "adaptive", "best_chain"} <= set(data["measured"])
     assert data["expected"]["adaptive"]["tokens_per_s"] >= data["expected"]["best_chain"]["tokens_per_s"] - 1e-6
-    assert C.Calibration.from_json(data) == cal
-    assert "ECE before → after" in C.summary_table(cal)
+    assert Calibration.from_json(data) == cal
+    assert "ECE before → after" in summary_table(cal)
 
     # export carries it into the artifact; the decoder's adaptive mode reads it and stays lossless
     art = export_run(run, tmp_path / "artifact")
@@ -300,18 +331,62 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     prompt = [1, 5, 9, 13]
     out = dec.generate(prompt, max_new_tokens=16, mode="adaptive", eos_token_id=[])
     assert out.tokens == plain.generate(prompt, max_new_tokens=16, eos_token_id=[]).tokens
-    # [J] hybrid: the copy prior replayed over the same greedy answers; the hybrid decoder reads it
-    from dspark_train.decoding import CopyPrior
+    assert dec.adaptive_info["source"] == "calibration.json"  # tuned under this very machine key
+    # the copy prior replayed over the same greedy answers; the hybrid decoder reads it and stays lossless
     assert sum(data["copy"]["trials"]) > 0 and dec.copy.prior == CopyPrior.from_dict(data["copy"])
     out = dec.generate(prompt, max_new_tokens=16, mode="hybrid", eos_token_id=[])
     assert out.tokens == plain.generate(prompt, max_new_tokens=16, eos_token_id=[]).tokens
 
     # calibrating an artifact writes into the artifact (held-out split recomputed from the recipe)
-    again = C.run_calibration(art, overrides=["calibrate.measure=false", "calibrate.prompts=2", "calibrate.texts=0"],
+    again = run_calibration(art, overrides=["calibrate.measure=false", "calibrate.prompts=2", "calibrate.texts=0"],
                               quiet=True)
     assert (art / "calibration.json").is_file() and again.data["n_prompts"] == 2
     assert again.data["sts"] == {"source": "probe rounds", "blocks": again.data["probe"]["rounds"]}
     assert again.data["heldout"].startswith("split_heldout") and set(again.measured) == {"probe"}
+    assert again.copy == {}  # no greedy answers, no copy prior: the decoder falls back to the default
+
+
+def test_a_policy_tuned_under_another_machine_key_is_retuned_here(tiny_run, tmp_path, monkeypatch):
+    """calibration.json tuned on an AMX Xeon in bf16 must not steer the decoder on this machine: its cost curve is
+    replaced by one measured here, the threshold search re-runs on the stored held-out rounds with the stored
+    confidences, and the result (cached) is what `dspark calibrate` tunes on this machine."""
+    from dspark_train.artifact import load_artifact
+    from dspark_train.decoding import SpeculativeDecoder, retune
+
+    run, recipe, target = tiny_run
+    cal = run_calibration(run, overrides=["calibrate.measure=false", "calibrate.texts=0"], out=tmp_path / "cal",
+                          quiet=True).to_json()
+    drafter = load_artifact(run, target=target)
+    here = machine_key(target)
+    odd = {"depth_threshold": 0.9, "width_threshold": None, "max_width": 1, "node_budget": 1, "beam": 1}
+    same = SpeculativeDecoder(target, drafter, calibration={**cal, "adaptive": odd})
+    assert same.adaptive_policy().node_budget == 1 and same.adaptive_info["source"] == "calibration.json"
+
+    xeon = {**here, "name": "Intel(R) Xeon(R) Platinum 8480+", "flags": ["avx2", "avx512f", "avx512_bf16",
+                                                                         "amx_tile", "amx_bf16"], "dtype": "bfloat16"}
+    n = len(cal["cost_profile"]["steps_per_s"])
+    foreign = {**cal, "adaptive": odd, "cost_profile": {**cal["cost_profile"], "machine": xeon,
+                                                        "steps_per_s": [1000.0] * n}}
+    stats = HeldoutStats.from_dict(cal["data"]["stats"])
+    monkeypatch.setattr(retune, "measure_draft_seconds", lambda *a, **k: float(np.nanmedian(stats.t_draft)))
+    dec = SpeculativeDecoder(target, drafter, calibration=foreign)
+    policy, info = dec.adaptive_policy(), dec.adaptive_info
+    assert info["source"] == "re-tuned on this machine" and info["calibrated_on"] == xeon and info["machine"] == here
+    assert "Xeon" in info["why"] and info["draft_time_scale"] == 1.0
+    assert info["cost_profile"]["machine"] == here  # this machine's curve (its cache), not the Xeon's
+    assert info["cost_profile"]["steps_per_s"] == cal["cost_profile"]["steps_per_s"]
+    assert info["expected"]["tokens_per_s"] == pytest.approx(cal["expected"]["adaptive"]["tokens_per_s"], rel=1e-3)
+    assert info["policy"] == cal["adaptive"] and policy.node_budget == cal["adaptive"]["node_budget"]
+    assert policy.temperatures == cal["temperatures"]  # the calibrated confidences carry over
+
+    def no_search(*a, **k):
+        raise AssertionError("re-tuned again instead of reading the cache")
+    monkeypatch.setattr(retune, "tune_adaptive", no_search)
+    again = SpeculativeDecoder(target, drafter, calibration=foreign)
+    again.adaptive_policy()
+    assert again.adaptive_info["policy"] == info["policy"]
+    plain = SpeculativeDecoder(target, None).generate(PROMPTS[1], max_new_tokens=12, eos_token_id=[]).tokens
+    assert again.generate(PROMPTS[1], max_new_tokens=12, mode="adaptive", eos_token_id=[]).tokens == plain
 
 
 def test_anchor_replay_equals_the_decoders_rounds(tiny_run):
@@ -319,7 +394,7 @@ def test_anchor_replay_equals_the_decoders_rounds(tiny_run):
     where the decoder's rounds started, exactly the confidences and survival the decoder observed."""
     from dspark_train.data import Example, anchor_candidates
     from dspark_train.decoding import SpeculativeDecoder, TreePolicy
-    from dspark_train.export import load_artifact
+    from dspark_train.artifact import load_artifact
 
     run, recipe, target = tiny_run
     drafter = load_artifact(run, target=target)
@@ -333,7 +408,7 @@ def test_anchor_replay_equals_the_decoders_rounds(tiny_run):
         for r in trace.rounds:
             starts[(i, pos)] = r
             pos += r.committed
-    stats = C.anchor_stats(target, drafter, examples, anchors_per_chunk=5)
+    stats = anchor_stats(target, drafter, examples, anchors_per_chunk=5)
     keys = [(i, a) for i, e in enumerate(examples) for a in anchor_candidates(torch.tensor(e.loss_mask)).tolist()]
     assert len(keys) == len(stats)
     checked = 0
@@ -354,7 +429,7 @@ def test_anchor_replay_does_not_observe_past_off_greedy_text(tiny_run):
     after one token gives depth ≤ 2 at the anchor before the departure."""
     from dspark_train.data import Example
     from dspark_train.decoding import SpeculativeDecoder
-    from dspark_train.export import load_artifact
+    from dspark_train.artifact import load_artifact
 
     run, recipe, target = tiny_run
     drafter = load_artifact(run, target=target)
@@ -363,7 +438,7 @@ def test_anchor_replay_does_not_observe_past_off_greedy_text(tiny_run):
     greedy = plain.generate(p, max_new_tokens=8, eos_token_id=[]).tokens
     off = greedy[:2] + [(greedy[2] + 1) % target.vocab_size]  # position len(p)+2 leaves greedy, then follows it
     off += plain.generate(p + off, max_new_tokens=8, eos_token_id=[]).tokens
-    stats = C.anchor_stats(target, drafter, [Example("x", p + off, [0] * len(p) + [1] * len(off))])
+    stats = anchor_stats(target, drafter, [Example("x", p + off, [0] * len(p) + [1] * len(off))])
     # anchors at len(p), len(p)+1, ...: slot k of anchor j predicts position len(p)+j+k+1
     assert stats.depth[0] == 2 and stats.depth[1] == 1 and stats.depth[2] == drafter.config.block_size
     assert np.isnan(stats.conf_logits[0, 2:]).all() and not np.isnan(stats.conf_logits[0, :2]).any()
@@ -379,10 +454,25 @@ def test_heldout_prompts_top_up_with_untrained_prompts(tiny_run, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     r = load_recipe(run / "recipe.yaml", [f"data.prompts={path}"])
-    names, ids, source = C.heldout_prompts(tmp_path, r, target.tokenizer, limit=r.data.heldout + 4)
+    names, ids, source = heldout_prompts(tmp_path, r, target.tokenizer, limit=r.data.heldout + 4)
     held = names[:r.data.heldout]
     assert len(set(held)) == r.data.heldout and not any(n.startswith("p") for n in held)
     assert sorted(names[r.data.heldout:]) == sorted(set(names[r.data.heldout:])) and len(names) == r.data.heldout + 4
     assert all(n.startswith("p") for n in names[r.data.heldout:])  # never a prompt that has a training answer
     assert "4 untrained prompts" in source
-    assert len(C.heldout_prompts(tmp_path, r, target.tokenizer, limit=100)[0]) == r.data.heldout + 6
+    assert len(heldout_prompts(tmp_path, r, target.tokenizer, limit=100)[0]) == r.data.heldout + 6
+
+
+def test_every_reader_refuses_a_newer_calibration_naming_the_file(tmp_path):
+    """calibration.json has one schema: the decoder's reader checks the version as the artifact loader does."""
+    import re
+
+    from dspark_train.decoding import TreePolicy
+    from dspark_train.layout import ArtifactError
+
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({**_calibration().to_json(), "format_version": FORMAT_VERSION + 1}))
+    why = re.escape(f"{path}: format_version {FORMAT_VERSION + 1} is not one this dspark-train reads")
+    for read in (lambda: TreePolicy.from_calibration(path, depth=3), lambda: Calibration.from_json(path)):
+        with pytest.raises(ArtifactError, match=why):
+            read()

@@ -31,8 +31,13 @@ def test_plan_offline(recipe, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["plan", str(REPO / "recipes" / recipe)]) == 0
     out = capsys.readouterr().out
-    for needle in ("# resolved recipe", "feature layers:", "trainable:", "# memory per device", "1 layer(s):"):
+    for needle in ("# resolved recipe", "feature layers:", "trainable:", "# memory per device", "1 layer(s):",
+                   "# precision on this machine", "machine:         cpu: ", "calibrate.dtype: auto → "):
         assert needle in out
+    from dspark_train.hardware import resolve_dtype
+    auto = resolve_dtype("auto")  # what this machine's hardware makes of `auto`, with its reason
+    expect = "target.dtype:    float32 → float32 (asked for)" if recipe == "tiny.yaml" else f"target.dtype:    {auto}"
+    assert expect in out
     if recipe == "deepseek_v2.yaml":
         assert "DeepseekV2ForCausalLM" in out and "64 routed, 6 per token, 2 shared" in out
         assert "parameters:      15.706 B" in out
@@ -60,3 +65,11 @@ def test_typo_key_exit_2(tmp_path):
 def test_set_override_reaches_plan(capsys):
     assert main(["plan", str(REPO / "recipes" / "tiny.yaml"), "--set", "drafter.num_layers=2"]) == 0
     assert "2 layer(s), block size 4" in capsys.readouterr().out
+
+
+def test_building_the_parser_imports_no_torch():
+    """`dspark --help` and `dspark plan` stay fast: the eval flags live in the CLI, not in the torch harness."""
+    code = ("import sys; from dspark_train.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert proc.stdout.strip() == "[]"

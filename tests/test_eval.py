@@ -5,21 +5,25 @@ import json
 import pytest
 import torch
 
+from dspark_train.cli import add_eval_arguments, eval_config
 from dspark_train.cli import main as cli_main
-from dspark_train.evaluate import (PLAIN, Benchmark, BenchmarkError, RoundStat, acceptance_metrics,
-                                   add_eval_arguments, build_report, first_divergence, hf_method, load_benchmark,
-                                   measure, write_report, _gen_kwargs)
+from dspark_train.config import RecipeError
+from dspark_train.evaluate import (PLAIN, Benchmark, BenchmarkError, EvalConfig, build_report, generation_kwargs,
+                                   hf_method, load_benchmark, measure, plain_name)
+from dspark_train.hardware import cpu_info
+from dspark_train.report import RoundStat, acceptance_metrics, first_divergence, write_report
 
-TOP_LEVEL = ("target", "drafter", "device", "dtype", "temperature", "mode", "benchmarks")
+TOP_LEVEL = ("target", "drafter", "device", "device_name", "machine", "dtype", "dtype_choice", "temperature", "mode",
+             "benchmarks")
 PER_BENCHMARK = ("n_prompts", "tau", "accept_rate_by_position", "conditional_accept_by_position", "verify_rate",
-                 "tokens_per_s", "baseline_tokens_per_s", "speedup", "lossless", "agreement", "divergences",
-                 "baselines")
+                 "tokens_per_s", "baseline_tokens_per_s", "speedup", "plain_tokens_per_s_by_dtype", "fastest_plain",
+                 "speedup_vs_fastest_plain", "lossless", "agreement", "divergences", "baselines")
 
 
 def eval_args(*argv):
     p = argparse.ArgumentParser()
     add_eval_arguments(p)
-    return p.parse_args(["artifact", "--no-progress", *argv])
+    return eval_config(p.parse_args(["artifact", "--no-progress", *argv]))
 
 
 # --------------------------------------------------------------------------- metrics
@@ -46,7 +50,7 @@ def test_acceptance_with_varying_depth_counts_only_verified_positions():
 
 
 def test_per_source_acceptance_from_scripted_hybrid_rounds():
-    """[J] hybrid: accepted / verified nodes per source, each source's share of accepted draft tokens."""
+    """Accepted / verified nodes per source, each source's share of accepted draft tokens."""
     rounds = [RoundStat(6, 3, 3, {"drafter": [2, 1], "copy": [2, 1], "both": [1, 1]}),
               RoundStat(4, 2, 3, {"copy": [3, 2]}, skipped=True), RoundStat(3, 0, 2, {"drafter": [2, 0]})]
     m = acceptance_metrics(rounds)
@@ -99,6 +103,34 @@ def test_cli_reports_bad_benchmark_in_one_line(tmp_path, capsys):
     assert "nope.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, flag", [(["--n", "-3"], "--n: must be >= 0"),
+                                        (["--max-new-tokens", "-5"], "--max-new-tokens: must be >= 1"),
+                                        (["--max-new-tokens", "0"], "--max-new-tokens: must be >= 1"),
+                                        (["--temperature", "-1"], "--temperature: must be >= 0"),
+                                        (["--top-p", "0"], "--top-p: must be in"), (["--top-p", "1.5"], "--top-p"),
+                                        (["--top-k", "-1"], "--top-k: must be >= 0"),
+                                        (["--mode", "beam"], "--mode: expected one of chain, tree, adaptive"),
+                                        (["--dtype", "int8"], "--dtype: expected one of"),
+                                        (["--baselines", "medusa"], "--baselines: unknown"),
+                                        (["--prompt-lookup-tokens", "0"], "--prompt-lookup-tokens: must be >= 1"),
+                                        (["--threads", "0"], "--threads: must be >= 1"),
+                                        (["--benchmarks", ","], "--benchmarks: no benchmark given")])
+def test_bad_eval_settings_exit_2_naming_the_flag(argv, flag, tmp_path, capsys):
+    """Checked before anything loads: one line naming the flag, exit 2, no traceback ([M] cases 1 and 2)."""
+    with pytest.raises(RecipeError, match=flag):
+        eval_args(*argv)
+    assert cli_main(["eval", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: " + flag.split(":")[0]) and "\n" not in err
+
+
+def test_eval_config_defaults_are_the_flags_defaults():
+    assert eval_args() == EvalConfig("artifact", progress=False)
+    assert eval_args("--hybrid").hybrid and eval_args("--mode", "hybrid").hybrid and not eval_args().hybrid
+    with pytest.raises(RecipeError, match="--n: expected an integer, got '5'"):
+        EvalConfig("artifact", n="5")
+
+
 # --------------------------------------------------------------------------- the harness with scripted decoders
 def scripted(plain, trace, corrupt_at=None):
     """A 'decoder' that returns plain decoding's ids (optionally one token changed) and a fixed trace."""
@@ -112,13 +144,16 @@ def scripted(plain, trace, corrupt_at=None):
 
 def test_report_schema_and_speedup_from_scripted_decoders(tiny_target, tmp_path):
     args = eval_args("--max-new-tokens", "6", "--multi-turn")
-    plain = hf_method(tiny_target.model, _gen_kwargs(tiny_target, args))
+    plain = hf_method(tiny_target.model, generation_kwargs(tiny_target, args.temperature, args.top_p, args.top_k))
     trace = [RoundStat(5, 4, 4), RoundStat(5, 0, 4)]
     methods = {PLAIN: plain, "good": scripted(plain, trace), "bad": scripted(plain, trace, corrupt_at=2),
-               "prompt-lookup": hf_method(tiny_target.model, _gen_kwargs(tiny_target, args), prompt_lookup_num_tokens=3)}
+               "prompt-lookup": hf_method(tiny_target.model,
+                                          generation_kwargs(tiny_target, args.temperature, args.top_p, args.top_k),
+                                          prompt_lookup_num_tokens=3)}
     bench = Benchmark("toy", tmp_path / "toy.jsonl", [["hi", "more"], ["hello"]])
     m = measure(bench, tiny_target, methods, args, ["good", "bad"])
-    drafters = {"good": {"drafter": "good-artifact", "calibration": None}, "bad": {"drafter": "bad", "calibration": None}}
+    drafters = {"good": {"drafter": "good-artifact", "calibration": None},
+                "bad": {"drafter": "bad", "calibration": None}}
     report = build_report([m], tiny_target, drafters, ["prompt-lookup"], args)
     write_report(report, tmp_path / "out", calibration=None)
 
@@ -126,8 +161,13 @@ def test_report_schema_and_speedup_from_scripted_decoders(tiny_target, tmp_path)
     assert set(TOP_LEVEL) <= set(saved)
     assert saved["drafter"] == "good-artifact" and saved["mode"] == "chain" and saved["temperature"] == 0.0
     assert saved["dtype"] == "float32" and saved["device"] == "cpu"
+    assert saved["machine"]["name"] == saved["device_name"] == cpu_info()[0]  # the CPU model, not platform.machine()
+    assert saved["dtype_choice"] == {"setting": "float32", "value": "float32", "reason": "asked for"}
     e = saved["benchmarks"]["toy"]
     assert set(PER_BENCHMARK) <= set(e)
+    # no plain decoding in another dtype was measured: the fastest plain is the same-precision one
+    assert e["fastest_plain"] == {"dtype": "float32", "tokens_per_s": e["baseline_tokens_per_s"]}
+    assert e["speedup_vs_fastest_plain"] == e["speedup"]
     assert e["n_prompts"] == 2 and e["n_generations"] == 3
     assert e["speedup"] == e["tokens_per_s"] / e["baseline_tokens_per_s"]
     assert e["tau"] == pytest.approx(3.0) and e["accept_rate_by_position"] == [0.5] * 4
@@ -154,7 +194,7 @@ def test_report_schema_and_speedup_from_scripted_decoders(tiny_target, tmp_path)
 
 def test_sampling_reports_lossless_null(tiny_target, tmp_path):
     args = eval_args("--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "20")
-    plain = hf_method(tiny_target.model, _gen_kwargs(tiny_target, args))
+    plain = hf_method(tiny_target.model, generation_kwargs(tiny_target, args.temperature, args.top_p, args.top_k))
     methods = {PLAIN: plain, "d": scripted(plain, [RoundStat(3, 1, 2)])}
     m = measure(Benchmark("toy", tmp_path, [["hi"]]), tiny_target, methods, args, ["d"])
     e = build_report([m], tiny_target, {"d": {"drafter": "d"}}, [], args)["benchmarks"]["toy"]
@@ -166,7 +206,7 @@ def test_sampling_reports_lossless_null(tiny_target, tmp_path):
 def tiny_artifact(tmp_path_factory, tiny_recipe, tiny_target):
     """An untrained drafter exported like an artifact: config.json, model.safetensors, recipe.yaml, and a
     calibration.json with reliability bins (neutral temperatures, so chain drafting is unchanged)."""
-    from dspark_train.calibrate import Calibration
+    from dspark_train.calibration import Calibration
     from dspark_train.config import recipe_to_yaml
     from dspark_train.drafters import build_drafter
 
@@ -195,20 +235,31 @@ def test_end_to_end_tiny_target_is_lossless(tiny_artifact, tmp_path):
     assert set(TOP_LEVEL) <= set(report)
     assert report["target"] == "inline:llama-seed0" and report["dtype"] == "float32" and report["mode"] == "chain"
     assert report["drafter"] == str(tiny_artifact) and len(report["drafters"]) == 2
+    assert report["dtype_choice"]["setting"] == "float32" and report["machine"]["device"] == "cpu"
     for d in report["drafters"].values():
         assert d["kind"] == "dspark" and d["block_size"] == 4 and d["calibration"]["ece_after"] == [0.02] * 4
         for name, e in d["benchmarks"].items():
             assert set(PER_BENCHMARK) <= set(e), name
             assert e["lossless"] is True and e["agreement"] == 1.0 and e["divergences"] == []
             assert e["speedup"] == e["tokens_per_s"] / e["baseline_tokens_per_s"]
+            # plain decoding was timed in both precisions; the second speedup is against the faster one
+            by_dtype = e["plain_tokens_per_s_by_dtype"]
+            assert set(by_dtype) == {"float32", "bfloat16"} and by_dtype["float32"] == e["baseline_tokens_per_s"]
+            assert e["fastest_plain"]["tokens_per_s"] == max(by_dtype.values())
+            assert by_dtype[e["fastest_plain"]["dtype"]] == e["fastest_plain"]["tokens_per_s"]
+            assert e["speedup_vs_fastest_plain"] == e["tokens_per_s"] / e["fastest_plain"]["tokens_per_s"]
+            assert e["baselines"]["prompt-lookup"]["speedup_vs_fastest_plain"] == pytest.approx(
+                e["baselines"]["prompt-lookup"]["tokens_per_s"] / e["fastest_plain"]["tokens_per_s"])
             assert e["tau"] >= 1.0 and len(e["accept_rate_by_position"]) == 4
             assert 0 < e["verify_rate"] <= 1
             assert set(e["baselines"]) == {"prompt-lookup"}
     assert report["benchmarks"]["mt-bench"]["n_generations"] == 4  # two prompts, two turns each
     rows = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 + 4 and set(rows[0]["outputs"]) == {"plain", "dspark", *report["drafters"], "prompt-lookup"}
+    assert len(rows) == 2 + 4 and set(rows[0]["outputs"]) == {"plain", plain_name("bfloat16"), "dspark",
+                                                              *report["drafters"], "prompt-lookup"}
     assert all(r["outputs"]["plain"]["ids"] == r["outputs"]["dspark"]["ids"] for r in rows)
-    assert "| gsm8k | 2 |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| gsm8k | 2 |" in md and "× fastest plain" in md and f"machine cpu: {cpu_info()[0]}" in md
     for png in ("acceptance_by_position.png", "speedup.png", "reliability.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -222,7 +273,7 @@ def test_adaptive_mode_needs_calibration(tiny_artifact, tmp_path, capsys):
 
 
 def test_end_to_end_hybrid_reports_sources_next_to_drafter_only(tiny_artifact, tmp_path, monkeypatch):
-    """[J] hybrid: --mode hybrid measures the hybrid decoder with the same drafter without copy branches and
+    """--mode hybrid measures the hybrid decoder with the same drafter without copy branches and
     copy drafting alone in the same run; all lossless, with per-source acceptance in report.json and .md."""
     monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))  # the measured SPS(B) of the tiny target
     out = tmp_path / "report"

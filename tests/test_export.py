@@ -1,6 +1,7 @@
 """Artifact export/load round trip, fingerprint check, corrupted weights, model card, Hub push at the HfApi boundary."""
 import json
 import os
+import re
 import socket
 
 import pytest
@@ -8,16 +9,19 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from dspark_train import artifact as art
 from dspark_train import export as ex
 from dspark_train.config import recipe_to_yaml
 
 REPORT = {
     "target": "inline:llama-seed0", "drafter": "artifact", "device": "cpu", "dtype": "float32", "temperature": 0.0,
     "mode": "chain",
+    "machine": {"device": "cpu", "name": "AMD EPYC", "flags": ["avx2"], "threads": 2, "cuda_bf16": False},
     "benchmarks": {
         "gsm8k": {"n_prompts": 50, "tau": 3.4567, "accept_rate_by_position": [0.8, 0.6, 0.4, 0.2],
                   "conditional_accept_by_position": [0.8, 0.75, 0.66, 0.5], "verify_rate": 0.61,
                   "tokens_per_s": 41.5, "baseline_tokens_per_s": 20.0, "speedup": 2.075, "lossless": True,
+                  "fastest_plain": {"dtype": "bfloat16", "tokens_per_s": 30.0}, "speedup_vs_fastest_plain": 41.5 / 30,
                   "baselines": {"prompt_lookup": {"tokens_per_s": 24.0}}},
         "mt-bench": {"n_prompts": 80, "tau": 2.25, "accept_rate_by_position": [0.6, 0.3, 0.1, 0.05],
                      "verify_rate": 0.4, "tokens_per_s": 30.0, "baseline_tokens_per_s": 20.0, "speedup": 1.5,
@@ -38,7 +42,11 @@ CALIBRATION = {  # calibration.json as dspark calibrate writes it (calibrate.Cal
              "dtype": "float32"},
     "format_version": 1,
 }
-SUMMARY = {"steps": 20, "tokens": 12345, "final": {"loss": 1.23, "l1": 0.5}}
+AMD = "cpu: AMD EPYC has no amx_bf16/avx512_bf16"
+SUMMARY = {"steps": 20, "tokens": 12345, "final": {"loss": 1.23, "l1": 0.5},
+           "hardware": {"machine": "cpu: AMD EPYC (avx2; no amx_bf16/avx512_bf16), 2 threads",
+                        "target_dtype": {"setting": "auto", "value": "float32", "reason": f"{AMD} → float32"},
+                        "mixed_precision": {"setting": "auto", "value": "no", "reason": f"{AMD} → fp32 training"}}}
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -89,21 +97,21 @@ def training_logits(drafter, target, seed=0):
 def test_export_writes_artifact_and_round_trips(exported, drafter_and_target):
     run, out = exported
     drafter, target = drafter_and_target
-    assert sorted(p.name for p in out.iterdir()) == sorted(ex.ARTIFACT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(art.ARTIFACT_FILES)
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     config = json.loads((out / "config.json").read_text())
-    assert config["format_version"] == ex.FORMAT_VERSION
+    assert config["format_version"] == art.FORMAT_VERSION
     assert config["target_fingerprint"] == json.loads(json.dumps(target.fingerprint()))
     saved = load_file(out / "model.safetensors")
     assert set(saved) == set(drafter.state_dict())  # drafter weights only: no target embedding / LM head
     assert (out / "recipe.yaml").read_text() == (run / "recipe.yaml").read_text()
     assert json.loads((out / "calibration.json").read_text()) == CALIBRATION
 
-    loaded = ex.load_artifact(out, target=target)
+    loaded = art.load_artifact(out, target=target)
     assert loaded.calibration == CALIBRATION
     for a, b in zip(training_logits(drafter, target), training_logits(loaded, target)):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
@@ -112,7 +120,7 @@ def test_export_writes_artifact_and_round_trips(exported, drafter_and_target):
 def test_load_training_run_directly(exported, drafter_and_target):
     run, _ = exported
     drafter, target = drafter_and_target
-    loaded = ex.load_artifact(run, target=target)
+    loaded = art.load_artifact(run, target=target)
     assert loaded.calibration == CALIBRATION
     torch.testing.assert_close(training_logits(drafter, target, 1)[0], training_logits(loaded, target, 1)[0],
                                rtol=0, atol=0, equal_nan=True)
@@ -128,7 +136,7 @@ def test_export_refuses_existing_and_replaces_with_force(tmp_path, tiny_recipe, 
     assert (out / "stale.txt").exists()
     ex.export_run(run, out, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "recipe.yaml"]
-    assert ex.load_artifact(out).calibration is None
+    assert art.load_artifact(out).calibration is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "run"]
     with pytest.raises(ex.ArtifactError, match="training run itself"):
         ex.export_run(run, run, force=True)
@@ -188,28 +196,28 @@ def test_mismatched_target_refused(exported, tiny_recipe):
     from dspark_train.target import load_target
     _, out = exported
     other_seed = load_target(TargetConfig(config=tiny_recipe.target.config, seed=1, dtype="float32"))
-    with pytest.raises(ex.FingerprintMismatch, match=r"model_id: drafter trained for 'inline:llama-seed0', "
+    with pytest.raises(art.FingerprintMismatch, match=r"model_id: drafter trained for 'inline:llama-seed0', "
                                                        r"target has 'inline:llama-seed1'"):
-        ex.load_artifact(out, target=other_seed)
+        art.load_artifact(out, target=other_seed)
     wider = load_target(TargetConfig(config={**tiny_recipe.target.config, "hidden_size": 32}, dtype="float32"))
-    with pytest.raises(ex.FingerprintMismatch, match="hidden_size: drafter trained for 64, target has 32"):
-        ex.load_artifact(out, target=wider)
+    with pytest.raises(art.FingerprintMismatch, match="hidden_size: drafter trained for 64, target has 32"):
+        art.load_artifact(out, target=wider)
 
 
 def test_check_fingerprint_fields(exported, tiny_target):
     _, out = exported
     fp = tiny_target.fingerprint()
-    ex.check_fingerprint(out, tiny_target)
-    ex.check_fingerprint(out, {**fp, "revision": "abc123"})  # the drafter pinned no revision: not compared
+    art.check_fingerprint(out, tiny_target)
+    art.check_fingerprint(out, {**fp, "revision": "abc123"})  # the drafter pinned no revision: not compared
     for key, value in [("tokenizer_hash", "0" * 16), ("feature_layers", [1, 2]), ("vocab_size", 999),
                        ("architecture", "Qwen3ForCausalLM")]:
-        with pytest.raises(ex.FingerprintMismatch, match=f"\\({key}: drafter trained for"):
-            ex.check_fingerprint(out, {**fp, key: value})
-    ex.check_fingerprint(out, {**fp, "model_id": "/local/copy"}, ignore=("model_id",))
+        with pytest.raises(art.FingerprintMismatch, match=f"\\({key}: drafter trained for"):
+            art.check_fingerprint(out, {**fp, key: value})
+    art.check_fingerprint(out, {**fp, "model_id": "/local/copy"}, ignore=("model_id",))
     config = json.loads((out / "config.json").read_text())
-    ex.check_fingerprint(config, tiny_target)
-    with pytest.raises(ex.ArtifactError, match="no target_fingerprint"):
-        ex.check_fingerprint({"block_size": 4}, tiny_target)
+    art.check_fingerprint(config, tiny_target)
+    with pytest.raises(art.ArtifactError, match="no target_fingerprint"):
+        art.check_fingerprint({"block_size": 4}, tiny_target)
 
 
 # --------------------------------------------------------------------------- corrupted artifacts
@@ -223,16 +231,16 @@ def test_truncated_weights_named(artifact_copy):
     w = artifact_copy / "model.safetensors"
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ex.ArtifactError, match=r"model\.safetensors: corrupted or truncated"):
-        ex.load_artifact(artifact_copy)
+    with pytest.raises(art.ArtifactError, match=r"model\.safetensors: corrupted or truncated"):
+        art.load_artifact(artifact_copy)
 
 
 def test_corrupted_header_named(artifact_copy):
     w = artifact_copy / "model.safetensors"
     data = w.read_bytes()
     w.write_bytes(b"\xff" * 8 + data[8:])
-    with pytest.raises(ex.ArtifactError, match=r"model\.safetensors: corrupted or truncated"):
-        ex.load_artifact(artifact_copy)
+    with pytest.raises(art.ArtifactError, match=r"model\.safetensors: corrupted or truncated"):
+        art.load_artifact(artifact_copy)
 
 
 def test_missing_tensor_and_pickle_refused(artifact_copy):
@@ -240,22 +248,29 @@ def test_missing_tensor_and_pickle_refused(artifact_copy):
     tensors = load_file(w)
     dropped = sorted(tensors)[0]
     save_file({k: v for k, v in tensors.items() if k != dropped}, w)
-    with pytest.raises(ex.ArtifactError, match=f"missing keys.*{dropped}"):
-        ex.load_artifact(artifact_copy)
+    with pytest.raises(art.ArtifactError, match=f"missing keys.*{dropped}"):
+        art.load_artifact(artifact_copy)
     save_file({**tensors, dropped: torch.zeros(3, *tensors[dropped].shape)}, w)
-    with pytest.raises(ex.ArtifactError, match=r"model\.safetensors: "):
-        ex.load_artifact(artifact_copy)
+    with pytest.raises(art.ArtifactError, match=r"model\.safetensors: "):
+        art.load_artifact(artifact_copy)
     w.unlink()
     torch.save(tensors, artifact_copy / "pytorch_model.bin")
-    with pytest.raises(ex.ArtifactError, match="weights file not found.*pickle"):
-        ex.load_artifact(artifact_copy)
+    with pytest.raises(art.ArtifactError, match="weights file not found.*pickle"):
+        art.load_artifact(artifact_copy)
 
 
 def test_newer_format_refused(artifact_copy):
     cfg = json.loads((artifact_copy / "config.json").read_text())
-    (artifact_copy / "config.json").write_text(json.dumps({**cfg, "format_version": ex.FORMAT_VERSION + 1}))
-    with pytest.raises(ex.ArtifactError, match="format_version 2 is not one this dspark-train reads"):
-        ex.load_artifact(artifact_copy)
+    (artifact_copy / "config.json").write_text(json.dumps({**cfg, "format_version": art.FORMAT_VERSION + 1}))
+    with pytest.raises(art.ArtifactError, match="format_version 2 is not one this dspark-train reads"):
+        art.load_artifact(artifact_copy)
+
+
+def test_newer_calibration_format_refused_naming_the_file(artifact_copy):
+    cal = artifact_copy / "calibration.json"
+    cal.write_text(json.dumps({**CALIBRATION, "format_version": 999}))
+    with pytest.raises(art.ArtifactError, match=re.escape(f"{cal}: format_version 999 is not one this dspark-train")):
+        art.load_artifact(artifact_copy)
 
 
 def test_hub_id_goes_through_snapshot_download(exported, monkeypatch, tiny_target):
@@ -268,19 +283,19 @@ def test_hub_id_goes_through_snapshot_download(exported, monkeypatch, tiny_targe
         return str(exported[1])
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
-    drafter = ex.load_artifact("someone/dspark-tiny", target=tiny_target, revision="v1")
+    drafter = art.load_artifact("someone/dspark-tiny", target=tiny_target, revision="v1")
     assert calls[0][0] == "someone/dspark-tiny" and calls[0][1]["revision"] == "v1"
-    assert calls[0][1]["repo_type"] == "model" and set(calls[0][1]["allow_patterns"]) == set(ex.ARTIFACT_FILES)
+    assert calls[0][1]["repo_type"] == "model" and set(calls[0][1]["allow_patterns"]) == set(art.ARTIFACT_FILES)
     assert drafter.calibration == CALIBRATION
 
     def offline(repo_id, **kw):
         raise LocalEntryNotFoundError("offline mode is enabled")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(ex.ArtifactError, match="someone/dspark-tiny: not a local directory.*LocalEntryNotFoundError"):
-        ex.load_artifact("someone/dspark-tiny")
-    with pytest.raises(ex.ArtifactError, match="not a Hub model id"):
-        ex.load_artifact("no/such/dir")
+    with pytest.raises(art.ArtifactError, match="someone/dspark-tiny: not a local directory.*LocalEntryNotFoundError"):
+        art.load_artifact("someone/dspark-tiny")
+    with pytest.raises(art.ArtifactError, match="not a Hub model id"):
+        art.load_artifact("no/such/dir")
 
 
 # --------------------------------------------------------------------------- model card
@@ -296,8 +311,10 @@ def test_model_card_of_export(exported):
     assert meta["library_name"] == "dspark-train" and meta["pipeline_tag"] == "text-generation"
     assert meta["license"] == "apache-2.0" and "speculative-decoding" in meta["tags"] and "dspark" in meta["tags"]
     assert "base_model" not in meta  # an inline test target is not a Hub model
-    assert "| gsm8k | 50 | 3.46 | 2.08× | 41.5 | 20 | 24 | 0.61 | yes |" in body
-    assert "| mt-bench | 80 | 2.25 | 1.50× |" in body
+    assert "| gsm8k | 50 | 3.46 | 2.08× | 1.38× (bfloat16) | 41.5 | 20 | 24 | 0.61 | yes |" in body
+    assert "| mt-bench | 80 | 2.25 | 1.50× | – |" in body
+    assert "training run on cpu: AMD EPYC (avx2; no amx_bf16/avx512_bf16), 2 threads:" in body
+    assert f"precision `auto` → `no` ({AMD} → fp32 training)" in body
     assert "- gsm8k: 0.80, 0.60, 0.40, 0.20" in body
     assert "on 8 held-out prompts (probe rounds, 120 drafted blocks, float32)" in body
     assert "       1 |    120 |  1.25 | +0.00 |    6.0% → 1.0%" in body and "depth threshold 0.31" in body

@@ -129,10 +129,120 @@ def test_gradients_and_soft_label(setup):
 
 
 def test_summarise_tau():
-    sums = torch.tensor([0, 1, 0, 0, 1] + [0.8, 1.0, 0.25] + [1, 2, 1], dtype=torch.float)
+    sums = torch.tensor([0, 1, 0, 0, 1, 0] + [0.8, 1.0, 0.25] + [1, 2, 1] + [0] * 6, dtype=torch.float)
     s = L.summarise(sums)
     assert s["acc"] == pytest.approx([0.8, 0.5, 0.25])
     assert s["tau"] == pytest.approx(1 + 0.8 + 0.4 + 0.1)
+    assert "tau_greedy" not in s  # training steps carry no target argmax
+    greedy = torch.tensor([0, 1, 0, 0, 1, 0] + [0.8, 1.0, 0.25] + [1, 2, 1] + [1, 1, 0] + [1, 2, 1.0])
+    s = L.summarise(greedy)
+    assert s["survival_greedy"] == pytest.approx([1.0, 0.5, 0.0]) and s["tau_greedy"] == pytest.approx(2.5)
+
+
+# --------------------------------------------------------------------------- cold-start losses
+def _kl_inputs(pruned: bool):
+    """Random float64 rows: draft log-probs over Vd = 5 tokens; p_t on those 5, with mass outside when pruned."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    full = torch.softmax(torch.randn(4, 7 if pruned else 5, generator=g, dtype=torch.float64), -1)
+    pt = full[:, :5]
+    return logits, pt, 1 - pt.sum(-1)
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+@pytest.mark.parametrize("kind", ["kl", "l1", "kl_to_l1"])
+def test_distribution_terms_pass_gradcheck(kind, pruned):
+    logits, pt, outside = _kl_inputs(pruned)
+    alpha = torch.tensor([0.0, 0.3, 0.7, 1.0], dtype=torch.float64)  # a per-row constant, as the trainer passes it
+
+    def f(z):
+        return L.divergence(F.log_softmax(z, -1), pt, outside, kind, alpha)
+    assert torch.autograd.gradcheck(f, (logits,))
+
+
+def test_forward_kl_hand_computed():
+    """Full vocabulary: KL([.6,.4] ‖ [.5,.5]) = .6 ln 1.2 + .4 ln .8. Pruned (D = 2 tokens, target mass .2
+    outside): p_t|D = [.6, .2], m = .8, p̃_t = [.75, .25]; m·KL(p̃_t ‖ [.5,.5]) = .8·(.75 ln 1.5 + .25 ln .5)."""
+    logp_d = torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    full = L.forward_kl(logp_d, torch.tensor([[0.6, 0.4]], dtype=torch.float64))
+    assert float(full) == pytest.approx(0.6 * math.log(1.2) + 0.4 * math.log(0.8), abs=1e-12)  # 0.0201
+    pt, out = torch.tensor([[0.6, 0.2]], dtype=torch.float64), torch.tensor([0.2], dtype=torch.float64)
+    kl = float(L.forward_kl(logp_d, pt))
+    assert kl == pytest.approx(0.8 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5)), abs=1e-12)  # 0.10465
+    assert float(L.l1_distance(logp_d, pt, out)) == pytest.approx(0.1 + 0.3 + 0.2)
+    # the blend at this slot's acceptance α = 1 − ½·0.6 = 0.7: 0.3·KL + 0.7·L1
+    assert float(L.divergence(logp_d, pt, out, "kl_to_l1", torch.tensor(0.7))) == pytest.approx(0.3 * kl + 0.7 * 0.6)
+    # zero exactly at the conditioned target, positive elsewhere
+    assert float(L.forward_kl(torch.log(torch.tensor([[0.75, 0.25]], dtype=torch.float64)), pt)) == pytest.approx(
+        0, abs=1e-12)
+
+
+def test_kl_loss_in_the_full_objective(setup):
+    """loss="kl" / "kl_to_l1" replace L1 in the objective by the direct per-slot computation (pruned vocabulary),
+    the blend's α being each slot's acceptance 1 − ½·L1; CE, BCE and the logged L1 do not change."""
+    hidden, W, anchors, valid, labels = setup
+    D = torch.tensor([0, 2, 3, 4, 7, 9, 11, 15, 18])
+    logits = torch.randn(B, A, G, len(D))
+    conf = torch.randn(B, A, G)
+    p_t = F.softmax(hidden @ W.T, -1)
+    w = L.position_weights(G, 4.0)
+    kl_num = blend_num = wsum = 0.0
+    for b, a, k in torch.nonzero(valid).tolist():
+        pt, pd = p_t[b, anchors[b, a] + k], F.softmax(logits[b, a, k], -1)
+        m = pt[D].sum()
+        kl = (pt[D] * torch.log(pt[D] / (m * pd))).sum()
+        l1 = (pd - pt[D]).abs().sum() + 1 - m
+        kl_num += w[k] * kl
+        blend_num += w[k] * ((0.5 * l1) * kl + (1 - 0.5 * l1) * l1)
+        wsum += w[k]
+    runs = {kind: _loss_kind(setup, D, logits, conf, kind) for kind in ("l1", "kl", "kl_to_l1")}
+    stats = {kind: L.summarise(out.sums) for kind, out in runs.items()}
+    assert stats["kl"]["div"] == pytest.approx(float(kl_num / wsum), rel=1e-5)
+    assert stats["kl_to_l1"]["div"] == pytest.approx(float(blend_num / wsum), rel=1e-5)
+    assert stats["l1"]["div"] == pytest.approx(stats["l1"]["l1"])
+    for kind in ("kl", "kl_to_l1"):
+        assert (stats[kind]["l1"], stats[kind]["ce"], stats[kind]["conf_bce"]) == pytest.approx(
+            (stats["l1"]["l1"], stats["l1"]["ce"], stats["l1"]["conf_bce"]))
+        diff = float(runs[kind].loss - runs["l1"].loss) * B * A * float(w.sum())
+        assert diff == pytest.approx(0.9 * (stats[kind]["div"] - stats["l1"]["l1"]) * float(wsum), rel=1e-4)
+    scheduled = L.summarise(_loss_kind(setup, D, logits, conf, "kl_to_l1", blend=0.25).sums)
+    assert scheduled["div"] == pytest.approx(0.75 * stats["kl"]["div"] + 0.25 * stats["l1"]["l1"], rel=1e-5)
+
+
+def _loss_kind(setup, D, logits, conf, kind, blend=None):
+    hidden, W, anchors, valid, labels = setup
+    pos, rows = L.block_positions(anchors, valid, T)
+    dist = L.target_distribution(hidden, W, pos, D)
+    t2d = torch.full((V,), -1, dtype=torch.long)
+    t2d[D] = torch.arange(len(D))
+    return L.dspark_loss(logits, conf, dist, rows, t2d[labels], valid, L.position_weights(G, 4.0), 0.1, 0.9, 1.0,
+                         loss=kind, blend=blend)
+
+
+def test_greedy_tau_is_block_survival_of_argmax_agreement(setup):
+    """τ_greedy = 1 + Σ_k P(slots 1..k all have draft argmax = target argmax), over blocks whose slot k is valid."""
+    hidden, W, anchors, valid, labels = setup
+    logits = torch.randn(B, A, G, V)
+    full = (hidden @ W.T)
+    for b, a, k in torch.nonzero(valid).tolist()[::2]:  # make every other valid slot agree with the target
+        logits[b, a, k] = full[b, anchors[b, a] + k]
+    pos, rows = L.block_positions(anchors, valid, T)
+    dist = L.target_distribution(hidden, W, pos, None, greedy=True)
+    s = L.summarise(L.dspark_loss(logits, torch.zeros(B, A, G), dist, rows, labels, valid,
+                                  L.position_weights(G, 4.0), 0.1, 0.9, 1.0).sums)
+    surv, cnt = torch.zeros(G), torch.zeros(G)
+    for b in range(B):
+        for a in range(A):
+            alive = True
+            for k in range(G):
+                if not valid[b, a, k]:
+                    break
+                alive = alive and int(logits[b, a, k].argmax()) == int(full[b, anchors[b, a] + k].argmax())
+                surv[k] += alive
+                cnt[k] += 1
+    expect = (surv / cnt).tolist()
+    assert s["survival_greedy"] == pytest.approx(expect) and 0 < expect[0] < 1
+    assert s["tau_greedy"] == pytest.approx(1 + sum(expect))
 
 
 def test_greedy_confidence_label_is_argmax_agreement(setup):

@@ -279,3 +279,31 @@ def test_sps_profile_is_measured_once_and_cached(tmp_path, small):
     assert len(prof.relative_cost()) == 3 and prof.relative_cost()[0] == 1.0
     batched = load_or_measure_sps(target, max_tokens=6, context=8, cache_dir=tmp_path, batch_size=3)
     assert batched.tokens == [3, 6] and len(list(tmp_path.glob("sps_*.json"))) == 2
+
+
+def test_a_cost_curve_measured_under_one_machine_key_is_not_used_under_another(tmp_path, small, monkeypatch):
+    """An Intel AMX Xeon and an AVX2 AMD EPYC (platform.processor() is empty on both Linux boxes), another dtype
+    or another thread count: each key gets its own measured curve, recorded with its key; the same key reads
+    the cache."""
+    from dspark_train.decoding import scheduler
+    from dspark_train.hardware import Capabilities
+
+    target, _ = small
+    machines = {"amd": Capabilities("cpu", "AMD EPYC 7B13", ("avx2",), 2),
+                "xeon": Capabilities("cpu", "Intel(R) Xeon(R) Platinum 8480+",
+                                     ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"), 2),
+                "amd-1-thread": Capabilities("cpu", "AMD EPYC 7B13", ("avx2",), 1)}
+    measured = []
+    real = scheduler.measure_sps
+    monkeypatch.setattr(scheduler, "measure_sps", lambda *a, **k: measured.append(1) or real(*a, **k))
+    curves = {}
+    for name, caps in machines.items():
+        monkeypatch.setattr(scheduler, "detect", lambda device=None, caps=caps: caps)
+        curves[name] = scheduler.load_or_measure_sps(target, max_tokens=2, context=8, cache_dir=tmp_path)
+        assert curves[name].meta["machine"] == caps.key("float32")
+    assert len(measured) == 3 and len(list(tmp_path.glob("sps_*.json"))) == 3
+    monkeypatch.setattr(scheduler, "detect", lambda device=None: machines["xeon"])
+    again = scheduler.load_or_measure_sps(target, max_tokens=2, context=8, cache_dir=tmp_path)
+    assert len(measured) == 3 and again.steps_per_s == curves["xeon"].steps_per_s  # its own, from the cache
+    assert scheduler.machine_key(target) == machines["xeon"].key("float32")
+    assert scheduler.cost_profile(target, 2, 8, cache_dir=tmp_path)["machine"] == machines["xeon"].key("float32")

@@ -1,6 +1,7 @@
 """The trainer end to end on the tiny recipe, in subprocesses as a user runs it: one process; SIGKILL + resume;
 2 ranks under DeepSpeed ZeRO-2 / ZeRO-3 through `accelerate launch` against the 1-process run at equal global
-batch; resume at a different world size; trackers (wandb offline, tensorboard); the launch command."""
+batch; resume at a different world size; trackers (wandb offline, tensorboard); the launch command; the feature
+cache across a resume (warm or cold) and across ranks; a time-budgeted run; Muon's state across a resume."""
 import json
 import os
 import shutil
@@ -13,11 +14,11 @@ import pytest
 import torch
 
 from dspark_train.config import load_recipe
-from dspark_train.train import build_launch_command
+from dspark_train.launch import build_launch_command
 
 STEPS, MID = 40, 20
-COMMON = ["drafter.draft_vocab_size=256", f"train.max_steps={STEPS}", "train.eval_every=20", "train.log_every=10", "train.mixed_precision='no'",
-          "train.num_threads=1", "logging.progress_bar=false"]
+COMMON = ["drafter.draft_vocab_size=256", f"train.max_steps={STEPS}", "train.eval_every=20", "train.log_every=10",
+          "train.mixed_precision='no'", "train.num_threads=1", "logging.progress_bar=false"]
 ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -97,7 +98,14 @@ def test_single_process_run(reference, tiny_target):
     held = json.loads((run / "heldout_ids.json").read_text())
     assert len(held["ids"]) == 8 and held["conversations"].endswith("smollm2-135m-instruct.jsonl")
     assert load_recipe(run / "recipe.yaml").train.max_steps == STEPS
-    assert json.loads((run / "train_summary.json").read_text())["steps"] == STEPS
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == STEPS
+    # what the precision settings resolved to on this machine, and why: recipe.yaml's header and the summary
+    header = (run / "recipe.yaml").read_text().splitlines()[:3]
+    assert header[0].startswith("# machine: cpu: ") and header[1] == "# target_dtype: float32 → float32 (asked for)"
+    assert header[2] == "# mixed_precision: no → no (asked for)" and "target_dtype: float32 → float32" in log
+    hw = summary["hardware"]
+    assert hw["target_dtype"]["value"] == "float32" and hw["machine"] == header[0].removeprefix("# machine: ")
     # trackers: tensorboard events and an offline wandb run holding the logged metrics
     assert list(run.rglob("events.out.tfevents.*"))
     (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
@@ -182,6 +190,87 @@ def test_zero3_two_ranks_resume_from_one_process(reference, repo, tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
+CACHE = ["train.feature_cache=bfloat16", "train.batch_size=2", "train.checkpoint_every=10"]
+
+
+@pytest.fixture(scope="module")
+def cached(repo, tmp_path_factory):
+    """The 1-process run with the feature cache: 56 training sequences, batch 2, so epoch 2 starts at step 29."""
+    out = tmp_path_factory.mktemp("cached") / "run"
+    _train(repo, out, *CACHE)
+    return out
+
+
+@pytest.mark.slow
+def test_feature_cache_run_reads_its_second_epoch_and_tracks_the_online_run(cached, reference):
+    summary = json.loads((cached / "train_summary.json").read_text())["feature_cache"]
+    assert summary["sequences"] == 56 and summary["misses"] == 56  # epoch 1 wrote each sequence once
+    assert summary["hits"] == 2 * STEPS - 56  # steps 29..40 read every row
+    ref, losses = _losses(reference[0]), _losses(cached)
+    for s in (1, 20, 40):  # bf16-rounded features: the same training up to that rounding
+        assert losses[s]["train/loss"] == pytest.approx(ref[s]["train/loss"], rel=2e-2), s
+    assert losses[40]["time/target_s"] < losses[1]["time/target_s"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["warm", "cold"])
+def test_resume_mid_epoch_with_the_cache_equals_resume_without_it(cached, repo, tmp_path, cache):
+    """A resume at step 30 (mid epoch 2) reading the cache, and one whose cache was deleted (features recomputed
+    online and rounded the same way), both follow the uninterrupted cached run."""
+    out = tmp_path / "resumed"
+    _resume_from(cached, out, 30)
+    if cache == "cold":
+        shutil.rmtree(out / "feature_cache")
+    log = _train(repo, out, *CACHE)
+    assert f"resuming from {out / 'checkpoints' / 'step-000030'}" in log
+    ref, losses = _losses(cached), _losses(out)
+    for s in range(31, STEPS + 1):
+        assert losses[s]["train/loss"] == pytest.approx(ref[s]["train/loss"], rel=1e-4), s
+    summary = json.loads((out / "train_summary.json").read_text())["feature_cache"]
+    assert (summary["misses"] == 0) if cache == "warm" else (summary["misses"] > 0)
+
+
+def test_a_time_budgeted_run_records_its_learning_curve(repo, tmp_path):
+    out = tmp_path / "timed"
+    log = _train(repo, out, "train.max_steps=100000", "train.max_minutes=0.1", "train.eval_at_minutes=[0.05,0.1]",
+                 "train.eval_every=100000", "train.checkpoint_every=100000")
+    assert "time budget 0.1 min: probe" in log
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/tau" in r]
+    assert evals[0]["step"] == 0 and [e.get("eval/at_minutes") for e in evals[1:]] == [[0.05], [0.1]]
+    for e in evals:
+        assert {"eval/train_seconds", "eval/tokens", "eval/tau_greedy", "eval/survival_greedy_1"} <= set(e)
+        assert 1 <= e["eval/tau_greedy"] <= 5 and e["step"] >= 0
+    assert evals[1]["eval/train_seconds"] >= 3.0 and evals[2]["eval/train_seconds"] > evals[1]["eval/train_seconds"]
+    steps = [r for r in records if "train/loss" in r]
+    last = steps[-1]
+    assert last["train/seconds"] >= 6.0 or last["step"] >= last["train/horizon"]  # stopped by the clock or horizon
+    state = json.loads((out / "checkpoints" / f"step-{last['step']:06d}" / "trainer_state.json").read_text())
+    assert state["schedule"]["changes"][0][0] == 0 and state["seconds"] == pytest.approx(last["train/seconds"])
+    assert json.loads((out / "train_summary.json").read_text())["train_seconds"] == pytest.approx(state["seconds"])
+
+
+@pytest.mark.slow
+def test_muon_resume_matches_uninterrupted(repo, tmp_path):
+    """Muon's momentum and AdamW's moments go into the checkpoint by parameter name and come back."""
+    ref = tmp_path / "muon"
+    _train(repo, ref, "train.optimizer=muon", "train.max_steps=20", "train.checkpoint_every=10",
+           "train.batch_size=2", "train.eval_every=20")
+    from safetensors import safe_open
+    with safe_open(str(ref / "checkpoints" / "step-000010" / "optimizer.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "layers.0.attn.q_proj.weight.momentum_buffer" in keys and "w2.weight.exp_avg" in keys
+    assert "layers.0.attn.q_proj.weight.exp_avg" not in keys
+    out = tmp_path / "muon_resumed"
+    _resume_from(ref, out, 10)
+    _train(repo, out, "train.optimizer=muon", "train.max_steps=20", "train.checkpoint_every=10",
+           "train.batch_size=2", "train.eval_every=20")
+    a, b = _losses(ref), _losses(out)
+    for s in range(11, 21):
+        assert b[s]["train/loss"] == pytest.approx(a[s]["train/loss"], rel=1e-5), s
+    assert a[20]["train/lr"] < a[10]["train/lr"]  # the schedule reaches Muon's groups too
+
+
 def test_launch_command(repo):
     r = load_recipe(repo / "recipes" / "tiny.yaml")
     assert build_launch_command(r, "recipes/tiny.yaml", ["train.lr=1e-3"]) == [
@@ -192,7 +281,8 @@ def test_launch_command(repo):
         "recipes/accelerate/zero3.yaml") and cmd[cmd.index("--num_processes") + 1] == "4"
     assert cmd[-3:] == ["-m", "dspark_train.train", "x.yaml"]
     r = load_recipe(repo / "recipes" / "tiny.yaml", ["distributed.num_processes=16", "distributed.num_machines=2",
-                                                    "distributed.machine_rank=1", "distributed.main_process_ip=10.0.0.1"])
+                                                    "distributed.machine_rank=1",
+                                                    "distributed.main_process_ip=10.0.0.1"])
     cmd = build_launch_command(r, "x.yaml")
     assert cmd[cmd.index("--config_file") + 1].endswith("multi_node.yaml")
     assert cmd[cmd.index("--deepspeed_config_file") + 1].endswith("ds_zero2.json")

@@ -24,7 +24,11 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
+
+from ..calibration import read_calibration
+from ..layout import ArtifactError
 
 LEN_EDGES = (1, 2, 3, 4, 6, 9, 16, 32)  # match-length buckets: 1, 2, 3, 4-5, 6-8, 9-15, 16-31, 32+
 AGREEMENT = ("single", "unanimous", "majority", "minority")  # how the supporting context was followed
@@ -146,7 +150,8 @@ class CopyPrior:
         cells = d.get("cells", {})
         if list(cells.get("length_edges", LEN_EDGES)) != list(LEN_EDGES) or \
                 list(cells.get("agreement", AGREEMENT)) != list(AGREEMENT):
-            raise ValueError("calibration.json copy prior: feature cells differ from this dspark-train's")
+            raise ArtifactError("calibration.json: the copy prior's feature cells differ from this dspark-train's; "
+                                "re-run `dspark calibrate`")
         return cls([float(x) for x in d["hits"]], [float(x) for x in d["trials"]], float(d.get("weight", 16.0)))
 
 
@@ -272,6 +277,7 @@ def fit_copy_prior(texts: Sequence[tuple[Sequence[int], int]], config: Optional[
     return CopyPrior.from_counts(*replay_counts(texts, config), weight=weight)
 
 
-def prior_from_calibration(calibration: Union[dict, None]) -> CopyPrior:
-    """calibration.json's `copy` section (written by `dspark calibrate`), else the default prior."""
-    return CopyPrior.from_dict((calibration or {}).get("copy"))
+def prior_from_calibration(calibration: Union[str, Path, dict, None]) -> CopyPrior:
+    """calibration.json's `copy` prior (written by `dspark calibrate`), else the default prior (no calibration,
+    or a file written before the field existed)."""
+    return CopyPrior.from_dict(read_calibration(calibration).get("copy") if calibration is not None else None)

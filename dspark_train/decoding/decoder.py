@@ -9,7 +9,6 @@ same loop is plain target decoding (one token per round), the reference the test
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,12 +17,14 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import DynamicCache
 
+from ..calibration import read_calibration
 from .attention import use_row_exact_attention
 from .cache import gather_slots, keep_slots, select_rows
 from .copy import CopyDrafter, prior_from_calibration
 from .hybrid import HybridDrafting, HybridPolicy
 from .sampling import SamplingParams, accept_rate, sample, warp
-from .scheduler import SPSProfile, load_or_measure_sps, prefix_schedule
+from .retune import policy_for_machine
+from .scheduler import SPSProfile, load_or_measure_sps, machine_key, prefix_schedule
 from .tree import COPY, DRAFTER, DraftTree, TreePolicy, accept_greedy, accept_sampling, draft_tree, tree_mask
 
 MODES = ("chain", "tree", "adaptive", "hybrid")
@@ -106,19 +107,21 @@ class SpeculativeDecoder:
     """Lossless speculative decoding of a FrozenTarget with a Drafter (None = plain target decoding).
 
     Modes: "chain" (γ = drafter.config.block_size tokens, optional confidence threshold), "tree" (fixed
-    widths), "adaptive" (TreePolicy from a calibration.json). `policy=` overrides a mode's default.
+    widths), "adaptive" (TreePolicy from a calibration.json, re-tuned on first use where its cost profile was
+    measured under another machine key: decoding/retune.py; retune=False takes it as is). `policy=` overrides
+    a mode's default; a policy with node budget 0 is plain decoding (the drafter does not run).
     `hybrid=True` merges the copy drafter's continuations into any mode's tree (decoding/hybrid.py); mode
     "hybrid" is adaptive (tree without a calibration) with hybrid=True. `copy` / `hybrid` / `sps` override
     the copy drafter (default: calibration.json's `copy` prior), the hybrid policy and the verify-cost
-    curve that sizes hybrid trees (default: calibration.json's cost profile when it was measured with this
-    dtype and device, else measured once and cached).
+    curve that sizes hybrid trees (default: calibration.json's cost profile when it was measured under this
+    machine key, else measured here once and cached).
     exact_attention=True switches the target to row-exact verification attention (decoding/attention.py):
     bf16 greedy output then equals plain bf16 greedy bit for bit, at some verify cost.
     """
 
     def __init__(self, target, drafter=None, calibration: Union[str, Path, dict, None] = None,
                  tree: Optional[TreePolicy] = None, conf_threshold: float = 0.0, exact_attention: bool = False,
-                 copy: Optional[CopyDrafter] = None, hybrid: Optional[HybridPolicy] = None,
+                 retune: bool = True, copy: Optional[CopyDrafter] = None, hybrid: Optional[HybridPolicy] = None,
                  sps: Optional[SPSProfile] = None):
         if exact_attention:
             use_row_exact_attention(target.model)
@@ -126,40 +129,56 @@ class SpeculativeDecoder:
         self.drafter = drafter
         gamma = drafter.config.block_size if drafter is not None else 0
         self.gamma = gamma
-        if calibration is not None and not isinstance(calibration, dict):
-            calibration = json.loads(Path(calibration).read_text())
-        adaptive = TreePolicy.from_calibration(calibration, gamma) if calibration is not None else None
-        temps, biases = (adaptive.temperatures, adaptive.biases) if adaptive is not None else (None, None)
+        if calibration is not None:
+            calibration = read_calibration(calibration)
+        calibrated = TreePolicy.from_calibration(calibration, gamma) if calibration is not None else None
+        temps, biases = (calibrated.temperatures, calibrated.biases) if calibrated is not None else (None, None)
         self.policies = {
             "chain": TreePolicy.chain(gamma, conf_threshold, temps, biases),
             "tree": tree or TreePolicy([3] + [2] * (gamma - 1), beam=4, node_budget=16, temperatures=temps,
                                        biases=biases),
         }
-        if adaptive is not None:
-            self.policies["adaptive"] = adaptive
+        self.calibration, self.retune = calibration, retune
+        self.adaptive_info: Optional[dict] = None  # where the adaptive policy came from (adaptive_policy())
         self.copy = copy or CopyDrafter(prior=prior_from_calibration(calibration))
         self.hybrid = hybrid or HybridPolicy()
         cost = (calibration or {}).get("cost_profile") or {}
-        meta = cost.get("meta") or {}
-        same = meta.get("dtype", str(target.dtype)) == str(target.dtype) and \
-            str(meta.get("device", target.device.type)).split(":")[0] == target.device.type
-        # a profile of another dtype or device says nothing about this one (bf16 vs fp32 on a CPU: 3× apart)
-        self.sps = sps or (SPSProfile(cost["tokens"], cost["steps_per_s"]) if cost.get("tokens") and same else None)
+        # a curve measured under another machine key says nothing about this one (bf16 vs fp32 on a CPU: 3x)
+        here = cost.get("tokens") and cost.get("machine") == machine_key(target)
+        self.sps = sps or (SPSProfile(cost["tokens"], cost["steps_per_s"]) if here else None)
         self.device = target.device
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+    def adaptive_policy(self) -> TreePolicy:
+        """The adaptive policy for this machine, resolved on first use (`adaptive_info` records its source):
+        calibration.json's own under the machine key it was tuned for, else re-tuned here
+        (retune.policy_for_machine)."""
+        if "adaptive" not in self.policies:
+            if self.calibration is None or self.drafter is None:
+                raise ValueError("mode 'adaptive' needs a calibration (SpeculativeDecoder(..., calibration=...))")
+            if self.retune:
+                self.policies["adaptive"], self.adaptive_info = policy_for_machine(self.target, self.drafter,
+                                                                                   self.calibration)
+            else:
+                self.policies["adaptive"] = TreePolicy.from_calibration(self.calibration, self.gamma)
+                self.adaptive_info = {"source": "calibration.json", "why": "retune=False"}
+        return self.policies["adaptive"]
+
+    def hybrid_base(self) -> str:
+        """The mode whose drafter trees mode "hybrid" adds copy branches to: adaptive when there is a calibrated
+        drafter, else tree (without a drafter: copy drafting alone)."""
+        return "adaptive" if self.calibration is not None and self.drafter is not None else "tree"
 
     # ------------------------------------------------------------------ helpers
     def _setup(self, mode, policy, temperature, top_p, top_k, eos_token_id, seed, generator, max_new_tokens):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
         if mode == "hybrid":
-            mode = "adaptive" if "adaptive" in self.policies else "tree"
+            mode = self.hybrid_base()
         if policy is None:
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-            if mode not in self.policies:
-                raise ValueError("mode 'adaptive' needs a calibration (SpeculativeDecoder(..., calibration=...))")
-            policy = self.policies[mode]
+            policy = self.adaptive_policy() if mode == "adaptive" else self.policies[mode]
         params = SamplingParams(temperature, top_p, top_k)
         if eos_token_id is None:
             eos_token_id = self.target.model.generation_config.eos_token_id
@@ -172,7 +191,9 @@ class SpeculativeDecoder:
     def _first_token(self, logits: torch.Tensor, params: SamplingParams, generator) -> int:
         return int(logits.argmax()) if params.greedy else sample(warp(logits, params), generator)
 
-    def _cost_curve(self) -> SPSProfile:
+    def cost_curve(self) -> SPSProfile:
+        """SPS(B) that sizes hybrid trees: given, calibration.json's under this machine key, else measured here
+        (cached per machine key)."""
         if self.sps is None:
             self.sps = load_or_measure_sps(self.target)
         return self.sps
@@ -195,7 +216,8 @@ class SpeculativeDecoder:
         policy, params, eos, gen = self._setup(mode, policy, temperature, top_p, top_k, eos_token_id, seed,
                                                generator, max_new_tokens)
         hybrid = hybrid or mode == "hybrid"
-        tgt, drafter, dev = self.target, self.drafter, self.device
+        tgt, dev = self.target, self.device
+        drafter = self.drafter if policy.node_budget > 0 else None  # budget 0: plain decoding, no drafting
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1).to(dev)
         t_start = self._now()
         cache = DynamicCache(config=tgt.config)
@@ -208,7 +230,7 @@ class SpeculativeDecoder:
         trace = DecodeTrace(tokens, prompt.shape[1], "", t_prefill=self._now() - t_start)
         ctx = prompt.shape[1]
         end, trace.stop_reason = find_stop(tokens, 0, max_new_tokens, eos, stop_strings, tgt.tokenizer)
-        hyb = HybridDrafting(self.copy, self.hybrid, self._cost_curve(), prompt[0].tolist() + tokens) if hybrid \
+        hyb = HybridDrafting(self.copy, self.hybrid, self.cost_curve(), prompt[0].tolist() + tokens) if hybrid \
             and end is None else None
         while end is None:
             t0 = self._now()

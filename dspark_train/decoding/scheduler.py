@@ -1,7 +1,9 @@
 """Verification-length control: the profiled cost curve SPS(B) and the prefix scheduler (paper, Algorithm 1).
 
 SPS(B) = target forward steps per second when B tokens are verified in one pass. It is measured once per
-(target, device, dtype, threads) and cached as JSON (default ~/.cache/dspark/sps_<hash>.json).
+target and machine key (`machine_key`: CPU model or GPU name, the CPU flags that decide matmul speed, thread
+count, dtype; hardware.py) and cached as JSON (default ~/.cache/dspark/sps_<hash>.json): a curve measured under
+one key is never used under another.
 
 The scheduler admits (request, position) pairs in descending calibrated survival a_{r,j} while the expected
 throughput Θ = τ*·SPS(B) improves, and stops at the first non-improvement. The stop is what keeps it
@@ -14,13 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
+
+from ..hardware import detect
+from ..layout import write_atomic
 
 
 @dataclass
@@ -50,9 +55,13 @@ class SPSProfile:
         """t(B)/t(1) for each profiled B."""
         return [self.steps_per_s[0] / s for s in self.steps_per_s]
 
+    def table(self, max_b: int) -> np.ndarray:
+        """SPS at B = 0..max_b (index B; B = 0 reads as 1): the tuner's lookup table."""
+        return np.array([self(max(b, 1)) for b in range(max_b + 1)])
+
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
+        write_atomic(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "SPSProfile":
@@ -85,11 +94,30 @@ def prefix_schedule(survival: Sequence[Sequence[float]], sps: Callable[[int], fl
     return best_ell
 
 
+def smooth_sps(steps_per_s: Sequence[float]) -> list[float]:
+    """Isotonic fit (pool adjacent violators) making the step time non-decreasing in B, i.e. SPS
+    non-increasing: timing noise must not create fake sweet spots, and Algorithm 1's early stop assumes a
+    smoothly decaying curve."""
+    blocks: list[list[float]] = []  # [mean step time, weight]
+    for s in steps_per_s:
+        blocks.append([1.0 / s, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, w1), (m2, w2) = blocks[-2], blocks.pop()
+            blocks[-1] = [(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2]
+    out = []
+    for m, w in blocks:
+        out += [1.0 / m] * int(w)
+    return out
+
+
+def machine_key(target) -> dict:
+    """The machine key of this target's cost: its device's capabilities (hardware.py) and its dtype."""
+    return detect(target.device.type).key(str(target.dtype).removeprefix("torch."))
+
+
 def profile_key(target, max_tokens: int, context: int, batch_size: int = 1) -> str:
-    dev = target.device
-    hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
-    blob = json.dumps([target.fingerprint(), str(target.dtype), dev.type, hw, torch.__version__,
-                       torch.get_num_threads(), os.cpu_count(), max_tokens, context, batch_size],
+    """The cache key of one profile: target fingerprint, machine key, torch version and the profile's shape."""
+    blob = json.dumps([target.fingerprint(), machine_key(target), torch.__version__, max_tokens, context, batch_size],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -125,17 +153,35 @@ def measure_sps(target, max_tokens: int = 32, context: int = 256, repeats: int =
     sps = [1.0 / sorted(t)[len(t) // 2] for t in times]
     return SPSProfile([R * n for n in range(1, per_row + 1)], sps,
                       {"target": target.name, "device": str(dev), "dtype": str(target.dtype), "context": context,
-                       "batch_size": R,
-                       "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                       "batch_size": R, "threads": torch.get_num_threads(), "machine": machine_key(target),
+                       "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def cache_root(cache_dir: Optional[Path] = None) -> Path:
+    """Where measured profiles (and policies re-tuned from them) are cached: `cache_dir`, $DSPARK_CACHE or
+    ~/.cache/dspark."""
+    return Path(cache_dir or os.environ.get("DSPARK_CACHE", "~/.cache/dspark")).expanduser()
 
 
 def load_or_measure_sps(target, max_tokens: int = 32, context: int = 256, cache_dir: Optional[Path] = None,
                         refresh: bool = False, batch_size: int = 1) -> SPSProfile:
-    """The cached profile for this target/machine, measured on first use."""
-    root = Path(cache_dir or os.environ.get("DSPARK_CACHE", "~/.cache/dspark")).expanduser()
-    path = root / f"sps_{profile_key(target, max_tokens, context, batch_size)}.json"
+    """The cached profile for this target and machine key, measured on first use."""
+    path = cache_root(cache_dir) / f"sps_{profile_key(target, max_tokens, context, batch_size)}.json"
     if path.is_file() and not refresh:
         return SPSProfile.load(path)
     prof = measure_sps(target, max_tokens, context, batch_size=batch_size)
     prof.save(path)
     return prof
+
+
+def cost_profile(target, max_tokens: int, context: int, batch_sizes: Sequence[int] = (1,),
+                 cache_dir: Optional[Path] = None, refresh: bool = False) -> dict:
+    """The cost profile as calibration.json records it: SPS(B) for B = 1..max_tokens on this machine (cached
+    profiles), raw and smoothed, batch 1 at the top level with its `machine` key, R > 1 requests (B = R·n
+    tokens) under `batches`."""
+    out = {}
+    for r in sorted(set(batch_sizes) | {1}):
+        p = load_or_measure_sps(target, max_tokens, context, cache_dir, refresh, batch_size=r)
+        out[r] = {"tokens": list(p.tokens), "steps_per_s": [round(x, 4) for x in smooth_sps(p.steps_per_s)],
+                  "raw_steps_per_s": [round(x, 4) for x in p.steps_per_s], "meta": p.meta or {}}
+    return {**out[1], "machine": machine_key(target), "batches": {str(r): v for r, v in out.items() if r > 1}}

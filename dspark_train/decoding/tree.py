@@ -8,14 +8,12 @@ Losslessness rule for the shape of a tree: how many children a node gets may dep
 ancestors and the drafter's confidence for the *next* slot given the node, never on the children's own
 values (paper, Appendix A). Budget truncation follows a parent order fixed before children are drawn.
 
-`calibration.json` fields read by `TreePolicy.from_calibration` (written by `dspark calibrate`):
-    temperatures: [T_1, ..., T_γ]           STS temperature of slot k's confidence logit
-    biases: [b_1, ..., b_γ] (optional)      offset after scaling: c_k = σ(z_k / T_k + b_k)
-    adaptive: {depth_threshold, width_threshold (or null), max_width, beam, node_budget}
+`TreePolicy.from_calibration` reads `temperatures`, `biases` and `adaptive` of a calibration.json through its
+schema (dspark_train/calibration.py, which also refuses a newer format_version); the adaptive width/depth rule
+is `calibration.child_widths`, shared with the tuner's exact replay (`adaptive.simulate`).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..calibration import child_widths, read_adaptive
 from .sampling import SamplingParams, residual, sample, sample_without_replacement, warp
 
 DRAFTER, COPY = 1, 2  # node sources (bits): proposed by the drafter, by the copy drafter (decoding/copy.py)
@@ -50,11 +49,9 @@ class TreePolicy:
     def from_calibration(cls, calibration: Union[str, Path, dict], depth: int) -> "TreePolicy":
         """The adaptive policy [E] tuned: STS temperatures and offsets plus depth/width thresholds and a node
         budget."""
-        cal = calibration if isinstance(calibration, dict) else json.loads(Path(calibration).read_text())
-        ad = cal.get("adaptive", {})
-        return cls([int(ad.get("max_width", 1))] * depth, int(ad.get("beam", 1)), int(ad.get("node_budget", depth)),
-                   cal.get("temperatures"), float(ad.get("depth_threshold", 0.0)), ad.get("width_threshold"),
-                   cal.get("biases") or None)
+        temperatures, biases, ad = read_adaptive(calibration, depth)
+        return cls([ad.max_width] * depth, ad.beam, ad.node_budget, temperatures, ad.depth_threshold,
+                   ad.width_threshold, biases)
 
     def confidence(self, k: int, logit: float) -> float:
         """Calibrated conditional survival of slot k: σ(z / T_k + b_k)."""
@@ -187,13 +184,9 @@ def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: Sampling
         left = policy.node_budget - (len(tree) - 1)
         widths = []
         child_surv = [surv[f] * policy.confidence(k, conf_k[f]) for f in range(len(frontier))]
-        for f, u in enumerate(frontier):
-            w = want
-            if policy.width_threshold is not None and top[f] >= policy.width_threshold:
-                w = 1
-            if child_surv[f] < policy.depth_threshold:
-                w = 0
-            w = max(0, min(w, left, support[f]))
+        rule = child_widths(want, top, child_surv, policy.width_threshold, policy.depth_threshold).tolist()
+        for f in range(len(frontier)):  # the budget goes to the frontier in its (path score) order
+            w = max(0, min(rule[f], left, support[f]))
             left -= w
             widths.append(w)
         if not any(widths):

@@ -14,7 +14,11 @@ FINGERPRINT_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "feature_l
 class DrafterConfig(PretrainedConfig):
     """kind "dspark" (head "markov" | "rnn" | "none" = DFlash) or "medusa" (block_size independent heads).
 
-    `block_size` = γ slots: slot 0's input is the anchor x0, slot k predicts draft token k+1.
+    `block_size` = γ draft tokens per block. `sample_from_anchor` (the speculators name) picks the slot layout:
+    true: γ slots [x0, MASK…], slot k predicts draft token k+1 (DSpark/DeepSpec); false: γ+1 slots, the anchor
+    slot is not sampled and slot k+1 predicts draft token k+1 (DFlash fill-in, what vLLM's `dflash` runs).
+    `qk_norm`: per-head RMSNorm of queries and keys before RoPE (Qwen3), which the serving engines always apply;
+    a config.json without the key is an older artifact without it.
     `vocab_size` is the target's; `draft_vocab_size` (set by `Drafter.set_draft_vocab`) the pruned output vocab.
     """
 
@@ -26,7 +30,8 @@ class DrafterConfig(PretrainedConfig):
                  rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6, vocab_size: int = 260,
                  feature_layers: Optional[list[int]] = None, draft_vocab_size: Optional[int] = None,
                  mask_token_id: Optional[int] = None, initializer_range: float = 0.02,
-                 target_fingerprint: Optional[dict] = None, format_version: int = FORMAT_VERSION, **kwargs):
+                 target_fingerprint: Optional[dict] = None, format_version: int = FORMAT_VERSION,
+                 qk_norm: bool = False, sample_from_anchor: bool = True, **kwargs):
         if kind not in ("dspark", "medusa"):
             raise ValueError(f"drafter kind must be dspark or medusa, got {kind!r}")
         if head not in ("markov", "rnn", "none"):
@@ -53,6 +58,8 @@ class DrafterConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.target_fingerprint = target_fingerprint
         self.format_version = format_version
+        self.qk_norm = bool(qk_norm) and kind == "dspark"  # Medusa has no attention layers
+        self.sample_from_anchor = bool(sample_from_anchor) or kind == "medusa"
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -78,4 +85,5 @@ class DrafterConfig(PretrainedConfig):
                    num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, rope_theta=theta,
                    rms_norm_eps=getattr(t, "rms_norm_eps", 1e-6), vocab_size=vocab_size or t.vocab_size,
                    feature_layers=feature_layers,
-                   mask_token_id=section.mask_token_id, target_fingerprint=fingerprint)
+                   mask_token_id=section.mask_token_id, target_fingerprint=fingerprint,
+                   qk_norm=section.qk_norm, sample_from_anchor=section.sample_from_anchor)

@@ -1,9 +1,14 @@
 """The drafter: context projection, parallel backbone, sequential head, confidence head; Medusa as a flag.
 
-Shapes: B batch, T tokens, A anchors per sequence, γ = block_size slots, d hidden, r head rank,
-V target vocabulary, Vd draft vocabulary (V unless pruned). Slot k of the block for anchor p sits at
-position p+k, takes the anchor (k=0) or MASK as input, and predicts the token at p+k+1; its sequential
-head conditions on the token at p+k (teacher-forced in training, drafted in inference).
+Shapes: B batch, T tokens, A anchors per sequence, γ = block_size draft tokens, d hidden, r head rank,
+V target vocabulary, Vd draft vocabulary (V unless pruned). Draft k (0-based) of the block for anchor p
+predicts the token at p+k+1; its sequential head conditions on the token at p+k (teacher-forced in
+training, drafted in inference). Backbone slots sit at positions p, p+1, …, take the anchor (slot 0) or
+MASK as input; with `sample_from_anchor` slot k yields draft k (γ slots), without it the anchor slot is
+not sampled and slot k+1 yields draft k (γ+1 slots, DFlash's fill-in layout).
+
+Long because the training forward and the incremental inference path (`extend_context`, `propose`,
+`head_step`) are one class over one set of weights: kept side by side, a change to one is seen next to the other.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from transformers import initialization as init
 from ..config import DrafterConfigSection
 from ..target import default_feature_layers
 from .config import FINGERPRINT_KEYS, DrafterConfig
+from .init import init_from_target
 
 
 @dataclass
@@ -55,6 +61,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(nn.Module):
+    """GQA attention; with `qk_norm`, per-head RMSNorm of q and k before RoPE (Qwen3: what the engines run)."""
+
     def __init__(self, c: DrafterConfig):
         super().__init__()
         self.nh, self.nkv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -63,18 +71,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.nkv * self.hd, bias=False)
         self.v_proj = nn.Linear(d, self.nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, d, bias=False)
+        self.q_norm = nn.RMSNorm(self.hd, eps=c.rms_norm_eps) if c.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.hd, eps=c.rms_norm_eps) if c.qk_norm else None
 
     def kv(self, x, cos, sin):
-        """[B, L, d] -> K (RoPE applied), V: [B, Hkv, L, hd]. Used for both context and block positions."""
+        """[B, L, d] -> K (normed, RoPE applied), V: [B, Hkv, L, hd]. Used for both context and block positions."""
         B, L, _ = x.shape
-        k = self.k_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.nkv, self.hd)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
         v = self.v_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)
-        return rotate(k, cos, sin), v
+        return rotate(k.transpose(1, 2), cos, sin), v
 
     def forward(self, x, join: Callable, cos, sin, mask=None):
         """Block queries attend to join(block K, block V) = [context ; block] keys and values."""
         B, L, _ = x.shape
-        q = rotate(self.q_proj(x).view(B, L, self.nh, self.hd).transpose(1, 2), cos, sin)
+        q = self.q_proj(x).view(B, L, self.nh, self.hd)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = rotate(q.transpose(1, 2), cos, sin)
         k, v = join(*self.kv(x, cos, sin))
         g = self.nh // self.nkv
         # GQA without repeating K/V: the g query heads of one KV head become g·L query rows of that head.
@@ -247,6 +262,11 @@ class Drafter(PreTrainedModel):
         full = logits.new_full(logits.shape[:-1] + (self.config.vocab_size,), float("-inf"))
         return full.index_copy_(-1, self.d2t, logits)
 
+    @property
+    def num_slots(self) -> int:
+        """Backbone slots per block: γ, or γ+1 in the fill-in layout (the anchor slot is not sampled)."""
+        return self.config.block_size + (not self.config.sample_from_anchor)
+
     def _mask_vec(self):
         return self.mask_embed if self.mask_embed is not None else self._embedding()[self.config.mask_token_id]
 
@@ -305,7 +325,7 @@ class Drafter(PreTrainedModel):
             h = last_hidden.gather(1, (p - 1).clamp(min=0)[..., None].expand(-1, -1, last_hidden.shape[-1]))
             hid = torch.stack([h + F.silu(m(h)) for m in self.medusa], 2)
         else:
-            hid = self._backbone(features, prev[..., 0], anchor_pos, pos)
+            hid = self._backbone(features, prev[..., 0], anchor_pos)
         return hid, prev
 
     @torch.no_grad()
@@ -321,10 +341,12 @@ class Drafter(PreTrainedModel):
         conf = self.conf(hid).squeeze(-1).float() if self.config.head == "none" else None
         return DraftBlock(self._full(U), hid, U, conf)
 
-    def _backbone(self, features, anchors, anchor_pos, pos):
-        """All A blocks of a sequence in one attention call: keys = [context (T) ; all blocks (A·γ)], and a
-        boolean mask lets block a see context j < anchor_a and its own γ slots only."""
-        B, A, g = pos.shape
+    def _backbone(self, features, anchors, anchor_pos):
+        """All A blocks of a sequence in one attention call: keys = [context (T) ; all blocks (A·S)], and a
+        boolean mask lets block a see context j < anchor_a and its own S slots only. Returns the γ sampled
+        slots' outputs [B, A, γ, d]."""
+        B, A = anchor_pos.shape
+        g = self.num_slots
         T = features.shape[1]
         dev = features.device
         ctx = self.ctx_norm(self.fc(features))
@@ -332,7 +354,7 @@ class Drafter(PreTrainedModel):
         x = torch.cat((self._embed(anchors)[:, :, None].to(mask_vec.dtype), mask_vec), 2)
         x = x.flatten(1, 2)
         cos, sin = self._rope_table(T + g, dev)
-        bpos = pos.flatten(1)
+        bpos = (anchor_pos.clamp(min=0)[..., None] + torch.arange(g, device=dev)).flatten(1)
         see_ctx = torch.arange(T, device=dev) < anchor_pos[..., None]  # [B, A, T]; padding (-1) sees none
         see_ctx = see_ctx[:, :, None].expand(B, A, g, T).reshape(B, A * g, T)
         same = torch.eye(A, dtype=torch.bool, device=dev)[:, None, :, None].expand(A, g, A, g).reshape(A * g, A * g)
@@ -341,7 +363,7 @@ class Drafter(PreTrainedModel):
             ck, cv = layer.attn.kv(ctx, cos[:T], sin[:T])  # once per sequence, shared by all blocks
             x = layer(x, lambda kb, vb, ck=ck, cv=cv: (torch.cat((ck, kb), 2), torch.cat((cv, vb), 2)),
                       cos[bpos][:, None], sin[bpos][:, None], mask)
-        return self.norm(x).view(B, A, g, -1)
+        return self.norm(x).view(B, A, g, -1)[:, :, g - self.config.block_size:]
 
     # ------------------------------------------------------------------ inference
     def init_state(self, batch_size: int = 1) -> DraftState:
@@ -367,7 +389,7 @@ class Drafter(PreTrainedModel):
             state.length += n
             return state
         start = state.length
-        self._reserve(state, start + n + self.config.block_size)
+        self._reserve(state, start + n + self.num_slots)
         ctx = self.ctx_norm(self.fc(features.to(self.conf.weight.dtype)))
         cos, sin = self._rope_table(start + n, ctx.device)
         for i, layer in enumerate(self.layers):
@@ -380,7 +402,7 @@ class Drafter(PreTrainedModel):
     @torch.no_grad()
     def propose(self, state: DraftState, anchor_ids: torch.Tensor) -> DraftBlock:
         """One backbone pass for the block [anchor, MASK…] at position state.length -> base logits, hidden."""
-        g = self.config.block_size
+        g = self.num_slots
         if self.config.kind == "medusa":
             if state.last_hidden is None:
                 raise ValueError("medusa drafting needs at least one committed position (extend_context first)")
@@ -399,7 +421,7 @@ class Drafter(PreTrainedModel):
                     kv[i, 1, :, :, n:n + g] = vb
                     return kv[i, 0, :, :, :n + g], kv[i, 1, :, :, :n + g]
                 x = layer(x, join, cos, sin)
-            hid = self.norm(x)
+            hid = self.norm(x)[:, g - self.config.block_size:]
         return self._block(hid)
 
     @torch.no_grad()
@@ -428,6 +450,7 @@ class Drafter(PreTrainedModel):
 # ---------------------------------------------------------------------- construction
 def build_drafter(section: DrafterConfigSection, target) -> Drafter:
     """A new drafter for `target` (or the exported one at `section.init_from`), attached, on the target's device.
+    `section.init: target` starts a new one from the target's layers (drafters/init.py).
 
     A pruned draft vocabulary is set afterwards from data (`set_draft_vocab`), since it needs token counts.
     """
@@ -435,13 +458,15 @@ def build_drafter(section: DrafterConfigSection, target) -> Drafter:
                                     target.fingerprint())
     if section.init_from:
         drafter = Drafter.from_pretrained(section.init_from)
-        bad = [k for k in ("kind", "head", "num_layers", "block_size", "head_rank")
+        bad = [k for k in ("kind", "head", "num_layers", "block_size", "head_rank", "qk_norm", "sample_from_anchor")
                if getattr(drafter.config, k) != getattr(cfg, k)]
         if bad:
             raise ValueError(f"drafter.init_from {section.init_from}: recipe and artifact differ in "
                              + ", ".join(f"{k} ({getattr(cfg, k)} vs {getattr(drafter.config, k)})" for k in bad))
     else:
         drafter = Drafter(cfg)
+        if section.init == "target":
+            init_from_target(drafter, target, section.init_acceptance)
     return drafter.to(target.device).attach_target(target)
 
 

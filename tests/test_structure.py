@@ -1,0 +1,163 @@
+"""The package's shape, read from the source with `ast` (nothing is imported): no import circle between modules,
+a training loop that fits on a screen, no long module without a stated reason.
+
+Conventions checked here:
+- An import is any `import`/`from … import` anywhere in a module: top level, inside functions, under
+  `if TYPE_CHECKING:`. `from pkg import name` counts as importing `pkg.name` when that is a module, else `pkg`.
+- A module longer than MAX_LINES says why in its docstring, on a line that starts with "Long because" followed by
+  the reason (at least a few words), e.g. "Long because the training and the inference path share the weights."
+"""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dspark_train"
+MAX_LINES = 450
+MAX_TRAIN_LINES = 80
+REASON = re.compile(r"^\s*Long because(\s+\S+){3,}", re.MULTILINE)
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name → file, for every .py file of the package (a package is its __init__.py)."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> dict[str, int]:
+    """The package modules `name` imports, wherever the import statement sits → the line of the first one."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: level 1 is this package, 2 its parent, ...
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            candidates = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in MODULES else source
+                          for alias in node.names]
+        else:
+            continue
+        for dotted in candidates:
+            while dotted and dotted not in MODULES:  # `import a.b.c` of a package module: the deepest that exists
+                dotted = dotted.rpartition(".")[0]
+            if dotted and dotted != name:
+                found[dotted] = min(found.get(dotted, node.lineno), node.lineno)
+    return found
+
+
+def import_graph() -> dict[str, dict[str, int]]:
+    """module → {module it imports: line of that import}."""
+    return {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _groups(graph) -> list[set]:
+    """Tarjan's strongly connected components with more than one module: each holds an import circle."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while not group or w != v:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.add(w)
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return groups
+
+
+def _circle_through(start: str, graph, group: set) -> list[str]:
+    """A shortest import path start → … → start inside `group` (breadth first)."""
+    paths, frontier = {start: [start]}, [start]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            if start in graph[v]:
+                return paths[v] + [start]
+            for w in sorted(set(graph[v]) & group):
+                if w not in paths:
+                    paths[w] = paths[v] + [w]
+                    nxt.append(w)
+        frontier = nxt
+    raise AssertionError(f"{start} is in an import circle that cannot be walked")  # not for a real component
+
+
+def import_cycles(graph) -> list[list[str]]:
+    """One concrete circle a → b → … → a per group of mutually importing modules."""
+    return [_circle_through(min(group), graph, group) for group in _groups(graph)]
+
+
+def test_the_import_graph_sees_relative_and_function_level_imports():
+    graph = import_graph()
+    assert "dspark_train.config" in graph["dspark_train.train"]  # top level, relative
+    assert "dspark_train.target" in graph["dspark_train.train"]  # inside a function
+    assert "dspark_train.config" in graph["dspark_train.drafters.model"]  # `from ..config import`
+    assert "dspark_train.decoding.tree" in graph["dspark_train.decoding"]  # a package's __init__
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_a_stated_reason_is_recognised():
+    assert REASON.search("The drafter.\n\nLong because the two paths share one set of weights.\n")
+    assert not REASON.search("Long because.") and not REASON.search("Not long because it is short.")
+
+
+def test_no_import_circle_between_modules():
+    """No two modules import each other, directly or through others (a → b → c → a), at any level."""
+    graph = import_graph()
+    cycles = import_cycles(graph)
+    if cycles:
+        shown = ["  " + " → ".join(f"{a} (line {graph[a][b]})" for a, b in zip(c, c[1:])) + f" → {c[-1]}"
+                 for c in cycles]
+        pytest.fail("import circles (a (line n) → b: a imports b at line n, possibly inside a function):\n"
+                    + "\n".join(shown), pytrace=False)
+
+
+def _function(path: Path, name: str) -> ast.FunctionDef:
+    return next(n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def test_the_training_loop_fits_on_a_screen():
+    fn = _function(PACKAGE / "train.py", "train")
+    lines = fn.end_lineno - fn.lineno + 1  # from `def` to the last line, docstring included
+    assert lines <= MAX_TRAIN_LINES, f"train.train is {lines} lines (limit {MAX_TRAIN_LINES}): move a phase out"
+    assert fn.args.args and fn.args.args[0].arg == "recipe"  # the function this test means, not a namesake
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_is_short_or_says_why(name):
+    path = MODULES[name]
+    source = path.read_text()
+    lines = len(source.splitlines())
+    if lines <= MAX_LINES:
+        return
+    doc = ast.get_docstring(ast.parse(source)) or ""
+    if not REASON.search(doc):
+        pytest.fail(f"{path.relative_to(PACKAGE.parent)} has {lines} lines (> {MAX_LINES}): split it, or state the "
+                    "reason in its docstring on a line starting 'Long because …'", pytrace=False)
