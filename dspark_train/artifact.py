@@ -29,7 +29,7 @@ from .calibration import read_calibration
 from .drafters import Drafter
 from .drafters.config import FORMAT_VERSION
 from . import speculators
-from .layout import CALIBRATION, RECIPE, ArtifactError, RunDir, read_json
+from .layout import CALIBRATION, RECIPE, ArtifactError, RunDir, check_version, read_json
 
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
 ARTIFACT_FILES = (CONFIG, WEIGHTS, CALIBRATION, RECIPE, CARD)  # what an artifact may hold, and all that is pushed
@@ -125,10 +125,7 @@ def load_drafter(weights: Path) -> Drafter:
     model.safetensors), refusing missing, extra or misshapen tensors (transformers would only warn and
     initialise them randomly)."""
     config = read_json(weights / CONFIG)
-    version = config.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(f"{weights / CONFIG}: format_version {version!r} is not one this "
-                            f"dspark-train reads (1..{FORMAT_VERSION}); upgrade dspark-train")
+    check_version(config, weights / CONFIG, FORMAT_VERSION)
     weights_file = weights / WEIGHTS
     check_safetensors(weights_file)
     try:

@@ -49,6 +49,7 @@ from .hardware import detect
 from .decoding import SpeculativeDecoder, SPSProfile, TreePolicy, cost_profile
 from .heldout import anchor_stats, copy_prior, greedy_texts, heldout_prompts, stats_from_traces
 from .layout import CALIBRATION_STATS, RunDir
+from .runlock import holds_lock
 from .sts import BIAS_GRID, fit_sts, position_metrics
 from .target import load_target
 
@@ -68,6 +69,8 @@ def _measure(decoder, prompts: list[list[int]], max_new_tokens: int, **kw) -> tu
             "rounds": len(rounds), "tokens": committed}, traces
 
 
+@holds_lock(lambda run_or_artifact, overrides=(), prompts=None, out=None, quiet=False: out or run_or_artifact,
+            "dspark calibrate")
 def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] = (), prompts: Optional[int] = None,
                     out: Optional[Union[str, Path]] = None, quiet: bool = False) -> Calibration:
     """Calibrate a training run (<run>/final + recipe.yaml) or an exported artifact in place: writes

@@ -40,7 +40,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .layout import CALIBRATION, ArtifactError, atomic_path, read_json, write_atomic
+from .layout import CALIBRATION, ArtifactError, atomic_path, check_version, read_json, write_atomic
 
 FORMAT_VERSION = 1
 
@@ -149,14 +149,25 @@ class HeldoutStats:
         """Compressed numpy arrays (no pickle): the STS statistics are too many rows for calibration.json."""
         arrays = {f.name: getattr(self, f.name) for f in fields(self)}
         arrays["width"] = np.asarray(self.width)
+        arrays["format_version"] = np.asarray(FORMAT_VERSION)
         with atomic_path(path) as tmp:
             np.savez_compressed(tmp, **arrays)
         return Path(path)
 
     @classmethod
     def load(cls, path: Path) -> "HeldoutStats":
-        with np.load(path, allow_pickle=False) as z:
-            return cls(**{f.name: (int(z[f.name]) if f.name == "width" else z[f.name]) for f in fields(cls)})
+        """calibration_stats.npz; a newer, truncated or foreign file is one line naming it."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError) as e:
+            raise ArtifactError(f"{path}: cannot read the calibration statistics ({type(e).__name__}: {e})") \
+                from None
+        check_version({"format_version": int(arrays.get("format_version", 1))}, path, FORMAT_VERSION)
+        missing = [f.name for f in fields(cls) if f.name not in arrays]
+        if missing:
+            raise ArtifactError(f"{path}: not calibration statistics (missing {missing})")
+        return cls(**{f.name: (int(arrays[f.name]) if f.name == "width" else arrays[f.name]) for f in fields(cls)})
 
 
 # =========================================================================== calibration.json
@@ -167,10 +178,7 @@ def read_calibration(source: Union[str, Path, dict]) -> dict:
         data, name = source, CALIBRATION
     else:
         data, name = read_json(source), str(source)
-    version = data.get("format_version", FORMAT_VERSION)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(f"{name}: format_version {version!r} is not one this dspark-train reads "
-                            f"(1..{FORMAT_VERSION}); upgrade dspark-train or re-run `dspark calibrate`")
+    check_version(data, name, FORMAT_VERSION, "upgrade dspark-train or re-run `dspark calibrate`")
     return data
 
 

@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from .config import RecipeError
-from .layout import CheckpointFiles, RunDir, replace_dir, staging_dir, write_atomic
+from .layout import (TRAINER_STATE_VERSION, ArtifactError, CheckpointFiles, RunDir, check_version, read_json,
+                     replace_dir, staging_dir, write_atomic)
 from .optim import ADAM_KEYS, moment_keys, set_moments
 
 
@@ -97,7 +98,8 @@ def save_checkpoint(acc, run: RunDir, progress: Progress, named: list, raw_opt, 
         save_file(weights, str(staging.weights))
         save_file(moments, str(staging.optimizer))
         staging.trainer_state.write_text(json.dumps(
-            {**asdict(progress), "scheduler": scheduler.state_dict(), "world_size": acc.num_processes}, indent=1))
+            {"format_version": TRAINER_STATE_VERSION, **asdict(progress), "scheduler": scheduler.state_dict(),
+             "world_size": acc.num_processes}, indent=1))
     acc.wait_for_everyone()
     if acc.is_main_process:
         replace_dir(staging.root, final)
@@ -112,14 +114,14 @@ def save_checkpoint(acc, run: RunDir, progress: Progress, named: list, raw_opt, 
 def restore(path: Path, acc, engine, named: list, raw_opt, scheduler) -> Progress:
     """Everything a resume needs, after `acc.prepare`: the model's weights, the fp32 masters and AdamW moments
     (ZeRO-partitioned or not), the scheduler and learning rate, this rank's RNG; returns the data position."""
-    from safetensors.torch import load_file
-
     ckpt = CheckpointFiles(path)
-    weights, moments = load_file(str(ckpt.weights)), load_file(str(ckpt.optimizer))
+    state = read_json(ckpt.trainer_state)
+    check_version(state, ckpt.trainer_state, TRAINER_STATE_VERSION,
+                  "resume with the dspark-train that wrote it, or train into a new train.output_dir")
+    weights, moments = _load_tensors(ckpt.weights), _load_tensors(ckpt.optimizer)
     mismatch = {n for n, _ in named} ^ set(weights)
     if mismatch:
         raise RecipeError(f"{path}: checkpoint does not match the recipe's drafter ({sorted(mismatch)[:4]}…)")
-    state = json.loads(ckpt.trainer_state.read_text())
     _restore_weights(acc, named, weights)
     restore_optimizer(acc, engine, named, raw_opt, weights, moments, state["step"])
     scheduler.load_state_dict(state["scheduler"])
@@ -127,12 +129,26 @@ def restore(path: Path, acc, engine, named: list, raw_opt, scheduler) -> Progres
         group["lr"] = lr
     rng = ckpt.rng(acc.process_index)
     if rng.is_file():  # absent when this rank did not exist in the saving run
-        saved_rng = load_file(str(rng))
+        saved_rng = _load_tensors(rng)
         torch.set_rng_state(saved_rng["cpu"])
         if "cuda" in saved_rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(saved_rng["cuda"])
     return Progress(state["step"], state["position"], state.get("tokens", 0), state.get("seconds", 0.0),
                     state.get("schedule", {}))
+
+
+def _load_tensors(path: Path) -> dict:
+    """A checkpoint file's tensors, or one line naming the file (a corrupted or truncated one: move its
+    checkpoint directory aside and the run resumes from the one before)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e}); move "
+                            f"{path.parent.name}/ aside (and fix checkpoints/latest) to resume from an earlier one") \
+            from None
 
 
 @torch.no_grad()

@@ -7,6 +7,24 @@ import sys
 from .config import RecipeError, exit_code, load_recipe
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: a bad or missing argument is one line naming it, exit 2 (argparse
+    would print the usage block first; `--help` still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)  # a ValueError reads "invalid _positive_int value: ..."; name the type for argparse
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+_positive_int.__name__ = "int"
+
+
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (recipes/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -39,12 +57,18 @@ def cmd_train(args):
     import subprocess
 
     from .launch import build_launch_command
+    from .runlock import TOKEN_ENV, RunLock
     recipe = _load(args)
     cmd = build_launch_command(recipe, args.recipe, args.overrides)
     print("$ " + " ".join(cmd), flush=True)
     if args.dry_run:
         return
-    raise SystemExit(subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if recipe.distributed.machine_rank != 0:  # machine 0 of a multi-node run holds the lock; the others write nothing
+        raise SystemExit(subprocess.call(cmd, env=env))
+    with RunLock(recipe.resolve_path(recipe.train.output_dir), "dspark train") as lock:  # refused before launching
+        rc = subprocess.call(cmd, env={**env, TOKEN_ENV: lock.token})  # the trainer adopts the lock
+    raise SystemExit(rc)
 
 
 def cmd_calibrate(args):
@@ -112,6 +136,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=unset, help="torch CPU threads")
     p.add_argument("--data-root", default=unset, help="data root (relative to the repo root)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=unset, help="no progress bars")
+    p.add_argument("--truncate-prompts", action="store_true", default=unset,
+                   help="keep the last (window - max-new-tokens) tokens of a prompt too long for the target "
+                        "(default: refuse it, naming its length and the window)")
 
 
 def _comma_list(text: str) -> list[str]:
@@ -130,7 +157,7 @@ def cmd_eval(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dspark", description="Train, calibrate, export and evaluate DSpark drafters.")
+    p = _Parser(prog="dspark", description="Train, calibrate, export and evaluate DSpark drafters.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("plan", help="print the resolved recipe, target architecture, drafter size and memory plan")
@@ -154,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("calibrate", help="sequential temperature scaling + adaptive-k tuning on held-out data")
     s.add_argument("run", help="training run directory or exported artifact")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--prompts", type=int, default=None, help="held-out prompts to probe-decode (default: recipe)")
+    s.add_argument("--prompts", type=_positive_int, default=None,
+                   help="held-out prompts to probe-decode (default: recipe)")
     s.add_argument("--out", default=None, help="write calibration.json and the plot here instead of into RUN")
     s.set_defaults(fn=cmd_calibrate)
 

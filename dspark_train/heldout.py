@@ -6,7 +6,6 @@ the same greedy answers gives the copy drafter's acceptance prior (`copy_prior`,
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +17,7 @@ from .calibration import HeldoutStats
 from .chat import prompt_ids, user_messages
 from .config import RecipeError
 from .data import (Example, anchor_candidates, block_labels, conversations_path, load_prompts, prompt_turns,
-                   read_jsonl, split_heldout, usable_conversations)
+                   read_conversations, read_heldout_split, split_heldout, usable_conversations)
 from .decoding.copy import CopyPrior, fit_copy_prior
 from .layout import RunDir
 from .regenerate import generate_batch
@@ -32,18 +31,18 @@ def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str]
     conv_file = conversations_path(recipe)
     ids_file = RunDir(run).heldout
     if ids_file.is_file():  # {"conversations": path, "seed": s, "ids": [...]} as train.py writes it, or a list
-        raw = json.loads(ids_file.read_text())
+        raw = read_heldout_split(ids_file)
         wanted = [str(i) for i in (raw["ids"] if isinstance(raw, dict) else raw)]
         recorded = Path(raw["conversations"]) if isinstance(raw, dict) and raw.get("conversations") else None
         conv_file = recorded if recorded is not None and recorded.is_file() else conv_file
-        convs = read_jsonl(conv_file)
+        convs = read_conversations(conv_file, recipe.data.skip_bad_lines)
         by_id = {str(c["id"]): c for c in convs}
         missing = [i for i in wanted if i not in by_id]
         if missing:
             raise FileNotFoundError(f"{ids_file}: {len(missing)} held-out ids not in {conv_file}")
         held, source = [by_id[i] for i in wanted], str(ids_file)
     else:  # the trainer's split: the same records (usable ones, max_prompts), the same seeded hash
-        convs = read_jsonl(conv_file)
+        convs = read_conversations(conv_file, recipe.data.skip_bad_lines)
         _, held = split_heldout(usable_conversations(convs, recipe.data.max_prompts), recipe.data.heldout,
                                 recipe.data.seed)
         source = f"split_heldout(data.heldout={recipe.data.heldout}, data.seed={recipe.data.seed})"

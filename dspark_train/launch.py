@@ -8,7 +8,6 @@ precision and the target dtype resolve through hardware.py (`auto`: bf16 only wh
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Optional
 
 from .config import REPO_ROOT, Recipe, RecipeError
 from .hardware import resolve_dtype
+from .layout import read_json
 
 ACCELERATE_DIR = REPO_ROOT / "recipes" / "accelerate"
 
@@ -59,7 +59,7 @@ def deepspeed_plugins(recipe: Recipe) -> Optional[dict]:
     src = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if src != "none":
         path = Path(src) if Path(src).is_file() else REPO_ROOT / src  # bundled configs name repo-relative paths
-        ds_config = json.loads(path.read_text())
+        ds_config = read_json(path)
     else:  # inline deepspeed_config in the accelerate YAML
         ds_config = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE",
                                                                          recipe.distributed.zero_stage))}}

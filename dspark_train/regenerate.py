@@ -3,7 +3,8 @@
 The drafter learns to predict the target's own continuations, so the answers of a prompt set are regenerated
 by the target (greedy by default, every user turn in order). `run_data` is resumable (answered ids are
 skipped), keeps prompt order, records per-prompt failures in `<output>.failures.jsonl` (retried on the next
-run) and shards: shard i/n takes every n-th prompt into its own part file; the last shard to finish merges.
+run; a prompt too long for data.max_seq_len or for the target's window is recorded as skipped) and shards:
+shard i/n takes every n-th prompt into its own part file; the last shard to finish merges.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from .chat import prompt_ids
 from .config import Recipe, RecipeError
 from .data import (conversations_path, load_conversations, load_prompts, output_path, prompt_turns, read_jsonl,
                    write_jsonl_atomic)
+from .runlock import holds_lock
+from .target import PromptTooLong
 
 
 def parse_shard(shard) -> tuple[int, int]:
@@ -86,7 +89,13 @@ def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> list[dict]:
             s["msgs"].append({"role": "user", "content": s["turns"][turn]})
             ids = prompt_ids(tok, s["msgs"])
             if len(ids) >= data_cfg.max_seq_len:  # truncation would leave no answer to learn from
-                s["error"] = f"prompt is {len(ids)} tokens, longer than data.max_seq_len={data_cfg.max_seq_len}"
+                s["error"] = (f"{SKIPPED}prompt is {len(ids)} tokens, longer than data.max_seq_len="
+                              f"{data_cfg.max_seq_len}")
+            else:
+                try:  # past the window the target's answer is garbage (and a huge prompt takes hours)
+                    target.check_fits(len(ids), data_cfg.max_new_tokens, "prompt")
+                except PromptTooLong as e:
+                    s["error"] = f"{SKIPPED}{e} (data.max_new_tokens={data_cfg.max_new_tokens})"
             encoded.append(ids)
         live_ok = [(s, ids) for s, ids in zip(live, encoded) if not s["error"]]
         if not live_ok:
@@ -126,12 +135,15 @@ def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> list[dict]:
     return records
 
 
+SKIPPED = "skipped: "  # a failure that is the prompt's own (too long): recorded, the run goes on
+
+
 def _part_path(out: Path, i: int, n: int) -> Path:
     return out.with_name(f"{out.name}.part-{i}-of-{n}")
 
 
-def _merge(out: Path, prompts: list[dict], n: int) -> tuple[int, int]:
-    """Merge the shard parts into `out` (prompt order) and `<out>.failures.jsonl`; returns (done, failed).
+def _merge(out: Path, prompts: list[dict], n: int) -> tuple[int, list[dict]]:
+    """Merge the shard parts into `out` (prompt order) and `<out>.failures.jsonl`; returns (done, failures).
     A success always wins over a failure recorded for the same id in an earlier run."""
     latest: dict[str, dict] = {r["id"]: r for r in read_jsonl(out)}
     for i in range(n):
@@ -143,7 +155,7 @@ def _merge(out: Path, prompts: list[dict], n: int) -> tuple[int, int]:
     failed = [r for r in recs if "error" in r]
     write_jsonl_atomic(out, done)
     write_jsonl_atomic(out.with_name(out.name + ".failures.jsonl"), failed)
-    return len(done), len(failed)
+    return len(done), failed
 
 
 def _shard_complete(out: Path, prompts: list[dict], i: int, n: int) -> bool:
@@ -151,6 +163,8 @@ def _shard_complete(out: Path, prompts: list[dict], i: int, n: int) -> bool:
     return all(p["id"] in seen for p in prompts[i::n])
 
 
+@holds_lock(lambda recipe, shard=None, target=None: _part_path(output_path(recipe), *parse_shard(shard)),
+            "dspark data")  # shards run side by side: each holds its own part file
 def run_data(recipe: Recipe, shard=None, target=None) -> Path:
     """`dspark data`: regenerate answers for the recipe's prompts with the frozen target.
 
@@ -161,7 +175,8 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
 
     if recipe.data.conversations:
         path = conversations_path(recipe)
-        print(f"using existing conversations {path} ({len(load_conversations(path))} records); "
+        n_convs = len(load_conversations(path, skip_bad_lines=recipe.data.skip_bad_lines))
+        print(f"using existing conversations {path} ({n_convs} records); "
               f"set data.conversations=null to regenerate")
         return path
     i, n = parse_shard(shard)
@@ -194,9 +209,11 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
                 bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", failed=failed)
         bar.close()
     if all(_shard_complete(out, prompts, k, n) for k in range(n)):
-        ndone, nfail = _merge(out, prompts, n)
-        print(f"wrote {out}: {ndone} conversations, {nfail} failures"
-              + (f" (see {out.name}.failures.jsonl)" if nfail else ""))
+        ndone, failed = _merge(out, prompts, n)
+        skipped = sum(r["error"].startswith(SKIPPED) for r in failed)
+        print(f"wrote {out}: {ndone} conversations, {len(failed)} failures"
+              + (f", {skipped} skipped as too long" if skipped else "")
+              + (f" (see {out.name}.failures.jsonl)" if failed else ""))
     else:
         print(f"shard {i}/{n} finished; {out} is merged when every shard is done")
     return out

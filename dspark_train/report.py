@@ -26,7 +26,8 @@ from .layout import atomic_path, write_atomic
 
 REPORT_JSON, REPORT_MD, OUTPUTS = "report.json", "report.md", "outputs.jsonl"
 ACCEPTANCE_PLOT, SPEEDUP_PLOT, RELIABILITY_PLOT = "acceptance_by_position.png", "speedup.png", "reliability.png"
-SETTINGS = ("temperature", "mode", "hybrid", "top_p", "top_k", "seed", "max_new_tokens", "multi_turn")  # EvalConfig
+SETTINGS = ("temperature", "mode", "hybrid", "top_p", "top_k", "seed", "max_new_tokens", "multi_turn",  # EvalConfig
+            "truncate_prompts")
 SOURCES = ("drafter", "copy", "both")  # who proposed a draft node (decoding.decoder.SOURCE_NAMES)
 
 

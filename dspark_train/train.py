@@ -33,7 +33,7 @@ import torch
 from .checkpoint import Progress, gather_full_state, restore, save_checkpoint
 from .config import Recipe, RecipeError, TrainConfig, exit_code, load_recipe, recipe_to_yaml
 from .data import (Batch, Example, GlobalOrder, conversations_path, eval_batches, load_conversations,
-                   split_heldout, tokenize, train_batch)
+                   save_heldout_split, split_heldout, tokenize, train_batch)
 from .feature_cache import FeatureSource, open_cache
 from .hardware import record_lines, resolve_mixed_precision, run_record
 from .launch import deepspeed_plugins
@@ -41,7 +41,8 @@ from .layout import RunDir, replace_dir, staging_dir, write_atomic
 from .losses import LossOutput, block_positions, dspark_loss, position_weights, summarise, target_distribution
 from .optim import build_optimizer
 from .schedule import Budget, Horizon, blend_alpha, probe_horizon, probe_step_seconds
-from .vocab import count_draft_tokens, select_draft_vocab
+from .runlock import holds_lock
+from .vocab import count_draft_tokens, load_draft_vocab, save_draft_vocab, select_draft_vocab
 
 
 # =========================================================================== setup
@@ -96,7 +97,7 @@ def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int, notes: S
     (calibrate and export read them)."""
     data_cfg = recipe.data
     path = conversations_path(recipe)
-    convs = load_conversations(path, data_cfg.max_prompts)
+    convs = load_conversations(path, data_cfg.max_prompts, data_cfg.skip_bad_lines)
     train_convs, held_convs = split_heldout(convs, data_cfg.heldout, data_cfg.seed)
     train_ex, dropped = tokenize(train_convs, tokenizer, data_cfg.max_seq_len, gamma)
     held_ex, held_dropped = tokenize(held_convs, tokenizer, data_cfg.max_seq_len, gamma)
@@ -105,8 +106,7 @@ def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int, notes: S
     if acc.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
         write_atomic(run.recipe, recipe_to_yaml(recipe, notes))
-        write_atomic(run.heldout, json.dumps(
-            {"conversations": str(path), "seed": data_cfg.seed, "ids": [str(c["id"]) for c in held_convs]}, indent=1))
+        save_heldout_split(run.heldout, path, data_cfg.seed, held_convs)
     return TrainingData(train_ex, held_ex, path)
 
 
@@ -117,7 +117,7 @@ def setup_draft_vocab(recipe: Recipe, run: RunDir, acc, target, drafter, example
     if not size or drafter.draft_vocab is not None:
         return
     if run.draft_vocab.is_file():
-        vocab = torch.tensor(json.loads(run.draft_vocab.read_text()))
+        vocab = load_draft_vocab(run.draft_vocab)
     else:
         counts = count_draft_tokens(target, examples, acc, recipe.train.batch_size, recipe.data.vocab_sample_seqs)
         vocab = select_draft_vocab(counts.cpu(), size, target.tokenizer)
@@ -125,7 +125,7 @@ def setup_draft_vocab(recipe: Recipe, run: RunDir, acc, target, drafter, example
         what = "training labels" + (" + target argmaxes" if recipe.data.vocab_sample_seqs else "")
         acc.print(f"draft vocabulary: {len(vocab)} of {target.vocab_size} tokens, {covered:.1%} of counted {what}")
         if acc.is_main_process:
-            write_atomic(run.draft_vocab, json.dumps(vocab.tolist()))
+            save_draft_vocab(run.draft_vocab, vocab)
     drafter.set_draft_vocab(vocab)
 
 
@@ -384,8 +384,9 @@ def train_step(tr: Training, recipe: Recipe, data: TrainingData, order: GlobalOr
     return rec
 
 
+@holds_lock(lambda recipe: recipe.resolve_path(recipe.train.output_dir), "dspark train", main_process_only=True)
 def train(recipe: Recipe) -> Path:
-    """Train the recipe's drafter; returns the run directory (final drafter in <run>/final)."""
+    """Train the recipe's drafter (its main process holding the run's lock); returns the run directory."""
     from tqdm.auto import tqdm
 
     train_cfg = recipe.train

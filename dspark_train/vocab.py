@@ -7,9 +7,33 @@ predictions at supervised positions of a sample of sequences (what the drafter i
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from .data import Example
+from .layout import DRAFT_VOCAB_VERSION, ArtifactError, check_version, read_json_value, write_atomic
+
+
+def save_draft_vocab(path: Path, vocab: torch.Tensor) -> None:
+    """The run's draft vocabulary (draft_vocab.json), so a resume keeps the same one."""
+    write_atomic(path, json.dumps({"format_version": DRAFT_VOCAB_VERSION, "ids": vocab.tolist()}))
+
+
+def load_draft_vocab(path: Path) -> torch.Tensor:
+    """draft_vocab.json as save_draft_vocab writes it (a bare list: version 1 as first written); one line naming
+    the file when it is malformed or newer."""
+    data = read_json_value(path)
+    if isinstance(data, list):
+        data = {"ids": data}
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected {{\"format_version\", \"ids\": [...]}}")
+    check_version(data, path, DRAFT_VOCAB_VERSION)
+    ids = data.get("ids")
+    if not (isinstance(ids, list) and ids and all(isinstance(i, int) and i >= 0 for i in ids)):
+        raise ArtifactError(f"{path}: ids: expected a non-empty list of token ids; delete the file to choose again")
+    return torch.tensor(ids)
 
 
 def _byte_token_ids(tokenizer) -> list[int]:

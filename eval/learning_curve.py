@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -36,6 +35,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from dspark_train.hardware import cpu_info  # noqa: E402  (torch-free until a function asks)
+from dspark_train.layout import write_atomic  # noqa: E402
+
 RECIPE = "recipes/smollm2_135m.yaml"
 MINUTES = (2, 5, 10, 20, 40)
 EVAL_ANCHORS = 64  # held-out anchors per sequence for every variant (the recipe's training default)
@@ -108,14 +111,11 @@ def train_variant(name: str, overrides: list[str], args, threads: int) -> dict:
 # --------------------------------------------------------------------------- reading the runs
 def read_points(run: Path, minutes: list[float]) -> list[dict]:
     """The evaluation standing for each point (the last one tagged with it), plus the step-0 one as minute 0."""
-    records = []
-    for line in (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []:
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "eval/tau" in r:
-            records.append(r)
+    from dspark_train.layout import read_jsonl  # lines end at \n only; a line torn by a kill is skipped
+
+    metrics = run / "metrics.jsonl"
+    records = [r for r in (read_jsonl(metrics, skip_bad=True, quiet=True) if metrics.is_file() else [])
+               if "eval/tau" in r]
     points = []
     start = [r for r in records if r["step"] == 0]
     tagged = {m: [r for r in records if m in r.get("eval/at_minutes", [])] for m in minutes}
@@ -166,19 +166,14 @@ def curve_markdown(curve: dict) -> str:
     if curve.get("shared_feature_cache"):
         lines += ["**Note:** a shared `train.feature_cache_dir` was set: cache variants after the first may have "
                   "skipped the online first epoch that the first one paid for.", ""]
-    lines += ["## τ_greedy by training minutes", "",
-              "| variant | " + " | ".join(f"{m:g} min" for m in minutes) + " |",
-              "|---|" + "---|" * len(minutes)]
-    for n in names:
-        at = {p["minutes"]: p for p in curve["variants"][n]["points"]}
-        lines.append(f"| {n} | " + " | ".join(_f(at.get(m, {}).get("tau_greedy")) for m in minutes) + " |")
-    lines += ["", "## τ_sim (soft) by training minutes", "",
-              "| variant | " + " | ".join(f"{m:g} min" for m in minutes) + " |",
-              "|---|" + "---|" * len(minutes)]
-    for n in names:
-        at = {p["minutes"]: p for p in curve["variants"][n]["points"]}
-        lines.append(f"| {n} | " + " | ".join(_f(at.get(m, {}).get("tau")) for m in minutes) + " |")
-    lines += ["", "## Every point", "",
+    for key, title in (("tau_greedy", "τ_greedy"), ("tau", "τ_sim (soft)")):
+        lines += [f"## {title} by training minutes", "",
+                  "| variant | " + " | ".join(f"{m:g} min" for m in minutes) + " |", "|---|" + "---|" * len(minutes)]
+        for n in names:
+            at = {p["minutes"]: p for p in curve["variants"][n]["points"]}
+            lines.append(f"| {n} | " + " | ".join(_f(at.get(m, {}).get(key)) for m in minutes) + " |")
+        lines.append("")
+    lines += ["## Every point", "",
               "| variant | min | steps | tokens seen | τ_sim | τ_greedy | acc@1 | acc@2 | acc@3 | acc@4 | "
               "greedy surv@1 | surv@2 | surv@3 | surv@4 |", "|---|" + "---|" * 13]
     for n in names:
@@ -226,22 +221,9 @@ def curve_plot(curve: dict, path: Path) -> None:
 
 
 def write_outputs(curve: dict, out: Path) -> None:
-    sys.path.insert(0, str(REPO))
-    from dspark_train.layout import write_atomic
-
     write_atomic(out / "curve.json", json.dumps(curve, indent=1))
     write_atomic(out / "curve.md", curve_markdown(curve))
     curve_plot(curve, out / "curve.png")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> int:
@@ -292,7 +274,8 @@ def main(argv=None) -> int:
           flush=True)
     started = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "recipe": args.recipe,
                "minutes": args.minutes, "parallel": args.parallel, "threads": threads, "cores": cores,
-               "cpu": cpu_name(), "load_average_start": list(os.getloadavg()), "overrides": args.overrides,
+               "cpu": " · ".join((cpu_info()[0], ", ".join(cpu_info()[1]) or "no bf16 flags")),
+               "load_average_start": list(os.getloadavg()), "overrides": args.overrides,
                "shared_feature_cache": any(o.startswith("train.feature_cache_dir=") for o in args.overrides)}
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         results = list(pool.map(lambda n: train_variant(n, table[n][1], args, threads), names))

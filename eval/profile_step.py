@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch  # noqa: E402
 
 from dspark_train.config import load_recipe  # noqa: E402
 from dspark_train.data import GlobalOrder, train_batch  # noqa: E402
+from dspark_train.hardware import detect  # noqa: E402
 from dspark_train.layout import RunDir  # noqa: E402
 from dspark_train.losses import block_positions, dspark_loss, target_distribution  # noqa: E402
 from dspark_train.train import (setup_accelerator, setup_data, setup_draft_vocab, setup_models,  # noqa: E402
@@ -34,16 +34,6 @@ from dspark_train.train import (setup_accelerator, setup_data, setup_draft_vocab
 
 PHASES = ("target forward", "cache read", "p_t (LM head at block slots)", "drafter forward + loss",
           "backward", "clip + optimizer")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def profile(recipe, steps: int, warmup: int) -> dict:
@@ -96,7 +86,7 @@ def profile(recipe, steps: int, warmup: int) -> dict:
                     totals[k] += v
                 tokens += batch.num_tokens
         total = sum(totals.values())
-        return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "dtype": recipe.target.dtype,
+        return {"cpu": detect("cpu").describe(), "threads": torch.get_num_threads(), "dtype": recipe.target.dtype,
                 "steps": steps, "batch_size": cfg.batch_size, "anchors_per_seq": recipe.data.anchors_per_seq,
                 "tokens_per_step": tokens / steps, "step_ms": 1000 * total / steps,
                 "phases": {k: {"ms": 1000 * totals[k] / steps, "share": totals[k] / total}

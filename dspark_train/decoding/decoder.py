@@ -61,6 +61,14 @@ class RoundTrace:
     drafter_skipped: bool = False  # hybrid: a confident copy match made the drafter's forward unnecessary
     t_copy: float = 0.0  # hybrid: copy drafting (query, merge, budget, index update), part of t_draft
 
+    def by_source(self) -> dict[str, list[int]]:
+        """{source: [verified nodes, accepted nodes]} (hybrid rounds)."""
+        out: dict[str, list[int]] = {}
+        for s, ok in zip(self.sources, self.accepted):
+            e = out.setdefault(s, [0, 0])
+            e[0], e[1] = e[0] + 1, e[1] + ok
+        return out
+
     @property
     def verified(self) -> int:
         return len(self.tokens)
@@ -212,13 +220,15 @@ class SpeculativeDecoder:
                  ) -> DecodeTrace:
         """Generate up to `max_new_tokens` ids after `prompt_ids`. eos_token_id None = the target's
         generation_config (pass [] for none). Greedy output equals plain greedy decoding; sampled output is
-        distributed exactly as the target's (same temperature/top-p/top-k)."""
+        distributed exactly as the target's (same temperature/top-p/top-k). A prompt that does not fit the
+        target's window with `max_new_tokens` more raises target.PromptTooLong (a ValueError) up front."""
         policy, params, eos, gen = self._setup(mode, policy, temperature, top_p, top_k, eos_token_id, seed,
                                                generator, max_new_tokens)
         hybrid = hybrid or mode == "hybrid"
         tgt, dev = self.target, self.device
         drafter = self.drafter if policy.node_budget > 0 else None  # budget 0: plain decoding, no drafting
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1).to(dev)
+        tgt.check_fits(prompt.shape[1], max_new_tokens)  # PromptTooLong: refused before any forward
         t_start = self._now()
         cache = DynamicCache(config=tgt.config)
         out = tgt.forward_features(prompt, cache=cache)
@@ -318,6 +328,8 @@ class SpeculativeDecoder:
         tgt, drafter, dev = self.target, self.drafter, self.device
         R = len(prompts)
         lens = [len(p) for p in prompts]
+        for r, n in enumerate(lens):
+            tgt.check_fits(n, max_new_tokens, f"prompt {r}")
         S = max(lens)
         t_start = self._now()
         ids = torch.zeros(R, S, dtype=torch.long)

@@ -30,10 +30,12 @@ import torch
 
 from ..adaptive import tune_adaptive
 from ..calibration import AdaptivePolicy, HeldoutStats, read_calibration
-from ..layout import read_json, write_atomic
+from ..layout import check_version, read_json, write_atomic
 from .sampling import SamplingParams
 from .scheduler import SPSProfile, cache_root, cost_profile, machine_key
 from .tree import TreePolicy, draft_tree
+
+POLICY_VERSION = 1  # of a cached re-tuned policy (policy_<hash>.json)
 
 
 @torch.no_grad()
@@ -98,19 +100,21 @@ def policy_for_machine(target, drafter, calibration: Union[str, Path, dict], cac
         return TreePolicy.from_calibration(cal, gamma), {
             **info, "source": "calibration.json", "why": why,
             "policy": asdict(AdaptivePolicy.from_json(cal.get("adaptive") or {}, gamma))}
-    blob = json.dumps([cal["temperatures"], cal.get("biases"), cal["data"].get("tuning"), stats, here,
-                       target.fingerprint(), torch.__version__], sort_keys=True, default=str)
+    blob = json.dumps([POLICY_VERSION, cal["temperatures"], cal.get("biases"), cal["data"].get("tuning"), stats,
+                       here, target.fingerprint(), torch.__version__], sort_keys=True, default=str)
     path = cache_root(cache_dir) / f"policy_{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
     why = (f"calibration.json was tuned on {_describe(there)}, this is {_describe(here)}: the cost curve does "
            "not carry over")
     if path.is_file():
         tuned = read_json(path)
+        check_version(tuned, path, POLICY_VERSION, "delete it to re-tune")
     else:
         print(f"adaptive policy: {why}; re-tuning on this machine (SPS(B) and drafting measured here, the "
               "threshold search re-run on the stored held-out rounds; cached)", file=sys.stderr, flush=True)
         tuned = retune(target, drafter, cal, cache_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(tuned, indent=1))
+        write_atomic(path, json.dumps({"format_version": POLICY_VERSION, **tuned}, indent=1))
+    tuned.pop("format_version", None)
     policy = TreePolicy.from_calibration({**cal, "adaptive": tuned["policy"]}, gamma)
     return policy, {**info, "source": "re-tuned on this machine", "why": why, **tuned}
 

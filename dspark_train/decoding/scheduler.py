@@ -3,7 +3,8 @@
 SPS(B) = target forward steps per second when B tokens are verified in one pass. It is measured once per
 target and machine key (`machine_key`: CPU model or GPU name, the CPU flags that decide matmul speed, thread
 count, dtype; hardware.py) and cached as JSON (default ~/.cache/dspark/sps_<hash>.json): a curve measured under
-one key is never used under another.
+one key is never used under another. The hash covers the format version; a reader refuses a newer one,
+naming the file.
 
 The scheduler admits (request, position) pairs in descending calibrated survival a_{r,j} while the expected
 throughput Θ = τ*·SPS(B) improves, and stops at the first non-improvement. The stop is what keeps it
@@ -25,7 +26,9 @@ import numpy as np
 import torch
 
 from ..hardware import detect
-from ..layout import write_atomic
+from ..layout import ArtifactError, check_version, read_json, write_atomic
+
+SPS_VERSION = 1  # of the cached profile's JSON
 
 
 @dataclass
@@ -61,11 +64,18 @@ class SPSProfile:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(asdict(self), indent=1))
+        write_atomic(path, json.dumps({"format_version": SPS_VERSION, **asdict(self)}, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "SPSProfile":
-        return cls(**json.loads(Path(path).read_text()))
+        """A saved profile; a malformed or newer file is one line naming it."""
+        data = read_json(path)
+        check_version(data, path, SPS_VERSION, "delete it to measure again")
+        try:
+            return cls(list(data["tokens"]), list(data["steps_per_s"]), data.get("meta"))
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"{path}: not an SPS profile ({type(e).__name__}: {e}); delete it to measure again") \
+                from None
 
 
 def prefix_schedule(survival: Sequence[Sequence[float]], sps: Callable[[int], float], early_stop: bool = True
@@ -117,7 +127,8 @@ def machine_key(target) -> dict:
 
 def profile_key(target, max_tokens: int, context: int, batch_size: int = 1) -> str:
     """The cache key of one profile: target fingerprint, machine key, torch version and the profile's shape."""
-    blob = json.dumps([target.fingerprint(), machine_key(target), torch.__version__, max_tokens, context, batch_size],
+    blob = json.dumps([SPS_VERSION, target.fingerprint(), machine_key(target), torch.__version__, max_tokens,
+                       context, batch_size],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -1,0 +1,219 @@
+"""One writer at a time: the lock every command that writes a run directory (or an artifact, or a data file)
+holds while it writes.
+
+`RunLock(path, command)` is a file beside what is written, `<parent>/.<name>.lock` (`layout.lock_path`): beside,
+not inside, so it survives a directory being replaced whole (`layout.replace_dir`) and never travels with a copy
+of the run. It is created atomically (O_CREAT | O_EXCL: of two writers exactly one creates it) and holds who
+holds it: pid, host, start time, the command and a random token. It is removed when the `with` block ends, by a
+normal exit or an exception; only a kill can leave it behind, and then the next writer finds it stale:
+
+- same host, and the pid is not running (or is a zombie, or a different process that reused the pid: its start
+  time in /proc differs): stale. It is taken over with a message; the takeover itself is serialised by a
+  second O_EXCL file, so two newcomers never both take it.
+- another host: its pid cannot be checked from here. Refused, with the command that removes it.
+- a live holder: refused (LockError, one line, the CLI exits 2).
+
+`dspark train` takes the lock in the launching process and passes its token to the trainer it starts
+(`DSPARK_LOCK_TOKEN`); the trainer's main process adopts it (rewrites it with its own pid, so a kill of the
+launcher alone does not make a running trainer's lock look stale) and every later release is by token.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from .config import RecipeError
+from .layout import lock_path, write_atomic
+
+TOKEN_ENV = "DSPARK_LOCK_TOKEN"  # a launcher's lock token, adopted by the process it starts
+
+
+class LockError(RecipeError):
+    """Another process holds the lock: the one-line message names it and how to proceed (CLI: exit 2)."""
+
+
+def _proc_start(pid: int) -> Optional[int]:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def _alive(pid: int, proc_start: Optional[int]) -> bool:
+    """Whether `pid` on this host is still the process that wrote the lock."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+        if state[state.rindex(")") + 2] == "Z":  # killed, not yet reaped: it writes nothing any more
+            return False
+    except (OSError, IndexError, ValueError):
+        pass
+    return proc_start is None or _proc_start(pid) in (None, proc_start)
+
+
+class RunLock:
+    """`with RunLock(path, "dspark train"):` (see the module docstring). `adopt`: a launcher's token, taken
+    over as ours when the lock holds it."""
+
+    def __init__(self, path: Union[str, Path], command: str, adopt: Optional[str] = None, wait: float = 0.0):
+        self.target = Path(path).expanduser().resolve()
+        self.path = lock_path(self.target)
+        self.command = command
+        self.adopt = adopt
+        self.wait = wait  # seconds to wait for a live holder before refusing (0: refuse at once)
+        self.token: Optional[str] = None
+
+    # ------------------------------------------------------------------ the record
+    def _record(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "proc_start": _proc_start(os.getpid()), "command": self.command, "token": self.token}
+
+    def _read(self) -> Optional[dict]:
+        """The holder's record; None when the file is gone. A file torn or emptied (a kill between create and
+        write) reads as {} and counts as stale once it is older than a few seconds."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            rec = json.loads(text)
+            return rec if isinstance(rec, dict) else {}
+        except json.JSONDecodeError:
+            return {}
+
+    def _describe(self, rec: dict) -> str:
+        return (f"{rec.get('command', 'a dspark command')} (pid {rec.get('pid', '?')} on {rec.get('host', '?')}, "
+                f"started {rec.get('started', '?')})")
+
+    def _stale(self, rec: dict) -> bool:
+        if not rec:  # torn: its writer died between creating and filling it
+            try:
+                return time.time() - self.path.stat().st_mtime > 10
+            except FileNotFoundError:
+                return True
+        if rec.get("host") != socket.gethostname():
+            return False
+        return not isinstance(rec.get("pid"), int) or not _alive(rec["pid"], rec.get("proc_start"))
+
+    # ------------------------------------------------------------------ acquire / release
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.adopt and (self._read() or {}).get("token") == self.adopt:
+            self.token = self.adopt
+            write_atomic(self.path, json.dumps(self._record()))  # ours now: our pid, the launcher's token
+            return self
+        self.token = secrets.token_hex(8)
+        deadline, takeovers, waiting = time.monotonic() + self.wait, 0, False
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                rec = self._read()
+                if rec is None:  # released in between: try again
+                    continue
+                if self._stale(rec):
+                    takeovers += 1
+                    if takeovers > 20:
+                        raise LockError(f"{self.path}: could not take the lock (it keeps changing hands); "
+                                        "try again") from None
+                    self._take_over(rec)
+                    continue
+                if time.monotonic() >= deadline:
+                    raise LockError(self._refusal(rec)) from None
+                if not waiting:
+                    print(f"note: {self.target}: waiting for {self._describe(rec)}", file=sys.stderr, flush=True)
+                    waiting = True
+                time.sleep(0.5)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self._record()))
+            return self
+
+    def _refusal(self, rec: dict) -> str:
+        what = f"{self.target}: {self._describe(rec)} is writing it"
+        if rec.get("host") not in (None, socket.gethostname()):
+            return (f"{what}; this host ({socket.gethostname()}) cannot check that process: if it has ended, "
+                    f"remove the lock with `rm {self.path}` and run again")
+        return f"{what}; wait for it to finish or stop it (kill {rec.get('pid')}), then run again"
+
+    def _take_over(self, stale: dict) -> None:
+        """Remove the stale lock `stale`, unless someone else replaced it meanwhile. Serialised by a second
+        O_EXCL file, itself stale after a minute (its holder died within these few lines)."""
+        guard = self.path.with_name(self.path.name + ".takeover")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                if time.time() - guard.stat().st_mtime > 60:
+                    guard.unlink()
+            except FileNotFoundError:
+                pass
+            time.sleep(0.05)
+            return
+        os.close(fd)
+        try:
+            if self._read() == stale:
+                self.path.unlink()
+                who = self._describe(stale) if stale else "a lock left half-written"
+                print(f"note: {self.target}: taking over a stale lock of {who}, which is no longer running",
+                      file=sys.stderr, flush=True)
+        finally:
+            guard.unlink()
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours (by token): never someone else's."""
+        if self.token is not None and (self._read() or {}).get("token") == self.token:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        self.token = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _NoLock:
+    token = None
+
+    def __enter__(self) -> "_NoLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def holds_lock(where: Callable[..., Union[str, Path]], command: str, main_process_only: bool = False):
+    """Decorator for a command's library entry point: each call holds `RunLock(where(*args, **kwargs))` (the
+    path it writes) from before its first line to after its last. `main_process_only`: for code every rank of
+    a distributed launch runs; the global rank 0 holds the lock (adopting its launcher's, see the module
+    docstring), the other ranks write nothing and hold nothing."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):
+            path = where(*args, **kwargs)
+            if main_process_only and int(os.environ.get("RANK", "0")) != 0:
+                lock = _NoLock()
+            else:
+                lock = RunLock(path, command, adopt=os.environ.get(TOKEN_ENV) if main_process_only else None)
+            with lock:
+                return fn(*args, **kwargs)
+        return locked
+    return decorate

@@ -1,0 +1,234 @@
+"""One writer per run directory ([M] case 6): the lock file, its refusals, its stale takeover, every writing
+command holding it, and two real trainers on one run directory."""
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dspark_train.cli import main as cli_main
+from dspark_train.layout import lock_path
+from dspark_train.runlock import TOKEN_ENV, LockError, RunLock
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _record(path: Path) -> dict:
+    return json.loads(lock_path(path).read_text())
+
+
+def _dead_lock(run: Path, command: str = "dspark train") -> int:
+    """A lock left by a process that was SIGKILLed while holding it; returns that process's pid."""
+    code = (f"import os, signal; from dspark_train.runlock import RunLock; RunLock({str(run)!r}, {command!r})"
+            ".acquire(); os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV)
+    assert proc.returncode == -signal.SIGKILL and lock_path(run).is_file()
+    return _record(run)["pid"]
+
+
+# --------------------------------------------------------------------------- the lock
+def test_lock_records_its_holder_and_is_released_on_exit(tmp_path):
+    run = tmp_path / "run"
+    with RunLock(run, "dspark train") as lock:
+        rec = _record(run)
+        assert lock_path(run) == tmp_path / ".run.lock"
+        assert rec["pid"] == os.getpid() and rec["host"] == socket.gethostname() and rec["token"] == lock.token
+        assert rec["command"] == "dspark train" and rec["started"] and rec["proc_start"] is not None
+    assert not lock_path(run).exists()
+
+
+def test_lock_is_released_when_the_writer_raises(tmp_path):
+    with pytest.raises(RuntimeError), RunLock(tmp_path / "run", "dspark calibrate"):
+        raise RuntimeError("boom")
+    assert not lock_path(tmp_path / "run").exists()
+    with RunLock(tmp_path / "run", "dspark calibrate"):  # and can be taken again at once
+        pass
+
+
+def test_second_writer_refused_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    with RunLock(run, "dspark train"):
+        with pytest.raises(LockError, match=rf"{run}: dspark train \(pid {os.getpid()} on {socket.gethostname()}, "
+                                            rf"started .*\) is writing it; wait for it .* \(kill {os.getpid()}\)"):
+            RunLock(run, "dspark calibrate").acquire()
+        assert _record(run)["command"] == "dspark train"  # the refused one took nothing
+
+
+def test_stale_lock_of_a_killed_process_is_taken_over_with_a_message(tmp_path, capsys):
+    run = tmp_path / "run"
+    dead = _dead_lock(run)
+    with RunLock(run, "dspark train"):
+        assert _record(run)["pid"] == os.getpid()
+    err = capsys.readouterr().err
+    assert f"{run}: taking over a stale lock of dspark train (pid {dead} on {socket.gethostname()}" in err
+    assert not lock_path(run).exists()
+
+
+def test_reused_pid_counts_as_stale(tmp_path, capsys):
+    run = tmp_path / "run"
+    lock_path(run).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "proc_start": 1,
+                                          "command": "dspark data", "token": "x", "started": "then"}))
+    with RunLock(run, "dspark train"):  # our own pid, but not the process that started at tick 1
+        pass
+    assert "taking over a stale lock of dspark data" in capsys.readouterr().err
+
+
+def test_lock_from_another_host_refused_with_how_to_remove_it(tmp_path):
+    run = tmp_path / "run"
+    lock_path(run).write_text(json.dumps({"pid": 1, "host": "gpu-node-7", "command": "dspark train",
+                                          "token": "x", "started": "then"}))
+    with pytest.raises(LockError, match=rf"on gpu-node-7, .* cannot check that process: if it has ended, "
+                                        rf"remove the lock with `rm {lock_path(run)}`"):
+        RunLock(run, "dspark train").acquire()
+
+
+def _contend(run, barrier, results):
+    barrier.wait()
+    try:
+        with RunLock(run, "dspark train"):
+            results.put("won")
+            time.sleep(1.0)  # held while the others try
+    except LockError:
+        results.put("refused")
+
+
+def test_of_many_processes_taking_over_one_stale_lock_exactly_one_wins(tmp_path):
+    run = tmp_path / "run"
+    _dead_lock(run)
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_contend, args=(run, barrier, results)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    outcomes = sorted(results.get(timeout=5) for _ in procs)
+    assert outcomes == ["refused"] * 5 + ["won"]
+    assert not lock_path(run).exists()
+
+
+def test_a_launched_trainer_adopts_its_launchers_lock(tmp_path):
+    run = tmp_path / "run"
+    code = ("import json, os; from dspark_train.runlock import holds_lock\n"
+            f"@holds_lock(lambda: {str(run)!r}, 'dspark train', main_process_only=True)\n"
+            "def body():\n"
+            f"    print(json.loads(open({str(lock_path(run))!r}).read())['pid'] == os.getpid())\n"
+            "body()\n")
+    with RunLock(run, "dspark train") as lock:
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**ENV, TOKEN_ENV: lock.token},
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr  # the trainer's own pid
+        assert not lock_path(run).exists()  # released by the trainer when it ended
+    other = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**ENV, "RANK": "1"},
+                           capture_output=True, text=True)
+    assert other.returncode == 1 and "FileNotFoundError" in other.stderr  # rank 1 neither takes nor needs it
+
+
+# --------------------------------------------------------------------------- every writer holds it
+def test_every_writing_command_refuses_while_the_run_is_locked(tmp_path, capsys):
+    run = tmp_path / "run"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"turns": ["hi"]}\n')
+    data_out = tmp_path / "data.jsonl"
+    commands = {
+        run: [["train", "recipes/tiny.yaml", "--set", f"train.output_dir={run}"], ["calibrate", str(run)],
+              ["eval", "artifact", "--out", str(run), "--benchmarks", str(prompts)]],
+        tmp_path / "artifact": [["export", str(run), str(tmp_path / "artifact")]],
+        data_out.with_name(data_out.name + ".part-0-of-1"): [
+            ["data", "recipes/tiny.yaml", "--set", "data.conversations=null", "--set", f"data.prompts={prompts}",
+             "--set", f"data.output={data_out}"]],
+    }
+    for locked, argvs in commands.items():
+        with RunLock(locked, "dspark train"):
+            for argv in argvs:
+                assert cli_main(argv) == 2, argv
+                err = capsys.readouterr().err.strip()
+                assert err.startswith(f"error: {locked}: dspark train (pid {os.getpid()}") and "\n" not in err, err
+    assert not list(tmp_path.glob(".*.lock"))
+
+
+# --------------------------------------------------------------------------- two real trainers
+def _trainer(run: Path, *extra: str, session: bool = False) -> subprocess.Popen:
+    sets = [f"train.output_dir={run}", "train.max_steps=16", "train.checkpoint_every=4", "train.eval_every=8",
+            "train.log_every=4", "train.num_threads=1", "logging.trackers=[]", "logging.progress_bar=false",
+            "data.max_prompts=32", *extra]
+    cmd = [sys.executable, "-m", "dspark_train.cli", "train", "recipes/tiny.yaml"] + [a for s in sets
+                                                                                   for a in ("--set", s)]
+    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=session)
+
+
+def _wait_for(cond, timeout=240.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def _adopted(run: Path, launcher: subprocess.Popen) -> bool:
+    """The trainer process the launcher started holds the lock (its pid, not the launcher's)."""
+    try:
+        return _record(run)["pid"] != launcher.pid
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+@pytest.mark.slow
+def test_second_trainer_on_a_running_run_refuses_and_the_first_finishes(tmp_path, tiny_target):
+    from safetensors.torch import load_file
+
+    from dspark_train.artifact import load_artifact
+    from dspark_train.layout import CheckpointFiles, RunDir, read_json
+
+    run = tmp_path / "run"
+    first = _trainer(run)
+    _wait_for(lambda: _adopted(run, first) or first.poll() is not None)
+    holder = _record(run)["pid"]
+    t0 = time.time()
+    second = _trainer(run)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 2 and time.time() - t0 < 60, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == last.strip() and last.startswith(f"error: {run}: dspark train (pid {holder} on "), last
+    assert "is writing it" in last and first.poll() is None  # refused while the first was still training
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    assert not lock_path(run).exists()
+    r = RunDir(run)
+    assert [c.name for c in r.checkpoint_dirs()] == ["step-000012", "step-000016"]
+    for ckpt in r.checkpoint_dirs():
+        files = CheckpointFiles(ckpt)
+        assert read_json(files.trainer_state)["step"] == int(ckpt.name[-6:])
+        assert load_file(str(files.weights)) and load_file(str(files.optimizer))
+    assert load_artifact(run, target=tiny_target).config.block_size == 4
+
+
+@pytest.mark.slow
+def test_killed_trainers_stale_lock_is_taken_over_by_the_next(tmp_path):
+    run = tmp_path / "run"
+    first = _trainer(run, session=True)
+    _wait_for(lambda: _adopted(run, first) and (run / "checkpoints" / "latest").is_file() or first.poll() is not None)
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    trainer_pid = _record(run)["pid"]
+    os.killpg(first.pid, signal.SIGKILL)  # the launcher and the trainer, mid-run
+    first.wait()
+    _wait_for(lambda: not Path(f"/proc/{trainer_pid}").exists() or "Z" in Path(f"/proc/{trainer_pid}/stat").read_text()
+              .split(")")[-1][:3], timeout=30)
+    assert _record(run)["pid"] == trainer_pid  # left behind by the kill
+    second = _trainer(run)
+    out, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err[-3000:]
+    assert f"{run}: taking over a stale lock of dspark train (pid {trainer_pid} on {socket.gethostname()}" in err
+    assert "resuming from" in out
+    assert not lock_path(run).exists() and (run / "final" / "model.safetensors").is_file()
