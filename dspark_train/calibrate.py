@@ -49,7 +49,7 @@ from .calibration import Calibration, plot_reliability, summary_table
 from .config import load_recipe
 from .hardware import detect
 from .decoding import SpeculativeDecoder, SPSProfile, TreePolicy, cost_profile
-from .heldout import anchor_stats, greedy_texts, heldout_prompts, stats_from_traces
+from .heldout import anchor_stats, copy_prior, greedy_texts, heldout_prompts, stats_from_traces
 from .layout import CALIBRATION_STATS, RunDir
 from .runlock import holds_lock
 from .sts import BIAS_GRID, fit_maps, position_metrics, text_folds
@@ -101,12 +101,14 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
         f"dtype {target.precision}, {caps.describe()}")
 
     # 1. STS statistics: the target's greedy answers, with greedy drafting replayed at every anchor
-    sts_stats, sts_source = None, "probe rounds"
+    # (and the copy drafter's acceptance prior, copy drafting replayed over the same answers)
+    sts_stats, sts_source, copy = None, "probe rounds", {}
     if cc.texts:
         t0 = time.perf_counter()
         texts = greedy_texts(target, prompt_list[:cc.texts], cc.max_new_tokens, cc.batch_size, progress=not quiet)
         sts_stats = anchor_stats(target, drafter, texts, progress=not quiet)
         sts_source = f"anchor replay over greedy answers to {len(texts)} prompts"
+        copy = copy_prior(texts).to_dict()
         say(f"{sts_source}: {len(sts_stats)} blocks in {time.perf_counter() - t0:.1f}s")
 
     # 2. probe decode: the chain at full depth plus top-W siblings at every depth
@@ -145,7 +147,7 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
         block_size=gamma, temperatures=fit.temperatures, biases=fit.biases, maps=[m.to_json() for m in maps],
         ece_crossfit=fit.crossfit,
         ece_before=before["ece"], ece_after=after["ece"], auroc_before=before["auroc"], auroc_after=after["auroc"],
-        brier_before=before["brier"], brier_after=after["brier"], adaptive=asdict(policy),
+        brier_before=before["brier"], brier_after=after["brier"], adaptive=asdict(policy), copy=copy,
         expected={"adaptive": expected.to_dict(), "best_chain_depth": chain_d, "best_chain": chain_expected.to_dict()},
         cost_profile=cost, reliability={"before": before["reliability"], "after": after["reliability"]},
         data={"source": str(root), "heldout": source, "prompt_ids": names, "n_prompts": len(prompt_list),

@@ -23,11 +23,17 @@ Fields (slot k = 1..γ; per-position lists have γ entries):
                                          dtype): under another key the decoder re-tunes `adaptive`
     reliability                          {"before"|"after": {"k": [[mean predicted, observed, count], ...]}}
     data                                 what it was fitted on, including the probe's per-round `stats`
+    copy (optional)                      the copy drafter's acceptance prior for hybrid decoding: per feature
+                                         cell (match-length bucket × agreement, `cells`) `hits` and `trials`
+                                         of copy drafting replayed over the held-out greedy answers, shrunk to
+                                         `weight` pseudo-trials (decoding/copy.py `CopyPrior`)
 
 The decoder needs only `maps` (or `temperatures` and `biases`) and `adaptive` (`read_adaptive`): a
-hand-written file may hold just those. The adaptive width/depth rule itself (`child_widths`) lives here too,
-next to the knobs it reads, so the decoder's `draft_tree` and the tuner's replay (`adaptive.simulate`) call
-one function, as they call one map function (`slotmaps.SlotMap.__call__`).
+hand-written file may hold just those. Hybrid decoding also reads `copy` and, under the same machine key,
+`cost_profile`; a file without `copy` gives the default prior (older readers ignore the key). The adaptive
+width/depth rule itself (`child_widths`) lives here too, next to the knobs it reads, so the decoder's `draft_tree`
+and the tuner's replay (`adaptive.simulate`) call one function, as they call one map function
+(`slotmaps.SlotMap.__call__`).
 """
 from __future__ import annotations
 
@@ -224,6 +230,7 @@ class Calibration:
     biases: list[float] = field(default_factory=list)  # STS offsets b_k (empty: temperature only)
     maps: list[dict] = field(default_factory=list)  # SlotMap.to_json per slot (empty: STS everywhere)
     ece_crossfit: dict = field(default_factory=dict)  # {kind: [cross-fitted ECE per slot or None]}
+    copy: dict = field(default_factory=dict)  # the copy drafter's prior (CopyPrior.to_dict); empty: the default
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:

@@ -1,7 +1,8 @@
 """The held-out statistics calibration is fitted on (docs/method.md §4): which prompts the drafter never trained
 on, the target's own greedy answers to them, greedy drafting replayed at every anchor of those answers
 (`anchor_stats`, for STS), and the probe decode's traces turned into per-round statistics
-(`stats_from_traces`, for adaptive-k tuning). Both give a `calibration.HeldoutStats`.
+(`stats_from_traces`, for adaptive-k tuning). Both give a `calibration.HeldoutStats`. Copy drafting replayed over
+the same greedy answers gives the copy drafter's acceptance prior (`copy_prior`, for hybrid decoding).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .chat import prompt_ids, user_messages
 from .config import RecipeError
 from .data import (Example, anchor_candidates, block_labels, conversations_path, load_prompts, prompt_turns,
                    read_conversations, read_heldout_split, split_heldout, usable_conversations)
+from .decoding.copy import CopyPrior, fit_copy_prior
 from .layout import RunDir
 from .regenerate import generate_batch
 
@@ -91,6 +93,13 @@ def greedy_texts(target, prompts: list[list[int]], max_new_tokens: int, batch_si
                 out[i] = Example(str(i), prompts[i] + new, [0] * len(prompts[i]) + [1] * len(new))
             bar.update(len(idx))
     return out
+
+
+def copy_prior(examples: Sequence) -> CopyPrior:
+    """calibration.json's `copy`: per feature cell, how often a copied token equalled the target's greedy text
+    when copy drafting is replayed at every answer position of `greedy_texts` (decoding/copy.py
+    `replay_counts`), shrunk so that a request's own verified copies still move the estimates."""
+    return fit_copy_prior([(ex.input_ids, ex.loss_mask.index(1)) for ex in examples if 1 in ex.loss_mask])
 
 
 def stats_from_traces(traces: Sequence, gamma: int, width: int) -> HeldoutStats:

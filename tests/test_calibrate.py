@@ -10,7 +10,7 @@ import torch
 from dspark_train import calibrate as C
 from dspark_train.adaptive import best_fixed_chain, simulate, tune_adaptive
 from dspark_train.calibrate import run_calibration
-from dspark_train.decoding import machine_key, smooth_sps
+from dspark_train.decoding import CopyPrior, machine_key, smooth_sps
 from dspark_train.calibration import FORMAT_VERSION, AdaptivePolicy, Calibration, HeldoutStats, summary_table
 from dspark_train.heldout import anchor_stats, heldout_prompts, stats_from_traces
 from dspark_train.metrics import auroc, brier, ece, reliability
@@ -214,6 +214,11 @@ def test_calibration_json_round_trip_and_decoder_reads_it(tmp_path):
     assert pol.confidence(1, 1.0) == float(conditional(np.array([[0.0, 1.0]]), back.slot_maps())[0, 1])
     with pytest.raises(ValueError, match="format_version"):
         Calibration.from_json({**cal.to_json(), "format_version": FORMAT_VERSION + 1})
+    # a file written before the copy prior existed (same format_version) still loads; hybrid decoding then
+    # starts from the default prior
+    from dspark_train.decoding.copy import prior_from_calibration
+    older = {k: v for k, v in cal.to_json().items() if k != "copy"}
+    assert Calibration.from_json(older).copy == {} and prior_from_calibration(older) == CopyPrior.default()
 
 
 # --------------------------------------------------------------------------- against the real decoder
@@ -333,6 +338,10 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     out = dec.generate(prompt, max_new_tokens=16, mode="adaptive", eos_token_id=[])
     assert out.tokens == plain.generate(prompt, max_new_tokens=16, eos_token_id=[]).tokens
     assert dec.adaptive_info["source"] == "calibration.json"  # tuned under this very machine key
+    # the copy prior replayed over the same greedy answers; the hybrid decoder reads it and stays lossless
+    assert sum(data["copy"]["trials"]) > 0 and dec.copy.prior == CopyPrior.from_dict(data["copy"])
+    out = dec.generate(prompt, max_new_tokens=16, mode="hybrid", eos_token_id=[])
+    assert out.tokens == plain.generate(prompt, max_new_tokens=16, eos_token_id=[]).tokens
 
     # calibrating an artifact writes into the artifact (held-out split recomputed from the recipe)
     again = run_calibration(art, overrides=["calibrate.measure=false", "calibrate.prompts=2", "calibrate.texts=0"],
@@ -342,6 +351,7 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     assert again.data["sts"]["blocks"] == again.data["probe"]["rounds"]
     assert "file" not in again.data["sts"] and again.data["sts"]["folds"] == "alternate held-out texts"
     assert again.data["heldout"].startswith("split_heldout") and set(again.measured) == {"probe"}
+    assert again.copy == {}  # no greedy answers, no copy prior: the decoder falls back to the default
 
 
 def test_a_policy_tuned_under_another_machine_key_is_retuned_here(tiny_run, tmp_path, monkeypatch):
