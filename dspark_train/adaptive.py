@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .calibration import AdaptivePolicy, HeldoutStats, child_widths
-from .sts import conditional
+from .slotmaps import SlotMap, conditional
 
 DEPTH_GRID = [0.0] + [round(0.02 * i, 2) for i in range(1, 50)]
 WIDTH_GRID = [round(0.1 * i, 1) for i in range(1, 10)] + [None]  # None: widen at every depth
@@ -30,16 +30,16 @@ class Outcome:
         return {k: round(v, 4) for k, v in asdict(self).items()}
 
 
-def simulate(stats: HeldoutStats, temperatures: Sequence[float], policy: AdaptivePolicy,
-             biases: Optional[Sequence[float]] = None) -> tuple[np.ndarray, np.ndarray]:
+def simulate(stats: HeldoutStats, maps: Sequence[SlotMap], policy: AdaptivePolicy) -> tuple[np.ndarray, np.ndarray]:
     """Replay the decoder's beam-1 drafting rule on every held-out round: returns (τ [N], B [N]).
 
     Exact for greedy decoding: the spine is the probe's, siblings are leaves, so a round accepts the spine
-    while it matches and at the first miss at most one sibling of rank ≤ that depth's width."""
+    while it matches and at the first miss at most one sibling of rank ≤ that depth's width. `maps` are the
+    per-slot calibration maps (slotmaps.py), applied by the same function as the decoder's."""
     if policy.beam != 1 or policy.max_width > stats.width:
         raise ValueError(f"simulate replays beam 1 with max_width ≤ the probe width {stats.width}")
     n, g = stats.conf_logits.shape
-    c = conditional(np.nan_to_num(stats.conf_logits), temperatures, biases)
+    c = conditional(np.nan_to_num(stats.conf_logits), maps)
     alive = np.ones(n, bool)
     on_path = np.ones(n, bool)
     surv = np.ones(n)
@@ -59,18 +59,17 @@ def simulate(stats: HeldoutStats, temperatures: Sequence[float], policy: Adaptiv
     return tau, nodes + 1
 
 
-def evaluate_policy(stats: HeldoutStats, temperatures: Sequence[float], policy: AdaptivePolicy, sps: np.ndarray,
-                    biases: Optional[Sequence[float]] = None) -> Outcome:
-    tau, b = simulate(stats, temperatures, policy, biases)
+def evaluate_policy(stats: HeldoutStats, maps: Sequence[SlotMap], policy: AdaptivePolicy, sps: np.ndarray
+                    ) -> Outcome:
+    tau, b = simulate(stats, maps, policy)
     overhead = 0.0 if policy.node_budget == 0 else stats.t_draft + stats.t_book  # budget 0: the decoder drafts nothing
     seconds = overhead + 1.0 / sps[np.minimum(b, len(sps) - 1)]
     return Outcome(float(tau.mean()), float(b.mean()), float(tau.sum() / seconds.sum()))
 
 
-def tune_adaptive(stats: HeldoutStats, temperatures: Sequence[float], sps: np.ndarray, max_width: int,
+def tune_adaptive(stats: HeldoutStats, maps: Sequence[SlotMap], sps: np.ndarray, max_width: int,
                   node_budget: int, depth_grid: Sequence[float] = DEPTH_GRID,
-                  width_grid: Sequence[Optional[float]] = WIDTH_GRID, biases: Optional[Sequence[float]] = None
-                  ) -> tuple[AdaptivePolicy, Outcome]:
+                  width_grid: Sequence[Optional[float]] = WIDTH_GRID) -> tuple[AdaptivePolicy, Outcome]:
     """Grid search over depth threshold × (width, width threshold) × node budget (1..γ, and the maximum)
     for the highest simulated tokens/s. A budget of d at width 1 is the fixed-depth-d chain, so the result
     is never worse than the best fixed chain on these rounds; plain decoding (budget 0) is the first
@@ -78,14 +77,14 @@ def tune_adaptive(stats: HeldoutStats, temperatures: Sequence[float], sps: np.nd
     earlier candidate."""
     budgets = sorted({b for b in range(1, stats.gamma + 1)} | {node_budget})
     plain = AdaptivePolicy(0.0, None, 1, 0)
-    out = evaluate_policy(stats, temperatures, plain, sps, biases)
+    out = evaluate_policy(stats, maps, plain, sps)
     best = ((round(out.tokens_per_s, 9), -out.verified), plain, out)
     for w in range(1, min(max_width, stats.width) + 1):
         for wt in (width_grid if w > 1 else [None]):
             for nb in (b for b in budgets if b <= node_budget):
                 for dt in depth_grid:
                     pol = AdaptivePolicy(float(dt), wt, w, nb)
-                    out = evaluate_policy(stats, temperatures, pol, sps, biases)
+                    out = evaluate_policy(stats, maps, pol, sps)
                     key = (round(out.tokens_per_s, 9), -out.verified)
                     if key > best[0]:
                         best = (key, pol, out)
@@ -94,7 +93,7 @@ def tune_adaptive(stats: HeldoutStats, temperatures: Sequence[float], sps: np.nd
 
 def best_fixed_chain(stats: HeldoutStats, sps: np.ndarray) -> tuple[int, Outcome]:
     """The fixed-depth chain (d = 1..γ, no thresholds) with the highest simulated tokens/s."""
-    outs = {depth: evaluate_policy(stats, [1.0] * stats.gamma, AdaptivePolicy(0.0, None, 1, depth), sps)
+    outs = {depth: evaluate_policy(stats, [], AdaptivePolicy(0.0, None, 1, depth), sps)
             for depth in range(1, stats.gamma + 1)}
     best = max(outs, key=lambda depth: outs[depth].tokens_per_s)
     return best, outs[best]

@@ -11,7 +11,9 @@ Why each step (paper §3.2, docs/method.md §4):
   value of the prefix survival a_k = Π_{i≤k} c_i, and raw heads are over-confident, so STS fits one
   temperature per slot, left to right, minimising the 20-bin ECE of a_k with the earlier ones fixed; by
   default jointly with an offset b_k (c_k = σ(z_k/T_k + b_k)), because the head is trained on the soft
-  sampling label Σ min(p_t, p_d) and a temperature cannot move its mean onto greedy acceptance.
+  sampling label Σ min(p_t, p_d) and a temperature cannot move its mean onto greedy acceptance. Where that
+  still leaves a cross-fitted ECE above `calibrate.map_threshold`, `calibrate.map: auto` lets the slot use
+  Platt or isotonic instead if they do better on held-out texts (sts.fit_maps; `map: sts` is the paper's).
 - ECE over 20 bins needs many samples: a perfectly calibrated score still shows ~4 % ECE on 700 rounds. The
   STS statistics therefore come from the target's own greedy answers to held-out prompts, with greedy
   drafting replayed at every anchor (`anchor_stats`: one target forward per answer, tens of thousands of
@@ -47,10 +49,10 @@ from .calibration import Calibration, plot_reliability, summary_table
 from .config import load_recipe
 from .hardware import detect
 from .decoding import SpeculativeDecoder, SPSProfile, TreePolicy, cost_profile
-from .heldout import anchor_stats, greedy_texts, heldout_prompts, stats_from_traces
+from .heldout import anchor_stats, copy_prior, greedy_texts, heldout_prompts, stats_from_traces
 from .layout import CALIBRATION_STATS, RunDir
 from .runlock import holds_lock
-from .sts import BIAS_GRID, fit_sts, position_metrics
+from .sts import BIAS_GRID, fit_maps, position_metrics, text_folds
 from .target import load_target
 
 
@@ -75,6 +77,7 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
                     out: Optional[Union[str, Path]] = None, quiet: bool = False) -> Calibration:
     """Calibrate a training run (<run>/final + recipe.yaml) or an exported artifact in place: writes
     calibration.json and the reliability PNG next to the weights' recipe (or into `out`)."""
+    t_start = time.perf_counter()
     root = Path(run_or_artifact).expanduser()
     recipe_file = RunDir(root).recipe
     if not recipe_file.is_file():
@@ -98,12 +101,14 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
         f"dtype {target.precision}, {caps.describe()}")
 
     # 1. STS statistics: the target's greedy answers, with greedy drafting replayed at every anchor
-    sts_stats, sts_source = None, "probe rounds"
+    # (and the copy drafter's acceptance prior, copy drafting replayed over the same answers)
+    sts_stats, sts_source, copy = None, "probe rounds", {}
     if cc.texts:
         t0 = time.perf_counter()
         texts = greedy_texts(target, prompt_list[:cc.texts], cc.max_new_tokens, cc.batch_size, progress=not quiet)
         sts_stats = anchor_stats(target, drafter, texts, progress=not quiet)
         sts_source = f"anchor replay over greedy answers to {len(texts)} prompts"
+        copy = copy_prior(texts).to_dict()
         say(f"{sts_source}: {len(sts_stats)} blocks in {time.perf_counter() - t0:.1f}s")
 
     # 2. probe decode: the chain at full depth plus top-W siblings at every depth
@@ -118,12 +123,16 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     if sts_stats is None:
         sts_stats = stats
 
-    # sequential temperature scaling
+    # sequential calibration: STS per slot, or Platt/isotonic where STS's cross-fitted ECE stays too high
+    t0 = time.perf_counter()
     z, y, obs = sts_stats.conf_logits, sts_stats.survived(), sts_stats.observed()
-    temps, biases = fit_sts(z, y, obs, cc.temperature_grid, cc.bins, BIAS_GRID if cc.bias else None)
-    before = position_metrics(z, y, obs, [1.0] * gamma, cc.bins)
-    after = position_metrics(z, y, obs, temps, cc.bins, biases)
-    on_probe = position_metrics(stats.conf_logits, stats.survived(), stats.observed(), temps, cc.bins, biases)
+    fit = fit_maps(z, y, obs, cc.temperature_grid, cc.bins, BIAS_GRID if cc.bias else None, cc.map,
+                   cc.map_threshold, text_folds(sts_stats.text, len(sts_stats)))
+    maps, fit_s = fit.maps, time.perf_counter() - t0
+    say(f"calibration maps ({cc.map}): " + ", ".join(m.kind for m in maps) + f" in {fit_s:.1f}s")
+    before = position_metrics(z, y, obs, [], cc.bins)
+    after = position_metrics(z, y, obs, maps, cc.bins)
+    on_probe = position_metrics(stats.conf_logits, stats.survived(), stats.observed(), maps, cc.bins)
 
     # 3. cost profile
     max_b = min(cc.max_nodes, width * gamma) + 1
@@ -131,17 +140,20 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     sps = SPSProfile(cost["tokens"], cost["steps_per_s"]).table(max_b)
 
     # 4. adaptive-k tuning on the held-out rounds
-    policy, expected = tune_adaptive(stats, temps, sps, cc.max_width, cc.max_nodes, biases=biases)
+    policy, expected = tune_adaptive(stats, maps, sps, cc.max_width, cc.max_nodes)
     chain_d, chain_expected = best_fixed_chain(stats, sps)
 
     cal = Calibration(
-        block_size=gamma, temperatures=temps, biases=biases,
+        block_size=gamma, temperatures=fit.temperatures, biases=fit.biases, maps=[m.to_json() for m in maps],
+        ece_crossfit=fit.crossfit,
         ece_before=before["ece"], ece_after=after["ece"], auroc_before=before["auroc"], auroc_after=after["auroc"],
-        brier_before=before["brier"], brier_after=after["brier"], adaptive=asdict(policy),
+        brier_before=before["brier"], brier_after=after["brier"], adaptive=asdict(policy), copy=copy,
         expected={"adaptive": expected.to_dict(), "best_chain_depth": chain_d, "best_chain": chain_expected.to_dict()},
         cost_profile=cost, reliability={"before": before["reliability"], "after": after["reliability"]},
         data={"source": str(root), "heldout": source, "prompt_ids": names, "n_prompts": len(prompt_list),
-              "sts": {"source": sts_source, "blocks": len(sts_stats),
+              "sts": {"source": sts_source, "blocks": len(sts_stats), "map": cc.map, "map_threshold": cc.map_threshold,
+                      "folds": "alternate held-out texts" if sts_stats.text is not None else "halves of the rows",
+                      "seconds": round(fit_s, 1),
                       **({"file": CALIBRATION_STATS} if sts_stats is not stats else {})}, "count": after["count"],
               "max_new_tokens": cc.max_new_tokens, "decoding": "greedy", "dtype": target.precision.value,
               "hardware": {"machine": caps.to_dict(), "dtype": target.precision.to_dict()},
@@ -165,8 +177,9 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     dest.root.mkdir(parents=True, exist_ok=True)
     if sts_stats is not stats:
         sts_stats.save(dest.calibration_stats)
+    cal.data["seconds"] = round(time.perf_counter() - t_start, 1)  # the whole command, measure included
     cal.save(dest.calibration)
     plot_reliability(cal, dest.reliability_plot)
     say(summary_table(cal))
-    say(f"wrote {dest.calibration} and {dest.reliability_plot}")
+    say(f"wrote {dest.calibration} and {dest.reliability_plot} ({cal.data['seconds']:.0f}s)")
     return cal

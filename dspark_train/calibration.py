@@ -7,10 +7,14 @@ the file. This module imports nothing above `config`/`layout` and no torch, so t
 
 Fields (slot k = 1..γ; per-position lists have γ entries):
 
-    format_version                       FORMAT_VERSION of the writer
+    format_version                       FORMAT_VERSION of the writer (1: no `maps`, STS everywhere)
     block_size                           γ
-    temperatures: [T_1..T_γ]             STS temperature of slot k's confidence logit z_k
-    biases: [b_1..b_γ] (may be empty)    offset after scaling: c_k = σ(z_k / T_k + b_k)
+    maps: [{kind, ...} × γ]              the map slot k uses, c_k = map(z_k): sts (temperature, offset),
+                                         platt (slope, offset) or isotonic (knots z, c); slotmaps.py
+    temperatures: [T_1..T_γ]             the STS fit of slot k (earlier slots at their chosen maps): what
+    biases: [b_1..b_γ] (may be empty)    `maps` holds where it says sts, and what a format-1 file means
+    ece_crossfit                         {sts|platt|isotonic: [ECE per slot or null]}: ECE of a_k fitted on
+                                         one half of the held-out texts, scored on the other (the map choice)
     adaptive: {depth_threshold, width_threshold (or null), max_width, node_budget, beam}  (AdaptivePolicy)
     ece_/auroc_/brier_ before, after     per-position metrics of the prefix survival a_k = Π_{i≤k} c_i
     expected, measured                   simulated / decoded τ, verified tokens, tokens/s of the tuned policy
@@ -19,10 +23,17 @@ Fields (slot k = 1..γ; per-position lists have γ entries):
                                          dtype): under another key the decoder re-tunes `adaptive`
     reliability                          {"before"|"after": {"k": [[mean predicted, observed, count], ...]}}
     data                                 what it was fitted on, including the probe's per-round `stats`
+    copy (optional)                      the copy drafter's acceptance prior for hybrid decoding: per feature
+                                         cell (match-length bucket × agreement, `cells`) `hits` and `trials`
+                                         of copy drafting replayed over the held-out greedy answers, shrunk to
+                                         `weight` pseudo-trials (decoding/copy.py `CopyPrior`)
 
-The decoder needs only `temperatures`, `biases` and `adaptive` (`read_adaptive`): a hand-written file may hold
-just those. The adaptive width/depth rule itself (`child_widths`) lives here too, next to the knobs it reads,
-so the decoder's `draft_tree` and the tuner's replay (`adaptive.simulate`) call one function.
+The decoder needs only `maps` (or `temperatures` and `biases`) and `adaptive` (`read_adaptive`): a
+hand-written file may hold just those. Hybrid decoding also reads `copy` and, under the same machine key,
+`cost_profile`; a file without `copy` gives the default prior (older readers ignore the key). The adaptive
+width/depth rule itself (`child_widths`) lives here too, next to the knobs it reads, so the decoder's `draft_tree`
+and the tuner's replay (`adaptive.simulate`) call one function, as they call one map function
+(`slotmaps.SlotMap.__call__`).
 """
 from __future__ import annotations
 
@@ -35,8 +46,10 @@ from typing import Optional, Union
 import numpy as np
 
 from .layout import CALIBRATION, ArtifactError, atomic_path, check_version, read_json, write_atomic
+from .slotmaps import IDENTITY, SlotMap, read_maps
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-slot `maps` (and `ece_crossfit`); 1: STS from temperatures/biases only
+STATS_FORMAT_VERSION = 1  # calibration_stats.npz: the optional `text` array (cross-fit folds) needs no bump
 
 
 # =========================================================================== the adaptive policy
@@ -98,6 +111,7 @@ class HeldoutStats:
     t_draft: np.ndarray  # [N] seconds: drafter (context extension + backbone + head)
     t_book: np.ndarray  # [N] seconds: mask, acceptance, KV compaction
     width: int  # W: candidates per depth in the probe
+    text: Optional[np.ndarray] = None  # [N] index of the held-out text/prompt (cross-fit folds); None: unknown
 
     @property
     def gamma(self) -> int:
@@ -120,6 +134,8 @@ class HeldoutStats:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if v is None:
+                continue
             if isinstance(v, np.ndarray):
                 v = enc(v) if v.ndim == 2 else [round(float(x), 6) if v.dtype.kind == "f" else int(x) for x in v]
             out[f.name] = v
@@ -129,10 +145,12 @@ class HeldoutStats:
     def from_dict(cls, obj: dict) -> "HeldoutStats":
         kw = {}
         for f in fields(cls):
+            if f.name == "text" and obj.get("text") is None:  # written before text ids were recorded
+                continue
             v = obj[f.name]
             if f.name == "width":
                 kw[f.name] = int(v)
-            elif f.name in ("depth", "n_spine", "rescue"):
+            elif f.name in ("depth", "n_spine", "rescue", "text"):
                 kw[f.name] = np.asarray(v, dtype=np.int64)
             else:
                 kw[f.name] = np.asarray([[np.nan if x is None else x for x in row] for row in v] if v and
@@ -141,9 +159,9 @@ class HeldoutStats:
 
     def save(self, path: Path) -> Path:
         """Compressed numpy arrays (no pickle): the STS statistics are too many rows for calibration.json."""
-        arrays = {f.name: getattr(self, f.name) for f in fields(self)}
+        arrays = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         arrays["width"] = np.asarray(self.width)
-        arrays["format_version"] = np.asarray(FORMAT_VERSION)
+        arrays["format_version"] = np.asarray(STATS_FORMAT_VERSION)
         with atomic_path(path) as tmp:
             np.savez_compressed(tmp, **arrays)
         return Path(path)
@@ -157,11 +175,12 @@ class HeldoutStats:
         except (OSError, ValueError, EOFError) as e:
             raise ArtifactError(f"{path}: cannot read the calibration statistics ({type(e).__name__}: {e})") \
                 from None
-        check_version({"format_version": int(arrays.get("format_version", 1))}, path, FORMAT_VERSION)
-        missing = [f.name for f in fields(cls) if f.name not in arrays]
+        check_version({"format_version": int(arrays.get("format_version", 1))}, path, STATS_FORMAT_VERSION)
+        missing = [f.name for f in fields(cls) if f.name not in arrays and f.name != "text"]  # text: format 2
         if missing:
             raise ArtifactError(f"{path}: not calibration statistics (missing {missing})")
-        return cls(**{f.name: (int(arrays[f.name]) if f.name == "width" else arrays[f.name]) for f in fields(cls)})
+        return cls(**{f.name: (int(arrays[f.name]) if f.name == "width" else arrays[f.name]) for f in fields(cls)
+                      if f.name in arrays})
 
 
 # =========================================================================== calibration.json
@@ -176,13 +195,18 @@ def read_calibration(source: Union[str, Path, dict]) -> dict:
     return data
 
 
-def read_adaptive(source: Union[str, Path, dict], depth: int
-                  ) -> tuple[Optional[list[float]], Optional[list[float]], AdaptivePolicy]:
-    """What the decoder's adaptive mode reads: (temperatures, offsets or None, policy knobs); a missing
-    node budget defaults to `depth`."""
+def read_adaptive(source: Union[str, Path, dict], depth: int) -> tuple[list[SlotMap], AdaptivePolicy]:
+    """What the decoder's adaptive mode reads: (the per-slot maps, policy knobs); a missing node budget
+    defaults to `depth`. A malformed map is an ArtifactError naming the file and the slot."""
     cal = read_calibration(source)
-    return (cal.get("temperatures"), cal.get("biases") or None,
-            AdaptivePolicy.from_json(cal.get("adaptive", {}), node_budget=depth))
+    return _maps(cal, source), AdaptivePolicy.from_json(cal.get("adaptive", {}), node_budget=depth)
+
+
+def _maps(cal: dict, source) -> list[SlotMap]:
+    try:
+        return read_maps(cal)
+    except ValueError as e:
+        raise ArtifactError(f"{source if not isinstance(source, dict) else CALIBRATION}: {e}") from None
 
 
 @dataclass
@@ -204,6 +228,9 @@ class Calibration:
     reliability: dict = field(default_factory=dict)  # {"before"|"after": {"k": [[mean pred, observed, n], ...]}}
     data: dict = field(default_factory=dict)  # what it was fitted on, including the per-round statistics
     biases: list[float] = field(default_factory=list)  # STS offsets b_k (empty: temperature only)
+    maps: list[dict] = field(default_factory=list)  # SlotMap.to_json per slot (empty: STS everywhere)
+    ece_crossfit: dict = field(default_factory=dict)  # {kind: [cross-fitted ECE per slot or None]}
+    copy: dict = field(default_factory=dict)  # the copy drafter's prior (CopyPrior.to_dict); empty: the default
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -222,6 +249,10 @@ class Calibration:
 
     def policy(self) -> AdaptivePolicy:
         return AdaptivePolicy.from_json(self.adaptive)
+
+    def slot_maps(self) -> list[SlotMap]:
+        """The map each slot uses (a file without `maps`: STS from temperatures and biases)."""
+        return _maps(asdict(self), CALIBRATION)
 
     def stats(self) -> HeldoutStats:
         return HeldoutStats.from_dict(self.data["stats"])
@@ -250,14 +281,20 @@ def _num(x, spec=".3f") -> str:
 
 def summary_table(cal: Calibration) -> str:
     """The readable report `dspark calibrate` prints (and the model card quotes)."""
-    lines = ["position | blocks | T_k   | b_k   | ECE before → after | AUROC before → after | Brier before → after",
-             "---------|--------|-------|-------|--------------------|----------------------|---------------------"]
+    lines = ["position | blocks | map                  | ECE before → after | cross-fit ECE: STS → map | "
+             "AUROC before → after | Brier before → after",
+             "---------|--------|----------------------|--------------------|--------------------------|"
+             "----------------------|---------------------"]
     counts = cal.data.get("count", [None] * cal.block_size)
-    biases = cal.biases or [0.0] * cal.block_size
+    maps = cal.slot_maps()
+    xf = cal.ece_crossfit or {}
     for k in range(cal.block_size):
-        lines.append(f"{k + 1:>8} | {counts[k] if counts[k] is not None else '—':>6} | {cal.temperatures[k]:5.2f} | "
-                     f"{biases[k]:+5.2f} | "
-                     f"{_pct(cal.ece_before[k]):>7} → {_pct(cal.ece_after[k]):<8} | "
+        m = maps[k] if k < len(maps) else IDENTITY
+        sts_x, own_x = ((xf.get(kind) or [None] * cal.block_size)[k] for kind in ("sts", m.kind))
+        cross = ("—" if sts_x is None else _pct(sts_x) if m.kind == "sts" or own_x is None
+                 else f"{_pct(sts_x)} → {_pct(own_x)}")
+        lines.append(f"{k + 1:>8} | {counts[k] if counts[k] is not None else '—':>6} | {m.describe():<20} | "
+                     f"{_pct(cal.ece_before[k]):>7} → {_pct(cal.ece_after[k]):<8} | {cross:<24} | "
                      f"{_num(cal.auroc_before[k]):>8} → {_num(cal.auroc_after[k]):<9} | "
                      f"{_num(cal.brier_before[k]):>7} → {_num(cal.brier_after[k])}")
     probe = cal.data.get("probe") or {}
@@ -296,13 +333,15 @@ def summary_table(cal: Calibration) -> str:
 
 
 def plot_reliability(cal: Calibration, path: Path) -> Path:
-    """One panel per position: predicted vs observed prefix survival before/after STS, bin counts shaded
-    (`dspark calibrate` writes it into the run; `dspark eval` redraws it from the artifact's file)."""
+    """One panel per position: predicted vs observed prefix survival before/after the slot's map (its kind in
+    the title), bin counts shaded (`dspark calibrate` writes it into the run; `dspark eval` redraws it from the
+    artifact's file)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     g = cal.block_size
+    maps = cal.slot_maps()
     cols = min(g, 4)
     rows = math.ceil(g / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.1 * rows), squeeze=False)
@@ -319,7 +358,7 @@ def plot_reliability(cal: Calibration, path: Path) -> Path:
             pts = [r for r in cal.reliability[stage][key] if r[2]]
             ax.plot([r[0] for r in pts], [r[1] for r in pts], style, ms=3, lw=1, label=stage)
         ece_b, ece_a, au = cal.ece_before[k], cal.ece_after[k], cal.auroc_after[k]
-        title = f"position {k + 1}"
+        title = f"position {k + 1}" + (f" ({maps[k].kind})" if k < len(maps) else "")
         if ece_b is not None:
             title += f"\nECE {100 * ece_b:.1f}% → {100 * ece_a:.1f}%"
         if au is not None:

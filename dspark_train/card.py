@@ -165,7 +165,7 @@ def render_model_card(config: dict, recipe: dict, calibration: Optional[dict] = 
               "`target_fingerprint`)",
               f"- `{WEIGHTS}`: drafter weights (safetensors)"]
     if calibration:
-        lines.append(f"- `{CALIBRATION}`: temperatures, adaptive-k thresholds, cost profile")
+        lines.append(f"- `{CALIBRATION}`: per-slot calibration maps, adaptive-k thresholds, cost profile")
     lines += [f"- `{RECIPE}`: the resolved training recipe", ""]
     return "\n".join(lines)
 
@@ -174,6 +174,7 @@ def _calibration_section(calibration: dict) -> list[str]:
     try:
         cal = Calibration.from_json(calibration)
         table = summary_table(cal)
+        other = [f"{m.kind} at position {k + 1}" for k, m in enumerate(cal.slot_maps()) if m.kind != "sts"]
     except (TypeError, KeyError, IndexError, ValueError) as e:
         raise ArtifactError(f"{CALIBRATION}: not a calibration this dspark-train reads ({type(e).__name__}: {e})") \
             from None
@@ -183,7 +184,9 @@ def _calibration_section(calibration: dict) -> list[str]:
         f"{_fmt(sts.get('blocks'))} drafted blocks" + (f", {data['dtype']}" if data.get("dtype") else "") + ")" \
         if data.get("n_prompts") else ""
     return ["## Calibration", "",
-            f"Confidence calibrated with sequential temperature scaling{fitted}; the adaptive policy below was "
+            f"Confidence calibrated with sequential temperature scaling{fitted}"
+            + (f" ({', '.join(other)}: a per-slot order-preserving map with a lower cross-fitted ECE)" if other else "")
+            + "; the adaptive policy below was "
             f"tuned for expected tokens per second on this machine's cost profile (`{CALIBRATION}`, read by "
             "the decoder's `adaptive` mode). The cost profile is machine-specific: re-run `dspark calibrate` on "
             "other hardware.", "", "```", table, "```", ""]

@@ -106,7 +106,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated names (<data-root>/eval/<name>.jsonl) or jsonl paths of {\"turns\": [...]}")
     p.add_argument("--n", type=int, default=unset, help="prompts per benchmark (the first N; 0 = all)")
     p.add_argument("--max-new-tokens", type=int, default=unset)
-    p.add_argument("--mode", default=unset, help="chain, tree or adaptive (needs calibration.json)")
+    p.add_argument("--mode", default=unset,
+                   help="chain, tree, adaptive (needs calibration.json) or hybrid (adaptive, or tree without a "
+                        "calibration, + copy branches)")
+    p.add_argument("--hybrid", action="store_true", default=unset,
+                   help="merge copy-drafter branches (spans of the prompt + output so far) into the mode's trees")
     p.add_argument("--temperature", type=float, default=unset, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=unset)
     p.add_argument("--top-k", type=int, default=unset, help="0 = off")
@@ -122,7 +126,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", nargs="+", default=unset, metavar="ARTIFACT",
                    help="more drafter artifacts measured in the same run (one report, one plot)")
     p.add_argument("--baselines", default=unset, type=_comma_list,
-                   help="transformers baselines: prompt-lookup, assisted (needs --assistant); '' for none")
+                   help="prompt-lookup, assisted (needs --assistant); in hybrid runs also drafter-only (our decoder "
+                        "without copy branches) and copy-only (copy drafting alone); '' for none")
     p.add_argument("--no-fastest-plain", dest="fastest_plain", action="store_false", default=unset,
                    help="do not time plain decoding in the other of float32/bfloat16 (speedup_vs_fastest_plain "
                         "then compares against the same precision only; saves memory on big targets)")

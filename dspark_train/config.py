@@ -187,6 +187,10 @@ class CalibrateConfig:
     texts: int = 512  # held-out prompts answered greedily for the STS statistics (0: fit STS on the probe)
     batch_size: int = 32  # prompts per batched `generate` call for those answers
     bias: bool = True  # fit an offset b_k with each STS temperature: c_k = σ(z_k/T_k + b_k); false: T_k only
+    # per-slot map (docs/method.md §4): auto = STS, or Platt/isotonic where STS's cross-fitted ECE stays above
+    # map_threshold and they do better on held-out texts; sts = the paper's everywhere; platt/isotonic: forced
+    map: str = field(default="auto", metadata=_choice("auto", "sts", "platt", "isotonic"))
+    map_threshold: float = 0.015
     max_new_tokens: int = 128
     bins: int = 20
     temperature_grid: list[float] = field(default_factory=lambda: [0.25 * i for i in range(1, 41)])
@@ -382,6 +386,8 @@ def _validate(r: Recipe, src: str) -> None:
         bad("calibrate.bins", "must be >= 2")
     if not r.calibrate.temperature_grid or min(r.calibrate.temperature_grid) <= 0:
         bad("calibrate.temperature_grid", "must be a non-empty list of positive temperatures")
+    if not 0 <= r.calibrate.map_threshold < 1:
+        bad("calibrate.map_threshold", f"must be in [0, 1), got {r.calibrate.map_threshold}")
     if any(b < 1 for b in r.calibrate.profile_batch_sizes):
         bad("calibrate.profile_batch_sizes", "batch sizes must be >= 1")
 

@@ -34,7 +34,9 @@ from .runlock import holds_lock
 from .target import PromptTooLong, load_target
 
 BENCHMARKS = ("gsm8k", "mt-bench", "humaneval", "mbpp")
-BASELINES = ("prompt-lookup", "assisted")
+BASELINES = ("prompt-lookup", "assisted", "drafter-only", "copy-only")
+# our own decoder without the copy drafter / without the learned drafter: baselines of hybrid runs only
+DECODER_BASELINES = ("drafter-only", "copy-only")
 DTYPES = ("auto", *AUTO_DTYPES)
 PLAIN = "plain"
 
@@ -61,7 +63,8 @@ class EvalConfig:
     benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))  # names or jsonl paths
     n: int = 50  # prompts per benchmark (the first n; 0 = all)
     max_new_tokens: int = 256
-    mode: str = "chain"  # chain | tree | adaptive
+    mode: str = "chain"  # chain | tree | adaptive | hybrid (adaptive, or tree without calibration, + copy branches)
+    hybrid: bool = False  # merge the copy drafter's branches into the mode's trees (always on in mode hybrid)
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -72,7 +75,8 @@ class EvalConfig:
     multi_turn: bool = False  # all turns; later turns see the target's own previous answers
     save_outputs: bool = False  # every generation in outputs.jsonl
     compare: list[str] = field(default_factory=list)  # more drafter artifacts, measured in the same run
-    baselines: list[str] = field(default_factory=lambda: list(BASELINES))  # transformers baselines
+    # transformers' prompt-lookup / assisted; hybrid runs only: our decoder without copy branches / copying alone
+    baselines: list[str] = field(default_factory=lambda: ["prompt-lookup", "assisted", "drafter-only"])
     fastest_plain: bool = True  # also time plain decoding in the other of float32/bfloat16
     prompt_lookup_tokens: int = 10  # prompt_lookup_num_tokens
     assistant: Optional[str] = None  # small model with the target's tokenizer, for assisted generation
@@ -97,6 +101,9 @@ class EvalConfig:
             bad("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if self.mode not in MODES:
             bad("mode", f"expected one of {', '.join(MODES)}, got {self.mode!r}")
+        if not isinstance(self.hybrid, bool):
+            bad("hybrid", f"expected true or false, got {self.hybrid!r}")
+        self.hybrid = self.hybrid or self.mode == "hybrid"
         if not 0 <= self.temperature < float("inf"):
             bad("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -232,16 +239,22 @@ def hf_method(model, gen_kwargs: dict, **extra) -> Method:
     return run
 
 
-def decoder_method(decoder: SpeculativeDecoder, cfg: EvalConfig, eos_token_id) -> Method:
-    """Our speculative decoder (dspark_train.decoding), its per-round trace turned into RoundStats."""
-    sampling = dict(mode=cfg.mode, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                    eos_token_id=eos_token_id)
+def decoder_method(decoder: SpeculativeDecoder, cfg: EvalConfig, eos_token_id, hybrid: Optional[bool] = None
+                   ) -> Method:
+    """Our speculative decoder (dspark_train.decoding), its per-round trace turned into RoundStats (with the
+    verified and accepted nodes per source when copy branches are on). `hybrid` overrides cfg.hybrid (the
+    drafter-only baseline); a decoder without a drafter drafts by copying alone (the copy-only baseline)."""
+    hybrid = cfg.hybrid if hybrid is None else hybrid
+    mode = decoder.hybrid_base() if cfg.mode == "hybrid" or decoder.drafter is None else cfg.mode
+    sampling = dict(mode=mode, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                    eos_token_id=eos_token_id, hybrid=hybrid)
 
     def run(prompt: list[int], max_new_tokens: int):
         seed = int(torch.randint(0, 2**62, ()).item())  # from the harness's per-sample torch seed
         out = decoder.generate(prompt, max_new_tokens=max_new_tokens, seed=seed, **sampling)
         # RoundTrace.verified counts the draft nodes; the verify pass also computes the anchor
-        return out.tokens, [RoundStat(r.verified + 1, r.n_accepted, max(r.depths, default=0)) for r in out.rounds]
+        return out.tokens, [RoundStat(r.verified + 1, r.n_accepted, max(r.depths, default=0),
+                                      r.by_source() if hybrid else None, r.drafter_skipped) for r in out.rounds]
     return run
 
 
@@ -331,8 +344,10 @@ def benchmark_report(m: Measured, target, drafter: str, baselines: Sequence[str]
     entry["speedup_vs_fastest_plain"] = speedup_over(entry["tokens_per_s"], fastest)
     entry["baselines"] = {}
     for b in baselines:
-        r = method_metrics(plain, m.samples[b], greedy, drafter=False)
-        entry["baselines"][b] = {k: r[k] for k in ("tokens_per_s", "speedup", "agreement", "lossless")}
+        ours = b in DECODER_BASELINES  # our own decoders also report τ and where accepted tokens came from
+        r = method_metrics(plain, m.samples[b], greedy, drafter=ours)
+        keys = ("tokens_per_s", "speedup", "agreement", "lossless") + (("tau", "sources") if ours else ())
+        entry["baselines"][b] = {k: r.get(k) for k in keys}
         entry["baselines"][b]["speedup_vs_fastest_plain"] = speedup_over(r["tokens_per_s"], fastest)
     entry["file"] = str(m.benchmark.path)
     entry["truncated_prompts"] = m.truncated
@@ -345,7 +360,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     benches = [load_benchmark(spec, cfg.data_root, cfg.n) for spec in cfg.benchmarks]
-    baselines = [b for b in cfg.baselines if b != "assisted" or cfg.assistant]  # assisted needs --assistant
+    baselines = [b for b in cfg.baselines if (b != "assisted" or cfg.assistant)  # assisted needs --assistant
+                 and (b not in DECODER_BASELINES or cfg.hybrid)]  # these compare against copy branches
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     tcfg = target_config(cfg.target, resolve_artifact(cfg.artifact), cfg.dtype)
@@ -371,12 +387,18 @@ def run_eval(cfg: EvalConfig) -> dict:
         decoder = SpeculativeDecoder(target, drafter, calibration=drafter.calibration)
         drafters[name] = {"drafter": spec, "calibration": drafter.calibration,
                           **{k: getattr(drafter.config, k) for k in ("kind", "head", "block_size")}}
-        if cfg.mode == "adaptive":  # resolved before timing: a policy tuned on another machine is re-tuned here
+        if (cfg.mode if cfg.mode != "hybrid" else decoder.hybrid_base()) == "adaptive":
+            # resolved before timing: a policy tuned on another machine is re-tuned here
             decoder.adaptive_policy()
             drafters[name]["adaptive_policy"] = decoder.adaptive_info
             print(f"{name}: adaptive policy from {decoder.adaptive_info['source']} "
                   f"({decoder.adaptive_info['why']})", flush=True)
         methods[name] = decoder_method(decoder, cfg, gen["eos_token_id"])
+        if len(drafters) == 1 and "drafter-only" in baselines:
+            methods["drafter-only"] = decoder_method(decoder, cfg, gen["eos_token_id"], hybrid=False)
+        if len(drafters) == 1 and "copy-only" in baselines:  # the drafter's calibration: copy prior, cost curve
+            copying = SpeculativeDecoder(target, None, calibration=drafter.calibration)
+            methods["copy-only"] = decoder_method(copying, cfg, gen["eos_token_id"], hybrid=True)
     if "prompt-lookup" in baselines:
         methods["prompt-lookup"] = hf_method(target.model, gen, prompt_lookup_num_tokens=cfg.prompt_lookup_tokens)
     if "assisted" in baselines:

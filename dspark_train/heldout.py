@@ -1,7 +1,8 @@
 """The held-out statistics calibration is fitted on (docs/method.md §4): which prompts the drafter never trained
 on, the target's own greedy answers to them, greedy drafting replayed at every anchor of those answers
 (`anchor_stats`, for STS), and the probe decode's traces turned into per-round statistics
-(`stats_from_traces`, for adaptive-k tuning). Both give a `calibration.HeldoutStats`.
+(`stats_from_traces`, for adaptive-k tuning). Both give a `calibration.HeldoutStats`. Copy drafting replayed over
+the same greedy answers gives the copy drafter's acceptance prior (`copy_prior`, for hybrid decoding).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .chat import prompt_ids, user_messages
 from .config import RecipeError
 from .data import (Example, anchor_candidates, block_labels, conversations_path, load_prompts, prompt_turns,
                    read_conversations, read_heldout_split, split_heldout, usable_conversations)
+from .decoding.copy import CopyPrior, fit_copy_prior
 from .layout import RunDir
 from .regenerate import generate_batch
 
@@ -93,10 +95,17 @@ def greedy_texts(target, prompts: list[list[int]], max_new_tokens: int, batch_si
     return out
 
 
+def copy_prior(examples: Sequence) -> CopyPrior:
+    """calibration.json's `copy`: per feature cell, how often a copied token equalled the target's greedy text
+    when copy drafting is replayed at every answer position of `greedy_texts` (decoding/copy.py
+    `replay_counts`), shrunk so that a request's own verified copies still move the estimates."""
+    return fit_copy_prior([(ex.input_ids, ex.loss_mask.index(1)) for ex in examples if 1 in ex.loss_mask])
+
+
 def stats_from_traces(traces: Sequence, gamma: int, width: int) -> HeldoutStats:
     """Probe-decode traces (beam-1 trees; a chain is the width-1 case) → per-round spine statistics."""
     rows = []
-    for trace in traces:
+    for text, trace in enumerate(traces):
         for r in trace.rounds:  # rounds with nothing drafted (the last token before max_new_tokens) count too
             spine, u = [], 0  # follow the first (top-1) child of each spine node
             kids: dict[int, list[int]] = {}
@@ -119,13 +128,13 @@ def stats_from_traces(traces: Sequence, gamma: int, width: int) -> HeldoutStats:
             ar = r.accept_rates or [np.nan] * len(r.tokens)
             rows.append(([r.conf_logits[i] for i in pick] + pad, [r.draft_probs[i] for i in pick] + pad,
                          [tp[i] for i in pick] + pad, [ar[i] for i in pick] + pad,
-                         len(spine), n, rescue, r.t_draft, r.t_book))
+                         len(spine), n, rescue, r.t_draft, r.t_book, text))
     if not any(r[4] for r in rows):
         raise ValueError("no drafted rounds in the held-out decode (max_new_tokens too small?)")
     cols = list(zip(*rows))
     f = lambda i: np.asarray(cols[i], dtype=float)  # noqa: E731
     i64 = lambda i: np.asarray(cols[i], dtype=np.int64)  # noqa: E731
-    return HeldoutStats(f(0), f(1), f(2), f(3), i64(4), i64(5), i64(6), f(7), f(8), width)
+    return HeldoutStats(f(0), f(1), f(2), f(3), i64(4), i64(5), i64(6), f(7), f(8), width, i64(9))
 
 
 def anchor_stats(target, drafter, examples: Sequence, anchors_per_chunk: int = 64, progress: bool = False
@@ -143,7 +152,7 @@ def anchor_stats(target, drafter, examples: Sequence, anchors_per_chunk: int = 6
     dev, ddtype = target.device, drafter.conf.weight.dtype
     vocab = drafter.d2t  # work in the draft vocabulary: p_d is zero outside it
     rows = []
-    for ex in tqdm(examples, desc="anchor replay", unit="text", disable=not progress):
+    for text, ex in enumerate(tqdm(examples, desc="anchor replay", unit="text", disable=not progress)):
         anchors = anchor_candidates(torch.tensor(ex.loss_mask)).to(dev)
         if not len(anchors):
             continue
@@ -183,10 +192,10 @@ def anchor_stats(target, drafter, examples: Sequence, anchors_per_chunk: int = 6
             cols = [torch.stack(c, 1).float() for c in (conf, top, p_t, rate)]
             unseen = torch.arange(g, device=dev)[None] >= depth[:, None]
             cols = [c.masked_fill(unseen, float("nan")).cpu().numpy() for c in cols]
-            rows.append((*cols, depth.cpu().numpy(), n_spine.cpu().numpy()))
+            rows.append((*cols, depth.cpu().numpy(), n_spine.cpu().numpy(), np.full(len(a), text)))
     if not rows:
         raise ValueError("no anchors in the held-out conversations")
     cat = [np.concatenate(c) for c in zip(*rows)]
     n = len(cat[4])
     return HeldoutStats(*cat[:4], cat[4].astype(np.int64), cat[5].astype(np.int64), np.zeros(n, np.int64),
-                        np.full(n, np.nan), np.full(n, np.nan), 1)
+                        np.full(n, np.nan), np.full(n, np.nan), 1, cat[6].astype(np.int64))

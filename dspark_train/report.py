@@ -8,7 +8,9 @@ survived; verify rate = committed ÷ tokens in the verify passes (anchor include
 decoding's tokens/s at the same precision on the same prompts in the same run (the papers' convention);
 speedup_vs_fastest_plain = tokens/s ÷ the fastest plain decoding measured among float32/bfloat16 (what a user
 of this machine would otherwise run); `lossless` = every greedy output equals plain greedy decoding (None when
-sampling).
+sampling). With copy branches (hybrid decoding): per source (drafter, copy, both = a node both proposed) the
+verified and accepted draft nodes, acceptance = accepted ÷ verified, each source's share of the accepted draft
+tokens, and the share of rounds that skipped the drafter's forward.
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ from .layout import atomic_path, write_atomic
 
 REPORT_JSON, REPORT_MD, OUTPUTS = "report.json", "report.md", "outputs.jsonl"
 ACCEPTANCE_PLOT, SPEEDUP_PLOT, RELIABILITY_PLOT = "acceptance_by_position.png", "speedup.png", "reliability.png"
-SETTINGS = ("temperature", "mode", "top_p", "top_k", "seed", "max_new_tokens", "multi_turn",  # EvalConfig fields
+SETTINGS = ("temperature", "mode", "hybrid", "top_p", "top_k", "seed", "max_new_tokens", "multi_turn",  # EvalConfig
             "truncate_prompts")
+SOURCES = ("drafter", "copy", "both")  # who proposed a draft node (decoding.decoder.SOURCE_NAMES)
 
 
 # --------------------------------------------------------------------------- fields from timed samples
@@ -36,6 +39,8 @@ class RoundStat:
     verified: int  # tokens in the target's verify pass: the anchor plus every drafted node
     accepted: int  # drafted tokens accepted (the bonus/correction token excluded)
     depth: int  # draft positions that were verified (chain: drafted length; tree: deepest level)
+    sources: Optional[dict] = None  # hybrid: {source: [verified nodes, accepted nodes]}
+    skipped: bool = False  # hybrid: a confident copy match made the drafter's forward unnecessary
 
 
 @dataclass
@@ -65,9 +70,26 @@ def acceptance_metrics(rounds: Sequence[RoundStat]) -> dict:
         alive = sum(r.accepted >= k - 1 for r in reached)
         conditional.append(survived / alive if alive else None)
     committed = sum(r.accepted + 1 for r in rounds)
-    return {"tau": committed / len(rounds), "accept_rate_by_position": survival,
-            "conditional_accept_by_position": conditional,
-            "verify_rate": committed / sum(r.verified for r in rounds), "rounds": len(rounds)}
+    out = {"tau": committed / len(rounds), "accept_rate_by_position": survival,
+           "conditional_accept_by_position": conditional,
+           "verify_rate": committed / sum(r.verified for r in rounds), "rounds": len(rounds)}
+    if any(r.sources is not None for r in rounds):
+        out.update(source_metrics(rounds))
+    return out
+
+
+def source_metrics(rounds: Sequence[RoundStat]) -> dict:
+    """Per source: verified and accepted draft nodes, acceptance (accepted ÷ verified), share of all accepted
+    draft tokens; the share of rounds that skipped the drafter's forward."""
+    totals = {s: [0, 0] for s in SOURCES}
+    for r in rounds:
+        for s, (v, a) in (r.sources or {}).items():
+            totals[s][0] += v
+            totals[s][1] += a
+    accepted = sum(a for _, a in totals.values())
+    return {"sources": {s: {"verified": v, "accepted": a, "acceptance": a / v if v else None,
+                            "share_of_accepted": a / accepted if accepted else None} for s, (v, a) in totals.items()},
+            "drafter_skipped_rounds": sum(r.skipped for r in rounds) / len(rounds)}
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
@@ -158,7 +180,7 @@ def assemble(per_drafter: dict[str, dict], drafters: dict[str, dict], settings, 
 def calibration_summary(cal: Optional[dict]) -> Optional[dict]:
     if cal is None:
         return None
-    keys = ("temperatures", "biases", "ece_before", "ece_after", "auroc_before", "auroc_after", "adaptive")
+    keys = ("maps", "temperatures", "biases", "ece_before", "ece_after", "auroc_before", "auroc_after", "adaptive")
     return {k: cal[k] for k in keys if k in cal}
 
 
@@ -190,7 +212,8 @@ def render_markdown(report: dict) -> str:
     choice = report.get("dtype_choice") or {}
     dtype = report["dtype"] + (f" ({choice['setting']}: {choice['reason']})" if choice.get("setting") == "auto" else "")
     lines = [f"# Speculative decoding eval: {report['drafter']} on {report['target']}", "",
-             f"machine {where} · dtype {dtype} · temperature {report['temperature']} · mode {report['mode']} · "
+             f"machine {where} · dtype {dtype} · temperature {report['temperature']} · mode {report['mode']}"
+             f"{' + copy branches' if report.get('hybrid') and report['mode'] != 'hybrid' else ''} · "
              f"max_new_tokens {report['max_new_tokens']} · {turns}", "",
              "speedup: against plain decoding at the same precision (the papers' convention); × fastest plain: "
              "against the fastest plain decoding measured here among float32/bfloat16 (what this machine would "
@@ -208,7 +231,8 @@ def render_markdown(report: dict) -> str:
                      _fmt(e["baseline_tokens_per_s"], ".1f"), _fmt(e["speedup"], ".2f") + "×",
                      f"{_fmt(fastest.get('tokens_per_s'), '.1f')} ({fastest.get('dtype', '—')})",
                      _fmt(e.get("speedup_vs_fastest_plain"), ".2f") + "×", lossless, _fmt(e["agreement"], ".0%")]
-            cells += [f"{_fmt(e['baselines'][b]['tokens_per_s'], '.1f')} ({_fmt(e['baselines'][b]['speedup'])}×)"
+            cells += [f"{_fmt(e['baselines'][b]['tokens_per_s'], '.1f')} ({_fmt(e['baselines'][b]['speedup'])}×"
+                      + (f", τ {_fmt(e['baselines'][b]['tau'])}" if e["baselines"][b].get("tau") else "") + ")"
                       if b in e["baselines"] else "—" for b in baselines]
             lines.append("| " + " | ".join(cells) + " |")
         depth = max((len(e["accept_rate_by_position"]) for e in drafter["benchmarks"].values()), default=0)
@@ -220,6 +244,7 @@ def render_markdown(report: dict) -> str:
                 pairs = list(zip(e["accept_rate_by_position"], e["conditional_accept_by_position"]))
                 cells = [f"{_fmt(s)} / {_fmt(c)}" for s, c in pairs] + ["—"] * (depth - len(pairs))
                 lines.append(f"| {bname} | " + " | ".join(cells) + " |")
+        lines += _source_table(drafter["benchmarks"])
         divs = [(b, x) for b, e in drafter["benchmarks"].items() for x in e["divergences"] or []]
         if divs:
             lines += ["", f"Divergences from plain greedy ({len(divs)}): first differing position and the target's "
@@ -247,6 +272,22 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {bname} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _source_table(benchmarks: dict) -> list[str]:
+    """Where accepted draft tokens came from, and each source's acceptance (accepted ÷ verified nodes)."""
+    rows = [(b, e["sources"], e["drafter_skipped_rounds"]) for b, e in benchmarks.items() if e.get("sources")]
+    if not rows:
+        return []
+
+    def cell(x):
+        return f"{_fmt(x['share_of_accepted'], '.0%')} ({x['accepted']}/{x['verified']} = {_fmt(x['acceptance'])})"
+    lines = ["", "Accepted draft tokens by source: share of all accepted (accepted / verified nodes = acceptance; "
+             "both = nodes the drafter and the copy drafter proposed alike):", "",
+             "| benchmark | drafter | copy | both | rounds without a drafter forward |", "|---|---|---|---|---|"]
+    lines += [f"| {b} | {cell(src['drafter'])} | {cell(src['copy'])} | {cell(src['both'])} | {_fmt(skip, '.0%')} |"
+              for b, src, skip in rows]
+    return lines
 
 
 def _policy_text(p: dict) -> str:

@@ -1,8 +1,9 @@
-"""`make bench`: DSpark (chain, tree, adaptive) vs DFlash vs Medusa vs prompt lookup on the embedded default.
+"""`make bench`: DSpark (chain, tree, adaptive, hybrid) vs DFlash vs Medusa vs prompt lookup on the embedded default.
 
 Trains the two baselines with the demo's recipe, data and step budget (`--set drafter.head=none`,
 `--set drafter.kind=medusa`), reusing runs that already finished, then measures everything side by side with
-the eval harness. Writes runs/bench/report.{json,md} (chain-mode comparison) and runs/bench/{tree,adaptive}/.
+the eval harness. Writes runs/bench/report.{json,md} (chain-mode comparison) and runs/bench/{tree,adaptive}/;
+runs/bench/hybrid/ has hybrid adaptive next to drafter-only adaptive, prompt lookup and copy drafting alone.
 Usage: python eval/bench.py [--n 6] [--max-new-tokens 96] [--benchmarks gsm8k,mt-bench]
 """
 from __future__ import annotations
@@ -57,7 +58,11 @@ def main() -> int:
     for mode in ("tree", "adaptive"):
         run(dspark + ["eval", str(demo.artifact), "--mode", mode, "--baselines", "",
                       "--out", str(out / mode)] + common)
-    for sub in ("", "tree", "adaptive"):
+    # hybrid: copy branches merged into the adaptive trees, with the same drafter without them, prompt lookup
+    # and our copy drafter alone measured in the same run
+    run(dspark + ["eval", str(demo / "artifact"), "--mode", "hybrid", "--baselines",
+                  "prompt-lookup,drafter-only,copy-only", "--out", str(out / "hybrid")] + common)
+    for sub in ("", "tree", "adaptive", "hybrid"):
         print(f"\n## {sub or 'chain (DSpark vs DFlash vs Medusa)'}\n")
         print((REPO / out / sub / REPORT_MD).read_text())
     return 0

@@ -10,11 +10,12 @@ import torch
 from dspark_train import calibrate as C
 from dspark_train.adaptive import best_fixed_chain, simulate, tune_adaptive
 from dspark_train.calibrate import run_calibration
-from dspark_train.decoding import machine_key, smooth_sps
+from dspark_train.decoding import CopyPrior, machine_key, smooth_sps
 from dspark_train.calibration import FORMAT_VERSION, AdaptivePolicy, Calibration, HeldoutStats, summary_table
 from dspark_train.heldout import anchor_stats, heldout_prompts, stats_from_traces
 from dspark_train.metrics import auroc, brier, ece, reliability
-from dspark_train.sts import BIAS_GRID, conditional, fit_sts, position_metrics
+from dspark_train.slotmaps import SlotMap, conditional, sts_maps
+from dspark_train.sts import BIAS_GRID, fit_maps, fit_sts, position_metrics, text_folds
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +56,8 @@ def test_sts_lowers_ece_and_keeps_order():
     z, y, obs = _overconfident()
     temps, biases = fit_sts(z, y, obs, [0.25 * i for i in range(1, 41)], 20)
     assert biases == [0.0] * 4  # no offset grid: the paper's temperature-only STS
-    before = position_metrics(z, y, obs, [1.0] * 4)
-    after = position_metrics(z, y, obs, temps)
+    before = position_metrics(z, y, obs)
+    after = position_metrics(z, y, obs, sts_maps(temps))
     for k in range(4):
         assert 2.0 < temps[k] < 4.5, temps  # recovers the over-confidence factor 3
         assert after["ece"][k] < before["ece"][k] / 2
@@ -116,8 +117,8 @@ def test_tuner_finds_known_depth_optimum(name, sps, depth):
     table = _sps(sps)
     expected = {d: (1 + sum(p ** j for j in range(1, d + 1))) * sps(d + 1) for d in range(gamma + 1)}
     assert max(expected, key=expected.get) == depth
-    policy, out = tune_adaptive(stats, [1.0] * gamma, table, max_width=1, node_budget=32)
-    tau, b = simulate(stats, [1.0] * gamma, policy)
+    policy, out = tune_adaptive(stats, [], table, max_width=1, node_budget=32)
+    tau, b = simulate(stats, [], policy)
     assert (b == depth + 1).all(), (name, policy)
     assert out.tau == pytest.approx(1 + sum(p ** j for j in range(1, depth + 1)), abs=1e-3)
 
@@ -127,12 +128,12 @@ def test_tuner_widens_only_when_verification_is_cheap():
     n_spine = np.array([0] * 500 + [2] * 500)  # half the rounds miss at depth 1 ...
     rescue = np.array([2] * 200 + [0] * 300 + [0] * 500)  # ... and 200 of those have the target's token at rank 2
     stats = _stats(n_spine, gamma, 0.5, top_probs=0.4, rescue=rescue, width=4)
-    flat, out = tune_adaptive(stats, [1.0] * gamma, _sps(lambda b: 10.0), max_width=4, node_budget=32)
+    flat, out = tune_adaptive(stats, [], _sps(lambda b: 10.0), max_width=4, node_budget=32)
     assert flat.max_width >= 2 and (flat.width_threshold is None or flat.width_threshold > 0.4)
     assert out.tau == pytest.approx(1 + 0.5 * 2 + 0.2)
-    two, out = tune_adaptive(stats, [1.0] * gamma, _sps(lambda b: 10.0), max_width=2, node_budget=32)
+    two, out = tune_adaptive(stats, [], _sps(lambda b: 10.0), max_width=2, node_budget=32)
     assert two.max_width == 2 and out.tau == pytest.approx(1 + 0.5 * 2 + 0.2)  # rank 2 needs exactly width 2
-    steep, out = tune_adaptive(stats, [1.0] * gamma, _sps(lambda b: 10.0 / b), max_width=4, node_budget=32)
+    steep, out = tune_adaptive(stats, [], _sps(lambda b: 10.0 / b), max_width=4, node_budget=32)
     assert steep.max_width == 1 and out.verified == 1.0
     # the fixed-depth chain comparison
     d, chain = best_fixed_chain(stats, _sps(lambda b: 10.0))
@@ -145,11 +146,11 @@ def test_tuner_picks_plain_decoding_where_no_draft_pays():
     p, gamma = 0.6, 6
     costly = _stats(_geometric_rounds(p, gamma, n=1000), gamma, p, overhead=0.05)  # drafting: half a target step
     sps = _sps(lambda b: 10.0 / (1 + 0.5 * (b - 1)))  # bf16-on-AVX2-like: every verified token costs half a step
-    policy, out = tune_adaptive(costly, [1.0] * gamma, sps, max_width=1, node_budget=32)
+    policy, out = tune_adaptive(costly, [], sps, max_width=1, node_budget=32)
     assert policy.node_budget == 0 and out.tau == 1.0 and out.verified == 1.0
     assert out.tokens_per_s == pytest.approx(10.0)  # plain decoding: SPS(1), no drafting cost
     assert best_fixed_chain(costly, sps)[1].tokens_per_s < 10.0  # every chain would lose to it
-    cheap, out = tune_adaptive(costly, [1.0] * gamma, _sps(lambda b: 10.0), max_width=1, node_budget=32)
+    cheap, out = tune_adaptive(costly, [], _sps(lambda b: 10.0), max_width=1, node_budget=32)
     assert cheap.node_budget > 0 and out.tokens_per_s > 10.0  # fp32-like flat curve: drafting pays
 
 
@@ -157,7 +158,7 @@ def test_overhead_per_round_favours_deeper_verification():
     p, gamma = 0.8, 6
     sps = _sps(lambda b: 10.0 / (1 + 0.3 * (b - 1)))
     cheap, costly = (_stats(_geometric_rounds(p, gamma), gamma, p, overhead=o) for o in (0.0, 0.05))
-    verified = [tune_adaptive(s, [1.0] * gamma, sps, 1, 32)[1].verified for s in (cheap, costly)]
+    verified = [tune_adaptive(s, [], sps, 1, 32)[1].verified for s in (cheap, costly)]
     assert verified[1] > verified[0]  # a fixed cost per round (half a step) makes each round worth filling
 
 
@@ -173,18 +174,18 @@ def test_sts_offset_removes_a_constant_bias_that_temperature_cannot():
     grid = [0.25 * i for i in range(1, 41)]
     t_only, _ = fit_sts(z, y, obs, grid, 20)
     temps, biases = fit_sts(z, y, obs, grid, 20, bias_grid=BIAS_GRID)
-    e_t = position_metrics(z, y, obs, t_only)["ece"]
-    e_tb = position_metrics(z, y, obs, temps, biases=biases)["ece"]
+    e_t = position_metrics(z, y, obs, sts_maps(t_only))["ece"]
+    e_tb = position_metrics(z, y, obs, sts_maps(temps, biases))["ece"]
     assert e_t[0] > 0.02 and e_tb[0] < 0.01 and e_tb[1] < e_t[1]
     assert abs(temps[0] - 1.0) < 0.15 and abs(biases[0] + 1.5) < 0.2, (temps, biases)
-    c = conditional(z, temps, biases)[:, 0]
+    c = conditional(z, sts_maps(temps, biases))[:, 0]
     assert (np.argsort(c, kind="stable") == np.argsort(z[:, 0], kind="stable")).all()
 
 
 def _calibration(gamma=3):
     z, y, obs = _overconfident(n=200, gamma=gamma)
     stats = _stats(np.array([0, 1, 3, 2]), gamma, 0.7)
-    m = position_metrics(z, y, obs, [2.0] * gamma)
+    m = position_metrics(z, y, obs, sts_maps([2.0] * gamma))
     return Calibration(gamma, [2.0] * gamma, m["ece"], m["ece"], m["auroc"], m["auroc"], m["brier"], m["brier"],
                          adaptive={"depth_threshold": 0.3, "width_threshold": 0.6, "max_width": 3, "node_budget": 9,
                                    "beam": 1},
@@ -207,13 +208,17 @@ def test_calibration_json_round_trip_and_decoder_reads_it(tmp_path):
     np.testing.assert_allclose(stats.conf_logits, np.log(0.7 / 0.3), atol=1e-4)
     assert back.policy() == AdaptivePolicy(0.3, 0.6, 3, 9, 1)
     pol = TreePolicy.from_calibration(path, depth=3)
-    assert (pol.widths, pol.beam, pol.node_budget, pol.temperatures, pol.depth_threshold, pol.width_threshold,
-            pol.biases) == ([3, 3, 3], 1, 9, [2.0] * 3, 0.3, 0.6, [0.5, -0.25, 0.0])
+    assert (pol.widths, pol.beam, pol.node_budget, pol.maps, pol.depth_threshold, pol.width_threshold) == \
+        ([3, 3, 3], 1, 9, sts_maps([2.0] * 3, [0.5, -0.25, 0.0]), 0.3, 0.6)  # no `maps`: STS from T and b
     assert pol.confidence(0, 1.0) == pytest.approx(1 / (1 + np.exp(-(1.0 / 2.0 + 0.5))))
-    assert pol.confidence(1, 1.0) == pytest.approx(float(conditional(np.array([[0.0, 1.0]]), [2.0] * 3,
-                                                                         back.biases)[0, 1]))
+    assert pol.confidence(1, 1.0) == float(conditional(np.array([[0.0, 1.0]]), back.slot_maps())[0, 1])
     with pytest.raises(ValueError, match="format_version"):
         Calibration.from_json({**cal.to_json(), "format_version": FORMAT_VERSION + 1})
+    # a file written before the copy prior existed (same format_version) still loads; hybrid decoding then
+    # starts from the default prior
+    from dspark_train.decoding.copy import prior_from_calibration
+    older = {k: v for k, v in cal.to_json().items() if k != "copy"}
+    assert Calibration.from_json(older).copy == {} and prior_from_calibration(older) == CopyPrior.default()
 
 
 # --------------------------------------------------------------------------- against the real decoder
@@ -261,14 +266,15 @@ def test_simulate_replays_the_decoders_adaptive_rounds_exactly(tiny_run):
     stats = stats_from_traces(traces, gamma, width)
     firsts = np.cumsum([0] + [len(t.rounds) for t in traces[:-1]])
     assert (stats.rescue[firsts] >= 2).any(), "no first round has a sibling rescue: vary the test drafter"
-    temps, biases = [1.5, 0.8, 1.0, 2.0], [0.3, -0.2, 0.0, 0.1]
+    maps = [SlotMap("sts", temperature=1.5, offset=0.3), SlotMap("platt", slope=1.25, offset=-0.2),
+            SlotMap("isotonic", z=(-2.0, 0.0, 1.5), c=(0.2, 0.45, 0.9)), SlotMap("sts", temperature=2.0, offset=0.1)]
     seen = set()
     for pol in [AdaptivePolicy(0.0, None, 3, 12), AdaptivePolicy(0.0, None, 2, 12),
                 AdaptivePolicy(0.3, None, 2, 12), AdaptivePolicy(0.15, 0.02, 3, 5),
                 AdaptivePolicy(0.5, None, 1, 12)]:
-        tau, b = simulate(stats, temps, pol, biases)
-        tp = TreePolicy([pol.max_width] * gamma, pol.beam, pol.node_budget, temps, pol.depth_threshold,
-                        pol.width_threshold, biases)
+        tau, b = simulate(stats, maps, pol)
+        tp = TreePolicy([pol.max_width] * gamma, pol.beam, pol.node_budget, maps, pol.depth_threshold,
+                        pol.width_threshold)
         for i, p in enumerate(prompts):
             r = dec.generate(p, max_new_tokens=12, policy=tp, eos_token_id=[]).rounds[0]
             assert (r.n_accepted + 1, r.verified + 1) == (tau[firsts[i]], b[firsts[i]]), (pol, i)
@@ -296,10 +302,15 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     assert data["data"]["sts"]["source"].startswith("anchor replay over greedy answers to 12 prompts")
     assert data["data"]["count"][0] == data["data"]["sts"]["blocks"] > data["data"]["probe"]["rounds"]
     sts = HeldoutStats.load(run / data["data"]["sts"]["file"])  # the fit is reproducible from the saved stats
-    assert len(sts) == data["data"]["sts"]["blocks"] and sts.width == 1
-    assert fit_sts(sts.conf_logits, sts.survived(), sts.observed(), recipe.calibrate.temperature_grid,
-                     recipe.calibrate.bins, BIAS_GRID) == (data["temperatures"], data["biases"])
+    assert len(sts) == data["data"]["sts"]["blocks"] and sts.width == 1 and sts.text.max() == 11
+    cc = recipe.calibrate
+    fit = fit_maps(sts.conf_logits, sts.survived(), sts.observed(), cc.temperature_grid, cc.bins, BIAS_GRID, cc.map,
+                   cc.map_threshold, text_folds(sts.text, len(sts)))
+    assert cc.map == "auto" and [m.to_json() for m in fit.maps] == data["maps"]
+    assert (fit.temperatures, fit.biases, fit.crossfit) == (data["temperatures"], data["biases"], data["ece_crossfit"])
     gamma = recipe.drafter.block_size
+    assert data["format_version"] == FORMAT_VERSION == 2 and len(data["maps"]) == gamma
+    assert all(x is not None for x in data["ece_crossfit"]["sts"])  # every slot's STS is scored on held-out texts
     assert len(data["temperatures"]) == gamma and all(t > 0 for t in data["temperatures"])
     for key in ("ece_before", "ece_after", "auroc_before", "auroc_after", "brier_before", "brier_after"):
         assert len(data[key]) == gamma
@@ -327,13 +338,20 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     out = dec.generate(prompt, max_new_tokens=16, mode="adaptive", eos_token_id=[])
     assert out.tokens == plain.generate(prompt, max_new_tokens=16, eos_token_id=[]).tokens
     assert dec.adaptive_info["source"] == "calibration.json"  # tuned under this very machine key
+    # the copy prior replayed over the same greedy answers; the hybrid decoder reads it and stays lossless
+    assert sum(data["copy"]["trials"]) > 0 and dec.copy.prior == CopyPrior.from_dict(data["copy"])
+    out = dec.generate(prompt, max_new_tokens=16, mode="hybrid", eos_token_id=[])
+    assert out.tokens == plain.generate(prompt, max_new_tokens=16, eos_token_id=[]).tokens
 
     # calibrating an artifact writes into the artifact (held-out split recomputed from the recipe)
     again = run_calibration(art, overrides=["calibrate.measure=false", "calibrate.prompts=2", "calibrate.texts=0"],
                               quiet=True)
     assert (art / "calibration.json").is_file() and again.data["n_prompts"] == 2
-    assert again.data["sts"] == {"source": "probe rounds", "blocks": again.data["probe"]["rounds"]}
+    assert again.data["sts"]["source"] == "probe rounds"
+    assert again.data["sts"]["blocks"] == again.data["probe"]["rounds"]
+    assert "file" not in again.data["sts"] and again.data["sts"]["folds"] == "alternate held-out texts"
     assert again.data["heldout"].startswith("split_heldout") and set(again.measured) == {"probe"}
+    assert again.copy == {}  # no greedy answers, no copy prior: the decoder falls back to the default
 
 
 def test_a_policy_tuned_under_another_machine_key_is_retuned_here(tiny_run, tmp_path, monkeypatch):
@@ -367,7 +385,7 @@ def test_a_policy_tuned_under_another_machine_key_is_retuned_here(tiny_run, tmp_
     assert info["cost_profile"]["steps_per_s"] == cal["cost_profile"]["steps_per_s"]
     assert info["expected"]["tokens_per_s"] == pytest.approx(cal["expected"]["adaptive"]["tokens_per_s"], rel=1e-3)
     assert info["policy"] == cal["adaptive"] and policy.node_budget == cal["adaptive"]["node_budget"]
-    assert policy.temperatures == cal["temperatures"]  # the calibrated confidences carry over
+    assert policy.maps == Calibration.from_json(cal).slot_maps()  # the calibrated confidences carry over
 
     def no_search(*a, **k):
         raise AssertionError("re-tuned again instead of reading the cache")

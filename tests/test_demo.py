@@ -25,6 +25,9 @@ def test_demo_fast_end_to_end(tmp_path):
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert report["mode"] == "adaptive" and set(report["benchmarks"]) == {"gsm8k", "mt-bench"}
     assert "| gsm8k" in proc.stdout and "artifact:" in proc.stdout
+    # the demo measures adaptive with and without copy branches and says which to use
+    assert report["hybrid"] is True and "drafter-only" in report["benchmarks"]["gsm8k"]["baselines"]
+    assert "measured here: hybrid adaptive" in proc.stdout
     # a rerun reuses every finished stage (no training, no calibration, no eval)
     again = subprocess.run([sys.executable, "-m", "dspark_train.demo"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)

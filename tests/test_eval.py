@@ -49,6 +49,18 @@ def test_acceptance_with_varying_depth_counts_only_verified_positions():
     assert acceptance_metrics([])["tau"] is None
 
 
+def test_per_source_acceptance_from_scripted_hybrid_rounds():
+    """Accepted / verified nodes per source, each source's share of accepted draft tokens."""
+    rounds = [RoundStat(6, 3, 3, {"drafter": [2, 1], "copy": [2, 1], "both": [1, 1]}),
+              RoundStat(4, 2, 3, {"copy": [3, 2]}, skipped=True), RoundStat(3, 0, 2, {"drafter": [2, 0]})]
+    m = acceptance_metrics(rounds)
+    src = m["sources"]
+    assert src["drafter"] == {"verified": 4, "accepted": 1, "acceptance": 0.25, "share_of_accepted": 0.2}
+    assert src["copy"] == {"verified": 5, "accepted": 3, "acceptance": 0.6, "share_of_accepted": 0.6}
+    assert src["both"]["acceptance"] == 1.0 and m["drafter_skipped_rounds"] == pytest.approx(1 / 3)
+    assert "sources" not in acceptance_metrics([RoundStat(5, 4, 4)])
+
+
 def test_first_divergence():
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
@@ -114,6 +126,7 @@ def test_bad_eval_settings_exit_2_naming_the_flag(argv, flag, tmp_path, capsys):
 
 def test_eval_config_defaults_are_the_flags_defaults():
     assert eval_args() == EvalConfig("artifact", progress=False)
+    assert eval_args("--hybrid").hybrid and eval_args("--mode", "hybrid").hybrid and not eval_args().hybrid
     with pytest.raises(RecipeError, match="--n: expected an integer, got '5'"):
         EvalConfig("artifact", n="5")
 
@@ -257,3 +270,26 @@ def test_adaptive_mode_needs_calibration(tiny_artifact, tmp_path, capsys):
     shutil.copytree(tiny_artifact, bare, ignore=shutil.ignore_patterns("calibration.json"))
     assert cli_main(["eval", str(bare), "--benchmarks", "mbpp", "--n", "1", "--mode", "adaptive"]) == 2
     assert "calibration.json" in capsys.readouterr().err
+
+
+def test_end_to_end_hybrid_reports_sources_next_to_drafter_only(tiny_artifact, tmp_path, monkeypatch):
+    """--mode hybrid measures the hybrid decoder with the same drafter without copy branches and
+    copy drafting alone in the same run; all lossless, with per-source acceptance in report.json and .md."""
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))  # the measured SPS(B) of the tiny target
+    out = tmp_path / "report"
+    rc = cli_main(["eval", str(tiny_artifact), "--benchmarks", "humaneval,mbpp", "--n", "2", "--max-new-tokens", "12",
+                   "--dtype", "float32", "--mode", "hybrid", "--baselines", "prompt-lookup,drafter-only,copy-only",
+                   "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "hybrid" and report["hybrid"] is True
+    for e in report["benchmarks"].values():
+        assert e["lossless"] is True and set(e["baselines"]) == {"prompt-lookup", "drafter-only", "copy-only"}
+        assert set(e["sources"]) == {"drafter", "copy", "both"} and 0 <= e["drafter_skipped_rounds"] <= 1
+        assert sum(x["accepted"] for x in e["sources"].values()) == round((e["tau"] - 1) * e["rounds"])
+        only = e["baselines"]["drafter-only"]
+        assert only["lossless"] is True and only["tau"] >= 1 and only["sources"] is None
+        assert e["baselines"]["copy-only"]["lossless"] is True
+        assert e["baselines"]["copy-only"]["sources"]["drafter"]["verified"] == 0
+    md = (out / "report.md").read_text()
+    assert "Accepted draft tokens by source" in md and "drafter-only tok/s" in md

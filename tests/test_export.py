@@ -317,7 +317,7 @@ def test_model_card_of_export(exported):
     assert f"precision `auto` → `no` ({AMD} → fp32 training)" in body
     assert "- gsm8k: 0.80, 0.60, 0.40, 0.20" in body
     assert "on 8 held-out prompts (probe rounds, 120 drafted blocks, float32)" in body
-    assert "       1 |    120 |  1.25 | +0.00 |    6.0% → 1.0%" in body and "depth threshold 0.31" in body
+    assert "       1 |    120 | sts T=1.25 b=+0.00   |    6.0% → 1.0%" in body and "depth threshold 0.31" in body
     assert "`final.loss`: 1.23" in body and "`tokens`: 12,345" in body
     assert "dspark eval" in body and "load_artifact(" in body and "--mode adaptive" in body
     assert "mode='adaptive'" in body and "SpeculativeDecoder(target, drafter, calibration=drafter.calibration)" in body

@@ -5,24 +5,30 @@ Round invariants (batch 1): the target KV cache holds exactly the committed cont
 [anchor, draft nodes] with position ids ctx + depth and a tree mask, keeps the accepted path's KV
 (crop or compaction) and hands the drafter the features of exactly those positions. With no drafter the
 same loop is plain target decoding (one token per round), the reference the tests compare against.
+`hybrid=True` (or mode "hybrid") adds the copy drafter's branches to each round's tree (hybrid.py).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from transformers import DynamicCache
 
+from ..calibration import read_calibration
 from .attention import use_row_exact_attention
 from .cache import gather_slots, keep_slots, select_rows
+from .copy import CopyDrafter, prior_from_calibration
+from .hybrid import HybridDrafting, HybridPolicy
 from .sampling import SamplingParams, accept_rate, sample, warp
 from .retune import policy_for_machine
-from .scheduler import SPSProfile, prefix_schedule
-from .tree import DraftTree, TreePolicy, accept_greedy, accept_sampling, draft_tree, tree_mask
+from .scheduler import SPSProfile, load_or_measure_sps, machine_key, prefix_schedule
+from .tree import COPY, DRAFTER, DraftTree, TreePolicy, accept_greedy, accept_sampling, draft_tree, tree_mask
 
-MODES = ("chain", "tree", "adaptive")
+MODES = ("chain", "tree", "adaptive", "hybrid")
+SOURCE_NAMES = {DRAFTER: "drafter", COPY: "copy", DRAFTER | COPY: "both"}
 
 
 @dataclass
@@ -34,6 +40,7 @@ class RoundTrace:
     draft_probs[i]: probability of the token under the (warped) draft distribution it was drawn from.
     target_probs / accept_rates (record_probs=True): p_t(token | path to parent) and Σ_v min(p_t, p_d) at the
     parent (the exact acceptance probability of a first sibling, the soft label c*).
+    sources[i]: who proposed node i+1: "drafter", "copy" or "both" (hybrid rounds share equal nodes).
     """
 
     tokens: list[int]
@@ -50,6 +57,17 @@ class RoundTrace:
     t_book: float = 0.0  # mask, acceptance, KV compaction, stop checks
     target_probs: Optional[list[float]] = None
     accept_rates: Optional[list[float]] = None
+    sources: list[str] = field(default_factory=list)
+    drafter_skipped: bool = False  # hybrid: a confident copy match made the drafter's forward unnecessary
+    t_copy: float = 0.0  # hybrid: copy drafting (query, merge, budget, index update), part of t_draft
+
+    def by_source(self) -> dict[str, list[int]]:
+        """{source: [verified nodes, accepted nodes]} (hybrid rounds)."""
+        out: dict[str, list[int]] = {}
+        for s, ok in zip(self.sources, self.accepted):
+            e = out.setdefault(s, [0, 0])
+            e[0], e[1] = e[0] + 1, e[1] + ok
+        return out
 
     @property
     def verified(self) -> int:
@@ -100,28 +118,41 @@ class SpeculativeDecoder:
     widths), "adaptive" (TreePolicy from a calibration.json, re-tuned on first use where its cost profile was
     measured under another machine key: decoding/retune.py; retune=False takes it as is). `policy=` overrides
     a mode's default; a policy with node budget 0 is plain decoding (the drafter does not run).
+    `hybrid=True` merges the copy drafter's continuations into any mode's tree (decoding/hybrid.py); mode
+    "hybrid" is adaptive (tree without a calibration) with hybrid=True. `copy` / `hybrid` / `sps` override
+    the copy drafter (default: calibration.json's `copy` prior), the hybrid policy and the verify-cost
+    curve that sizes hybrid trees (default: calibration.json's cost profile when it was measured under this
+    machine key, else measured here once and cached).
     exact_attention=True switches the target to row-exact verification attention (decoding/attention.py):
     bf16 greedy output then equals plain bf16 greedy bit for bit, at some verify cost.
     """
 
-    def __init__(self, target, drafter=None, calibration: Union[str, dict, None] = None,
+    def __init__(self, target, drafter=None, calibration: Union[str, Path, dict, None] = None,
                  tree: Optional[TreePolicy] = None, conf_threshold: float = 0.0, exact_attention: bool = False,
-                 retune: bool = True):
+                 retune: bool = True, copy: Optional[CopyDrafter] = None, hybrid: Optional[HybridPolicy] = None,
+                 sps: Optional[SPSProfile] = None):
         if exact_attention:
             use_row_exact_attention(target.model)
         self.target = target
         self.drafter = drafter
         gamma = drafter.config.block_size if drafter is not None else 0
         self.gamma = gamma
+        if calibration is not None:
+            calibration = read_calibration(calibration)
         calibrated = TreePolicy.from_calibration(calibration, gamma) if calibration is not None else None
-        temps, biases = (calibrated.temperatures, calibrated.biases) if calibrated is not None else (None, None)
+        maps = calibrated.maps if calibrated is not None else None
         self.policies = {
-            "chain": TreePolicy.chain(gamma, conf_threshold, temps, biases),
-            "tree": tree or TreePolicy([3] + [2] * (gamma - 1), beam=4, node_budget=16, temperatures=temps,
-                                       biases=biases),
+            "chain": TreePolicy.chain(gamma, conf_threshold, maps),
+            "tree": tree or TreePolicy([3] + [2] * (gamma - 1), beam=4, node_budget=16, maps=maps),
         }
         self.calibration, self.retune = calibration, retune
         self.adaptive_info: Optional[dict] = None  # where the adaptive policy came from (adaptive_policy())
+        self.copy = copy or CopyDrafter(prior=prior_from_calibration(calibration))
+        self.hybrid = hybrid or HybridPolicy()
+        cost = (calibration or {}).get("cost_profile") or {}
+        # a curve measured under another machine key says nothing about this one (bf16 vs fp32 on a CPU: 3x)
+        here = cost.get("tokens") and cost.get("machine") == machine_key(target)
+        self.sps = sps or (SPSProfile(cost["tokens"], cost["steps_per_s"]) if here else None)
         self.device = target.device
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
@@ -140,10 +171,17 @@ class SpeculativeDecoder:
                 self.adaptive_info = {"source": "calibration.json", "why": "retune=False"}
         return self.policies["adaptive"]
 
+    def hybrid_base(self) -> str:
+        """The mode whose drafter trees mode "hybrid" adds copy branches to: adaptive when there is a calibrated
+        drafter, else tree (without a drafter: copy drafting alone)."""
+        return "adaptive" if self.calibration is not None and self.drafter is not None else "tree"
+
     # ------------------------------------------------------------------ helpers
     def _setup(self, mode, policy, temperature, top_p, top_k, eos_token_id, seed, generator, max_new_tokens):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        if mode == "hybrid":
+            mode = self.hybrid_base()
         if policy is None:
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -160,6 +198,13 @@ class SpeculativeDecoder:
     def _first_token(self, logits: torch.Tensor, params: SamplingParams, generator) -> int:
         return int(logits.argmax()) if params.greedy else sample(warp(logits, params), generator)
 
+    def cost_curve(self) -> SPSProfile:
+        """SPS(B) that sizes hybrid trees: given, calibration.json's under this machine key, else measured here
+        (cached per machine key)."""
+        if self.sps is None:
+            self.sps = load_or_measure_sps(self.target)
+        return self.sps
+
     def _now(self) -> float:
         self._sync()
         return time.perf_counter()
@@ -170,13 +215,15 @@ class SpeculativeDecoder:
                  mode: str = "chain", temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  eos_token_id: Union[int, list[int], None] = None, stop_strings: Sequence[str] = (),
                  seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 policy: Optional[TreePolicy] = None, record_probs: bool = False) -> DecodeTrace:
+                 policy: Optional[TreePolicy] = None, record_probs: bool = False, hybrid: bool = False
+                 ) -> DecodeTrace:
         """Generate up to `max_new_tokens` ids after `prompt_ids`. eos_token_id None = the target's
         generation_config (pass [] for none). Greedy output equals plain greedy decoding; sampled output is
         distributed exactly as the target's (same temperature/top-p/top-k). A prompt that does not fit the
         target's window with `max_new_tokens` more raises target.PromptTooLong (a ValueError) up front."""
         policy, params, eos, gen = self._setup(mode, policy, temperature, top_p, top_k, eos_token_id, seed,
                                                generator, max_new_tokens)
+        hybrid = hybrid or mode == "hybrid"
         tgt, dev = self.target, self.device
         drafter = self.drafter if policy.node_budget > 0 else None  # budget 0: plain decoding, no drafting
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1).to(dev)
@@ -192,10 +239,17 @@ class SpeculativeDecoder:
         trace = DecodeTrace(tokens, prompt.shape[1], "", t_prefill=self._now() - t_start)
         ctx = prompt.shape[1]
         end, trace.stop_reason = find_stop(tokens, 0, max_new_tokens, eos, stop_strings, tgt.tokenizer)
+        hyb = HybridDrafting(self.copy, self.hybrid, self.cost_curve(), prompt[0].tolist() + tokens) if hybrid \
+            and end is None else None
         while end is None:
             t0 = self._now()
-            tree = (draft_tree(drafter, state, tokens[-1], policy, params, max_new_tokens - len(tokens) - 1, gen,
-                               record_probs) if drafter is not None else DraftTree([tokens[-1]]))
+            room = max_new_tokens - len(tokens) - 1
+            if hyb is not None:
+                tree = hyb.draft(drafter, state, tokens[-1], policy, params, room, gen, record_probs)
+            elif drafter is not None:
+                tree = draft_tree(drafter, state, tokens[-1], policy, params, room, gen, record_probs)
+            else:
+                tree = DraftTree([tokens[-1]])
             mask = tree_mask(tree.parents, ctx, dev)
             pos = torch.tensor(tree.depths, device=dev)[None] + ctx
             t1 = self._now()
@@ -212,10 +266,14 @@ class SpeculativeDecoder:
             rnd = self._round(tree, path, probs if record_probs else None)
             rnd.committed = (end or len(tokens)) - start
             t3 = self._now()
-            if end is None and drafter is not None:
+            if end is None and drafter is not None:  # also after rounds that skipped the drafter
                 drafter.extend_context(state, out.features[:, path], out.last_hidden[:, path])
+            if end is None and hyb is not None:
+                hyb.commit(tree, path, tokens[start:])
             t4 = self._now()
             rnd.t_draft, rnd.t_verify, rnd.t_book = (t1 - t0) + (t4 - t3), t2 - t1, t3 - t2
+            if hyb is not None:
+                rnd.drafter_skipped, rnd.t_copy = hyb.skipped and drafter is not None, hyb.t_copy
             trace.rounds.append(rnd)
         del tokens[end:]
         trace.t_total = self._now() - t_start
@@ -237,13 +295,14 @@ class SpeculativeDecoder:
         n = len(tree)
         rnd = RoundTrace(tree.tokens[1:], tree.parents[1:], tree.depths[1:], tree.conf_logits[1:],
                          tree.draft_probs[1:], [i in on_path for i in range(1, n)], len(path) - 1, 0,
-                         tree.widths())
+                         tree.widths(), sources=[SOURCE_NAMES[s] for s in tree.sources[1:]])
         if probs is not None:
             par = torch.tensor(tree.parents[1:], dtype=torch.long, device=probs.device)
             tok = torch.tensor(tree.tokens[1:], dtype=torch.long, device=probs.device)
             rnd.target_probs = probs[par, tok].tolist()
             rates = {u: float(accept_rate(probs[u], q)) for u, q in tree.child_dist.items()}
-            rnd.accept_rates = [rates.get(p, float("nan")) for p in tree.parents[1:]]
+            rnd.accept_rates = [rates.get(p, float("nan")) if s & DRAFTER else float("nan")  # copy: δ, no rate
+                                for p, s in zip(tree.parents[1:], tree.sources[1:])]
         return rnd
 
     # ------------------------------------------------------------------ several requests per forward
@@ -262,7 +321,7 @@ class SpeculativeDecoder:
         0..len-1; a 4-D mask hides padding. Drafter states are per request (batch 1 each).
         """
         chain = self.policies["chain"]
-        policy = TreePolicy.chain(self.gamma, 0.0, chain.temperatures, chain.biases)
+        policy = TreePolicy.chain(self.gamma, 0.0, chain.maps)
         _, params, eos, gen = self._setup("chain", policy, temperature, top_p, top_k, eos_token_id, seed, generator,
                                           max_new_tokens)
         tgt, drafter, dev = self.target, self.drafter, self.device

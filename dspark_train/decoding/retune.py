@@ -10,9 +10,9 @@ tuned. Under another key (another machine, dtype or thread count) it is re-tuned
   scaled by the ratio to the calibrating machine's (they were measured there);
 - the tuner's threshold search (adaptive.py, numpy only) re-runs on the held-out rounds calibration.json stores.
 
-The calibrated confidences (temperatures, offsets) carry over; the cost curve does not. The search takes seconds
-to a minute on a CPU, so the re-tuned policy is cached next to the SPS profiles, keyed by the calibration, the
-target and the machine.
+The calibrated confidences (the per-slot maps, slotmaps.py) carry over; the cost curve does not. The search takes
+seconds to a minute on a CPU, so the re-tuned policy is cached next to the SPS profiles, keyed by the calibration,
+the target and the machine.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import torch
 from ..adaptive import tune_adaptive
 from ..calibration import AdaptivePolicy, HeldoutStats, read_calibration
 from ..layout import check_version, read_json, write_atomic
+from ..slotmaps import read_maps
 from .sampling import SamplingParams
 from .scheduler import SPSProfile, cache_root, cost_profile, machine_key
 from .tree import TreePolicy, draft_tree
@@ -77,8 +78,7 @@ def retune(target, drafter, cal: dict, cache_dir: Optional[Path] = None) -> dict
     recorded = float(np.nanmedian(stats.t_draft)) if len(stats) else 0.0
     scale = measure_draft_seconds(target, drafter, stats.width) / recorded if recorded > 0 else 1.0
     local = replace(stats, t_draft=stats.t_draft * scale, t_book=stats.t_book * scale)
-    policy, expected = tune_adaptive(local, cal["temperatures"], sps, max_width, max_nodes,
-                                     biases=cal.get("biases") or None)
+    policy, expected = tune_adaptive(local, read_maps(cal), sps, max_width, max_nodes)
     return {"policy": asdict(policy), "expected": expected.to_dict(), "draft_time_scale": round(scale, 4),
             "cost_profile": {k: v for k, v in cost.items() if k != "batches"}}
 
@@ -94,13 +94,13 @@ def policy_for_machine(target, drafter, calibration: Union[str, Path, dict], cac
     here, there = machine_key(target), (cal.get("cost_profile") or {}).get("machine")
     info = {"machine": here, "calibrated_on": there}
     stats = (cal.get("data") or {}).get("stats")
-    if there == here or not stats or not cal.get("temperatures"):
+    if there == here or not stats or not (cal.get("maps") or cal.get("temperatures")):
         why = ("its cost profile was measured on this machine" if there == here else
                "it stores no held-out rounds to re-tune on (its policy is used as is)")
         return TreePolicy.from_calibration(cal, gamma), {
             **info, "source": "calibration.json", "why": why,
             "policy": asdict(AdaptivePolicy.from_json(cal.get("adaptive") or {}, gamma))}
-    blob = json.dumps([POLICY_VERSION, cal["temperatures"], cal.get("biases"), cal["data"].get("tuning"), stats,
+    blob = json.dumps([POLICY_VERSION, [m.to_json() for m in read_maps(cal)], cal["data"].get("tuning"), stats,
                        here, target.fingerprint(), torch.__version__], sort_keys=True, default=str)
     path = cache_root(cache_dir) / f"policy_{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
     why = (f"calibration.json was tuned on {_describe(there)}, this is {_describe(here)}: the cost curve does "

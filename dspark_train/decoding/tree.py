@@ -8,13 +8,13 @@ Losslessness rule for the shape of a tree: how many children a node gets may dep
 ancestors and the drafter's confidence for the *next* slot given the node, never on the children's own
 values (paper, Appendix A). Budget truncation follows a parent order fixed before children are drawn.
 
-`TreePolicy.from_calibration` reads `temperatures`, `biases` and `adaptive` of a calibration.json through its
-schema (dspark_train/calibration.py, which also refuses a newer format_version); the adaptive width/depth rule
-is `calibration.child_widths`, shared with the tuner's exact replay (`adaptive.simulate`).
+`TreePolicy.from_calibration` reads the per-slot calibration maps and `adaptive` of a calibration.json through
+its schema (dspark_train/calibration.py, which also refuses a newer format_version); a map is applied by
+`slotmaps.SlotMap.__call__` and the adaptive width/depth rule is `calibration.child_widths`, both shared with
+the tuner's exact replay (`adaptive.simulate`).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -22,7 +22,10 @@ from typing import Optional, Union
 import torch
 
 from ..calibration import child_widths, read_adaptive
+from ..slotmaps import IDENTITY, SlotMap
 from .sampling import SamplingParams, residual, sample, sample_without_replacement, warp
+
+DRAFTER, COPY = 1, 2  # node sources (bits): proposed by the drafter, by the copy drafter (decoding/copy.py)
 
 
 @dataclass
@@ -33,36 +36,35 @@ class TreePolicy:
     widths: list[int]
     beam: int = 1
     node_budget: int = 64  # draft nodes per round, the anchor excluded
-    temperatures: Optional[list[float]] = None  # STS temperature per slot for the confidence logits
+    maps: Optional[list[SlotMap]] = None  # calibration map per slot for the confidence logits (None: raw σ)
     depth_threshold: float = 0.0  # a node gets children only if calibrated survival through their slot ≥ this
     width_threshold: Optional[float] = None  # if set: widths[k] candidates only where top draft prob < this, else 1
-    biases: Optional[list[float]] = None  # calibration offset per slot, added after the temperature
 
     @classmethod
-    def chain(cls, depth: int, conf_threshold: float = 0.0, temperatures: Optional[list[float]] = None,
-              biases: Optional[list[float]] = None) -> "TreePolicy":
-        return cls([1] * depth, 1, depth, temperatures, conf_threshold, biases=biases)
+    def chain(cls, depth: int, conf_threshold: float = 0.0, maps: Optional[list[SlotMap]] = None) -> "TreePolicy":
+        return cls([1] * depth, 1, depth, maps, conf_threshold)
 
     @classmethod
     def from_calibration(cls, calibration: Union[str, Path, dict], depth: int) -> "TreePolicy":
-        """The adaptive policy [E] tuned: STS temperatures and offsets plus depth/width thresholds and a node
+        """The adaptive policy [E] tuned: per-slot calibration maps plus depth/width thresholds and a node
         budget."""
-        temperatures, biases, ad = read_adaptive(calibration, depth)
-        return cls([ad.max_width] * depth, ad.beam, ad.node_budget, temperatures, ad.depth_threshold,
-                   ad.width_threshold, biases)
+        maps, ad = read_adaptive(calibration, depth)
+        return cls([ad.max_width] * depth, ad.beam, ad.node_budget, maps, ad.depth_threshold, ad.width_threshold)
 
     def confidence(self, k: int, logit: float) -> float:
-        """Calibrated conditional survival of slot k: σ(z / T_k + b_k)."""
-        t = self.temperatures[k] if self.temperatures and k < len(self.temperatures) else 1.0
-        b = self.biases[k] if self.biases and k < len(self.biases) else 0.0
-        x = logit / t + b
-        return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+        """Calibrated conditional survival of slot k: its map applied to the raw logit (slotmaps.py)."""
+        return float((self.maps[k] if self.maps and k < len(self.maps) else IDENTITY)(logit))
 
 
 @dataclass
 class DraftTree:
     """Nodes in creation order (parents first). child_dist[u] = the fp32 draft distribution u's children were
-    drawn from (sampling: needed for acceptance; greedy: kept only when probabilities are recorded)."""
+    drawn from (sampling: needed for acceptance; greedy: kept only when probabilities are recorded).
+
+    Hybrid trees (decoding/hybrid.py): sources[i] says who proposed node i (DRAFTER and/or COPY bits); the
+    drafter's proposals at u are u's children with the DRAFTER bit, in draw order; copy_children[u] lists
+    the copy drafter's point-mass proposals at u in test order (a node proposed by both is one node).
+    """
 
     tokens: list[int]
     parents: list[int] = field(default_factory=lambda: [-1])
@@ -71,11 +73,13 @@ class DraftTree:
     conf_logits: list[float] = field(default_factory=lambda: [float("nan")])  # slot confidence given the parent
     draft_probs: list[float] = field(default_factory=lambda: [1.0])  # q(token) under the distribution it came from
     child_dist: dict = field(default_factory=dict)
+    sources: list[int] = field(default_factory=lambda: [0])
+    copy_children: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def add(self, token: int, parent: int, conf_logit: float, q: float) -> int:
+    def add(self, token: int, parent: int, conf_logit: float, q: float, source: int = DRAFTER) -> int:
         i = len(self.tokens)
         self.tokens.append(token)
         self.parents.append(parent)
@@ -84,13 +88,47 @@ class DraftTree:
         self.children[parent].append(i)
         self.conf_logits.append(conf_logit)
         self.draft_probs.append(q)
+        self.sources.append(source)
+        if source & COPY:
+            self.copy_children.setdefault(parent, []).append(i)
         return i
+
+    def child(self, u: int, token: int) -> Optional[int]:
+        return next((c for c in self.children[u] if self.tokens[c] == token), None)
 
     def prefix(self, n: int) -> "DraftTree":
         """The first n nodes (closed under parents, as nodes are created parents first)."""
-        kids = [[c for c in ch if c < n] for ch in self.children[:n]]
-        return DraftTree(self.tokens[:n], self.parents[:n], self.depths[:n], kids, self.conf_logits[:n],
-                         self.draft_probs[:n], {u: q for u, q in self.child_dist.items() if u < n and kids[u]})
+        return self.subset(range(n), range(n))
+
+    def subset(self, keep_drafted, keep_copied) -> "DraftTree":
+        """The tree of the nodes whose drafter proposal is in `keep_drafted` or whose copy proposal is in
+        `keep_copied` (each closed under parents; the anchor is always kept), renumbered in creation order.
+        A node keeps only the source bits of its kept proposals, so acceptance tests exactly those."""
+        src = self._kept_sources(keep_drafted, keep_copied)
+        old = self.kept(keep_drafted, keep_copied)
+        new = {o: i for i, o in enumerate(old)}
+        out = DraftTree([self.tokens[0]], conf_logits=[self.conf_logits[0]], draft_probs=[self.draft_probs[0]],
+                        sources=[src[0]])
+        for o in old[1:]:
+            out.add(self.tokens[o], new[self.parents[o]], self.conf_logits[o], self.draft_probs[o], src[o])
+        for u, kids in self.copy_children.items():  # keep the copy drafter's test order
+            if u in new:
+                out.copy_children[new[u]] = [new[c] for c in kids if c in new and out.sources[new[c]] & COPY]
+        out.copy_children = {u: k for u, k in out.copy_children.items() if k}
+        out.child_dist = {new[u]: q for u, q in self.child_dist.items()
+                          if u in new and any(out.sources[c] & DRAFTER for c in out.children[new[u]])}
+        return out
+
+    def kept(self, keep_drafted, keep_copied) -> list[int]:
+        """The nodes `subset` keeps, as indices into this tree (the subset's node i is this tree's kept[i])."""
+        return [i for i, b in enumerate(self._kept_sources(keep_drafted, keep_copied)) if i == 0 or b]
+
+    def _kept_sources(self, keep_drafted, keep_copied) -> list[int]:
+        drafted, copied = set(keep_drafted), set(keep_copied)
+        src = [((DRAFTER if i in drafted else 0) | (COPY if i in copied else 0)) & b
+               for i, b in enumerate(self.sources)]
+        src[0] = self.sources[0]
+        return src
 
     def widths(self) -> list[int]:
         """Nodes per depth 1..max depth."""
@@ -188,19 +226,42 @@ def accept_sampling(tree: DraftTree, target_probs: torch.Tensor, generator: Opti
                     ) -> tuple[list[int], int]:
     """Multi-draft rejection sampling down the tree (a chain is the one-sibling case).
 
-    At node u with target distribution r: sibling i (drawn from q_i = q renormalised without siblings < i) is
-    accepted with probability min(1, r(x)/q_i(x)); on rejection r ← norm(max(r − q_i, 0)). If every sibling
-    is rejected (or u is a leaf) the bonus token is drawn from r. Output ~ the target distribution exactly.
+    At node u with target distribution r, the proposals are tested in a fixed order: first the drafter's
+    siblings in draw order, sibling i drawn from q_i = q renormalised without siblings < i, accepted with
+    probability min(1, r(x)/q_i(x)), on rejection r ← norm(max(r − q_i, 0)); then the copy drafter's
+    candidates, each a point mass δ_y (accepted with probability r(y); on rejection r ← norm(max(r − δ_y, 0)),
+    i.e. y's mass removed). If every proposal is rejected (or u is a leaf) the bonus token is drawn from r.
+
+    Why the output is the target distribution. Claim: given everything observed before a test (earlier
+    proposals' values and rejections, anything that fixed the tree's shape), if the current residual is r
+    and the next proposal x is drawn from exactly the distribution d it is tested with, the rest of the
+    procedure outputs y with probability r(y). Induction on the proposals left: with none left, the output
+    is drawn from r. Otherwise x is accepted and output with probability min(d(y), r(y)) at x = y, and
+    rejected with total probability 1 − Σ min(d, r) = Σ max(r − d, 0), after which (induction) y comes out
+    with probability norm(max(r − d, 0))(y); together min(d, r)(y) + max(r − d, 0)(y) = r(y). Nothing in the
+    step needs d to relate to the other proposals, so (a) a later sibling may be drawn from a distribution
+    that depends on earlier values (without replacement), (b) a point mass is just d = δ_y (a copy token is
+    a deterministic function of the committed context, "drawn" from δ_y given it), and (c) the same token
+    may be proposed twice: a copy token equal to a drafter sibling shares its tree node, but both proposals
+    are tested and both residual updates applied (skipping the δ update after rejecting y would leave y's
+    mass in r and over-sample y through the sibling, or vice versa). What must hold is that each proposal
+    is drawn from the d it is tested with, given what came before: the tree's shape (which proposals exist)
+    may depend on the committed context, on ancestors and on earlier siblings, never on a proposal's own
+    value (hybrid.py ranks proposals by value-free estimates in sampling mode). Drafter siblings go first:
+    with one sibling from q and a point mass δ_y, that order accepts with probability
+    Σ_{v≠y} min(q(v), r(v)) + r(y), at least the r(y) + Σ_{v≠y} min((1 − r(y))·q(v), r(v)) of δ_y first.
     """
     path, u = [0], 0
     while True:
         r = target_probs[u]
-        kids = tree.children[u]
-        if kids:
+        drafted = [c for c in tree.children[u] if tree.sources[c] & DRAFTER]
+        copied = tree.copy_children.get(u, [])
+        n = len(drafted) + len(copied)
+        uniforms = torch.rand(n, generator=generator, device=r.device).tolist() if n else []
+        if drafted:
             q = tree.child_dist[u].clone()
-            uniforms = torch.rand(len(kids), generator=generator, device=q.device).tolist()
         nxt = None
-        for c, uni in zip(kids, uniforms if kids else ()):
+        for c, uni in zip(drafted, uniforms):
             x = tree.tokens[c]
             qi = q / q.sum()
             if uni * float(qi[x]) < float(r[x]):
@@ -209,6 +270,20 @@ def accept_sampling(tree: DraftTree, target_probs: torch.Tensor, generator: Opti
             r = residual(r, qi)
             q[x] = 0.0
         if nxt is None:
+            for c, uni in zip(copied, uniforms[len(drafted):]):
+                x = tree.tokens[c]
+                if uni < float(r[x]):
+                    nxt = c
+                    break
+                r = residual(r, point_mass(x, r))
+        if nxt is None:
             return path, sample(r, generator)
         path.append(nxt)
         u = nxt
+
+
+def point_mass(x: int, like: torch.Tensor) -> torch.Tensor:
+    """δ_x, the draft distribution of a copied token."""
+    d = torch.zeros_like(like)
+    d[x] = 1.0
+    return d

@@ -1,0 +1,169 @@
+"""Hybrid draft trees: the learned drafter's branches and the copy drafter's continuations in one tree per
+round, verified in one target pass.
+
+A round (`HybridDrafting.draft`):
+1. The copy drafter (copy.py) proposes continuations of the committed tokens, each token with an estimate
+   of its acceptance given its predecessors.
+2. Unless the best copy candidate's first token is confident (estimate ≥ `HybridPolicy.skip_drafter`), the
+   drafter drafts its tree exactly as the mode's TreePolicy says (chain, tree, adaptive). A skipped drafter
+   runs no forward at all; the decoder still extends its context cache with every committed position after
+   verification, so its state stays consistent.
+3. `merge_copy` walks each continuation down from the anchor: where a child with the same token exists
+   (a drafter node or an earlier continuation) the proposal shares that node, else a copy node is added.
+4. Budget (`admit`): every proposal gets a value, its estimated probability of being accepted (drafter:
+   calibrated survival, copy: the product of its estimates); proposals are admitted in descending value
+   while Θ = (1 + Σ admitted values) · SPS(1 + admitted) improves, stopping at the first non-improvement
+   (Algorithm 1 on one tree). The values split the budget between the sources; the measured verify-cost
+   curve SPS(B) decides the total. A round where copying offers nothing verifies the drafter tree as its
+   policy built it, so drafter-only rounds cost what they cost without the copy drafter.
+
+Greedy decoding accepts by argmax whatever the shape, so there the values are per node and as informed as
+possible: v(x) = v(parent) · max(drafter estimate, copy estimate), the drafter's estimate for a sibling of
+rank i > 0 being (1 − c)·q(x)/(1 − q(top)). Sampling (tree.py's `accept_sampling` has the argument) needs
+every proposal's existence to be independent of its own value, so there values are per proposal and
+value-free: the drafter's rank-i child of u gets v_d(u)·c_u·(1 − c_u)^i (c_u: the calibrated confidence of
+the slot given u, known before the children are drawn), a copy token its chain's product (a function of
+the committed context); ranking by (−value, node) then admits proposals only behind their parents and
+earlier siblings, and a proposal's admission depends only on proposals ranked before it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from .copy import CopyCandidate, CopyDrafter
+from .sampling import SamplingParams
+from .tree import COPY, DRAFTER, DraftTree, TreePolicy, draft_tree
+
+
+@dataclass(frozen=True)
+class HybridPolicy:
+    skip_drafter: float = 0.9  # skip the drafter's forward when the best copy token's estimate is ≥ this (> 1: never)
+    max_nodes: int = 64  # draft nodes per round at most, the anchor excluded
+
+
+def merge_copy(tree: DraftTree, candidates: Sequence[CopyCandidate]) -> list[list[int]]:
+    """Insert each continuation into the tree, sharing nodes with equal prefixes; returns each one's nodes.
+    A copy node's draft probability is 1 (a point mass) and its confidence logit NaN."""
+    chains = []
+    for cand in candidates:
+        u, nodes = 0, []
+        for tok in cand.tokens:
+            v = tree.child(u, tok)
+            if v is None:
+                v = tree.add(tok, u, float("nan"), 1.0, COPY)
+            elif not tree.sources[v] & COPY:
+                tree.sources[v] |= COPY
+                tree.copy_children.setdefault(u, []).append(v)
+            nodes.append(v)
+            u = v
+        chains.append(nodes)
+    return chains
+
+
+def admit(values: Sequence[float], sps: Callable[[int], float], max_items: int) -> list[int]:
+    """Indices of the admitted items: in order of (−value, index), while Θ = (1 + Σ values)·SPS(1 + n)
+    improves; the first non-improvement stops (what is admitted never depends on what is ranked later)."""
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    tau, best, n = 1.0, sps(1), 0
+    for i in order[:max_items]:
+        theta = (tau + values[i]) * sps(n + 2)
+        if theta <= best:
+            break
+        tau, best, n = tau + values[i], theta, n + 1
+    return order[:n]
+
+
+def _drafter_estimates(tree: DraftTree, n_drafted: int, policy: TreePolicy, greedy: bool) -> list[float]:
+    """Conditional estimate of each drafter node (index < n_drafted) given its parent accepted."""
+    est = [1.0] * n_drafted
+    for u in range(n_drafted):
+        kids = [c for c in tree.children[u] if c < n_drafted]
+        for rank, v in enumerate(kids):
+            c = policy.confidence(tree.depths[v] - 1, tree.conf_logits[v])
+            if rank == 0:
+                est[v] = c
+            elif greedy:
+                top = tree.draft_probs[kids[0]]
+                est[v] = (1 - c) * tree.draft_probs[v] / (1 - top) if top < 1 else 0.0
+            else:
+                est[v] = c * (1 - c) ** rank
+    return est
+
+
+def budget(tree: DraftTree, n_drafted: int, chains: list[list[int]], candidates: Sequence[CopyCandidate],
+           policy: TreePolicy, greedy: bool, sps: Callable[[int], float], max_nodes: int
+           ) -> tuple[list[int], list[int]]:
+    """The admitted proposals of a merged tree: (nodes whose drafter proposal stays, nodes whose copy
+    proposal stays), for `tree.subset` (see the module docstring for the values)."""
+    est_d = _drafter_estimates(tree, n_drafted, policy, greedy)
+    est_c = {}
+    for nodes, cand in zip(chains, candidates):
+        for v, p in zip(nodes, cand.probs):
+            est_c[v] = max(est_c.get(v, 0.0), p)
+    n = len(tree)
+    if greedy:
+        value = [1.0] * n
+        for v in range(1, n):
+            value[v] = value[tree.parents[v]] * max(est_d[v] if v < n_drafted else 0.0, est_c.get(v, 0.0))
+        keep = [v + 1 for v in admit(value[1:], sps, max_nodes)]
+        return keep, keep
+    items = []  # (value, node, source): the drafter's and the copy drafter's proposals separately
+    vd = [1.0] * n_drafted
+    for v in range(1, n_drafted):
+        vd[v] = vd[tree.parents[v]] * est_d[v]
+        items.append((vd[v], v, DRAFTER))
+    vc = {0: 1.0}
+    for v in sorted(est_c):  # creation order: parents first
+        vc[v] = vc[tree.parents[v]] * est_c[v]  # a copy node's parent carries the previous copy token
+        items.append((vc[v], v, COPY))
+    items.sort(key=lambda it: it[1])
+    picked = [items[i] for i in admit([it[0] for it in items], sps, max_nodes)]
+    return [v for _, v, s in picked if s == DRAFTER], [v for _, v, s in picked if s == COPY]
+
+
+class HybridDrafting:
+    """One request's hybrid drafting: the copy drafter's state, the per-round tree, online learning."""
+
+    def __init__(self, copy: CopyDrafter, policy: HybridPolicy, sps: Callable[[int], float],
+                 committed: Sequence[int]):
+        self.copy, self.policy, self.sps = copy, policy, sps
+        self.state = copy.init_state(committed)
+        self.cells: dict[int, int] = {}  # node of the last tree -> copy feature cell
+        self.skipped = False
+        self.t_copy = 0.0  # the last round's copy drafting: query, merge, budget, (then) index update
+
+    def draft(self, drafter, drafter_state, anchor: int, policy: TreePolicy, params: SamplingParams,
+              max_depth: int, generator=None, keep_dists: bool = False) -> DraftTree:
+        t0 = time.perf_counter()
+        cands = self.copy.propose(self.state, max_depth) if max_depth > 0 else []
+        self.skipped = drafter is None or bool(cands) and max(c.probs[0] for c in cands) >= self.policy.skip_drafter
+        t_query = time.perf_counter() - t0
+        if self.skipped:
+            tree = DraftTree([anchor])
+        else:
+            tree = draft_tree(drafter, drafter_state, anchor, policy, params, max_depth, generator, keep_dists)
+        t1 = time.perf_counter()
+        self.cells = {}
+        if cands:
+            n_drafted = len(tree)
+            chains = merge_copy(tree, cands)
+            keep = budget(tree, n_drafted, chains, cands, policy, params.greedy, self.sps, self.policy.max_nodes)
+            new = {old: i for i, old in enumerate(tree.kept(*keep))}
+            tree = tree.subset(*keep)
+            for nodes, cand in zip(chains, cands):
+                for v, c in zip(nodes, cand.cells):
+                    if v in new and tree.sources[new[v]] & COPY:
+                        self.cells.setdefault(new[v], c)
+        self.t_copy = t_query + time.perf_counter() - t1
+        return tree
+
+    def commit(self, tree: DraftTree, path: list[int], new_tokens: Sequence[int]) -> None:
+        """After verification: learn from the copy nodes whose parent was accepted, index the new tokens."""
+        t0 = time.perf_counter()
+        on_path = set(path)
+        self.copy.observe(self.state, [(c, v in on_path) for v, c in self.cells.items()
+                                       if tree.parents[v] in on_path])
+        self.copy.extend_context(self.state, new_tokens)
+        self.t_copy += time.perf_counter() - t0
