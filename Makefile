@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup lint test test-fast demo bench curve clean engine-check
+.PHONY: setup lint test test-all demo bench curve clean engine-check
 
 setup: $(STAMP)
 
@@ -22,13 +22,15 @@ $(STAMP): pyproject.toml
 lint: setup
 	$(PY) -m ruff check dspark_train eval tests
 
-# everything, the slow multi-process DeepSpeed and real-model tests included (what CI runs); lint first
+# the README's test command (what CI runs): lint, then every test not marked `slow`; one 2-rank DeepSpeed ZeRO-2
+# run over gloo and the real SmolLM2 target stay in it
 test: lint
-	$(PY) -m pytest -q
-
-# the same without the `slow` tests
-test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
+
+# everything: adds the `slow` tests (ZeRO-3, feature-cache epochs, Muon resume, run-lock races, SmolLM2 bf16 and
+# hybrid checks, the DEMO_FAST pipeline)
+test-all: lint
+	$(PY) -m pytest -q
 
 demo: setup
 	$(PY) -m dspark_train.demo

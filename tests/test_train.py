@@ -150,7 +150,7 @@ def test_gradient_accumulation_matches_the_larger_batch(reference, repo, tmp_pat
         assert losses[s]["train/tokens"] == ref_losses[s]["train/tokens"]
 
 
-@pytest.mark.slow
+# not slow: the one multi-process DeepSpeed run `make test` (CI) keeps
 def test_zero2_two_ranks_match_one_process_and_resume_at_one(reference, repo, tmp_path):
     """2 ranks × batch 1 under ZeRO-2 (+ target ZeRO-3) ≡ 1 rank × batch 2; then its mid-run checkpoint
     resumes in a single plain process (world size 2 → 1, DeepSpeed → none)."""
