@@ -14,22 +14,16 @@ from dspark_train.decoding.copy import N_CELLS, cell, replay_counts
 from dspark_train.decoding.hybrid import admit
 from dspark_train.drafters import build_drafter
 from dspark_train.target import load_target
+from conftest import small_target_and_drafter
 from test_sampling import P_MIN, _exact_joint, assert_matches, chi2_pvalue
 
 torch.set_num_threads(1)
-SMALL = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, vocab_size=16,
-             initializer_range=0.3)
 FLAT = SPSProfile([1, 64], [1.0, 1.0])  # verification is free: every proposal with a positive value is admitted
 
 
 @pytest.fixture(scope="module")
 def small():
-    target = load_target(TargetConfig(config=SMALL, dtype="float32", feature_layers=[1]))
-    torch.manual_seed(0)  # an untrained drafter, but the same one every run
-    drafter = build_drafter(DrafterConfigSection(head="markov", num_layers=1, block_size=3, head_rank=16),
-                            target).eval()
-    return target, drafter
+    return small_target_and_drafter(initializer_range=0.3)
 
 
 def confident(p: float = 0.9) -> CopyPrior:

@@ -9,6 +9,7 @@ import torch
 from dspark_train.decoding import (DraftTree, SamplingParams, SPSProfile, SpeculativeDecoder, TreePolicy,
                                    accept_sampling, load_or_measure_sps, prefix_schedule,
                                    sample_without_replacement, warp)
+from conftest import small_target_and_drafter
 
 torch.set_num_threads(1)
 P_MIN = 1e-3  # a correct sampler fails one of these checks with probability ~1e-3 per check (seeds are fixed)
@@ -151,22 +152,9 @@ def test_siblings_use_the_renormalised_draft_distribution():
 
 
 # ---------------------------------------------------------------------- the decoder end to end
-SMALL = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, vocab_size=16,
-             initializer_range=0.15)
-
-
 @pytest.fixture(scope="module")
 def small():
-    from dspark_train.config import DrafterConfigSection, TargetConfig
-    from dspark_train.drafters import build_drafter
-    from dspark_train.target import load_target
-
-    target = load_target(TargetConfig(config=SMALL, dtype="float32", feature_layers=[1]))
-    torch.manual_seed(0)  # an untrained drafter, but the same one every run
-    drafter = build_drafter(DrafterConfigSection(head="markov", num_layers=1, block_size=3, head_rank=16),
-                            target).eval()
-    return target, drafter
+    return small_target_and_drafter(initializer_range=0.15)
 
 
 def _exact_joint(target, prompt, params):
