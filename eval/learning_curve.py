@@ -272,9 +272,10 @@ def main(argv=None) -> int:
     print(f"learning curve: {len(names)} variants × {max(args.minutes):g} training minutes, {args.parallel} at a time "
           f"× {threads} thread(s): ≥ {waves * max(args.minutes):.0f} min of training plus setup and evaluations",
           flush=True)
+    cpu, flags = cpu_info()
     started = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "recipe": args.recipe,
                "minutes": args.minutes, "parallel": args.parallel, "threads": threads, "cores": cores,
-               "cpu": " · ".join((cpu_info()[0], ", ".join(cpu_info()[1]) or "no bf16 flags")),
+               "cpu": f"{cpu} · {', '.join(flags) or 'no bf16 flags'}",
                "load_average_start": list(os.getloadavg()), "overrides": args.overrides,
                "shared_feature_cache": any(o.startswith("train.feature_cache_dir=") for o in args.overrides)}
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
