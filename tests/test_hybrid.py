@@ -412,3 +412,17 @@ def test_cost_profile_of_another_machine_key_is_not_used(small, tmp_path, monkey
     dec = SpeculativeDecoder(target, drafter, calibration={"cost_profile": prof})
     dec.generate([5, 6, 7], 4, mode="hybrid", eos_token_id=[])  # measured here and cached
     assert dec.sps.meta["machine"] == here and list(tmp_path.glob("sps_*.json"))
+
+
+@pytest.mark.parametrize("sps,skips", [(FLAT, True), (SPSProfile([1, 2], [1.0, 0.4]), False)])
+def test_a_confident_copy_skips_the_drafter_only_when_the_cost_curve_admits_it(monkeypatch, sps, skips):
+    """Under a curve where verifying one more token costs more than a 0.95-sure copy gains (1.95·0.4 < 1) the
+    copy round would verify nothing, so the drafter drafts as its policy says instead of being skipped."""
+    from dspark_train.decoding import hybrid
+    calls = []
+    monkeypatch.setattr(hybrid, "draft_tree", lambda drafter, state, anchor, *a, **k: calls.append(anchor)
+                        or DraftTree([anchor]))
+    drafting = hybrid.HybridDrafting(CopyDrafter(prior=confident(0.95)), HybridPolicy(skip_drafter=0.9), sps,
+                                     [1, 2, 3, 4, 1, 2, 3])
+    drafting.draft(object(), None, 3, TreePolicy([1, 1, 1, 1]), SamplingParams(), max_depth=4)
+    assert drafting.skipped is skips and calls == ([] if skips else [3])

@@ -4,10 +4,11 @@ round, verified in one target pass.
 A round (`HybridDrafting.draft`):
 1. The copy drafter (copy.py) proposes continuations of the committed tokens, each token with an estimate
    of its acceptance given its predecessors.
-2. Unless the best copy candidate's first token is confident (estimate ≥ `HybridPolicy.skip_drafter`), the
-   drafter drafts its tree exactly as the mode's TreePolicy says (chain, tree, adaptive). A skipped drafter
-   runs no forward at all; the decoder still extends its context cache with every committed position after
-   verification, so its state stays consistent.
+2. Unless the best copy candidate's first token is confident (estimate ≥ `HybridPolicy.skip_drafter`) and
+   the cost curve admits it on its own (a copy round will replace the drafter's), the drafter drafts its tree
+   exactly as the mode's TreePolicy says (chain, tree, adaptive). A skipped drafter runs no forward at all;
+   the decoder still extends its context cache with every committed position after verification, so its
+   state stays consistent. (Skipping on confidence alone made rounds under a steep SPS(B) verify nothing.)
 3. `merge_copy` walks each continuation down from the anchor: where a child with the same token exists
    (a drafter node or an earlier continuation) the proposal shares that node, else a copy node is added.
 4. Budget (`admit`): every proposal gets a value, its estimated probability of being accepted (drafter:
@@ -138,7 +139,8 @@ class HybridDrafting:
               max_depth: int, generator=None, keep_dists: bool = False) -> DraftTree:
         t0 = time.perf_counter()
         cands = self.copy.propose(self.state, max_depth) if max_depth > 0 else []
-        self.skipped = drafter is None or bool(cands) and max(c.probs[0] for c in cands) >= self.policy.skip_drafter
+        best = max((c.probs[0] for c in cands), default=0.0)
+        self.skipped = drafter is None or best >= self.policy.skip_drafter and bool(admit([best], self.sps, 1))
         t_query = time.perf_counter() - t0
         if self.skipped:
             tree = DraftTree([anchor])
