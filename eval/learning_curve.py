@@ -45,12 +45,12 @@ EVAL_ANCHORS = 64  # held-out anchors per sequence for every variant (the recipe
 
 # name -> (what it changes, overrides). `baseline` is the recipe as shipped.
 VARIANTS = {
-    "baseline": ("the recipe as shipped: L1 loss, random init, online features, AdamW, 1 layer", []),
+    "baseline": ("the recipe as shipped: L1 loss, target init, online features, AdamW, 1 layer", []),
     "kl": ("forward KL(p_t ‖ p_d) instead of L1", ["train.loss=kl"]),
     "kl_to_l1": ("(1−α)·KL + α·L1, α = the slot's acceptance estimate", ["train.loss=kl_to_l1"]),
     "kl_to_l1_progress": ("(1−α)·KL + α·L1, α = progress / 0.5", ["train.loss=kl_to_l1", "train.blend=progress"]),
-    "init_target": ("draft layer, fc, norms from the target's layer after the last feature layer",
-                    ["drafter.init=target"]),
+    "init_random": ("random init (the recipe: draft layer, fc, norms from the target's layer after the last "
+                    "feature layer)", ["drafter.init=random"]),
     "cache_bf16": ("feature cache (bf16): epochs ≥ 2 skip the target forward", ["train.feature_cache=bfloat16"]),
     "cache_int8": ("feature cache (int8 + per-row scale)", ["train.feature_cache=int8"]),
     "layers2": ("2 draft layers", ["drafter.num_layers=2"]),
@@ -62,10 +62,9 @@ VARIANTS = {
     "lr4e-3": ("learning rate 4e-3", ["train.lr=4e-3"]),
     "muon": ("Muon for the 2-D hidden weights, AdamW for the rest", ["train.optimizer=muon"]),
     "vocab4k": ("4,096-token draft vocabulary (recipe: 8,192)", ["drafter.draft_vocab_size=4096"]),
-    "combo": ("init_target + kl_to_l1 + cache_bf16", ["drafter.init=target", "train.loss=kl_to_l1",
-                                                       "train.feature_cache=bfloat16"]),
+    "combo": ("kl_to_l1 + cache_bf16", ["train.loss=kl_to_l1", "train.feature_cache=bfloat16"]),
 }
-DEFAULT = ("baseline", "kl_to_l1", "init_target", "cache_bf16", "layers2", "muon", "combo")
+DEFAULT = ("baseline", "init_random", "kl_to_l1", "cache_bf16", "layers2", "muon", "anchors128")
 
 
 # --------------------------------------------------------------------------- running
