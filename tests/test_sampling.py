@@ -269,6 +269,32 @@ def test_sps_profile_is_measured_once_and_cached(tmp_path, small):
     assert batched.tokens == [3, 6] and len(list(tmp_path.glob("sps_*.json"))) == 2
 
 
+def test_an_implausible_cost_curve_is_measured_again_and_not_trusted_from_the_cache(tmp_path, small, monkeypatch):
+    """The demo's disturbed curve (2 tokens at 3.2 steps, 4 at 11) is what outside load makes; one forward over
+    B tokens never costs more than B one-token forwards. Measured again at once, and a cached one on load."""
+    from dspark_train.decoding import scheduler
+    target, _ = small
+    clean = SPSProfile([1, 2, 3, 4], [10.0, 6.0, 5.3, 5.9], {})  # 1.66x at B=2: a 1-thread CPU's real curve
+    bad = SPSProfile([1, 2, 3, 4], [10.0, 3.1, 1.8, 0.91], {})
+    assert scheduler.disturbance(clean) is None
+    assert "verifying 2 tokens timed at 3.2" in scheduler.disturbance(bad)
+    batched = SPSProfile([3, 6], [10.0, 4.0], {})
+    assert scheduler.disturbance(batched) == "verifying 6 tokens timed at 2.5× the cost of 3"
+    timings = [bad, clean]
+    fresh = lambda p: SPSProfile(p.tokens, p.steps_per_s, {})  # noqa: E731  (a new meta dict per measurement)
+    monkeypatch.setattr(scheduler, "_measure_once", lambda *a, **k: fresh(timings.pop(0)))
+    assert scheduler.measure_sps(target, 4).steps_per_s == clean.steps_per_s and not timings
+    timings = [bad, bad]
+    flagged = scheduler.measure_sps(target, 4)
+    assert flagged.meta["disturbed"].startswith("verifying 2 tokens")
+    path = tmp_path / f"sps_{scheduler.profile_key(target, 4, 8)}.json"
+    flagged.save(path)
+    timings = [clean]
+    assert scheduler.load_or_measure_sps(target, 4, 8, cache_dir=tmp_path).steps_per_s == clean.steps_per_s
+    assert SPSProfile.load(path).steps_per_s == clean.steps_per_s and not timings  # the cache now holds the clean one
+    assert scheduler.load_or_measure_sps(target, 4, 8, cache_dir=tmp_path).steps_per_s == clean.steps_per_s
+
+
 def test_a_cost_curve_measured_under_one_machine_key_is_not_used_under_another(tmp_path, small, monkeypatch):
     """An Intel AMX Xeon and an AVX2 AMD EPYC (platform.processor() is empty on both Linux boxes), another dtype
     or another thread count: each key gets its own measured curve, recorded with its key; the same key reads

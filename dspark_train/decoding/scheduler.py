@@ -4,7 +4,8 @@ SPS(B) = target forward steps per second when B tokens are verified in one pass.
 target and machine key (`machine_key`: CPU model or GPU name, the CPU flags that decide matmul speed, thread
 count, dtype; hardware.py) and cached as JSON (default ~/.cache/dspark/sps_<hash>.json): a curve measured under
 one key is never used under another. The hash covers the format version; a reader refuses a newer one,
-naming the file.
+naming the file. A curve no forward could produce (B tokens costing more than B one-token steps: timed under
+outside load) is measured again and never trusted from the cache.
 
 The scheduler admits (request, position) pairs in descending calibrated survival a_{r,j} while the expected
 throughput Θ = τ*·SPS(B) improves, and stops at the first non-improvement. The stop is what keeps it
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,11 +135,39 @@ def profile_key(target, max_tokens: int, context: int, batch_size: int = 1) -> s
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def disturbance(profile: SPSProfile) -> Optional[str]:
+    """Why a measured curve cannot be the target's own cost, or None. One forward over B tokens reads the
+    weights once, so it never costs more than B one-token forwards; a curve saying so was timed while
+    something else used the CPU (a demo's curve once said 2 tokens cost 3.2 steps, and the tuner chose plain
+    decoding from it)."""
+    for b, rel in zip(profile.tokens, profile.relative_cost()):
+        if b > profile.tokens[0] and rel > b / profile.tokens[0]:
+            return f"verifying {b} tokens timed at {rel:.1f}× the cost of {profile.tokens[0]}"
+    return None
+
+
 @torch.no_grad()
 def measure_sps(target, max_tokens: int = 32, context: int = 256, repeats: int = 5, warmup: int = 2,
-                batch_size: int = 1) -> SPSProfile:
+                batch_size: int = 1, attempts: int = 2) -> SPSProfile:
     """Time one target forward of B new tokens on top of a `context`-token KV cache (median over sweeps).
-    batch_size R > 1: R rows of n tokens each, B = R·n ≤ max_tokens (the batched scheduler's case)."""
+    batch_size R > 1: R rows of n tokens each, B = R·n ≤ max_tokens (the batched scheduler's case).
+    A curve that fails the plausibility check (`disturbance`) is measured again, up to `attempts` times; the
+    last one is returned with the reason in `meta["disturbed"]` (not trusted from the cache: see
+    `load_or_measure_sps`)."""
+    for attempt in range(attempts):
+        prof = _measure_once(target, max_tokens, context, repeats, warmup, batch_size)
+        why = disturbance(prof)
+        if why is None:
+            return prof
+        print(f"SPS(B) profile disturbed ({why}: something else is using the CPU?); "
+              + ("measuring again" if attempt + 1 < attempts else "keeping it, flagged"), file=sys.stderr)
+    prof.meta["disturbed"] = why
+    return prof
+
+
+def _measure_once(target, max_tokens: int, context: int, repeats: int, warmup: int, batch_size: int
+                  ) -> SPSProfile:
+    from tqdm.auto import tqdm
     from transformers import DynamicCache
 
     from .cache import keep_slots
@@ -150,6 +180,8 @@ def measure_sps(target, max_tokens: int = 32, context: int = 256, repeats: int =
     target.forward_features(ids[:, :context], cache=cache)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times: list[list[float]] = [[] for _ in range(per_row)]
+    bar = tqdm(total=(warmup + repeats) * per_row, desc=f"SPS(B) profile, B ≤ {R * per_row}", unit="forward",
+               dynamic_ncols=True, disable=None)  # shown on a terminal only
     for rep in range(warmup + repeats):  # sweeps over B, so bursts of outside load hit every B alike
         for n in range(1, per_row + 1):
             pos = torch.arange(context, context + n, device=dev)[None].expand(R, n)
@@ -161,6 +193,8 @@ def measure_sps(target, max_tokens: int = 32, context: int = 256, repeats: int =
             if rep >= warmup:
                 times[n - 1].append(time.perf_counter() - t0)
             keep_slots(cache, context, [])
+            bar.update()
+    bar.close()
     sps = [1.0 / sorted(t)[len(t) // 2] for t in times]
     return SPSProfile([R * n for n in range(1, per_row + 1)], sps,
                       {"target": target.name, "device": str(dev), "dtype": str(target.dtype), "context": context,
@@ -176,10 +210,14 @@ def cache_root(cache_dir: Optional[Path] = None) -> Path:
 
 def load_or_measure_sps(target, max_tokens: int = 32, context: int = 256, cache_dir: Optional[Path] = None,
                         refresh: bool = False, batch_size: int = 1) -> SPSProfile:
-    """The cached profile for this target and machine key, measured on first use."""
+    """The cached profile for this target and machine key, measured on first use (and again while the cached
+    one is flagged disturbed)."""
     path = cache_root(cache_dir) / f"sps_{profile_key(target, max_tokens, context, batch_size)}.json"
     if path.is_file() and not refresh:
-        return SPSProfile.load(path)
+        cached = SPSProfile.load(path)
+        if not (cached.meta or {}).get("disturbed") and disturbance(cached) is None:
+            return cached
+        print(f"{path}: a disturbed SPS(B) profile; measuring again", file=sys.stderr)
     prof = measure_sps(target, max_tokens, context, batch_size=batch_size)
     prof.save(path)
     return prof
