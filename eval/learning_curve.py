@@ -130,17 +130,28 @@ def read_points(run: Path, minutes: list[float]) -> list[dict]:
     return points
 
 
+def run_facts(run: Path) -> tuple:
+    """(threads, finish time) of a run as it trained: a reused run may come from another invocation."""
+    import yaml
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text()) if (run / "recipe.yaml").is_file() else {}
+    summary = run / "train_summary.json"
+    when = datetime.fromtimestamp(summary.stat().st_mtime, timezone.utc).isoformat(timespec="minutes") \
+        if summary.is_file() else None
+    return (recipe.get("train") or {}).get("num_threads"), when
+
+
 def collect(args, results: list[dict], started: dict) -> dict:
     variants = {}
     for res in results:
         name = res["name"]
         run = Path(args.out) / name
         summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").is_file() else {}
+        threads, trained_at = run_facts(run)
         variants[name] = {"description": args.table[name][0], "overrides": args.table[name][1], "rc": res["rc"],
                           "reused": res["reused"], "wall_s": res["wall_s"], "points": read_points(run, args.minutes),
                           "steps": summary.get("steps"), "train_seconds": summary.get("train_seconds"),
                           "tokens": summary.get("tokens"), "schedule": summary.get("schedule"),
-                          "feature_cache": summary.get("feature_cache")}
+                          "feature_cache": summary.get("feature_cache"), "threads": threads, "trained_at": trained_at}
     return {**started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "load_average_end": list(os.getloadavg()), "variants": variants}
 
@@ -162,6 +173,11 @@ def curve_markdown(curve: dict) -> str:
              "held-out evaluation of the run budgeted at the last point (an anytime curve). τ_sim = 1 + Σ_k Π acc_i "
              "with acc_k = E[Σ min(p_d, p_t)] (sampling acceptance); τ_greedy = 1 + Σ_k P(draft argmax = target "
              "argmax at slots 1..k), the estimate to compare with greedy dev-set τ.", ""]
+    reused = [n for n in names if curve["variants"][n].get("reused")]
+    if reused:
+        lines += [f"**Note:** {len(reused)} of {len(names)} variants were trained by earlier invocations (reused: "
+                  f"{', '.join(reused)}); the line above describes this one. Each run's threads and finish time are "
+                  "in the Variants table.", ""]
     if curve.get("shared_feature_cache"):
         lines += ["**Note:** a shared `train.feature_cache_dir` was set: cache variants after the first may have "
                   "skipped the online first epoch that the first one paid for.", ""]
@@ -181,8 +197,8 @@ def curve_markdown(curve: dict) -> str:
             surv = (p["survival_greedy"] + [None] * 4)[:4]
             lines.append(f"| {n} | {p['minutes']:g} | {p['steps']} | {p['tokens']:,} | {_f(p['tau'])} | "
                          f"{_f(p['tau_greedy'])} | " + " | ".join(_f(a, ".2f") for a in acc + surv) + " |")
-    lines += ["", "## Variants", "", "| variant | changes | overrides | steps | train min | feature cache |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Variants", "", "| variant | changes | overrides | steps | train min | threads | trained at | "
+              "feature cache |", "|---|---|---|---|---|---|---|---|"]
     for n in names:
         v = curve["variants"][n]
         fc = v.get("feature_cache")
@@ -190,7 +206,8 @@ def curve_markdown(curve: dict) -> str:
                                     f" {fc['hits']} hits / {fc['misses']} misses")
         status = "" if v["rc"] == 0 else f" **(failed: exit {v['rc']})**"
         lines.append(f"| {n}{status} | {v['description']} | `{' '.join(v['overrides']) or '—'}` | {v['steps']} | "
-                     f"{_f((v['train_seconds'] or 0) / 60, '.1f')} | {cache} |")
+                     f"{_f((v['train_seconds'] or 0) / 60, '.1f')} | {v.get('threads') or '—'} | "
+                     f"{v.get('trained_at') or '—'} | {cache} |")
     return "\n".join(lines) + "\n"
 
 
@@ -213,7 +230,9 @@ def curve_plot(curve: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("τ")
     axes[1].legend(fontsize=8, loc="best")
-    fig.suptitle(f"{Path(curve['recipe']).name}: {curve['cpu']}, {curve['threads']} thread(s) per variant", fontsize=9)
+    ran = {v.get("threads") for v in curve["variants"].values()} - {None}  # as the runs trained (some reused)
+    threads = ran.pop() if len(ran) == 1 else curve["threads"] if not ran else "mixed"
+    fig.suptitle(f"{Path(curve['recipe']).name}: {curve['cpu']}, {threads} thread(s) per variant", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
