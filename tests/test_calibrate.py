@@ -393,6 +393,15 @@ def test_a_policy_tuned_under_another_machine_key_is_retuned_here(tiny_run, tmp_
     again = SpeculativeDecoder(target, drafter, calibration=foreign)
     again.adaptive_policy()
     assert again.adaptive_info["policy"] == info["policy"]
+
+    import os
+    from pathlib import Path
+
+    from dspark_train.layout import ArtifactError
+    [cached] = Path(os.environ["DSPARK_CACHE"]).glob("policy_*.json")  # a newer dspark-train's cache: refused
+    cached.write_text(json.dumps({**json.loads(cached.read_text()), "format_version": retune.POLICY_VERSION + 1}))
+    with pytest.raises(ArtifactError, match=f"{cached.name}.*delete it to re-tune"):
+        SpeculativeDecoder(target, drafter, calibration=foreign).adaptive_policy()
     plain = SpeculativeDecoder(target, None).generate(PROMPTS[1], max_new_tokens=12, eos_token_id=[]).tokens
     assert again.generate(PROMPTS[1], max_new_tokens=12, mode="adaptive", eos_token_id=[]).tokens == plain
 

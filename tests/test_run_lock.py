@@ -141,7 +141,8 @@ def test_every_writing_command_refuses_while_the_run_is_locked(tmp_path, capsys)
     commands = {
         run: [["train", "recipes/tiny.yaml", "--set", f"train.output_dir={run}"], ["calibrate", str(run)],
               ["eval", "artifact", "--out", str(run), "--benchmarks", str(prompts)]],
-        tmp_path / "artifact": [["export", str(run), str(tmp_path / "artifact")]],
+        tmp_path / "artifact": [["export", str(run), str(tmp_path / "artifact")],
+                                ["export", str(run), str(tmp_path / "artifact"), "--format", "speculators"]],
         data_out.with_name(data_out.name + ".part-0-of-1"): [
             ["data", "recipes/tiny.yaml", "--set", "data.conversations=null", "--set", f"data.prompts={prompts}",
              "--set", f"data.output={data_out}"]],
