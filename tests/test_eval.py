@@ -187,6 +187,7 @@ def test_report_schema_and_speedup_from_scripted_decoders(tiny_target, tmp_path)
 
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| toy | 2 | 3.00 |" in md and "## bad" in md and "Comparison" in md
+    assert_tables_well_formed(md)
     for png in ("acceptance_by_position.png", "speedup.png"):
         assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "out" / "reliability.png").exists()  # no calibration data
@@ -197,8 +198,21 @@ def test_sampling_reports_lossless_null(tiny_target, tmp_path):
     plain = hf_method(tiny_target.model, generation_kwargs(tiny_target, args.temperature, args.top_p, args.top_k))
     methods = {PLAIN: plain, "d": scripted(plain, [RoundStat(3, 1, 2)])}
     m = measure(Benchmark("toy", tmp_path, [["hi"]]), tiny_target, methods, args, ["d"])
-    e = build_report([m], tiny_target, {"d": {"drafter": "d"}}, [], args)["benchmarks"]["toy"]
+    report = build_report([m], tiny_target, {"d": {"drafter": "d"}}, [], args)
+    e = report["benchmarks"]["toy"]
     assert e["lossless"] is None and e["divergences"] is None and e["baselines"] == {}
+    write_report(report, tmp_path / "out", calibration=None)
+    assert_tables_well_formed((tmp_path / "out" / "report.md").read_text())  # no baseline columns, none dangling
+
+
+def assert_tables_well_formed(md: str) -> None:
+    """Every markdown table's header has as many cells as its separator row and its body rows."""
+    lines = md.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|---"):
+            width = line.count("|")
+            rows = [lines[i - 1]] + [r for r in lines[i + 1:] if r.startswith("|")][:1]
+            assert all(r.count("|") == width for r in rows), (lines[i - 1], line)
 
 
 # --------------------------------------------------------------------------- end to end on the tiny target
