@@ -45,7 +45,7 @@ EVAL_ANCHORS = 64  # held-out anchors per sequence for every variant (the recipe
 
 # name -> (what it changes, overrides). `baseline` is the recipe as shipped.
 VARIANTS = {
-    "baseline": ("the recipe as shipped: L1 loss, target init, online features, AdamW, 1 layer", []),
+    "baseline": ("the recipe as shipped: L1 loss, target init, 32 anchors, online features, AdamW, 1 layer", []),
     "kl": ("forward KL(p_t ‖ p_d) instead of L1", ["train.loss=kl"]),
     "kl_to_l1": ("(1−α)·KL + α·L1, α = the slot's acceptance estimate", ["train.loss=kl_to_l1"]),
     "kl_to_l1_progress": ("(1−α)·KL + α·L1, α = progress / 0.5", ["train.loss=kl_to_l1", "train.blend=progress"]),
@@ -54,17 +54,19 @@ VARIANTS = {
     "cache_bf16": ("feature cache (bf16): epochs ≥ 2 skip the target forward", ["train.feature_cache=bfloat16"]),
     "cache_int8": ("feature cache (int8 + per-row scale)", ["train.feature_cache=int8"]),
     "layers2": ("2 draft layers", ["drafter.num_layers=2"]),
+    "anchors16": ("16 anchors per sequence (cheaper steps, fewer supervised slots)", ["data.anchors_per_seq=16"]),
+    "anchors64": ("64 anchors per sequence (the recipe before make curve chose 32)", ["data.anchors_per_seq=64"]),
     "anchors128": ("128 anchors per sequence (more supervised slots per target forward)",
                    ["data.anchors_per_seq=128"]),
-    "anchors32": ("32 anchors per sequence", ["data.anchors_per_seq=32"]),
     "batch8": ("8 sequences per step", ["train.batch_size=8"]),
-    "lr1e-3": ("learning rate 1e-3 (recipe: 2e-3)", ["train.lr=1e-3"]),
-    "lr4e-3": ("learning rate 4e-3", ["train.lr=4e-3"]),
+    "lr1e-3": ("learning rate 1e-3 (recipe: 4e-3)", ["train.lr=1e-3"]),
+    "lr2e-3": ("learning rate 2e-3 (the recipe before make curve chose 4e-3)", ["train.lr=2e-3"]),
+    "lr8e-3": ("learning rate 8e-3", ["train.lr=8e-3"]),
     "muon": ("Muon for the 2-D hidden weights, AdamW for the rest", ["train.optimizer=muon"]),
     "vocab4k": ("4,096-token draft vocabulary (recipe: 8,192)", ["drafter.draft_vocab_size=4096"]),
     "combo": ("kl_to_l1 + cache_bf16", ["train.loss=kl_to_l1", "train.feature_cache=bfloat16"]),
 }
-DEFAULT = ("baseline", "init_random", "kl_to_l1", "cache_bf16", "layers2", "muon", "anchors128")
+DEFAULT = ("baseline", "anchors16", "anchors64", "kl_to_l1", "cache_bf16", "layers2", "lr8e-3")
 
 
 # --------------------------------------------------------------------------- running
