@@ -250,8 +250,7 @@ class SpeculativeDecoder:
                 tree = draft_tree(drafter, state, tokens[-1], policy, params, room, gen, record_probs)
             else:
                 tree = DraftTree([tokens[-1]])
-            # one token sees everything: no mask, the target's own single-token decode (as `generate` runs it)
-            mask = tree_mask(tree.parents, ctx, dev) if len(tree) > 1 else None
+            mask = tree_mask(tree.parents, ctx, dev)
             pos = torch.tensor(tree.depths, device=dev)[None] + ctx
             t1 = self._now()
             out = tgt.forward_features(torch.tensor([tree.tokens], device=dev), attention_mask=mask,

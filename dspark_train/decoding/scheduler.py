@@ -211,11 +211,11 @@ def cache_root(cache_dir: Optional[Path] = None) -> Path:
 def load_or_measure_sps(target, max_tokens: int = 32, context: int = 256, cache_dir: Optional[Path] = None,
                         refresh: bool = False, batch_size: int = 1) -> SPSProfile:
     """The cached profile for this target and machine key, measured on first use (and again while the cached
-    one is flagged disturbed)."""
+    one fails the plausibility check)."""
     path = cache_root(cache_dir) / f"sps_{profile_key(target, max_tokens, context, batch_size)}.json"
     if path.is_file() and not refresh:
         cached = SPSProfile.load(path)
-        if not (cached.meta or {}).get("disturbed") and disturbance(cached) is None:
+        if disturbance(cached) is None:
             return cached
         print(f"{path}: a disturbed SPS(B) profile; measuring again", file=sys.stderr)
     prof = measure_sps(target, max_tokens, context, batch_size=batch_size)

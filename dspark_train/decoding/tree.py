@@ -138,9 +138,12 @@ class DraftTree:
         return out
 
 
-def tree_mask(parents: list[int], ctx_len: int, device) -> torch.Tensor:
-    """4-D bool mask (1, 1, N, ctx+N): each node sees the whole committed context, its ancestors and itself."""
+def tree_mask(parents: list[int], ctx_len: int, device) -> Optional[torch.Tensor]:
+    """4-D bool mask (1, 1, N, ctx+N): each node sees the whole committed context, its ancestors and itself.
+    None for a single node, which sees everything: the target's own one-token decode, as `generate` runs it."""
     n = len(parents)
+    if n == 1:
+        return None
     if all(p == i - 1 for i, p in enumerate(parents)):
         own = torch.ones(n, n, dtype=torch.bool).tril_()
     else:
