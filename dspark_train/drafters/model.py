@@ -25,6 +25,7 @@ from ..config import DrafterConfigSection
 from ..target import default_feature_layers
 from .config import FINGERPRINT_KEYS, DrafterConfig
 from .init import init_from_target
+from .rope import rope_tables, rotate
 
 
 @dataclass
@@ -51,13 +52,6 @@ class DraftBlock:
     hidden: torch.Tensor  # [B, γ, d] backbone output (medusa: head outputs)
     draft_logits: torch.Tensor  # [B, γ, Vd] fp32 (the same tensor as base_logits when not pruned)
     conf_logits: Optional[torch.Tensor] = None  # [B, γ] when confidence does not depend on the previous token
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE, half-split convention (as HF Llama)."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
 
 
 class Attention(nn.Module):
@@ -274,11 +268,7 @@ class Drafter(PreTrainedModel):
         """cos, sin [≥n, head_dim] fp32, grown by doubling (a plain cache, not a buffer: nothing to save)."""
         if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].device != device:
             size = max(n, 2 * (0 if self._rope is None else self._rope[0].shape[0]), 1024)
-            hd = self.config.head_dim
-            inv = self.config.rope_theta ** (-torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd)
-            f = torch.arange(size, dtype=torch.float64, device=device)[:, None] * inv
-            f = torch.cat((f, f), -1)
-            self._rope = (f.cos().float(), f.sin().float())
+            self._rope = rope_tables(self.config.rope_theta, self.config.head_dim, size, device)
         return self._rope
 
     # ------------------------------------------------------------------ heads (shared by training and inference)
