@@ -16,8 +16,9 @@ Layout: `<root>/<key>/manifest.json` and `shard-*.safetensors`, one shard per mi
 A shard is written to a temp file and renamed into place, so a kill leaves it whole or absent; an unreadable
 shard is ignored and its sequences recomputed. Reads go through safetensors' memory map (`safe_open`), a
 slice per sequence. The key hashes everything the stored numbers depend on: the target (fingerprint: model id,
-revision, architecture, sizes, feature layers, tokenizer hash; its dtype, adapter, inline config and seed), the
-data (the conversations file's sha256, max_seq_len) and the storage format. A changed key is a different
+revision, architecture, sizes, feature layers, tokenizer hash; the precision it runs in as resolved, not the recipe's
+`auto`; adapter, inline config and seed), the data (the conversation files' sha256, max_seq_len) and the storage
+format. A changed key is a different
 directory: nothing stale is ever read (a run's own cache root drops the directories of other keys; a shared root,
 `train.feature_cache_dir`, keeps them for other runs). Sequences are addressed by conversation id, so the
 held-out split, γ and max_prompts do not change the key. Each rank writes its own shards and reads any rank's
@@ -223,16 +224,19 @@ class FeatureSource:
         return rows[:, :, :-1].reshape(B, T, -1), rows[:, :, -1]
 
 
-def open_cache(recipe, run_root: Path, target, data_path: Path, rank: int) -> Optional[FeatureCache]:
+def open_cache(recipe, run_root: Path, target, data_paths, rank: int) -> Optional[FeatureCache]:
     """The recipe's cache (None when `train.feature_cache` is off): `<run_root>/<key>` by default (the run's
     `RunDir.feature_cache`), `<train.feature_cache_dir>/<key>` when a shared root is set."""
     fmt = recipe.train.feature_cache
     if fmt == "off":
         return None
     t = recipe.target
-    target_parts = {**target.fingerprint(), "dtype": t.dtype, "adapter": t.adapter, "gguf_file": t.gguf_file,
-                    "config": t.config, "seed": t.seed if t.config is not None else None}
-    data_parts = {"conversations_sha256": file_sha256(data_path), "max_seq_len": recipe.data.max_seq_len}
+    # the precision the target runs in, as resolved (`auto` is bf16 on one CPU and fp32 on another)
+    target_parts = {**target.fingerprint(), "dtype": target.precision.value, "adapter": t.adapter,
+                    "gguf_file": t.gguf_file, "config": t.config, "seed": t.seed if t.config is not None else None}
+    paths = data_paths if isinstance(data_paths, (list, tuple)) else [data_paths]
+    sha = [file_sha256(p) for p in paths]  # one file: its hash as before (existing caches keep their key)
+    data_parts = {"conversations_sha256": sha[0] if len(sha) == 1 else sha, "max_seq_len": recipe.data.max_seq_len}
     key, parts = cache_key(target_parts, data_parts, fmt)
     shared = recipe.train.feature_cache_dir
     root = Path(shared).expanduser() if shared else Path(run_root)

@@ -9,13 +9,13 @@ import torch
 
 from dspark_train import feature_cache as FC
 from dspark_train.config import load_recipe
-from dspark_train.data import conversations_path, load_conversations, make_batch, tokenize
+from dspark_train.data import conversations_paths, load_conversations, make_batch, tokenize
 from dspark_train.target import load_target
 
 
 @pytest.fixture(scope="module")
 def examples(tiny_recipe, tiny_target):
-    convs = load_conversations(conversations_path(tiny_recipe), 6)
+    convs = load_conversations(conversations_paths(tiny_recipe)[0], 6)
     return tokenize(convs, tiny_target.tokenizer, 128, 4)[0]
 
 
@@ -24,7 +24,7 @@ def _batch(examples, idx, pad_id):
 
 
 def _source(recipe, root, target, dtype=torch.float32):
-    cache = FC.open_cache(recipe, root, target, conversations_path(recipe), rank=0)
+    cache = FC.open_cache(recipe, root, target, conversations_paths(recipe)[0], rank=0)
     return FC.FeatureSource(target, cache, dtype)
 
 
@@ -88,7 +88,7 @@ def test_a_changed_target_data_or_format_is_a_different_cache(tiny_recipe, tiny_
     assert _source(int8, tmp_path, tiny_target).cache.dir.name != key
     # changed data: a conversations file with one answer edited
     data = tmp_path / "convs.jsonl"
-    lines = conversations_path(base).read_text().splitlines()
+    lines = conversations_paths(base)[0].read_text().splitlines()
     rec = json.loads(lines[0])
     rec["conversations"][-1]["content"] += " (edited)"
     data.write_text("\n".join([json.dumps(rec)] + lines[1:]) + "\n")
@@ -97,12 +97,26 @@ def test_a_changed_target_data_or_format_is_a_different_cache(tiny_recipe, tiny_
     assert cache.dir.name != key
     # a shared root keeps every key (other runs may use them)
     shared = tmp_path / "shared"
-    a = FC.open_cache(base, shared, tiny_target, conversations_path(base), 0)
+    a = FC.open_cache(base, shared, tiny_target, conversations_paths(base)[0], 0)
     FC.FeatureCache(shared, "other-key", {}, "bfloat16", owns_root=False)
     assert (shared / "other-key").is_dir() and a.dir.is_dir()
     manifest = json.loads((a.dir / "manifest.json").read_text())
     assert manifest["format"] == "bfloat16" and manifest["target"]["feature_layers"] == tiny_target.feature_layers
     assert len(manifest["data"]["conversations_sha256"]) == 64
+
+
+def test_the_key_holds_the_resolved_precision_not_the_recipe_string(tiny_recipe, tmp_path):
+    """[S] item 2: `target.dtype: auto` is bf16 on a CPU with AMX/AVX512-BF16 and fp32 on an AVX2 one; a cache
+    (shared root, or a run resumed on another machine kind) must not mix features computed in the two."""
+    auto = load_recipe(tiny_recipe.source, ["train.feature_cache=bfloat16", "target.dtype=auto"])
+    data = conversations_paths(auto)[0]
+    keys = {}
+    for dtype in ("bfloat16", "float32"):  # what `auto` resolves to on the two machine kinds
+        target = load_target(load_recipe(tiny_recipe.source, [f"target.dtype={dtype}"]).target)
+        keys[dtype] = FC.open_cache(auto, tmp_path, target, data, 0).dir.name
+        pinned = load_recipe(tiny_recipe.source, ["train.feature_cache=bfloat16", f"target.dtype={dtype}"])
+        assert FC.open_cache(pinned, tmp_path, target, data, 0).dir.name == keys[dtype]  # same numbers, same key
+    assert keys["bfloat16"] != keys["float32"]
 
 
 def test_torn_or_foreign_shards_are_ignored_and_recomputed(tiny_recipe, tiny_target, examples, tmp_path):
