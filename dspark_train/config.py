@@ -107,10 +107,14 @@ class DataConfig:
     # public Hub datasets ("owner/name" or "owner/name:config", train split) read when the local file is absent
     prompts_hub_id: Optional[list[str]] = None
     skip_bad_lines: bool = False  # skip (and count) malformed lines of prompt/conversation files instead of failing
-    conversations: Optional[str] = "distill/smollm2-135m-instruct.jsonl"  # already regenerated answers
+    # already regenerated answers: one file or a list of files (ids unique across them); null: `dspark data`'s output
+    conversations: Optional[list[str]] = field(default_factory=lambda: ["distill/smollm2-135m-instruct.jsonl"])
     output: Optional[str] = None  # where `dspark data` writes; default <train.output_dir>/data.jsonl
     max_seq_len: int = 1024
     anchors_per_seq: int = 64
+    # optimizer steps per length-sorted chunk of each epoch's order (data.GlobalOrder): batches of similar lengths
+    # pad little; 0 = plain random batches
+    length_group_batches: int = 64
     eval_anchors_per_seq: Optional[int] = None  # held-out evaluation anchors per sequence (None: anchors_per_seq)
     heldout: int = 64  # conversations held out for evaluation and calibration
     max_prompts: Optional[int] = None
@@ -345,7 +349,8 @@ def _validate(r: Recipe, src: str) -> None:
                "train.keep_checkpoints train.eval_every train.log_every train.num_threads distributed.num_processes "
                "distributed.num_machines calibrate.prompts calibrate.batch_size calibrate.max_new_tokens "
                "calibrate.max_nodes calibrate.max_width calibrate.profile_context", 1, ">="),
-              ("drafter.mask_token_id data.heldout data.temperature data.vocab_sample_seqs train.weight_decay "
+              ("drafter.mask_token_id data.heldout data.length_group_batches data.temperature data.vocab_sample_seqs "
+               "train.weight_decay "
                "train.ce_weight train.l1_weight train.conf_weight calibrate.texts", 0, ">="),
               ("train.lr train.grad_clip train.decay_lambda train.max_minutes", 0, ">"))
     for keys, low, op in limits:  # every number with a plain lower bound; null, where allowed, is "not set"

@@ -66,7 +66,7 @@ def main() -> int:
         sets += ["--set", item]
 
     recipe = load_recipe(REPO_ROOT / RECIPE, [s for s in sets if s != "--set"])
-    conversations = recipe.resolve_data_path(recipe.data.conversations)
+    conversations = recipe.resolve_data_path(recipe.data.conversations[0]) if recipe.data.conversations else None
     shown, files = RunDir(run_dir), RunDir(root)  # paths as the user typed them; the same from the repo root
     run(dspark + ["fetch-target", RECIPE])
     if conversations is None or not conversations.is_file():

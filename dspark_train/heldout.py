@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .calibration import HeldoutStats
 from .chat import prompt_ids, user_messages
 from .config import RecipeError
-from .data import (Example, anchor_candidates, block_labels, conversations_path, load_prompts, prompt_turns,
+from .data import (Example, anchor_candidates, block_labels, conversations_paths, load_prompts, prompt_turns,
                    read_conversations, read_heldout_split, split_heldout, usable_conversations)
 from .decoding.copy import CopyPrior, fit_copy_prior
 from .layout import RunDir
@@ -28,21 +28,23 @@ def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str]
     conversations first (the trainer's `heldout_ids.json`, or the recipe's deterministic split recomputed),
     then prompts of `data.prompts` that have no conversation in the training file (in a seeded order).
     Never the eval sets."""
-    conv_file = conversations_path(recipe)
+    conv_files = conversations_paths(recipe)
     ids_file = RunDir(run).heldout
     if ids_file.is_file():  # {"conversations": path, "seed": s, "ids": [...]} as train.py writes it, or a list
         raw = read_heldout_split(ids_file)
         wanted = [str(i) for i in (raw["ids"] if isinstance(raw, dict) else raw)]
-        recorded = Path(raw["conversations"]) if isinstance(raw, dict) and raw.get("conversations") else None
-        conv_file = recorded if recorded is not None and recorded.is_file() else conv_file
-        convs = read_conversations(conv_file, recipe.data.skip_bad_lines)
+        recorded = raw.get("conversations") if isinstance(raw, dict) else None
+        recorded = [Path(p) for p in ([recorded] if isinstance(recorded, str) else recorded or [])]
+        conv_files = recorded if recorded and all(p.is_file() for p in recorded) else conv_files
+        convs = read_conversations(conv_files, recipe.data.skip_bad_lines)
         by_id = {str(c["id"]): c for c in convs}
         missing = [i for i in wanted if i not in by_id]
         if missing:
-            raise FileNotFoundError(f"{ids_file}: {len(missing)} held-out ids not in {conv_file}")
+            raise FileNotFoundError(f"{ids_file}: {len(missing)} held-out ids not in "
+                                    + " + ".join(str(p) for p in conv_files))
         held, source = [by_id[i] for i in wanted], str(ids_file)
     else:  # the trainer's split: the same records (usable ones, max_prompts), the same seeded hash
-        convs = read_conversations(conv_file, recipe.data.skip_bad_lines)
+        convs = read_conversations(conv_files, recipe.data.skip_bad_lines)
         _, held = split_heldout(usable_conversations(convs, recipe.data.max_prompts), recipe.data.heldout,
                                 recipe.data.seed)
         source = f"split_heldout(data.heldout={recipe.data.heldout}, data.seed={recipe.data.seed})"

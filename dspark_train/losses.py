@@ -58,13 +58,14 @@ def target_distribution(last_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
     hidden = last_hidden.reshape(-1, last_hidden.shape[-1])[positions]
     probs, outside, tops = [], [], []
     for h in hidden.split(chunk):
-        logp = F.log_softmax((h.to(lm_head_weight.dtype) @ lm_head_weight.T).float(), dim=-1)
-        p = (logp if draft_vocab is None else logp[:, draft_vocab]).exp()
+        logits = (h.to(lm_head_weight.dtype) @ lm_head_weight.T).float()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        p = ((logits if draft_vocab is None else logits[:, draft_vocab]) - lse).exp()
         probs.append(p)
         outside.append((1.0 - p.sum(-1)).clamp_min(0.0) if draft_vocab is not None
                        else torch.zeros(len(p), device=p.device))
         if greedy:  # only for conf_label="greedy": a [N, |D|] comparison per chunk otherwise wasted
-            top = logp.argmax(-1)
+            top = logits.argmax(-1)
             if draft_vocab is not None:
                 hit = draft_vocab[None, :] == top[:, None]
                 top = torch.where(hit.any(-1), hit.float().argmax(-1), torch.full_like(top, -1))

@@ -17,7 +17,7 @@ import torch
 
 from .chat import prompt_ids
 from .config import Recipe, RecipeError
-from .data import (conversations_path, load_conversations, load_prompts, output_path, prompt_turns, read_jsonl,
+from .data import (conversations_paths, load_conversations, load_prompts, output_path, prompt_turns, read_jsonl,
                    write_jsonl_atomic)
 from .runlock import holds_lock
 from .target import PromptTooLong
@@ -174,11 +174,11 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
     from tqdm.auto import tqdm
 
     if recipe.data.conversations:
-        path = conversations_path(recipe)
-        n_convs = len(load_conversations(path, skip_bad_lines=recipe.data.skip_bad_lines))
-        print(f"using existing conversations {path} ({n_convs} records); "
+        paths = conversations_paths(recipe)
+        n_convs = len(load_conversations(paths, skip_bad_lines=recipe.data.skip_bad_lines))
+        print(f"using existing conversations {' + '.join(str(p) for p in paths)} ({n_convs} records); "
               f"set data.conversations=null to regenerate")
-        return path
+        return paths[0]
     i, n = parse_shard(shard)
     out = output_path(recipe)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ import torch
 
 from .checkpoint import Progress, gather_full_state, restore, save_checkpoint
 from .config import Recipe, RecipeError, TrainConfig, exit_code, load_recipe, recipe_to_yaml
-from .data import (Batch, Example, GlobalOrder, conversations_path, eval_batches, load_conversations,
+from .data import (Batch, Example, GlobalOrder, conversations_paths, eval_batches, load_conversations,
                    save_heldout_split, split_heldout, tokenize, train_batch)
 from .feature_cache import FeatureSource, open_cache
 from .hardware import record_lines, resolve_mixed_precision, run_record
@@ -88,7 +88,7 @@ def setup_models(recipe: Recipe, acc, sharded_target: bool):
 class TrainingData:
     train: list[Example]
     heldout: list[Example]
-    path: Path  # the conversations file (the feature cache's data key)
+    paths: list[Path]  # the conversation files (the feature cache's data key)
 
 
 def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int, notes: Sequence[str] = ()) -> TrainingData:
@@ -96,18 +96,18 @@ def setup_data(recipe: Recipe, run: RunDir, acc, tokenizer, gamma: int, notes: S
     recipe (headed by `notes` as comments: what `auto` chose) and the held-out ids in the run directory
     (calibrate and export read them)."""
     data_cfg = recipe.data
-    path = conversations_path(recipe)
-    convs = load_conversations(path, data_cfg.max_prompts, data_cfg.skip_bad_lines)
+    paths = conversations_paths(recipe)
+    convs = load_conversations(paths, data_cfg.max_prompts, data_cfg.skip_bad_lines)
     train_convs, held_convs = split_heldout(convs, data_cfg.heldout, data_cfg.seed)
     train_ex, dropped = tokenize(train_convs, tokenizer, data_cfg.max_seq_len, gamma)
     held_ex, held_dropped = tokenize(held_convs, tokenizer, data_cfg.max_seq_len, gamma)
-    acc.print(f"data: {path.name}: {len(train_ex)} train / {len(held_ex)} held-out sequences, "
+    acc.print(f"data: {' + '.join(p.name for p in paths)}: {len(train_ex)} train / {len(held_ex)} held-out sequences, "
               f"{dropped + held_dropped} dropped as shorter than one block (γ+1 = {gamma + 1} supervised tokens)")
     if acc.is_main_process:
         run.root.mkdir(parents=True, exist_ok=True)
         write_atomic(run.recipe, recipe_to_yaml(recipe, notes))
-        save_heldout_split(run.heldout, path, data_cfg.seed, held_convs)
-    return TrainingData(train_ex, held_ex, path)
+        save_heldout_split(run.heldout, paths, data_cfg.seed, held_convs)
+    return TrainingData(train_ex, held_ex, paths)
 
 
 def setup_draft_vocab(recipe: Recipe, run: RunDir, acc, target, drafter, examples: list[Example]) -> None:
@@ -127,6 +127,14 @@ def setup_draft_vocab(recipe: Recipe, run: RunDir, acc, target, drafter, example
         if acc.is_main_process:
             save_draft_vocab(run.draft_vocab, vocab)
     drafter.set_draft_vocab(vocab)
+
+
+def training_order(recipe: Recipe, examples: list[Example], world: int) -> GlobalOrder:
+    """The global sample order, length-grouped by optimizer step (batch_size × processes × grad_accum samples, the
+    same for any split of a step) in chunks of `data.length_group_batches` steps."""
+    step = recipe.train.batch_size * world * recipe.train.grad_accum
+    return GlobalOrder(len(examples), recipe.data.seed, [len(e.input_ids) for e in examples],
+                       recipe.data.length_group_batches * step, step)
 
 
 @dataclass
@@ -175,7 +183,7 @@ def setup_training(recipe: Recipe, run: RunDir, acc, target, drafter, sharded_ta
     unset_hf_deepspeed_config()  # again (selecting re-registers): the final drafter is built plainly on rank 0
     weights = position_weights(unwrapped.config.block_size, train_cfg.decay_lambda).to(acc.device)
     dtype = next(unwrapped.parameters()).dtype
-    cache = open_cache(recipe, run.feature_cache, target, data.path, acc.process_index)
+    cache = open_cache(recipe, run.feature_cache, target, data.paths, acc.process_index)
     if cache is not None:
         acc.print(f"feature cache: {cache.dir} ({cache.fmt}, {len(cache.entries)} sequences stored)")
     features = FeatureSource(target, cache, dtype, acc, sharded_target)
@@ -406,7 +414,7 @@ def train(recipe: Recipe) -> Path:
 
     held = eval_batches(data.heldout, train_cfg.batch_size, rank, world,
                         recipe.data.eval_anchors_per_seq or recipe.data.anchors_per_seq, gamma, pad_id)
-    order = GlobalOrder(len(data.train), recipe.data.seed)
+    order = training_order(recipe, data.train, world)
     budget = setup_budget(recipe, acc, tr, progress, lambda: [train_batch(
         data.train, order, progress.position + (i * world + rank) * train_cfg.batch_size, train_cfg.batch_size,
         recipe, gamma, pad_id) for i in range(3)], len(data.train))

@@ -25,12 +25,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from dspark_train.config import load_recipe  # noqa: E402
-from dspark_train.data import GlobalOrder, train_batch  # noqa: E402
+from dspark_train.data import train_batch  # noqa: E402
 from dspark_train.hardware import detect  # noqa: E402
 from dspark_train.layout import RunDir  # noqa: E402
 from dspark_train.losses import block_positions, dspark_loss, target_distribution  # noqa: E402
 from dspark_train.train import (setup_accelerator, setup_data, setup_draft_vocab, setup_models,  # noqa: E402
-                                setup_training)
+                                setup_training, training_order)
 
 PHASES = ("target forward", "cache read", "p_t (LM head at block slots)", "drafter forward + loss",
           "backward", "clip + optimizer")
@@ -46,7 +46,7 @@ def profile(recipe, steps: int, warmup: int) -> dict:
         data = setup_data(recipe, run, acc, target.tokenizer, gamma)
         setup_draft_vocab(recipe, run, acc, target, drafter, data.train)
         tr = setup_training(recipe, run, acc, target, drafter, sharded, data)
-        order = GlobalOrder(len(data.train), recipe.data.seed)
+        order = training_order(recipe, data.train, acc.num_processes)
         totals, tokens = defaultdict(float), 0
         batches = [train_batch(data.train, order, i * cfg.batch_size, cfg.batch_size, recipe, gamma, pad_id)
                    for i in range(warmup + steps)]

@@ -288,8 +288,8 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     from dspark_train.export import export_run
 
     run, recipe, target = tiny_run
-    from dspark_train.data import conversations_path, read_jsonl, split_heldout
-    path = conversations_path(recipe)
+    from dspark_train.data import conversations_paths, read_jsonl, split_heldout
+    path = conversations_paths(recipe)[0]
     _, held = split_heldout(read_jsonl(path), recipe.data.heldout, recipe.data.seed)
     chosen = [str(c["id"]) for c in held[1:4]]  # as train.py writes it
     (run / "heldout_ids.json").write_text(json.dumps({"conversations": str(path), "seed": 0, "ids": chosen}))
@@ -463,11 +463,11 @@ def test_anchor_replay_does_not_observe_past_off_greedy_text(tiny_run):
 
 def test_heldout_prompts_top_up_with_untrained_prompts(tiny_run, tmp_path):
     from dspark_train.config import load_recipe
-    from dspark_train.data import conversations_path, read_jsonl
+    from dspark_train.data import conversations_paths, read_jsonl
 
     run, recipe, target = tiny_run
     prompts = [{"id": f"p{i}", "turns": [f"question {i}?"]} for i in range(6)] + [
-        {"id": c["id"], "turns": ["trained already"]} for c in read_jsonl(conversations_path(recipe))[:3]]
+        {"id": c["id"], "turns": ["trained already"]} for c in read_jsonl(conversations_paths(recipe)[0])[:3]]
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     r = load_recipe(run / "recipe.yaml", [f"data.prompts={path}"])

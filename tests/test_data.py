@@ -90,6 +90,35 @@ def test_global_order_is_world_size_independent(tiny_recipe):
         assert torch.equal(whole.input_ids[row, :n], halves[h].input_ids[j, :n])
 
 
+def test_length_grouped_order_visits_each_example_once_in_short_padded_batches(tiny_recipe):
+    """Each epoch is still a permutation; micro-batches hold similar lengths (far less padding than random ones);
+    the mapping depends on the global position only, so two ranks reading halves see what one rank sees."""
+    lengths = [int(x) for x in torch.randint(10, 500, (300,), generator=torch.Generator().manual_seed(0))]
+    plain = D.GlobalOrder(300, seed=1)
+    grouped = D.GlobalOrder(300, seed=1, lengths=lengths, chunk=64, granule=4)
+    for epoch in (0, 1):
+        assert sorted(grouped(epoch * 300 + p)[1] for p in range(300)) == list(range(300))
+
+    def padding(order):
+        batches = [[lengths[order(p)[1]] for p in range(s, s + 4)] for s in range(0, 300, 4)]
+        return sum(4 * max(b) - sum(b) for b in batches) / sum(lengths)
+    assert padding(grouped) < 0.25 * padding(plain)
+    again = D.GlobalOrder(300, seed=1, lengths=lengths, chunk=64, granule=4)
+    assert [again(p) for p in range(600)] == [grouped(p) for p in range(600)]
+    assert [grouped(p)[1] for p in range(64)] != sorted((grouped(p)[1] for p in range(64)), key=lambda i: lengths[i])
+
+
+def test_conversations_from_several_files_and_duplicate_ids_refused(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    a.write_text("".join(json.dumps({"id": i, "conversations": conv}) + "\n" for i in ("1", "2")))
+    b.write_text(json.dumps({"id": "3", "conversations": conv}) + "\n")
+    assert [c["id"] for c in D.load_conversations([a, b])] == ["1", "2", "3"]
+    b.write_text(json.dumps({"id": "2", "conversations": conv}) + "\n")
+    with pytest.raises(D.DataFileError, match="b.jsonl: id '2' is also in .*a.jsonl"):
+        D.load_conversations([a, b])
+
+
 def test_eval_batches_cover_heldout_once_with_equal_counts():
     exs = _examples(5)
     per_rank = [D.eval_batches(exs, 2, r, 2, anchors=4, gamma=3, pad_id=0) for r in range(2)]

@@ -167,12 +167,12 @@ def test_case_5_invalid_utf8_conversations_name_file_and_line(tmp_path, repo):
 
 def test_case_5_bad_lines_skipped_with_a_count_when_asked(tmp_path, repo, capsys):
     from dspark_train.config import load_recipe
-    from dspark_train.data import conversations_path, load_conversations
+    from dspark_train.data import conversations_paths, load_conversations
 
     conv = tmp_path / "conv.jsonl"
     _conversations(conv, bad_line=3)
     recipe = load_recipe(repo / "recipes" / "tiny.yaml", [f"data.conversations={conv}", "data.skip_bad_lines=true"])
-    convs = load_conversations(conversations_path(recipe), skip_bad_lines=recipe.data.skip_bad_lines)
+    convs = load_conversations(conversations_paths(recipe)[0], skip_bad_lines=recipe.data.skip_bad_lines)
     assert [c["id"] for c in convs] == [f"c{i}" for i in range(12) if i != 2]
     assert f"{conv}: skipped 1 bad line (line 3: invalid UTF-8" in capsys.readouterr().err
 
