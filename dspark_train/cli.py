@@ -57,7 +57,7 @@ def cmd_train(args):
     import subprocess
 
     from .launch import build_launch_command
-    from .runlock import TOKEN_ENV, RunLock
+    from .runlock import run_holding_lock
     recipe = _load(args)
     cmd = build_launch_command(recipe, args.recipe, args.overrides)
     print("$ " + " ".join(cmd), flush=True)
@@ -66,9 +66,7 @@ def cmd_train(args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if recipe.distributed.machine_rank != 0:  # machine 0 of a multi-node run holds the lock; the others write nothing
         raise SystemExit(subprocess.call(cmd, env=env))
-    with RunLock(recipe.resolve_path(recipe.train.output_dir), "dspark train") as lock:  # refused before launching
-        rc = subprocess.call(cmd, env={**env, TOKEN_ENV: lock.token})  # the trainer adopts the lock
-    raise SystemExit(rc)
+    raise SystemExit(run_holding_lock(cmd, env, recipe.resolve_path(recipe.train.output_dir), "dspark train"))
 
 
 def cmd_calibrate(args):

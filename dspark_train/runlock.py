@@ -4,18 +4,24 @@ holds while it writes.
 `RunLock(path, command)` is a file beside what is written, `<parent>/.<name>.lock` (`layout.lock_path`): beside,
 not inside, so it survives a directory being replaced whole (`layout.replace_dir`) and never travels with a copy
 of the run. It is created atomically (O_CREAT | O_EXCL: of two writers exactly one creates it) and holds who
-holds it: pid, host, start time, the command and a random token. It is removed when the `with` block ends, by a
-normal exit or an exception; only a kill can leave it behind, and then the next writer finds it stale:
+holds it: pid, host, boot id, PID namespace, start time, the command and a random token. It is removed when the
+`with` block ends, by a normal exit or an exception; only a kill can leave it behind, and then the next writer
+finds it stale:
 
-- same host, and the pid is not running (or is a zombie, or a different process that reused the pid: its start
-  time in /proc differs): stale. It is taken over with a message; the takeover itself is serialised by a
-  second O_EXCL file, so two newcomers never both take it.
-- another host: its pid cannot be checked from here. Refused, with the command that removes it.
+- the same PID namespace of the same boot of the same host (hostname, /proc/sys/kernel/random/boot_id and the
+  inode of /proc/self/ns/pid all equal), and the pid is not running (or is a zombie, or a different process that
+  reused the pid: its start time in /proc differs): stale. It is taken over with a message; the takeover itself
+  is serialised by a second O_EXCL file, so two newcomers never both take it.
+- another host, another boot, or another PID namespace (containers sharing a hostname and a volume but not
+  their processes): its pid cannot be checked from here. Refused, with the command that removes it.
 - a live holder: refused (LockError, one line, the CLI exits 2).
 
 `dspark train` takes the lock in the launching process and passes its token to the trainer it starts
-(`DSPARK_LOCK_TOKEN`); the trainer's main process adopts it (rewrites it with its own pid, so a kill of the
-launcher alone does not make a running trainer's lock look stale) and every later release is by token.
+(`DSPARK_LOCK_TOKEN`, `run_holding_lock`); the trainer's main process adopts it (rewrites it with its own pid, so a
+kill of the launcher alone does not make a running trainer's lock look stale). A release removes the lock only if
+it holds our token and names our pid or a process that has ended: the launcher never frees a lock its trainer
+still holds, and an interrupted launcher forwards the signal to the trainer's process group and waits for all of
+it (every rank) before it releases.
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ import functools
 import json
 import os
 import secrets
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +54,19 @@ def _proc_start(pid: int) -> Optional[int]:
     except OSError:
         return None
     return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def _namespace() -> dict:
+    """What makes a pid checkable from here: the host, this boot of it, and our PID namespace."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = None
+    try:
+        pid_ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pid_ns = None
+    return {"host": socket.gethostname(), "boot_id": boot, "pid_ns": pid_ns}
 
 
 def _alive(pid: int, proc_start: Optional[int]) -> bool:
@@ -79,8 +100,21 @@ class RunLock:
 
     # ------------------------------------------------------------------ the record
     def _record(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        return {"pid": os.getpid(), **_namespace(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "proc_start": _proc_start(os.getpid()), "command": self.command, "token": self.token}
+
+    @staticmethod
+    def _elsewhere(rec: dict) -> Optional[str]:
+        """Why the holder's pid cannot be checked from here (None: it can). Keys a lock lacks (written before they
+        were recorded) are not compared."""
+        here = _namespace()
+        if rec.get("host") != here["host"]:
+            return "another host"
+        if rec.get("boot_id") is not None and rec["boot_id"] != here["boot_id"]:
+            return "another boot of this host (or another machine of the same name)"
+        if rec.get("pid_ns") is not None and rec["pid_ns"] != here["pid_ns"]:
+            return "another PID namespace (a container) on this host"
+        return None
 
     def _read(self) -> Optional[dict]:
         """The holder's record; None when the file is gone. A file torn or emptied (a kill between create and
@@ -105,7 +139,7 @@ class RunLock:
                 return time.time() - self.path.stat().st_mtime > 10
             except FileNotFoundError:
                 return True
-        if rec.get("host") != socket.gethostname():
+        if self._elsewhere(rec):
             return False
         return not isinstance(rec.get("pid"), int) or not _alive(rec["pid"], rec.get("proc_start"))
 
@@ -145,7 +179,9 @@ class RunLock:
 
     def _refusal(self, rec: dict) -> str:
         what = f"{self.target}: {self._describe(rec)} is writing it"
-        if rec.get("host") not in (None, socket.gethostname()):
+        where = self._elsewhere(rec) if rec.get("host") is not None else None
+        if where:
+            what += "" if where == "another host" else f" from {where}"
             return (f"{what}; this host ({socket.gethostname()}) cannot check that process: if it has ended, "
                     f"remove the lock with `rm {self.path}` and run again")
         return f"{what}; wait for it to finish or stop it (kill {rec.get('pid')}), then run again"
@@ -175,12 +211,16 @@ class RunLock:
             guard.unlink()
 
     def release(self) -> None:
-        """Remove the lock if it is still ours (by token): never someone else's."""
-        if self.token is not None and (self._read() or {}).get("token") == self.token:
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+        """Remove the lock if it is still ours (by token) and no live process holds it for us: a trainer that
+        adopted a launcher's token keeps it until it ends itself. Never someone else's."""
+        rec = self._read() or {}
+        if self.token is not None and rec.get("token") == self.token:
+            pid = rec.get("pid")
+            if pid == os.getpid() or not isinstance(pid, int) or not _alive(pid, rec.get("proc_start")):
+                try:
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
         self.token = None
 
     def __enter__(self) -> "RunLock":
@@ -188,6 +228,52 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def run_holding_lock(cmd: list[str], env: dict, path: Union[str, Path], command: str) -> int:
+    """Run `cmd` (a trainer launch) holding the lock of `path`, handed to it through TOKEN_ENV; returns its exit
+    code. The child runs in its own process group. If this launcher is interrupted (Ctrl-C, SIGTERM), the signal
+    goes to that whole group (accelerate and every rank) and the lock is released only once the group is gone."""
+    with RunLock(path, command) as lock:  # refused before launching
+        proc = subprocess.Popen(cmd, env={**env, TOKEN_ENV: lock.token}, start_new_session=True)
+        previous = signal.signal(signal.SIGTERM, _interrupted)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            _stop_group(proc)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGINT to the child's process group (SIGTERM after 60 s, SIGKILL after 120 s); wait until none is left."""
+    print(f"\ninterrupted: stopping the trainer (process group {proc.pid}) before releasing the run's lock",
+          file=sys.stderr, flush=True)
+    start = time.monotonic()
+    sent = None
+    while True:
+        elapsed = time.monotonic() - start
+        sig = signal.SIGINT if elapsed < 60 else signal.SIGTERM if elapsed < 120 else signal.SIGKILL
+        try:
+            if sig != sent:
+                os.killpg(proc.pid, sig)
+                sent = sig
+            else:
+                os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=0.2)  # reap the leader; its group may live on a little longer
+        except subprocess.TimeoutExpired:
+            pass
+        except KeyboardInterrupt:  # a second Ctrl-C: escalate at once
+            start -= 120
+    proc.wait()
 
 
 class _NoLock:

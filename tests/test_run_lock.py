@@ -90,6 +90,76 @@ def test_lock_from_another_host_refused_with_how_to_remove_it(tmp_path):
         RunLock(run, "dspark train").acquire()
 
 
+@pytest.mark.parametrize("field,where", [("pid_ns", "another PID namespace"), ("boot_id", "another boot")])
+def test_lock_from_another_pid_namespace_or_boot_is_refused_not_taken_over(tmp_path, field, where):
+    """[S] item 4: containers sharing a hostname and a volume but not a PID namespace cannot see each other's
+    processes, so a live holder there would look dead from here: such a lock is refused, never taken over."""
+    from dspark_train.runlock import _namespace
+    run = tmp_path / "run"
+    dead = _dead_lock(run)  # a pid that is not running here
+    rec = {**_record(run), field: "elsewhere"}
+    assert rec["pid"] == dead and rec["host"] == socket.gethostname()
+    assert rec["boot_id"] == _namespace()["boot_id"] and rec["pid_ns"] == _namespace()["pid_ns"] or field in rec
+    lock_path(run).write_text(json.dumps(rec))
+    with pytest.raises(LockError, match=rf"is writing it from {where}.*cannot check that process: if it has ended, "
+                                        rf"remove the lock with `rm {lock_path(run)}`"):
+        RunLock(run, "dspark train").acquire()
+    assert _record(run) == rec
+
+
+def test_a_launcher_never_releases_a_lock_its_live_trainer_holds(tmp_path):
+    """[S] item 4: after the trainer adopts the token, the launcher's release leaves the lock to the trainer."""
+    run = tmp_path / "run"
+    code = ("import sys, time; from dspark_train.runlock import holds_lock\n"
+            f"@holds_lock(lambda: {str(run)!r}, 'dspark train', main_process_only=True)\n"
+            "def body():\n    print('adopted', flush=True); time.sleep(30)\n"
+            "body()\n")
+    lock = RunLock(run, "dspark train").acquire()
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**ENV, TOKEN_ENV: lock.token},
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "adopted"
+        lock.release()
+        assert _record(run)["pid"] == child.pid  # still the trainer's
+    finally:
+        child.kill()
+        child.wait()
+    RunLock(run, "dspark train").acquire().release()  # the dead trainer's lock is stale: taken over
+
+
+def test_an_interrupted_launcher_stops_every_rank_before_releasing(tmp_path):
+    """[S] item 4: Ctrl-C on `dspark train` reaches the whole trainer process group (here a trainer that needs a
+    moment to finish its checkpoint, and a second rank); the lock outlives them, never the other way round."""
+    run = tmp_path / "run"
+    marks = tmp_path / "marks"
+    trainer = ("import os, signal, subprocess, sys, time; from dspark_train.runlock import holds_lock\n"
+               f"marks = {str(marks)!r}\n"
+               "def stop(*_):\n    time.sleep(1.5)\n    open(marks, 'a').write('rank0 done\\n')\n    sys.exit(0)\n"
+               "signal.signal(signal.SIGINT, stop)\n"
+               "rank1 = subprocess.Popen([sys.executable, '-c', 'import signal, sys, time\\n"
+               "def stop(*_):\\n    time.sleep(2.5)\\n    open(%r, \\'a\\').write(\\'rank1 done\\\\n\\')\\n"
+               "    sys.exit(0)\\nsignal.signal(signal.SIGINT, stop)\\ntime.sleep(60)' % marks])\n"
+               f"@holds_lock(lambda: {str(run)!r}, 'dspark train', main_process_only=True)\n"
+               "def body():\n    open(marks, 'a').write('adopted\\n')\n    time.sleep(60)\n"
+               "body()\n")
+    launcher = ("import sys; from dspark_train.runlock import run_holding_lock\n"
+                f"sys.exit(run_holding_lock([sys.executable, '-c', {trainer!r}], dict(__import__('os').environ), "
+                f"{str(run)!r}, 'dspark train'))\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (marks.is_file() and "adopted" in marks.read_text()):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # rank 1 has installed its handler
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.8)
+    assert lock_path(run).is_file(), "lock released while the trainer was still writing"
+    proc.wait(30)
+    assert marks.read_text().splitlines() == ["adopted", "rank0 done", "rank1 done"]
+    assert not lock_path(run).exists()
+    assert "stopping the trainer" in proc.stderr.read()
+
+
 def _contend(run, barrier, results):
     barrier.wait()
     try:
