@@ -150,8 +150,12 @@ def eval_config(args: argparse.Namespace):
 
 
 def cmd_eval(args):
-    from .evaluate import run_eval
-    run_eval(eval_config(args))
+    from .evaluate import LosslessError, run_eval
+    try:
+        run_eval(eval_config(args))
+    except LosslessError as e:
+        print(f"LOSSLESS CHECK FAILED: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

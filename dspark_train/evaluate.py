@@ -12,6 +12,7 @@ that fill it are cli.py's.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,8 +29,8 @@ from .decoding import SpeculativeDecoder
 from .decoding.decoder import MODES
 from .hardware import AUTO_DTYPES, detect
 from .layout import ARTIFACT, CALIBRATION, FINAL, RECIPE, DataFileError, iter_jsonl, read_json
-from .report import (OUTPUTS, REPORT_JSON, REPORT_MD, RoundStat, Sample, assemble, fastest_plain, method_metrics,
-                     render_markdown, speedup_over, write_outputs, write_report)
+from .report import (NEAR_TIE_MARGIN, OUTPUTS, REPORT_JSON, REPORT_MD, RoundStat, Sample, assemble, fastest_plain,
+                     lossless_errors, method_metrics, render_markdown, speedup_over, write_outputs, write_report)
 from .runlock import holds_lock
 from .target import PromptTooLong, load_target
 
@@ -267,10 +268,58 @@ def top2_logits(target, context: list[int]) -> tuple[float, float]:
     return top1, top2
 
 
-def top2_gap(target, context: list[int]) -> float:
-    """Top-1 minus top-2 logit after `context`: a divergence at a small gap is a rounding near-tie."""
-    top1, top2 = top2_logits(target, context)
-    return top1 - top2
+
+
+def ulp(x: float, dtype: torch.dtype) -> float:
+    """The spacing of `dtype` numbers at |x| (bf16: 8 significant bits, fp16: 11, fp32: 24)."""
+    bits = {torch.bfloat16: 8, torch.float16: 11}.get(dtype, 24)
+    return 2.0 ** (math.floor(math.log2(max(abs(x), 1e-30))) - bits + 1)
+
+
+@torch.no_grad()
+def classify_divergences(target, cases: Sequence[tuple[list[int], int, int]]) -> list[dict]:
+    """Is each greedy divergence (context, plain token a, speculative token b) rounding or a real error?
+
+    The context is re-scored in fp32 (the target's own weights, its parameters cast up for the call and restored:
+    bf16 → fp32 → bf16 is exact). A greedy pass in the eval dtype picks a, the speculative one b; if each pass's
+    logits are within e of the fp32 ones, the fp32 gap l32(a) − l32(b) lies within ±2e. e is what this context
+    shows: the larger deviation |l(x) − l32(x)| of the eval-dtype forward at a and b, at least one unit of that
+    dtype at the logits' magnitude. A near-tie: |gap| ≤ NEAR_TIE_MARGIN · e; anything wider is an error: the
+    speculative decoder emitted a token the target would not pick, rounding or not."""
+    if not cases:
+        return []
+    model = target.model
+    low = [(x[-1], target.model(input_ids=torch.tensor([x], device=target.device)).logits[0, -1].float())
+           for x, _, _ in cases]
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    kept = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.data.float()
+        high = [model(input_ids=torch.tensor([x], device=target.device)).logits[0, -1].float() for x, _, _ in cases]
+    finally:
+        for p, d in zip(params, kept):
+            p.data = d
+    out = []
+    for (_, a, b), (_, lo), hi in zip(cases, low, high):
+        dev = max(abs(float(lo[a] - hi[a])), abs(float(lo[b] - hi[b])), ulp(float(hi.max()), target.dtype))
+        gap = float(hi[a] - hi[b])
+        top2 = lo.topk(2).values.tolist()
+        out.append({"top2_logit_gap": top2[0] - top2[1], "fp32_gap": gap, "fp32_argmax": int(hi.argmax()),
+                    "rounding": dev, "tolerance": NEAR_TIE_MARGIN * dev,
+                    "kind": "near_tie" if abs(gap) <= NEAR_TIE_MARGIN * dev else "error"})
+    return out
+
+
+def verdict(entry: dict) -> None:
+    """`lossless` from the classified divergences: identical outputs, or every divergence a near-tie (counted in
+    `near_ties`); any error makes it False (`errors`)."""
+    divs = entry.get("divergences")
+    if divs is None or entry.get("lossless") is None:
+        return
+    entry["near_ties"] = sum(d["kind"] == "near_tie" for d in divs)
+    entry["errors"] = sum(d["kind"] == "error" for d in divs)
+    entry["lossless"] = entry["errors"] == 0
 
 
 # --------------------------------------------------------------------------- the run
@@ -334,9 +383,14 @@ def benchmark_report(m: Measured, target, drafter: str, baselines: Sequence[str]
     speedups against the fastest plain decoding measured (any dtype)."""
     plain = m.samples[PLAIN]
     entry = method_metrics(plain, m.samples[drafter], greedy)
-    for div in entry["divergences"] or []:
-        context = m.prompts[div["prompt"]][div["turn"]] + plain[div["prompt"]][div["turn"]].ids[:div["position"]]
-        div["top2_logit_gap"] = top2_gap(target, context)
+    divs = [d for d in entry["divergences"] or [] if d["plain_token"] is not None and d["drafter_token"] is not None]
+    cases = [(m.prompts[d["prompt"]][d["turn"]] + plain[d["prompt"]][d["turn"]].ids[:d["position"]],
+              d["plain_token"], d["drafter_token"]) for d in divs]
+    for d, c in zip(divs, classify_divergences(target, cases)):
+        d.update(c)
+    for d in entry["divergences"] or []:
+        d.setdefault("kind", "error")  # one output ended where the other went on: no near-tie explains it
+    verdict(entry)
     dtype = str(target.dtype).removeprefix("torch.")
     fastest = fastest_plain({dtype: plain, **{d: m.samples[plain_name(d)] for d in AUTO_DTYPES
                                               if d != dtype and plain_name(d) in m.samples}})
@@ -423,7 +477,16 @@ def run_eval(cfg: EvalConfig) -> dict:
         write_outputs(measured, target.tokenizer, out / OUTPUTS)
     print(render_markdown(report))
     print(f"report written to {out / REPORT_JSON}, {REPORT_MD} and plots")
+    errors = lossless_errors(report)
+    if errors:
+        raise LosslessError(f"greedy speculative output parted from plain greedy decoding beyond rounding at "
+                            f"{len(errors)} place(s): " + "; ".join(errors[:5]) + (" …" if len(errors) > 5 else "")
+                            + f" (details in {out / REPORT_MD})")
     return report
+
+
+class LosslessError(RuntimeError):
+    """A greedy divergence no rounding explains (`dspark eval` exits 1 naming the cases, after the report)."""
 
 
 def build_report(measured: Sequence[Measured], target, drafters: dict[str, dict], baselines: Sequence[str],

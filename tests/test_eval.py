@@ -193,6 +193,45 @@ def test_report_schema_and_speedup_from_scripted_decoders(tiny_target, tmp_path)
     assert not (tmp_path / "out" / "reliability.png").exists()  # no calibration data
 
 
+def test_divergences_are_classified_by_an_fp32_rescore(tiny_recipe):
+    """[S] item 5: a constructed near-tie (the fp32 top-2 of a context, picked by a bf16 pass the other way round)
+    reads as rounding, a constructed real error (a token far below the top) as an error; the bf16 weights come
+    back bit for bit; the lossless column says which."""
+    from dataclasses import replace
+
+    from dspark_train.evaluate import classify_divergences, verdict
+    from dspark_train.report import lossless_cell
+    from dspark_train.target import load_target
+
+    target = load_target(replace(tiny_recipe.target, dtype="bfloat16"))
+    before = {k: v.clone() for k, v in target.model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(4, 200, (12,), generator=g).tolist() for _ in range(64)]
+    with torch.no_grad():
+        hi = [target.model.float()(torch.tensor([c])).logits[0, -1] for c in contexts]
+    target.model.load_state_dict(before)
+    target.model.to(torch.bfloat16)
+    gaps = [float(x.topk(2).values[0] - x.topk(2).values[1]) for x in hi]
+    tie = min(range(len(contexts)), key=gaps.__getitem__)  # the closest call: a rounding flip is plausible there
+    wide = max(range(len(contexts)), key=lambda i: float(hi[i].max() - hi[i].min()))
+    top2 = hi[tie].topk(2).indices.tolist()
+    cases = [(contexts[tie], top2[1], top2[0]), (contexts[wide], int(hi[wide].argmax()), int(hi[wide].argmin()))]
+    near, error = classify_divergences(target, cases)
+    assert near["kind"] == "near_tie" and abs(near["fp32_gap"]) <= near["tolerance"], near
+    assert error["kind"] == "error" and error["fp32_gap"] > error["tolerance"] > 0, error
+    assert near["fp32_argmax"] == top2[0] and error["fp32_argmax"] == cases[1][1]
+    after = target.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+    entry = {"lossless": False, "divergences": [dict(near)]}
+    verdict(entry)
+    assert entry["lossless"] is True and entry["near_ties"] == 1 and lossless_cell(entry, "bfloat16") == \
+        "yes (bfloat16: 1 near-tie)"
+    entry = {"lossless": False, "divergences": [dict(near), dict(error)]}
+    verdict(entry)
+    assert entry["lossless"] is False and lossless_cell(entry, "bfloat16") == "**NO** (1 error)"
+
+
 def test_sampling_reports_lossless_null(tiny_target, tmp_path):
     args = eval_args("--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "20")
     plain = hf_method(tiny_target.model, generation_kwargs(tiny_target, args.temperature, args.top_p, args.top_k))
