@@ -21,6 +21,12 @@ Facts this module relies on, read in the sources of speculators 0.9.0 and vllm-c
 - `sample_from_anchor`: true = slot k predicts draft k+1 (DSpark, γ speculative tokens), false = DFlash's
   fill-in layout (γ+1 slots, γ speculative tokens). vLLM's `dflash` method runs only the fill-in layout.
 - vLLM does not check for missing tensors (they stay uninitialised), so `check_tensors` does.
+- `transformer_layer_config` is written by speculators' trainer with `to_diff_dict()`: a key equal to Qwen3Config's
+  default is absent, so the reader completes it through `Qwen3Config` (rope θ included: 1e4 there, not 1e6).
+- speculators' trainer makes every draft layer `sliding_attention` (window 2048) and, unless
+  `--sliding-window-non-causal` or `--full-attention-indices` is given, causal inside the block. Our drafter's
+  blocks are bidirectional over the whole context, so the reader refuses a causal or windowed layer instead of
+  giving other logits silently.
 """
 from __future__ import annotations
 
@@ -217,6 +223,36 @@ def pick_mask_token_id(tokenizer, vocab_size: int) -> int:
 
 
 # --------------------------------------------------------------------------- reading back
+def _layer_config(tl: dict, where) -> dict:
+    """The draft layers' config with Qwen3Config's defaults filled in (speculators writes only the differences)."""
+    from transformers import Qwen3Config
+
+    try:
+        full = Qwen3Config(**{k: v for k, v in tl.items() if k != "model_type"})
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{where}: transformer_layer_config: {e}") from None
+    out = {**full.to_dict(), **tl}
+    out["head_dim"] = tl.get("head_dim") or getattr(full, "head_dim", None)
+    out["layer_types"] = list(getattr(full, "layer_types", None) or ["full_attention"] * full.num_hidden_layers)
+    return out
+
+
+def _attention_refusal(cfg: dict, tl: dict) -> Optional[str]:
+    """Why these draft layers' attention is not our drafter's (bidirectional blocks over the whole context)."""
+    sliding = [i for i, t in enumerate(tl["layer_types"]) if t != "full_attention"]
+    if not sliding:
+        return None
+    if not cfg.get("sliding_window_non_causal"):
+        return (f"draft layers {sliding} are {tl['layer_types'][sliding[0]]} with sliding_window_non_causal false: "
+                "causal inside the block, which dspark-train drafters are not (train with speculators' "
+                "--full-attention-indices or --sliding-window-non-causal)")
+    window, context = tl.get("sliding_window"), tl.get("max_position_embeddings")
+    if window is not None and context is not None and window < context:
+        return (f"draft layers {sliding} attend to a {window}-token sliding window, shorter than the "
+                f"{context}-token context: dspark-train drafters attend to all of it")
+    return None
+
+
 def is_speculators_dir(path: Path) -> bool:
     try:
         return "speculators_model_type" in json.loads((Path(path) / CONFIG).read_text())
@@ -241,6 +277,14 @@ def load_speculators(path: str | Path):
     if kind not in ("dspark", "dflash") or cfg.get("markov_head_type", "vanilla") != "vanilla":
         raise FormatError(f"{path / CONFIG}: {kind} / markov_head_type {cfg.get('markov_head_type')} is not a "
                           "drafter dspark-train reads (dspark with a vanilla Markov head, or dflash)")
+    tl = cfg["transformer_layer_config"] = _layer_config(tl, path / CONFIG)
+    why = _attention_refusal(cfg, tl)
+    if why:
+        raise FormatError(f"{path / CONFIG}: {why}")
+    if kind == "dspark" and cfg.get("markov_rank") and cfg.get("enable_confidence_head", True) and \
+            not cfg.get("confidence_head_with_markov", True):
+        raise FormatError(f"{path / CONFIG}: confidence_head_with_markov false: dspark-train's confidence head "
+                          "always reads [h ; W1[x]] with a Markov head")
     try:
         sd = load_file(str(path / WEIGHTS))
     except (OSError, Exception) as e:  # safetensors raises its own error type for a torn file
@@ -256,7 +300,7 @@ def load_speculators(path: str | Path):
                        block_size=cfg["block_size"] - (not anchor), head_rank=r or 256,
                        hidden_size=tl["hidden_size"], intermediate_size=tl["intermediate_size"],
                        num_attention_heads=tl["num_attention_heads"], num_key_value_heads=tl["num_key_value_heads"],
-                       head_dim=tl.get("head_dim"), rope_theta=rope.get("rope_theta", tl.get("rope_theta", 1e6)),
+                       head_dim=tl.get("head_dim"), rope_theta=rope.get("rope_theta", tl.get("rope_theta")),
                        rms_norm_eps=tl["rms_norm_eps"], vocab_size=V,
                        feature_layers=cfg["aux_hidden_state_layer_ids"],
                        draft_vocab_size=vd if vd < V else None,

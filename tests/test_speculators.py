@@ -156,6 +156,34 @@ def test_completeness_check_catches_missing_extra_and_misshapen(tmp_path, tiny_r
         export_speculators(run, out, target=tiny_target, mask_token_id=3)
 
 
+def test_reader_completes_a_diff_config_and_refuses_causal_or_windowed_layers(tmp_path, tiny_recipe, tiny_target):
+    """speculators' trainer writes transformer_layer_config as a diff against Qwen3Config and makes its draft layers
+    sliding-window and causal inside the block by default: the reader fills the defaults in and refuses what
+    our bidirectional drafter would compute differently (never silently other logits)."""
+    run, d = make_run(tmp_path, tiny_recipe, tiny_target, head="markov")
+    out = export_speculators(run, tmp_path / "spec", target=tiny_target, mask_token_id=3)
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    from transformers import Qwen3Config
+    default = Qwen3Config().to_dict()
+    cfg["transformer_layer_config"] = {k: v for k, v in cfg["transformer_layer_config"].items()
+                                       if k == "model_type" or default.get(k) != v}
+    cfg_path.write_text(json.dumps(cfg))
+    back = load_artifact(out, target=tiny_target)
+    torch.testing.assert_close(draft_logits(back, tiny_target)[0], draft_logits(d, tiny_target)[0], rtol=0, atol=0)
+    layers = cfg["transformer_layer_config"]["num_hidden_layers"]
+    for extra, match in (({"sliding_window_non_causal": False}, r"causal inside the block"),
+                         ({"sliding_window_non_causal": True}, r"sliding window, shorter")):
+        bad = {**cfg, **extra, "transformer_layer_config": {**cfg["transformer_layer_config"], "sliding_window": 64,
+                                                            "layer_types": ["sliding_attention"] * layers}}
+        cfg_path.write_text(json.dumps(bad))
+        with pytest.raises(sp.FormatError, match=match):
+            sp.load_speculators(out)
+    cfg_path.write_text(json.dumps({**cfg, "confidence_head_with_markov": False}))
+    with pytest.raises(sp.FormatError, match="confidence_head_with_markov"):
+        sp.load_speculators(out)
+
+
 def test_mask_row_for_smollm2_is_a_spare_special_token():
     """On the real SmolLM2 tokenizer the learned MASK goes to <empty_output> (id 16): a code-corpus special
     token that is not bos/eos/pad and not in the chat template, so no anchor is ever that token."""
