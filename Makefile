@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup lint test test-all demo bench curve clean engine-check
+.PHONY: setup lint test test-all demo bench curve clean engine-check data-server-check
 
 setup: $(STAMP)
 
@@ -61,6 +61,12 @@ $(ENGINE_STAMP):
 engine-check: setup $(ENGINE_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) eval/engine_check.py prepare --out $(ENGINE_DIR) $(if $(RUN),--run $(RUN))
 	HF_HUB_OFFLINE=1 $(ENGINE_PY) eval/engine_check.py engine --out $(ENGINE_DIR)
+
+# `dspark data --server` against vLLM's CPU OpenAI server (not part of `make test`; minutes): resume across a server
+# killed mid-run, greedy token ids against our in-process greedy, tokens/s of both paths (eval/data_server_check.py)
+data-server-check: setup $(ENGINE_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) eval/data_server_check.py --engine-python $(ENGINE_PY) --out runs/data-server-check
+
 # held-out τ against training minutes for the recipe variants (eval/learning_curve.py --help); on 2 cores two
 # variants train at once, one thread each. Smoke version: make curve CURVE_ARGS="--minutes 1,2 --variants baseline,kl"
 CURVE_ARGS ?=

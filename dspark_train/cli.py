@@ -48,8 +48,11 @@ def cmd_fetch_target(args):
 
 
 def cmd_data(args):
+    import json
+
     from .regenerate import run_data
-    run_data(_load(args), shard=args.shard)
+    server = [f"data.server.url={json.dumps(args.server)}"] if args.server else []  # JSON: a YAML string as given
+    run_data(load_recipe(args.recipe, args.overrides + server), shard=args.shard)
 
 
 def cmd_train(args):
@@ -173,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("data", help="regenerate answers with the frozen target (self-distillation data)")
     _recipe_args(s)
     s.add_argument("--shard", default=None, metavar="I/N", help="process shard I of N (0-based), e.g. 0/4")
+    s.add_argument("--server", default=None, metavar="URL",
+                   help="answer through this OpenAI-compatible server (vLLM, SGLang), e.g. http://127.0.0.1:8000; "
+                        "sets data.server.url (model, API key variable, concurrency: data.server.*)")
     s.set_defaults(fn=cmd_data)
 
     s = sub.add_parser("train", help="train the drafter (builds the accelerate launch from `distributed`)")

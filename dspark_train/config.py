@@ -2,6 +2,8 @@
 
 Every error is a :class:`RecipeError` whose message names the file and the dotted key, e.g.
 ``recipes/x.yaml: train.lr: expected a float, got 'fast'``; the CLI prints it on one line and exits 2.
+
+Long because every recipe field lives here, typed and commented, with its bounds: one file says what a recipe can say.
 """
 from __future__ import annotations
 
@@ -101,6 +103,21 @@ class DrafterConfigSection:
 
 
 @dataclass
+class ServerConfig:
+    """`dspark data` through an OpenAI-compatible server (vLLM, SGLang) instead of the in-process target."""
+
+    url: Optional[str] = None  # base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine); null: in-process
+    model: Optional[str] = None  # served model name; null: target.model (a pypi: or inline target: the server's one)
+    api_key_env: Optional[str] = None  # NAME of the environment variable holding the API key (never the key)
+    concurrency: int = 16  # requests in flight
+    timeout: float = 600.0  # seconds a request may wait for the server's answer
+    max_retries: int = 5  # per request, on 429 / 5xx / connection errors / timeouts
+    backoff: float = 1.0  # first retry delay in seconds, doubled per retry (jittered)
+    token_check: int = 32  # first N answers: does re-tokenising the text give the server's token ids? 0: not asked
+    max_token_mismatch: float = 0.05  # refuse to go on when more of those N answers than this share differ
+
+
+@dataclass
 class DataConfig:
     root: str = "../shared/data"  # where the local data files live; relative paths resolve against it
     prompts: str = "train/prompts_mix.jsonl"  # local jsonl/parquet or Hub dataset id
@@ -123,6 +140,7 @@ class DataConfig:
     top_p: float = 0.95
     gen_batch_size: int = 8
     seed: int = 0
+    server: ServerConfig = field(default_factory=ServerConfig)  # `dspark data --server URL`
     # a pruned draft vocabulary ranks tokens by training-label counts (the regenerated answers are the target's own
     # tokens); > 0 adds the target's argmax over that many training sequences (a target forward each, with a bar)
     vocab_sample_seqs: int = 0
@@ -366,6 +384,19 @@ def _validate(r: Recipe, src: str) -> None:
         bad("drafter.num_layers", "must be >= 1")
     if not 0 < r.data.top_p <= 1:
         bad("data.top_p", f"must be in (0, 1], got {r.data.top_p}")
+    srv = r.data.server  # a section inside a section: the two-level loops above do not reach it
+    for key, ok, need in (("concurrency", srv.concurrency >= 1, ">= 1"),
+                          ("max_retries", srv.max_retries >= 0, ">= 0"),
+                          ("timeout", math.isfinite(srv.timeout) and srv.timeout > 0, "> 0"),
+                          ("backoff", math.isfinite(srv.backoff) and srv.backoff >= 0, ">= 0"),
+                          ("token_check", srv.token_check >= 0, ">= 0"),
+                          ("max_token_mismatch", 0 <= srv.max_token_mismatch <= 1, "in [0, 1]")):
+        if not ok:
+            bad(f"data.server.{key}", f"must be {need}, got {getattr(srv, key)}")
+    if srv.url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", srv.url):
+        bad("data.server.url", f"expected http(s)://HOST[:PORT], got {srv.url!r}")
+    if srv.api_key_env is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", srv.api_key_env):  # not echoed: a key?
+        bad("data.server.api_key_env", "expected the NAME of an environment variable in capitals, e.g. OPENAI_API_KEY")
     if not 0 <= r.train.warmup_ratio < 1:
         bad("train.warmup_ratio", f"must be in [0, 1), got {r.train.warmup_ratio}")
     if any(not m > 0 for m in r.train.eval_at_minutes):

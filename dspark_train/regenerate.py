@@ -5,22 +5,30 @@ by the target (greedy by default, every user turn in order). `run_data` is resum
 skipped), keeps prompt order, records per-prompt failures in `<output>.failures.jsonl` (retried on the next
 run; a prompt too long for data.max_seq_len or for the target's window is recorded as skipped) and shards:
 shard i/n takes every n-th prompt into its own part file; the last shard to finish merges.
+
+With data.server.url (`dspark data --server URL`) an OpenAI-compatible server (vLLM, SGLang) answers instead:
+same records, files and resume, prompts written as they finish (the merge restores prompt order), and the
+first answers' token ids checked against the trainer's own tokenisation of their text.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from .chat import prompt_ids
+from .chat import conversation_ids, prompt_ids
 from .config import Recipe, RecipeError
 from .data import (conversations_paths, load_conversations, load_prompts, output_path, prompt_turns, read_jsonl,
                    write_jsonl_atomic)
 from .runlock import holds_lock
-from .target import PromptTooLong
+from .target import PromptTooLong, load_tokenizer
 
 
 def parse_shard(shard) -> tuple[int, int]:
@@ -135,6 +143,151 @@ def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> list[dict]:
     return records
 
 
+# --------------------------------------------------------------------------- through a server (data.server)
+SERVER_FAILED = "server: "  # a prompt the server failed on (not the prompt's own fault)
+GIVE_UP_AFTER = 32  # consecutive prompts failed on the server: the server or the request is wrong, not the prompts
+
+
+def same_tokens(tok, messages: list[dict], token_ids: list[int]) -> bool:
+    """Does the trainer's tokenisation (chat.conversation_ids) of the last assistant message give the ids the
+    server generated? Stop tokens at the end of either (EOS, end of turn, the template's closing newline) are not
+    part of the answer."""
+    ids, mask = conversation_ids(tok, messages, sys.maxsize)
+    if 1 not in mask:
+        return False
+    end = len(mask) - mask[::-1].index(1)
+    start = end
+    while start and mask[start - 1]:
+        start -= 1
+    ours, theirs, special = ids[start:end], list(token_ids), set(tok.all_special_ids)
+    while theirs and theirs[-1] in special:
+        theirs.pop()
+    return ours[:len(theirs)] == theirs and not tok.decode(ours[len(theirs):], skip_special_tokens=True).strip()
+
+
+def _answer_via_server(client, model: str, p: dict, recipe: Recipe, tok, tok_lock) -> tuple[dict, list]:
+    """Every user turn of one prompt in order, each conditioned on the server's own earlier answers → (output
+    record, [(messages through each answer, the server's token ids)])."""
+    from .openai_client import ServerError
+    data_cfg = recipe.data
+    try:
+        turns = prompt_turns(p["raw"])
+    except (ValueError, TypeError, KeyError) as e:
+        return {"id": p["id"], "error": f"bad prompt record: {e}"}, []
+    msgs, finished, n_tokens, answers = [], True, 0, []
+    for turn, text in enumerate(turns):
+        msgs.append({"role": "user", "content": text})
+        with tok_lock:  # a tokenizer is not safe to share between threads
+            n = len(prompt_ids(tok, msgs))
+        if n >= data_cfg.max_seq_len:  # truncation would leave no answer to learn from
+            return {"id": p["id"], "error": f"{SKIPPED}prompt is {n} tokens, longer than data.max_seq_len="
+                                            f"{data_cfg.max_seq_len}"}, []
+        try:
+            c = client.chat(model, msgs, data_cfg.max_new_tokens, data_cfg.temperature, data_cfg.top_p,
+                            _seed_of(data_cfg.seed, f"{p['id']}:{turn}"), data_cfg.server.token_check > 0)
+        except ServerError as e:
+            if e.fatal:
+                raise
+            return {"id": p["id"], "error": f"{SERVER_FAILED}{e}"}, []
+        msgs.append({"role": "assistant", "content": c.text})
+        answers.append((list(msgs), c.token_ids))
+        finished, n_tokens = finished and c.finished, n_tokens + c.n_tokens
+    return {"id": p["id"], "category": p["category"], "conversations": msgs, "finished": finished,
+            "n_tokens": n_tokens}, answers
+
+
+class _TokenCheck:
+    """Re-tokenise the server's first data.server.token_check answers as the trainer will and compare with the
+    ids the server generated; refuse to go on past data.server.max_token_mismatch of them (at once when the
+    sample can no longer pass, else when it is complete, or the run ends short of it)."""
+
+    def __init__(self, tok, recipe: Recipe):
+        self.tok, self.recipe = tok, recipe
+        self.size, self.checked, self.bad = recipe.data.server.token_check, 0, 0
+
+    @property
+    def open(self) -> bool:
+        return self.checked < self.size
+
+    def add(self, answers: list) -> None:
+        for messages, ids in answers:
+            if not self.open:
+                return
+            if ids is None:
+                print("note: the server returns no completion token ids (vLLM: `return_token_ids`); token identity "
+                      "is not checked")
+                self.size = 0
+                return
+            self.checked += 1
+            self.bad += not same_tokens(self.tok, messages, ids)
+            if self.bad > self.recipe.data.server.max_token_mismatch * self.size or not self.open:
+                self.close()
+
+    def close(self) -> None:
+        cfg = self.recipe.data.server
+        if self.bad > cfg.max_token_mismatch * self.checked:
+            raise RecipeError(
+                f"{self.recipe.source}: data.server: {self.bad} of the {self.checked} answers checked re-tokenise to "
+                f"other ids than the server generated (data.server.max_token_mismatch={cfg.max_token_mismatch:g}); "
+                "the server likely uses another chat template or tokenizer than target.model (nothing of this run "
+                "was written)")
+        if self.checked:
+            print(f"token identity: {self.checked - self.bad} of {self.checked} server answers re-tokenise to the "
+                  f"server's own ids ({self.bad / self.checked:.1%} mismatch)")
+        self.size = 0
+
+
+def _server_records(recipe: Recipe, client, model: str, todo: list[dict], tok) -> Iterator[list[dict]]:
+    """Output records as prompts finish on data.server (concurrency prompts in flight: a bounded window, never a
+    task per prompt). Records wait until the token check is through, so a mismatched server writes nothing. A
+    server that stops answering ends the run with one line; what was written stays, the rest is the rerun's."""
+    from .openai_client import ServerError
+    cfg, src = recipe.data.server, recipe.source
+    check, held, tok_lock = _TokenCheck(tok, recipe), [], threading.Lock()
+    written = streak = failed = malformed = 0
+    prompts = iter(todo)
+    pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="dspark-data")
+    pending: set = set()
+    try:
+        while True:
+            for p in prompts:
+                pending.add(pool.submit(_answer_via_server, client, model, p, recipe, tok, tok_lock))
+                if len(pending) >= cfg.concurrency:
+                    break
+            if not pending:
+                break
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                try:
+                    rec, answers = fut.result()
+                except ServerError as e:
+                    raise RecipeError(f"{src}: data.server.url: {client.base}: {e}; the run stopped ({written} "
+                                      "prompts written), rerun to resume") from None
+                with tok_lock:
+                    check.add(answers)
+                err = rec.get("error", "")
+                streak = streak + 1 if err.startswith(SERVER_FAILED) else 0
+                failed += err.startswith(SERVER_FAILED)
+                malformed += err.startswith(SERVER_FAILED + "malformed")
+                if streak >= GIVE_UP_AFTER:
+                    raise RecipeError(f"{src}: data.server: the last {streak} prompts all failed on the server "
+                                      f"(last: {err}); fix the server or the request, then rerun to resume")
+                held.append(rec)
+                if not check.open:
+                    written += len(held)
+                    yield held
+                    held = []
+        if held:
+            check.close()
+            yield held
+        if failed:
+            print(f"the server failed {failed} prompts ({malformed} malformed responses); recorded as failures, "
+                  "retried on the next run")
+    finally:
+        client.stop.set()  # requests still in flight stop retrying; their prompts are the rerun's
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 SKIPPED = "skipped: "  # a failure that is the prompt's own (too long): recorded, the run goes on
 
 
@@ -166,7 +319,8 @@ def _shard_complete(out: Path, prompts: list[dict], i: int, n: int) -> bool:
 @holds_lock(lambda recipe, shard=None, target=None: _part_path(output_path(recipe), *parse_shard(shard)),
             "dspark data")  # shards run side by side: each holds its own part file
 def run_data(recipe: Recipe, shard=None, target=None) -> Path:
-    """`dspark data`: regenerate answers for the recipe's prompts with the frozen target.
+    """`dspark data`: regenerate answers for the recipe's prompts with the frozen target (in this process, or
+    through the OpenAI-compatible server at data.server.url).
 
     Resumable (ids already answered are skipped), stable output order (prompt order), per-prompt failures
     recorded in `<output>.failures.jsonl` and retried on the next run, shard `i/n` takes every n-th prompt.
@@ -189,17 +343,25 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
     todo = [p for p in mine if p["id"] not in done]
     print(f"shard {i}/{n}: {len(mine)} prompts, {len(mine) - len(todo)} already done, {len(todo)} to generate")
     if todo:
-        if target is None:
-            from .target import load_target
-            target = load_target(recipe.target)
-        bs = recipe.data.gen_batch_size
+        if recipe.data.server.url:
+            from .openai_client import connect
+            client, model = connect(recipe)  # an unreachable server or another model: one line, nothing touched
+            print(f"answering through {client.base} (model {model!r}, {recipe.data.server.concurrency} requests in "
+                  "flight)")
+            tok = target.tokenizer if target is not None else load_tokenizer(recipe.target)
+            batches = _server_records(recipe, client, model, todo, tok)
+        else:
+            if target is None:
+                from .target import load_target
+                target = load_target(recipe.target)
+            bs = recipe.data.gen_batch_size
+            batches = (_regenerate_batch(target, todo[b:b + bs], recipe) for b in range(0, len(todo), bs))
         tokens, failed, t0 = 0, 0, time.perf_counter()
-        bar = tqdm(total=len(todo), desc="regenerating", unit="prompt", dynamic_ncols=True)
-        with open(part, "a") as f:
+        with tqdm(total=len(todo), desc="regenerating", unit="prompt", dynamic_ncols=True) as bar, \
+                open(part, "a") as f:  # the bar ends its line before a run that stops prints its one line
             if f.tell() and part.read_bytes()[-1:] != b"\n":  # a torn last line: start a fresh one
                 f.write("\n")
-            for b in range(0, len(todo), bs):
-                recs = _regenerate_batch(target, todo[b:b + bs], recipe)
+            for recs in batches:
                 for r in recs:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
                     tokens += r.get("n_tokens", 0)
@@ -207,7 +369,6 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
                 f.flush()
                 bar.update(len(recs))
                 bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", failed=failed)
-        bar.close()
     if all(_shard_complete(out, prompts, k, n) for k in range(n)):
         ndone, failed = _merge(out, prompts, n)
         skipped = sum(r["error"].startswith(SKIPPED) for r in failed)

