@@ -88,7 +88,7 @@ def _drafter_estimates(tree: DraftTree, n_drafted: int, policy: TreePolicy, gree
             elif greedy:
                 top = tree.draft_probs[kids[0]]
                 est[v] = (1 - c) * tree.draft_probs[v] / (1 - top) if top < 1 else 0.0
-            else:
+            else:  # value-free: the first sibling survives with c, a later one only after the earlier failed
                 est[v] = c * (1 - c) ** rank
     return est
 
@@ -110,18 +110,53 @@ def budget(tree: DraftTree, n_drafted: int, chains: list[list[int]], candidates:
             value[v] = value[tree.parents[v]] * max(est_d[v] if v < n_drafted else 0.0, est_c.get(v, 0.0))
         keep = [v + 1 for v in admit(value[1:], sps, max_nodes)]
         return keep, keep
-    items = []  # (value, node, source): the drafter's and the copy drafter's proposals separately
+    # (value, tie-break, node, source): the drafter's and the copy drafter's proposals separately. Ties go to the
+    # drafter's proposals in creation order, then to the copy proposals by (candidate, depth): a copy node's number
+    # depends on which drafter tokens it shares, a drafter token's value
+    items = []
     vd = [1.0] * n_drafted
     for v in range(1, n_drafted):
         vd[v] = vd[tree.parents[v]] * est_d[v]
-        items.append((vd[v], v, DRAFTER))
-    vc = {0: 1.0}
+        items.append((vd[v], (0, v, 0), v, DRAFTER))
+    vc, first = {0: 1.0}, {}
+    for i, nodes in enumerate(chains):
+        for depth, v in enumerate(nodes):
+            first.setdefault(v, (1, i, depth))
     for v in sorted(est_c):  # creation order: parents first
         vc[v] = vc[tree.parents[v]] * est_c[v]  # a copy node's parent carries the previous copy token
-        items.append((vc[v], v, COPY))
-    items.sort(key=lambda it: it[1])
-    picked = [items[i] for i in admit([it[0] for it in items], sps, max_nodes)]
-    return [v for _, v, s in picked if s == DRAFTER], [v for _, v, s in picked if s == COPY]
+        items.append((vc[v], first[v], v, COPY))
+    picked = admit_by_depth(items, tree.parents, tree.depths, sps, max_nodes)
+    return [v for v, s in picked if s == DRAFTER], [v for v, s in picked if s == COPY]
+
+
+def admit_by_depth(items: list, parents: list[int], depths: list[int], sps: Callable[[int], float],
+                   max_items: int) -> list[tuple[int, int]]:
+    """Sampling mode's admission: [(node, source)] of the items (value, tie-break, node, source) admitted depth by
+    depth, in order of (−value, tie-break) within a depth, while Θ = (1 + Σ values)·SPS(1 + admitted items)
+    improves; the first non-improvement closes that depth (the rest of it stays out), and a proposal whose node's
+    parent is not kept is passed over. Each proposal costs one verified token even where a drafter and a copy
+    proposal share a node: whether they share depends on the drafter's token, so a cheaper shared node would admit
+    a drafter proposal exactly when its token equals a copy token.
+
+    Why depth by depth: the drafter draws its tree depth by depth, and which node of depth k gets children may
+    depend on the values of depth k (draft_tree ranks its frontier by path draft probability); a deeper proposal
+    ranked ahead of a shallower one by value could then decide, through its mere existence, whether a sibling is
+    kept, i.e. on that sibling's own token. Here every decision depends only on proposals of shallower depths and
+    on value-free estimates of the same depth, so no proposal's admission depends on its own value."""
+    kept, picked = {0}, []
+    tau, best = 1.0, sps(1)
+    for depth in sorted({depths[v] for _, _, v, _ in items}):
+        level = sorted((it for it in items if depths[it[2]] == depth), key=lambda it: (-it[0], it[1]))
+        for value, _, v, source in level:
+            if parents[v] not in kept:
+                continue
+            theta = (tau + value) * sps(len(picked) + 2)
+            if len(picked) == max_items or theta <= best:
+                break
+            tau, best = tau + value, theta
+            kept.add(v)
+            picked.append((v, source))
+    return picked
 
 
 class HybridDrafting:

@@ -4,11 +4,16 @@ Losslessness rests on two facts kept here in one place: the draft and the target
 warped by the *same* function (temperature, top-k, top-p), and the draft distribution an acceptance
 test divides by is exactly the one its token was drawn from (for siblings drawn without replacement:
 the distribution renormalised without the earlier siblings).
+
+Every random choice a round makes goes through `Draws` (drafting without replacement, each acceptance test,
+the correction or bonus token), so a test can substitute an enumerator of all outcomes with their
+probabilities and compute a round's output distribution exactly (tests/test_exact_sampling.py). Arithmetic
+keeps float64 when given float64 (that test's 1e-9), else runs in fp32.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -32,7 +37,7 @@ class SamplingParams:
 
 def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Logits [..., V] -> fp32 probabilities after temperature, top-k and top-p (greedy: plain softmax)."""
-    x = logits.float()
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if params.greedy:
         return torch.softmax(x, dim=-1)
     x = x / params.temperature
@@ -64,6 +69,32 @@ def sample_without_replacement(probs: torch.Tensor, k: torch.Tensor, generator: 
         return torch.empty(probs.shape[0], 0, dtype=torch.long, device=probs.device)
     race = torch.empty_like(probs).exponential_(generator=generator)
     return torch.topk(probs / race, kmax, dim=-1).indices
+
+
+class Draws:
+    """The random choices of decoding rounds, drawn from one torch.Generator (None: torch's default)."""
+
+    def __init__(self, generator: Optional[torch.Generator] = None):
+        self.generator = generator
+
+    def accept(self, p: float) -> bool:
+        """True with probability min(1, max(p, 0)): one acceptance test (p = r(x) / q(x))."""
+        if p >= 1.0 or p <= 0.0:
+            return p >= 1.0
+        device = self.generator.device if self.generator is not None else None
+        return float(torch.rand((), generator=self.generator, device=device)) < p
+
+    def choice(self, probs: torch.Tensor) -> int:
+        """One token from a 1-D distribution."""
+        return sample(probs, self.generator)
+
+    def without_replacement(self, probs: torch.Tensor, k: Sequence[int]) -> torch.Tensor:
+        """Row f's first k[f] tokens drawn without replacement, in draw order ([F, max k])."""
+        return sample_without_replacement(probs, torch.as_tensor(list(k)), self.generator)
+
+
+def as_draws(source: Union[Draws, torch.Generator, None]) -> Draws:
+    return source if isinstance(source, Draws) else Draws(source)
 
 
 def residual(target: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:

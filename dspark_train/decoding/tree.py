@@ -4,9 +4,13 @@ the two acceptance rules (greedy and lossless multi-draft rejection sampling).
 A chain is the width-1 tree, so one code path serves both. Node 0 is the anchor (the last committed token,
 whose KV the verify pass computes); every other node is a draft token whose parent precedes it.
 
-Losslessness rule for the shape of a tree: how many children a node gets may depend on the node, its
-ancestors and the drafter's confidence for the *next* slot given the node, never on the children's own
-values (paper, Appendix A). Budget truncation follows a parent order fixed before children are drawn.
+Losslessness rule for the shape of a tree: whether a proposal exists (is drawn, kept, given budget) may depend
+only on what was drawn before it: its parent and ancestors, its earlier siblings, the nodes of shallower depths
+(the tree is drawn depth by depth), the drafter's confidence for its slot given the parent, never on its own token
+or a later sibling's (paper, Appendix A). `draft_tree` keeps it: the frontier that gets children at depth k+1, and
+its share of the node budget, are ranked by path draft probability over depths ≤ k, all drawn before the children.
+A pruning pass over a finished tree (hybrid.py's budget) must keep it too, which is why it decides depth by depth
+in sampling mode. tests/test_exact_sampling.py enumerates every outcome of small rounds to check.
 
 `TreePolicy.from_calibration` reads the per-slot calibration maps and `adaptive` of a calibration.json through
 its schema (dspark_train/calibration.py, which also refuses a newer format_version); a map is applied by
@@ -23,7 +27,7 @@ import torch
 
 from ..calibration import child_widths, read_adaptive
 from ..slotmaps import IDENTITY, SlotMap
-from .sampling import SamplingParams, residual, sample, sample_without_replacement, warp
+from .sampling import Draws, SamplingParams, as_draws, residual, warp
 
 DRAFTER, COPY = 1, 2  # node sources (bits): proposed by the drafter, by the copy drafter (decoding/copy.py)
 
@@ -158,10 +162,12 @@ def tree_mask(parents: list[int], ctx_len: int, device) -> Optional[torch.Tensor
 
 @torch.no_grad()
 def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: SamplingParams, max_depth: int,
-               generator: Optional[torch.Generator] = None, keep_dists: bool = False) -> DraftTree:
+               generator: Union[torch.Generator, Draws, None] = None, keep_dists: bool = False) -> DraftTree:
     """One backbone pass, then the sequential head expands candidates depth by depth (greedy: top-k children;
-    sampling: children drawn without replacement from the warped draft distribution)."""
+    sampling: children drawn without replacement from the warped draft distribution). The frontier and its
+    share of the node budget follow the path's draft probability (see the module docstring)."""
     tree = DraftTree([anchor])
+    rng = as_draws(generator)
     depth = min(max_depth, len(policy.widths))
     if depth <= 0:
         return tree
@@ -192,7 +198,7 @@ def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: Sampling
         if params.greedy:
             cand = top_i[:, None] if max(widths) == 1 else torch.topk(probs, max(widths), dim=-1).indices
         else:
-            cand = sample_without_replacement(probs, torch.tensor(widths), generator)
+            cand = rng.without_replacement(probs, widths)
         cand_q = probs.gather(-1, cand).tolist()
         cand = cand.tolist()
         grown = []  # (path score, node, frontier row of its parent, its survival)
@@ -225,7 +231,7 @@ def accept_greedy(tree: DraftTree, target_logits: torch.Tensor) -> tuple[list[in
         u = nxt
 
 
-def accept_sampling(tree: DraftTree, target_probs: torch.Tensor, generator: Optional[torch.Generator]
+def accept_sampling(tree: DraftTree, target_probs: torch.Tensor, generator: Union[torch.Generator, Draws, None]
                     ) -> tuple[list[int], int]:
     """Multi-draft rejection sampling down the tree (a chain is the one-sibling case).
 
@@ -254,33 +260,32 @@ def accept_sampling(tree: DraftTree, target_probs: torch.Tensor, generator: Opti
     with one sibling from q and a point mass δ_y, that order accepts with probability
     Σ_{v≠y} min(q(v), r(v)) + r(y), at least the r(y) + Σ_{v≠y} min((1 − r(y))·q(v), r(v)) of δ_y first.
     """
+    rng = as_draws(generator)
     path, u = [0], 0
     while True:
         r = target_probs[u]
         drafted = [c for c in tree.children[u] if tree.sources[c] & DRAFTER]
         copied = tree.copy_children.get(u, [])
-        n = len(drafted) + len(copied)
-        uniforms = torch.rand(n, generator=generator, device=r.device).tolist() if n else []
         if drafted:
             q = tree.child_dist[u].clone()
         nxt = None
-        for c, uni in zip(drafted, uniforms):
+        for c in drafted:
             x = tree.tokens[c]
             qi = q / q.sum()
-            if uni * float(qi[x]) < float(r[x]):
+            if rng.accept(float(r[x]) / float(qi[x])):
                 nxt = c
                 break
             r = residual(r, qi)
             q[x] = 0.0
         if nxt is None:
-            for c, uni in zip(copied, uniforms[len(drafted):]):
+            for c in copied:
                 x = tree.tokens[c]
-                if uni < float(r[x]):
+                if rng.accept(float(r[x])):
                     nxt = c
                     break
                 r = residual(r, point_mass(x, r))
         if nxt is None:
-            return path, sample(r, generator)
+            return path, rng.choice(r)
         path.append(nxt)
         u = nxt
 
