@@ -50,6 +50,19 @@ class Capabilities:
         bf16 = "" if self.bf16 else "; no " + "/".join(CPU_BF16_FLAGS)
         return f"cpu: {self.name} ({have}{bf16}), {self.threads} thread{'s' if self.threads != 1 else ''}"
 
+    @property
+    def slug(self) -> str:
+        """A short file-name label for results: vendor/family and what computes bf16, e.g. intel-xeon-amx,
+        amd-epyc-avx512bf16, amd-epyc-avx2 (the three 2-core kinds seen), or the GPU's name."""
+        import re
+        words = re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*|\d+-core", " ", self.name.lower()).split()
+        family = "-".join(w for w in words[:3] if w.isalpha())[:24] or self.device
+        if self.device == "cuda":
+            return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        isa = "amx" if "amx_bf16" in self.flags else "avx512bf16" if "avx512_bf16" in self.flags else \
+            "avx512" if "avx512f" in self.flags else "avx2" if "avx2" in self.flags else "cpu"
+        return f"{family}-{isa}"
+
     def key(self, dtype: str) -> dict:
         """The machine key a cost curve SPS(B) is measured and recorded under: device, model name, the flags that
         matter, thread count (CPU only: a GPU's cost does not depend on it) and the dtype."""

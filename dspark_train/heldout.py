@@ -176,10 +176,10 @@ def anchor_stats(target, drafter, examples: Sequence, anchors_per_chunk: int = 6
             prev, state = ids[0, a][:, None], None
             conf, top, match, p_t, rate = [], [], [], [], []
             for k in range(g):
-                logits, z, state = drafter.head_step(block, k, prev, state)
+                logits, z, state = drafter.head_step(block, k, prev, state, full=False)
                 lt = logp_t[rel[:, k]]
-                logits, lt_d = (logits[:, 0], lt) if vocab is None else (logits[:, 0, vocab], lt[:, vocab])
-                p_d = torch.softmax(logits, -1)
+                lt_d = lt if vocab is None else lt[:, vocab]
+                p_d = torch.softmax(logits[:, 0], -1)
                 prob, tok = p_d.max(-1)
                 tok = tok if vocab is None else vocab[tok]
                 conf.append(z[:, 0])

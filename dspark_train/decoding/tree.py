@@ -144,18 +144,16 @@ class DraftTree:
 
 def tree_mask(parents: list[int], ctx_len: int, device) -> Optional[torch.Tensor]:
     """4-D bool mask (1, 1, N, ctx+N): each node sees the whole committed context, its ancestors and itself.
-    None for a single node, which sees everything: the target's own one-token decode, as `generate` runs it."""
+    None for a chain (a single node included): that is the causal mask the target builds itself, as in its own
+    one-token decode and in the forwards the cost profile SPS(B) times."""
     n = len(parents)
-    if n == 1:
-        return None
     if all(p == i - 1 for i, p in enumerate(parents)):
-        own = torch.ones(n, n, dtype=torch.bool).tril_()
-    else:
-        own = torch.zeros(n, n, dtype=torch.bool)
-        for i, p in enumerate(parents):
-            if p >= 0:
-                own[i] = own[p]
-            own[i, i] = True
+        return None
+    own = torch.zeros(n, n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            own[i] = own[p]
+        own[i, i] = True
     mask = torch.cat([torch.ones(n, ctx_len, dtype=torch.bool), own], dim=1)
     return mask[None, None].to(device)
 
@@ -165,7 +163,11 @@ def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: Sampling
                generator: Union[torch.Generator, Draws, None] = None, keep_dists: bool = False) -> DraftTree:
     """One backbone pass, then the sequential head expands candidates depth by depth (greedy: top-k children;
     sampling: children drawn without replacement from the warped draft distribution). The frontier and its
-    share of the node budget follow the path's draft probability (see the module docstring)."""
+    share of the node budget follow the path's draft probability (see the module docstring).
+
+    Distributions are computed on the drafter's (pruned) draft vocabulary, where its probability is not zero,
+    and ids mapped to the target's at the end; `child_dist` (acceptance needs it against the target's) is
+    expanded to the target vocabulary only where kept."""
     tree = DraftTree([anchor])
     rng = as_draws(generator)
     depth = min(max_depth, len(policy.widths))
@@ -173,13 +175,14 @@ def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: Sampling
         return tree
     device = drafter.device
     block = drafter.propose(state, torch.tensor([anchor], device=device))
-    depth = min(depth, block.base_logits.shape[1])
+    depth = min(depth, block.draft_logits.shape[1])
     keep = keep_dists or not params.greedy
+    d2t = drafter.draft_vocab  # draft id -> target id (None: the same)
     frontier, surv, score, head_state = [0], [1.0], [1.0], None
     for k in range(depth):
         prev = torch.tensor([[tree.tokens[u] for u in frontier]], device=device)
-        logits, conf, head_state = drafter.head_step(block, k, prev, head_state)
-        probs = warp(logits[0], params)  # [F, V]
+        logits, conf, head_state = drafter.head_step(block, k, prev, head_state, full=False)
+        probs = warp(logits[0], params)  # [F, Vd]
         conf_k = conf[0].float().tolist()
         top_q, top_i = probs.max(dim=-1)
         top = top_q.tolist()
@@ -200,11 +203,12 @@ def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: Sampling
         else:
             cand = rng.without_replacement(probs, widths)
         cand_q = probs.gather(-1, cand).tolist()
-        cand = cand.tolist()
+        cand = (cand if d2t is None else d2t[cand]).tolist()
         grown = []  # (path score, node, frontier row of its parent, its survival)
         for f, u in enumerate(frontier):
             if widths[f] and keep:
-                tree.child_dist[u] = probs[f]
+                tree.child_dist[u] = probs[f] if d2t is None else \
+                    probs.new_zeros(drafter.config.vocab_size).index_copy_(0, d2t, probs[f])
             for i in range(widths[f]):
                 v = tree.add(cand[f][i], u, conf_k[f], cand_q[f][i])
                 grown.append((score[f] * cand_q[f][i], v, f, child_surv[f]))
