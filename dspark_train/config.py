@@ -465,4 +465,5 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
 
 def recipe_to_yaml(recipe: Recipe, notes: Sequence[str] = ()) -> str:
     """The recipe as YAML; `notes` become leading comment lines (a run records what `auto` resolved to)."""
-    return "".join(f"# {n}\n" for n in notes) + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    from .recipe_codec import DECLARATION  # `accelerate launch <run>/recipe.yaml` runs it again
+    return DECLARATION + "\n" + "".join(f"# {n}\n" for n in notes) + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
