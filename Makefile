@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup lint test test-all demo bench curve clean engine-check data-server-check
+.PHONY: setup lint test test-all demo bench curve clean engine-check data-server-check peer
 
 setup: $(STAMP)
 
@@ -68,6 +68,12 @@ engine-check: setup $(ENGINE_STAMP)
 # killed mid-run, greedy token ids against our in-process greedy, tokens/s of both paths (eval/data_server_check.py)
 data-server-check: setup $(ENGINE_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) eval/data_server_check.py --engine-python $(ENGINE_PY) --out runs/data-server-check
+
+# our trainer against speculators 0.9's DSpark and DFlash trainers at equal wall-clock and equal tokens, one decoder
+# evaluating all (eval/peer.py; hours on 2 cores). Smoke version: make peer PEER_ARGS="--minutes 2 --n 2"
+PEER_ARGS ?=
+peer: setup $(ENGINE_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) eval/peer.py $(PEER_ARGS)
 
 # held-out τ against training minutes for the recipe variants (eval/learning_curve.py --help); on 2 cores two
 # variants train at once, one thread each. Smoke version: make curve CURVE_ARGS="--minutes 1,2 --variants baseline,kl"
