@@ -44,7 +44,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .adaptive import best_fixed_chain, tune_adaptive
-from .artifact import load_artifact
+from .drafters.loading import load_local
 from .calibration import Calibration, plot_reliability, summary_table
 from .config import load_recipe
 from .hardware import detect
@@ -90,7 +90,7 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     target = load_target(recipe.target, device)  # calibrate.dtype auto: bf16 only where the hardware computes it
     target.model.to(device)
-    drafter = load_artifact(root, target=target)
+    drafter = load_local(root, target)
     gamma = drafter.config.block_size
     width = cc.max_width
     names, prompt_list, source = heldout_prompts(root, recipe, target.tokenizer,

@@ -9,11 +9,12 @@ from typing import Any, Optional
 
 import yaml
 
-from .artifact import CALIBRATION, CONFIG, FINGERPRINT_FIELDS, FORMAT_VERSION, HUB_ID, RECIPE, WEIGHTS
+from .artifact import HUB_ID
+from .drafters.config import FORMAT_VERSION
+from .drafters.loading import FINGERPRINT_FIELDS
 from .calibration import Calibration, summary_table
 from .hardware import Capabilities
-from .layout import EVAL, TRAIN_SUMMARY, ArtifactError
-from .report import REPORT_JSON
+from .layout import CALIBRATION, CONFIG, EVAL, RECIPE, REPORT_JSON, TRAIN_SUMMARY, WEIGHTS, ArtifactError
 
 
 HEAD_NAMES = {"markov": "DSpark (Markov head)", "rnn": "DSpark (RNN head)",

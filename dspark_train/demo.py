@@ -11,10 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from .artifact import WEIGHTS
 from .config import REPO_ROOT, load_recipe
-from .layout import RunDir, read_json
-from .report import REPORT_JSON, REPORT_MD
+from .layout import REPORT_JSON, REPORT_MD, WEIGHTS, RunDir, read_json
 
 RECIPE = "recipes/smollm2_135m.yaml"
 BENCHMARKS = "gsm8k,mt-bench,humaneval,mbpp"

@@ -22,15 +22,16 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from .artifact import CONFIG, load_artifact, resolve_artifact
+from .artifact import load_artifact, resolve_artifact
 from .chat import prompt_ids, user_messages
 from .config import REPO_ROOT, DataConfig, RecipeError, TargetConfig, load_recipe
 from .decoding import SpeculativeDecoder
 from .decoding.decoder import MODES
 from .hardware import AUTO_DTYPES, detect
-from .layout import ARTIFACT, CALIBRATION, FINAL, RECIPE, DataFileError, iter_jsonl, read_json
-from .report import (NEAR_TIE_MARGIN, OUTPUTS, REPORT_JSON, REPORT_MD, RoundStat, Sample, assemble, fastest_plain,
-                     lossless_errors, method_metrics, render_markdown, speedup_over, write_outputs, write_report)
+from .layout import (ARTIFACT, CALIBRATION, CONFIG, FINAL, OUTPUTS, RECIPE, REPORT_JSON, REPORT_MD, DataFileError,
+                     iter_jsonl, read_json)
+from .report import (NEAR_TIE_MARGIN, RoundStat, Sample, assemble, fastest_plain, lossless_errors, method_metrics,
+                     render_markdown, speedup_over, write_outputs, write_report)
 from .runlock import holds_lock
 from .target import PromptTooLong, load_target
 

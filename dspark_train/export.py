@@ -17,25 +17,14 @@ from typing import Optional
 
 import yaml
 
-from .artifact import (
-    ARTIFACT_FILES,
-    CARD,
-    CONFIG,
-    WEIGHTS,
-    check_fingerprint,
-    check_safetensors,
-    load_artifact,
-    load_drafter,
-    recorded_fingerprint,
-    resolve_artifact,
-)
+from .artifact import ARTIFACT_FILES, CARD, load_artifact, resolve_artifact
+from .drafters.loading import check_fingerprint, check_safetensors, load_drafter, recorded_fingerprint
 from . import speculators
 from .card import render_model_card
 from .calibration import read_calibration
 from .config import RecipeError, utf8_text
-from .layout import (CALIBRATION, RECIPE, ArtifactError, RunDir, read_json, replace_dir,
+from .layout import (CALIBRATION, CONFIG, RECIPE, REPORT_JSON, WEIGHTS, ArtifactError, RunDir, read_json, replace_dir,
                      staging_dir)
-from .report import REPORT_JSON
 from .runlock import holds_lock
 
 

@@ -22,9 +22,8 @@ from typing import Optional, Sequence
 
 from .calibration import Calibration, plot_reliability
 from .hardware import Capabilities
-from .layout import atomic_path, write_atomic
+from .layout import REPORT_JSON, REPORT_MD, atomic_path, write_atomic
 
-REPORT_JSON, REPORT_MD, OUTPUTS = "report.json", "report.md", "outputs.jsonl"
 ACCEPTANCE_PLOT, SPEEDUP_PLOT, RELIABILITY_PLOT = "acceptance_by_position.png", "speedup.png", "reliability.png"
 SETTINGS = ("temperature", "mode", "hybrid", "top_p", "top_k", "seed", "max_new_tokens", "multi_turn",  # EvalConfig
             "truncate_prompts")

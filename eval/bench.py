@@ -17,10 +17,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dspark_train.artifact import WEIGHTS  # noqa: E402
 from dspark_train.demo import RECIPE, run  # noqa: E402
-from dspark_train.layout import RunDir  # noqa: E402
-from dspark_train.report import REPORT_MD  # noqa: E402
+from dspark_train.layout import REPORT_MD, WEIGHTS, RunDir  # noqa: E402
 
 BASELINES = {"dflash": ["drafter.head=none"], "medusa": ["drafter.kind=medusa", "drafter.init=random"]}
 

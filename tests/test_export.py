@@ -10,6 +10,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dspark_train import artifact as art
+from dspark_train.drafters import loading
+from dspark_train.drafters.config import FORMAT_VERSION
+from dspark_train.layout import ArtifactError
 from dspark_train import export as ex
 from dspark_train.config import recipe_to_yaml
 
@@ -104,7 +107,7 @@ def test_export_writes_artifact_and_round_trips(exported, drafter_and_target):
     assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in out.iterdir())
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     config = json.loads((out / "config.json").read_text())
-    assert config["format_version"] == art.FORMAT_VERSION
+    assert config["format_version"] == FORMAT_VERSION
     assert config["target_fingerprint"] == json.loads(json.dumps(target.fingerprint()))
     saved = load_file(out / "model.safetensors")
     assert set(saved) == set(drafter.state_dict())  # drafter weights only: no target embedding / LM head
@@ -196,28 +199,28 @@ def test_mismatched_target_refused(exported, tiny_recipe):
     from dspark_train.target import load_target
     _, out = exported
     other_seed = load_target(TargetConfig(config=tiny_recipe.target.config, seed=1, dtype="float32"))
-    with pytest.raises(art.FingerprintMismatch, match=r"model_id: drafter trained for 'inline:llama-seed0', "
+    with pytest.raises(loading.FingerprintMismatch, match=r"model_id: drafter trained for 'inline:llama-seed0', "
                                                        r"target has 'inline:llama-seed1'"):
         art.load_artifact(out, target=other_seed)
     wider = load_target(TargetConfig(config={**tiny_recipe.target.config, "hidden_size": 32}, dtype="float32"))
-    with pytest.raises(art.FingerprintMismatch, match="hidden_size: drafter trained for 64, target has 32"):
+    with pytest.raises(loading.FingerprintMismatch, match="hidden_size: drafter trained for 64, target has 32"):
         art.load_artifact(out, target=wider)
 
 
 def test_check_fingerprint_fields(exported, tiny_target):
     _, out = exported
     fp = tiny_target.fingerprint()
-    art.check_fingerprint(out, tiny_target)
-    art.check_fingerprint(out, {**fp, "revision": "abc123"})  # the drafter pinned no revision: not compared
+    loading.check_fingerprint(out, tiny_target)
+    loading.check_fingerprint(out, {**fp, "revision": "abc123"})  # the drafter pinned no revision: not compared
     for key, value in [("tokenizer_hash", "0" * 16), ("feature_layers", [1, 2]), ("vocab_size", 999),
                        ("architecture", "Qwen3ForCausalLM")]:
-        with pytest.raises(art.FingerprintMismatch, match=f"\\({key}: drafter trained for"):
-            art.check_fingerprint(out, {**fp, key: value})
-    art.check_fingerprint(out, {**fp, "model_id": "/local/copy"}, ignore=("model_id",))
+        with pytest.raises(loading.FingerprintMismatch, match=f"\\({key}: drafter trained for"):
+            loading.check_fingerprint(out, {**fp, key: value})
+    loading.check_fingerprint(out, {**fp, "model_id": "/local/copy"}, ignore=("model_id",))
     config = json.loads((out / "config.json").read_text())
-    art.check_fingerprint(config, tiny_target)
-    with pytest.raises(art.ArtifactError, match="no target_fingerprint"):
-        art.check_fingerprint({"block_size": 4}, tiny_target)
+    loading.check_fingerprint(config, tiny_target)
+    with pytest.raises(ArtifactError, match="no target_fingerprint"):
+        loading.check_fingerprint({"block_size": 4}, tiny_target)
 
 
 # --------------------------------------------------------------------------- corrupted artifacts
@@ -231,7 +234,7 @@ def test_truncated_weights_named(artifact_copy):
     w = artifact_copy / "model.safetensors"
     data = w.read_bytes()
     w.write_bytes(data[: len(data) // 2])
-    with pytest.raises(art.ArtifactError, match=r"model\.safetensors: corrupted or truncated"):
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: corrupted or truncated"):
         art.load_artifact(artifact_copy)
 
 
@@ -239,7 +242,7 @@ def test_corrupted_header_named(artifact_copy):
     w = artifact_copy / "model.safetensors"
     data = w.read_bytes()
     w.write_bytes(b"\xff" * 8 + data[8:])
-    with pytest.raises(art.ArtifactError, match=r"model\.safetensors: corrupted or truncated"):
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: corrupted or truncated"):
         art.load_artifact(artifact_copy)
 
 
@@ -248,28 +251,28 @@ def test_missing_tensor_and_pickle_refused(artifact_copy):
     tensors = load_file(w)
     dropped = sorted(tensors)[0]
     save_file({k: v for k, v in tensors.items() if k != dropped}, w)
-    with pytest.raises(art.ArtifactError, match=f"missing keys.*{dropped}"):
+    with pytest.raises(ArtifactError, match=f"missing keys.*{dropped}"):
         art.load_artifact(artifact_copy)
     save_file({**tensors, dropped: torch.zeros(3, *tensors[dropped].shape)}, w)
-    with pytest.raises(art.ArtifactError, match=r"model\.safetensors: "):
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: "):
         art.load_artifact(artifact_copy)
     w.unlink()
     torch.save(tensors, artifact_copy / "pytorch_model.bin")
-    with pytest.raises(art.ArtifactError, match="weights file not found.*pickle"):
+    with pytest.raises(ArtifactError, match="weights file not found.*pickle"):
         art.load_artifact(artifact_copy)
 
 
 def test_newer_format_refused(artifact_copy):
     cfg = json.loads((artifact_copy / "config.json").read_text())
-    (artifact_copy / "config.json").write_text(json.dumps({**cfg, "format_version": art.FORMAT_VERSION + 1}))
-    with pytest.raises(art.ArtifactError, match="format_version 2 is not one this dspark-train reads"):
+    (artifact_copy / "config.json").write_text(json.dumps({**cfg, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(ArtifactError, match="format_version 2 is not one this dspark-train reads"):
         art.load_artifact(artifact_copy)
 
 
 def test_newer_calibration_format_refused_naming_the_file(artifact_copy):
     cal = artifact_copy / "calibration.json"
     cal.write_text(json.dumps({**CALIBRATION, "format_version": 999}))
-    with pytest.raises(art.ArtifactError, match=re.escape(f"{cal}: format_version 999 is not one this dspark-train")):
+    with pytest.raises(ArtifactError, match=re.escape(f"{cal}: format_version 999 is not one this dspark-train")):
         art.load_artifact(artifact_copy)
 
 
@@ -292,9 +295,9 @@ def test_hub_id_goes_through_snapshot_download(exported, monkeypatch, tiny_targe
         raise LocalEntryNotFoundError("offline mode is enabled")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(art.ArtifactError, match="someone/dspark-tiny: not a local directory.*LocalEntryNotFoundError"):
+    with pytest.raises(ArtifactError, match="someone/dspark-tiny: not a local directory.*LocalEntryNotFoundError"):
         art.load_artifact("someone/dspark-tiny")
-    with pytest.raises(art.ArtifactError, match="not a Hub model id"):
+    with pytest.raises(ArtifactError, match="not a Hub model id"):
         art.load_artifact("no/such/dir")
 
 
