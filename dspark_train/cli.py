@@ -50,7 +50,7 @@ def cmd_fetch_target(args):
 def cmd_data(args):
     import json
 
-    from .regenerate import run_data
+    from .data.regenerate import run_data
     server = [f"data.server.url={json.dumps(args.server)}"] if args.server else []  # JSON: a YAML string as given
     run_data(load_recipe(args.recipe, args.overrides + server), shard=args.shard)
 
@@ -59,7 +59,7 @@ def cmd_train(args):
     import os
     import subprocess
 
-    from .launch import build_launch_command
+    from .training.launch import build_launch_command
     from .runlock import run_holding_lock
     recipe = _load(args)
     cmd = build_launch_command(recipe, args.recipe, args.overrides)
@@ -73,12 +73,12 @@ def cmd_train(args):
 
 
 def cmd_calibrate(args):
-    from .calibrate import run_calibration
+    from .calibration.calibrate import run_calibration
     run_calibration(args.run, overrides=args.overrides, prompts=args.prompts, out=args.out)
 
 
 def cmd_export(args):
-    from .export import export_run, export_speculators
+    from .artifacts.export import export_run, export_speculators
     if args.format == "speculators":
         out = export_speculators(args.run_dir, args.out_dir, mask_token_id=args.mask_token_id, force=args.force)
         print(f"speculators-format drafter written to {out} (serve it: README, 'Serve it')")
@@ -90,7 +90,7 @@ def cmd_export(args):
 
 
 def cmd_push(args):
-    from .export import push_artifact
+    from .artifacts.export import push_artifact
     push_artifact(args.out_dir, args.repo_id, private=args.private, revision=args.revision,
                   commit_message=args.commit_message, dry_run=args.dry_run)
 
@@ -148,12 +148,13 @@ def _comma_list(text: str) -> list[str]:
 
 def eval_config(args: argparse.Namespace):
     """The EvalConfig the parsed `dspark eval` flags describe (validated: a bad value exits 2 naming the flag)."""
-    from .evaluate import EvalConfig
+    from .evaluation.evaluate import EvalConfig
     return EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "fn")})
 
 
 def cmd_eval(args):
-    from .evaluate import LosslessError, run_eval
+    from .evaluation.evaluate import run_eval
+    from .evaluation.lossless import LosslessError
     try:
         run_eval(eval_config(args))
     except LosslessError as e:

@@ -21,19 +21,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 
 import torch
 
-from dspark_train.chat import prompt_ids, user_messages
+from dspark_train.data.chat import prompt_ids, user_messages
 from dspark_train.config import DataConfig, DrafterConfigSection, TargetConfig
 from dspark_train.decoding import SpeculativeDecoder, TreePolicy, measure_sps
-from dspark_train.evaluate import generation_kwargs, hf_method, load_benchmark, top2_logits
+from dspark_train.evaluation.evaluate import generation_kwargs, hf_method, load_benchmark
+from dspark_train.evaluation.lossless import classify_divergences
 from dspark_train.hardware import detect
 from dspark_train.layout import write_atomic
-from dspark_train.report import first_divergence
+from dspark_train.evaluation.report import first_divergence
 from dspark_train.target import load_target
 
 
@@ -66,12 +66,14 @@ def plain_generate(target, prompt: list[int], max_new: int) -> tuple[list[int], 
     return ids, time.perf_counter() - t0
 
 
-def near_tie(target, prompt: list[int], plain: list[int], at: int) -> dict:
-    """Top-2 logit gap of the plain decode's step `at` vs the bf16 spacing at that magnitude."""
-    top1, top2 = top2_logits(target, prompt + plain[:at])
-    spacing = 2.0 ** (math.floor(math.log2(max(abs(top1), 1e-6))) - 7)  # bf16: 8 significant bits
-    return {"position": at, "top2_gap": round(top1 - top2, 4), "bf16_spacing": spacing,
-            "near_tie": top1 - top2 <= 2 * spacing}
+def near_tie(target, prompt: list[int], plain: list[int], spec: list[int], at: int) -> dict:
+    """The divergence at `at` re-scored in fp32 (evaluation/lossless.py): its fp32 gap, the rounding that context
+    shows, near-tie or not."""
+    if at >= len(plain) or at >= len(spec):
+        return {"position": at, "fp32_gap": None, "rounding": None, "near_tie": False}
+    c = classify_divergences(target, [(prompt + plain[:at], plain[at], spec[at])])[0]
+    return {"position": at, "fp32_gap": round(c["fp32_gap"], 4), "rounding": round(c["rounding"], 4),
+            "near_tie": c["kind"] == "near_tie"}
 
 
 def exact_attention_cost(target, context: int = 300, repeats: int = 9) -> dict:
@@ -128,7 +130,7 @@ def run_mode(target, dec, prompts, mode: str, max_new: int) -> dict:
         rows.append((plain, t_plain, tr, t_spec))
         at = first_divergence(plain, tr.tokens)
         if at is not None:
-            divergences.append({"benchmark": bench, "prompt": i, **near_tie(target, p, plain, at)})
+            divergences.append({"benchmark": bench, "prompt": i, **near_tie(target, p, plain, tr.tokens, at)})
     rounds = [r for _, _, tr, _ in rows for r in tr.rounds]
     n_plain = sum(len(p) for p, *_ in rows)
     n_spec = sum(len(tr.tokens) for _, _, tr, _ in rows)
@@ -160,9 +162,8 @@ def print_mode(res: dict, label: str) -> None:
           f"(decode {res['decode_speedup']:.2f} / ideal {res['ideal_speedup']:.2f} = efficiency "
           f"{res['efficiency']:.2f})  agreement {res['agreement']:.2f}")
     for div in res["divergences"]:
-        print(f"    diverged: {div['benchmark']} #{div['prompt']} at token {div['position']}: top-2 gap "
-              f"{div['top2_gap']} (bf16 spacing {div['bf16_spacing']}) "
-              f"{'near-tie' if div['near_tie'] else 'NOT a near-tie'}")
+        print(f"    diverged: {div['benchmark']} #{div['prompt']} at token {div['position']}: fp32 gap "
+              f"{div['fp32_gap']} (rounding {div['rounding']}) {'near-tie' if div['near_tie'] else 'NOT a near-tie'}")
 
 
 def main() -> None:

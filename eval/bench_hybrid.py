@@ -28,11 +28,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dspark_train.chat import prompt_ids, user_messages  # noqa: E402
+from dspark_train.data.chat import prompt_ids, user_messages  # noqa: E402
 from dspark_train.config import TargetConfig  # noqa: E402
 from dspark_train.decoding import CopyDrafter, DraftTree, SpeculativeDecoder, merge_copy  # noqa: E402
 from dspark_train.decoding.hybrid import budget  # noqa: E402
-from dspark_train.evaluate import BENCHMARKS, load_benchmark  # noqa: E402
+from dspark_train.evaluation.evaluate import BENCHMARKS, load_benchmark  # noqa: E402
 from dspark_train.target import load_target  # noqa: E402
 
 
@@ -115,7 +115,7 @@ def random_prompts(tok, n: int, length: int, seed: int = 0) -> list[list[int]]:
 
 
 def overhead(target, drafter, calibration, prompts, mode: str, max_new: int) -> dict:
-    from dspark_train.evaluate import hf_method
+    from dspark_train.evaluation.evaluate import hf_method
 
     dec = SpeculativeDecoder(target, drafter, calibration=calibration)
     plain = hf_method(target.model, dict(do_sample=False, pad_token_id=target.tokenizer.pad_token_id))
@@ -174,7 +174,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     target = load_target(TargetConfig(model=args.target, dtype=args.dtype))
     if args.drafter:
-        from dspark_train.artifact import load_artifact
+        from dspark_train.artifacts.reader import load_artifact
         drafter = load_artifact(args.drafter, target=target)
     else:
         from eval.bench_decode import make_drafter

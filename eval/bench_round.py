@@ -22,7 +22,6 @@ Name the CPU next to every figure (the JSON and the table do); compare variants 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,14 +33,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dspark_train.artifact import load_artifact  # noqa: E402
-from dspark_train.chat import prompt_ids, user_messages  # noqa: E402
+from dspark_train.artifacts.reader import load_artifact  # noqa: E402
+from dspark_train.data.chat import prompt_ids, user_messages  # noqa: E402
 from dspark_train.decoding import SpeculativeDecoder, measure_sps  # noqa: E402
 from dspark_train.decoding import decoder as decoder_module  # noqa: E402
 from dspark_train.decoding import hybrid as hybrid_module  # noqa: E402
-from dspark_train.evaluate import generation_kwargs, hf_method, load_benchmark, target_config  # noqa: E402
+from dspark_train.evaluation.evaluate import generation_kwargs, hf_method, load_benchmark, target_config  # noqa: E402
 from dspark_train.hardware import detect  # noqa: E402
 from dspark_train.target import load_target  # noqa: E402
+from resultfile import write_result  # noqa: E402
 
 PHASES = ("verify", "lm head", "propose", "head steps", "tree build", "copy drafter", "mask + positions",
           "acceptance", "kv update", "context extension", "trace + stop", "other")
@@ -221,13 +221,16 @@ def main() -> int:
               f"efficiency {results[-1]['efficiency']:.3f}", flush=True)
     print(table(results))
     label = f"-{args.label}" if args.label else ""
-    out = Path(args.out or REPO / "eval" / "results" / f"round-{machine.slug}{label}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "label": args.label,
-                               "machine": machine.to_dict(), "dtype": target.precision.value,
-                               "threads": torch.get_num_threads(), "artifact": args.artifact, "sps": sps,
-                               "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-                               "results": results, "table": table(results)}, indent=1))
+    stem = Path(args.out or REPO / "eval" / "results" / f"round-{machine.slug}{label}")
+    head = (f"Decoder round cost ({args.label or 'this tree'}): {args.artifact}, {len(prompts)} prompts of "
+            f"{args.benchmarks} × {args.max_new_tokens} new tokens, {target.precision.value}, "
+            f"{torch.get_num_threads()} threads.")
+    out = write_result(stem.with_suffix(""), {"label": args.label, "dtype": target.precision.value,
+                                               "threads": torch.get_num_threads(), "artifact": args.artifact,
+                                               "sps": sps, "prompts": len(prompts),
+                                               "max_new_tokens": args.max_new_tokens, "results": results},
+                       head + "\n\n" + table(results), f"Round cost breakdown{': ' + args.label if args.label else ''}",
+                       machine.to_dict())
     print(f"written {out}")
     return 0
 

@@ -34,12 +34,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dspark_train.chat import prompt_ids  # noqa: E402
+from dspark_train.data.chat import prompt_ids  # noqa: E402
 from dspark_train.config import TargetConfig, load_recipe  # noqa: E402
-from dspark_train.data import load_prompts, output_path, prompt_turns, read_jsonl  # noqa: E402
+from dspark_train.data.examples import load_prompts, output_path, prompt_turns, read_jsonl  # noqa: E402
 from dspark_train.hardware import cpu_info  # noqa: E402
-from dspark_train.openai_client import Client, ServerError  # noqa: E402
-from dspark_train.regenerate import _part_path, generate_batch  # noqa: E402
+from dspark_train.data.openai_client import Client, ServerError  # noqa: E402
+from dspark_train.data.regenerate import _part_path, generate_batch  # noqa: E402
 from dspark_train.target import load_tokenizer  # noqa: E402
 from dspark_train.target import cache_root, load_target, pypi_target_dir  # noqa: E402
 

@@ -57,12 +57,12 @@ def prepare(args) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from dspark_train.chat import prompt_ids
+    from dspark_train.data.chat import prompt_ids
     from dspark_train.config import TargetConfig, load_recipe
     from dspark_train.decoding import SpeculativeDecoder
-    from dspark_train.evaluate import load_benchmark
-    from dspark_train.artifact import load_artifact
-    from dspark_train.export import export_speculators
+    from dspark_train.evaluation.evaluate import load_benchmark
+    from dspark_train.artifacts.reader import load_artifact
+    from dspark_train.artifacts.export import export_speculators
     from dspark_train.target import cache_root, load_target, pypi_target_dir
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))

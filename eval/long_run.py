@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from dspark_train.hardware import Capabilities, detect  # noqa: E402
 from dspark_train.layout import RunDir, read_jsonl  # noqa: E402
+from resultfile import write_result  # noqa: E402
 
 
 def curve(run: RunDir) -> list[dict]:
@@ -150,9 +151,7 @@ def main() -> int:
             "commands": args.command or ["python " + " ".join(sys.argv)]}
     slug = Capabilities.from_dict(machine).slug
     stem = Path(args.out or REPO / "eval" / "results" / f"long-{slug}")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    stem.with_suffix(".md").write_text(markdown(data))
+    write_result(stem, data, markdown(data), f"The long recipe: {args.run}", machine, data["commands"])
     plot(data, stem.with_suffix(".png"))
     print(markdown(data))
     print(f"written {stem}.json, .md, .png")

@@ -39,6 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from resultfile import write_result  # noqa: E402
+
 RECIPE = "recipes/smollm2_135m.yaml"
 ENGINE_PY = REPO / ".venv-engine" / "bin" / "python"
 BENCHMARKS = ("gsm8k", "mt-bench", "humaneval", "mbpp")
@@ -55,7 +57,7 @@ def prepare(out: Path) -> dict:
     from safetensors.torch import save_file
 
     from dspark_train.config import load_recipe
-    from dspark_train.data.examples import conversations_paths, load_conversations, split_heldout, tokenize
+    from dspark_train.data.examples.examples import conversations_paths, load_conversations, split_heldout, tokenize
     from dspark_train.target import load_target
 
     done = out / "data" / "prepared.json"
@@ -203,8 +205,8 @@ def heldout_tau(target, drafter, recipe) -> dict:
     τ_greedy = 1 + mean accepted drafts, and prefix survival by position."""
     import numpy as np
 
-    from dspark_train.calibration.heldout import anchor_stats
-    from dspark_train.data.examples import conversations_paths, load_conversations, split_heldout, tokenize
+    from dspark_train.policy.calibration.heldout import anchor_stats
+    from dspark_train.data.examples.examples import conversations_paths, load_conversations, split_heldout, tokenize
 
     convs = load_conversations(conversations_paths(recipe), recipe.data.max_prompts)
     _, held = split_heldout(convs, recipe.data.heldout, recipe.data.seed)
@@ -334,9 +336,8 @@ def main() -> int:
                     "chain drafting, greedy.",
            "commands": ["python " + " ".join(sys.argv), meta["eval_command"]] + [r["command"] for r in runs.values()]}
     stem = REPO / "eval" / "results" / f"peer-{Capabilities.from_dict(res['machine']).slug}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(markdown(res))
+    write_result(stem, res, markdown(res), "dspark-train vs speculators 0.9 at equal budgets", res["machine"],
+                 res["commands"])
     plot(res, stem.with_suffix(".png"))
     print(markdown(res))
     return 0

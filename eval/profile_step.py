@@ -15,7 +15,6 @@ ranking (label counts; seconds).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -28,12 +27,12 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from dspark_train.config import load_recipe  # noqa: E402
-from dspark_train.data import train_batch  # noqa: E402
-from dspark_train.hardware import detect  # noqa: E402
+from dspark_train.data.examples import train_batch  # noqa: E402
+from dspark_train.hardware import Capabilities, detect  # noqa: E402
 from dspark_train.layout import RunDir  # noqa: E402
-from dspark_train.losses import block_positions, dspark_loss, target_distribution  # noqa: E402
-from dspark_train.train import (setup_accelerator, setup_data, setup_draft_vocab, setup_models,  # noqa: E402
-                                setup_training, training_order)
+from dspark_train.training.losses import block_positions, dspark_loss, target_distribution  # noqa: E402
+from dspark_train.training.loop import (setup_accelerator, setup_data, setup_draft_vocab, setup_models,  # noqa: E402
+                                        setup_training, training_order)
 
 PHASES = ("data", "target forward", "cache read", "p_t (LM head at block slots)", "drafter forward + loss",
           "backward", "clip + optimizer")
@@ -122,7 +121,7 @@ def profile(recipe, steps: int, warmup: int) -> dict:
         total = sum(totals.values())
         scale = (tokens / steps) / max(1, flops.pop("tokens"))  # the counted step's FLOPs, per mean step
         peak = {str(d).removeprefix("torch."): matmul_peak(d) for d in (torch.bfloat16, torch.float32)}
-        return {"cpu": detect("cpu").describe(), "slug": detect("cpu").slug, "threads": torch.get_num_threads(),
+        return {"machine": detect("cpu").to_dict(), "threads": torch.get_num_threads(),
                 "dtype": str(target.dtype).removeprefix("torch."), "steps": steps, "batch_size": cfg.batch_size,
                 "anchors_per_seq": recipe.data.anchors_per_seq, "tokens_per_step": tokens / steps,
                 "step_ms": 1000 * total / steps, "tokens_per_s": tokens / total, "matmul_peak_flops": peak,
@@ -141,7 +140,7 @@ def table(p: dict) -> str:
     step_gflop = sum(v["gflop"] for v in p["phases"].values())
     step_rate = step_gflop / p["step_ms"]
     return "\n".join([
-        f"{p['cpu']}, {p['threads']} thread(s), target {p['dtype']}, batch {p['batch_size']} × "
+        f"{Capabilities.from_dict(p['machine']).describe()}, target {p['dtype']}, batch {p['batch_size']} × "
         f"{p['anchors_per_seq']} anchors, {p['tokens_per_step']:.0f} tokens/step ({p['tokens_per_s']:.0f} tok/s), "
         f"mean of {p['steps']} steps; measured matmul peak "
         + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in p["matmul_peak_flops"].items()), "",
@@ -157,16 +156,18 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's)")
-    ap.add_argument("--out", default=None, help="also write the profile as JSON here")
+    ap.add_argument("--out", default=None, help="also write the profile here (a stem: <out>.json and <out>.md, "
+                                                "eval/results/ form)")
+    ap.add_argument("--title", default="Training step profile", help="the result's title (with --out)")
     args = ap.parse_args()
     overrides = ["logging.trackers=[]", *args.overrides]
     if args.threads:
         overrides.append(f"train.num_threads={args.threads}")
     p = profile(load_recipe(args.recipe, overrides), args.steps, args.warmup)
-    p["command"] = "python " + " ".join(sys.argv)
     print(table(p))
     if args.out:
-        Path(args.out).write_text(json.dumps(p, indent=1))
+        from resultfile import write_result
+        write_result(Path(args.out).with_suffix(""), p, table(p), args.title, p["machine"])
     return 0
 
 

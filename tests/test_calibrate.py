@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from dspark_train import calibrate as C
-from dspark_train.adaptive import best_fixed_chain, simulate, tune_adaptive
-from dspark_train.calibrate import run_calibration
+from dspark_train.calibration import calibrate as C
+from dspark_train.policy.adaptive import best_fixed_chain, simulate, tune_adaptive
+from dspark_train.calibration.calibrate import run_calibration
 from dspark_train.decoding import CopyPrior, machine_key, smooth_sps
-from dspark_train.calibration import FORMAT_VERSION, AdaptivePolicy, Calibration, HeldoutStats, summary_table
-from dspark_train.heldout import anchor_stats, heldout_prompts, stats_from_traces
-from dspark_train.metrics import auroc, brier, ece, reliability
-from dspark_train.slotmaps import SlotMap, conditional, sts_maps
-from dspark_train.sts import BIAS_GRID, fit_maps, fit_sts, position_metrics, text_folds
+from dspark_train.policy.calibration import FORMAT_VERSION, AdaptivePolicy, Calibration, HeldoutStats, summary_table
+from dspark_train.calibration.heldout import anchor_stats, heldout_prompts, stats_from_traces
+from dspark_train.calibration.metrics import auroc, brier, ece, reliability
+from dspark_train.policy.slotmaps import SlotMap, conditional, sts_maps
+from dspark_train.calibration.sts import BIAS_GRID, fit_maps, fit_sts, position_metrics, text_folds
 
 
 @pytest.fixture(autouse=True)
@@ -254,7 +254,7 @@ def test_simulate_replays_the_decoders_adaptive_rounds_exactly(tiny_run):
     """The first round of every prompt starts from the same state under any policy, so the replay of the probe
     round must give exactly the τ and verified size the decoder's adaptive policy produces there."""
     from dspark_train.decoding import SpeculativeDecoder, TreePolicy
-    from dspark_train.artifact import load_artifact
+    from dspark_train.artifacts.reader import load_artifact
 
     run, recipe, target = tiny_run
     drafter = load_artifact(run, target=target)
@@ -284,11 +284,11 @@ def test_simulate_replays_the_decoders_adaptive_rounds_exactly(tiny_run):
 
 def test_run_calibration_end_to_end(tiny_run, tmp_path):
     from dspark_train.decoding import SpeculativeDecoder
-    from dspark_train.artifact import load_artifact
-    from dspark_train.export import export_run
+    from dspark_train.artifacts.reader import load_artifact
+    from dspark_train.artifacts.export import export_run
 
     run, recipe, target = tiny_run
-    from dspark_train.data import conversations_paths, read_jsonl, split_heldout
+    from dspark_train.data.examples import conversations_paths, read_jsonl, split_heldout
     path = conversations_paths(recipe)[0]
     _, held = split_heldout(read_jsonl(path), recipe.data.heldout, recipe.data.seed)
     chosen = [str(c["id"]) for c in held[1:4]]  # as train.py writes it
@@ -358,7 +358,7 @@ def test_a_policy_tuned_under_another_machine_key_is_retuned_here(tiny_run, tmp_
     """calibration.json tuned on an AMX Xeon in bf16 must not steer the decoder on this machine: its cost curve is
     replaced by one measured here, the threshold search re-runs on the stored held-out rounds with the stored
     confidences, and the result (cached) is what `dspark calibrate` tunes on this machine."""
-    from dspark_train.artifact import load_artifact
+    from dspark_train.artifacts.reader import load_artifact
     from dspark_train.decoding import SpeculativeDecoder, retune
 
     run, recipe, target = tiny_run
@@ -409,9 +409,9 @@ def test_a_policy_tuned_under_another_machine_key_is_retuned_here(tiny_run, tmp_
 def test_anchor_replay_equals_the_decoders_rounds(tiny_run):
     """Replaying greedy drafting at every anchor of the target's own greedy text must reproduce, at the anchors
     where the decoder's rounds started, exactly the confidences and survival the decoder observed."""
-    from dspark_train.data import Example, anchor_candidates
+    from dspark_train.data.examples import Example, anchor_candidates
     from dspark_train.decoding import SpeculativeDecoder, TreePolicy
-    from dspark_train.artifact import load_artifact
+    from dspark_train.artifacts.reader import load_artifact
 
     run, recipe, target = tiny_run
     drafter = load_artifact(run, target=target)
@@ -444,9 +444,9 @@ def test_anchor_replay_equals_the_decoders_rounds(tiny_run):
 def test_anchor_replay_does_not_observe_past_off_greedy_text(tiny_run):
     """A slot is observed only while the text so far is the target's greedy path: a text that leaves it
     after one token gives depth ≤ 2 at the anchor before the departure."""
-    from dspark_train.data import Example
+    from dspark_train.data.examples import Example
     from dspark_train.decoding import SpeculativeDecoder
-    from dspark_train.artifact import load_artifact
+    from dspark_train.artifacts.reader import load_artifact
 
     run, recipe, target = tiny_run
     drafter = load_artifact(run, target=target)
@@ -463,7 +463,7 @@ def test_anchor_replay_does_not_observe_past_off_greedy_text(tiny_run):
 
 def test_heldout_prompts_top_up_with_untrained_prompts(tiny_run, tmp_path):
     from dspark_train.config import load_recipe
-    from dspark_train.data import conversations_paths, read_jsonl
+    from dspark_train.data.examples import conversations_paths, read_jsonl
 
     run, recipe, target = tiny_run
     prompts = [{"id": f"p{i}", "turns": [f"question {i}?"]} for i in range(6)] + [

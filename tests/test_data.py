@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from dspark_train import data as D
-from dspark_train import regenerate as R
-from dspark_train import vocab as V
-from dspark_train.chat import conversation_ids
+from dspark_train.data import examples as D
+from dspark_train.data import regenerate as R
+from dspark_train.data import vocab as V
+from dspark_train.data.chat import conversation_ids
 from dspark_train.config import load_recipe
 
 CONVS = [

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from dspark_train import cli
-from dspark_train import data as D
-from dspark_train import regenerate as R
+from dspark_train.data import examples as D
+from dspark_train.data import regenerate as R
 from dspark_train.config import RecipeError, load_recipe
 from dspark_train.target import _build_tiny_tokenizer, load_tokenizer
 

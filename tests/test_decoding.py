@@ -271,7 +271,7 @@ def test_smollm2_fp32_greedy_equals_generate_on_dev_prompts():
     """≥ 50 dev prompts (GSM8K, HumanEval, MBPP, MT-Bench) × chain and tree, untrained drafter, fp32."""
     from pathlib import Path
 
-    from dspark_train.chat import prompt_ids, user_messages
+    from dspark_train.data.chat import prompt_ids, user_messages
 
     eval_dir = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "eval"
     if not eval_dir.is_dir():

@@ -8,10 +8,10 @@ import torch
 from dspark_train.cli import add_eval_arguments, eval_config
 from dspark_train.cli import main as cli_main
 from dspark_train.config import RecipeError
-from dspark_train.evaluate import (PLAIN, Benchmark, BenchmarkError, EvalConfig, build_report, generation_kwargs,
-                                   hf_method, load_benchmark, measure, plain_name)
+from dspark_train.evaluation.evaluate import (PLAIN, Benchmark, BenchmarkError, EvalConfig, build_report,
+                                              generation_kwargs, hf_method, load_benchmark, measure, plain_name)
 from dspark_train.hardware import cpu_info
-from dspark_train.report import RoundStat, acceptance_metrics, first_divergence, write_report
+from dspark_train.evaluation.report import RoundStat, acceptance_metrics, first_divergence, write_report
 
 TOP_LEVEL = ("target", "drafter", "device", "device_name", "machine", "dtype", "dtype_choice", "temperature", "mode",
              "benchmarks")
@@ -199,8 +199,8 @@ def test_divergences_are_classified_by_an_fp32_rescore(tiny_recipe):
     back bit for bit; the lossless column says which."""
     from dataclasses import replace
 
-    from dspark_train.evaluate import classify_divergences, verdict
-    from dspark_train.report import lossless_cell
+    from dspark_train.evaluation.lossless import classify_divergences, verdict
+    from dspark_train.evaluation.report import lossless_cell
     from dspark_train.target import load_target
 
     target = load_target(replace(tiny_recipe.target, dtype="bfloat16"))
@@ -259,7 +259,7 @@ def assert_tables_well_formed(md: str) -> None:
 def tiny_artifact(tmp_path_factory, tiny_recipe, tiny_target):
     """An untrained drafter exported like an artifact: config.json, model.safetensors, recipe.yaml, and a
     calibration.json with reliability bins (neutral temperatures, so chain drafting is unchanged)."""
-    from dspark_train.calibration import Calibration
+    from dspark_train.policy.calibration import Calibration
     from dspark_train.config import recipe_to_yaml
     from dspark_train.drafters import build_drafter
 

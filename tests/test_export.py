@@ -9,11 +9,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from dspark_train import artifact as art
+from dspark_train.artifacts import reader as art
 from dspark_train.drafters import loading
 from dspark_train.drafters.config import FORMAT_VERSION
 from dspark_train.layout import ArtifactError
-from dspark_train import export as ex
+from dspark_train.artifacts import export as ex
 from dspark_train.config import recipe_to_yaml
 
 REPORT = {

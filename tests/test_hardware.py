@@ -3,7 +3,8 @@ curve (an Intel AMX Xeon and an AVX2 AMD EPYC never share one), dtype-independen
 import pytest
 import torch
 
-from dspark_train import hardware, target as target_module
+from dspark_train import hardware
+from dspark_train import target as target_module
 from dspark_train.config import TargetConfig, load_recipe
 from dspark_train.hardware import Capabilities, cpu_info, resolve_dtype, resolve_mixed_precision
 from dspark_train.target import load_target

@@ -32,7 +32,7 @@ def artifact(tmp_path_factory, tiny_recipe, tiny_target):
     """An exported (untrained) tiny drafter with a calibration.json, as `dspark export` writes it."""
     from dspark_train.config import recipe_to_yaml
     from dspark_train.drafters import build_drafter
-    from dspark_train.export import export_run
+    from dspark_train.artifacts.export import export_run
 
     root = tmp_path_factory.mktemp("hostile")
     torch.manual_seed(0)
@@ -112,8 +112,8 @@ def test_case_3_decoder_refuses_over_long_prompts_counting_max_new_tokens(tiny_r
 
 def test_case_3_data_records_an_over_long_prompt_as_skipped_and_goes_on(repo, tiny_target, tmp_path, capsys):
     from dspark_train.config import load_recipe
-    from dspark_train.data import read_jsonl
-    from dspark_train.regenerate import run_data
+    from dspark_train.data.examples import read_jsonl
+    from dspark_train.data.regenerate import run_data
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "long", "turns": ["word " * 600]}) + "\n"
@@ -167,7 +167,7 @@ def test_case_5_invalid_utf8_conversations_name_file_and_line(tmp_path, repo):
 
 def test_case_5_bad_lines_skipped_with_a_count_when_asked(tmp_path, repo, capsys):
     from dspark_train.config import load_recipe
-    from dspark_train.data import conversations_paths, load_conversations
+    from dspark_train.data.examples import conversations_paths, load_conversations
 
     conv = tmp_path / "conv.jsonl"
     _conversations(conv, bad_line=3)
@@ -183,8 +183,8 @@ SEPARATORS = "a\u2028b\u2029c\x85d\x0be\x0cf\x1cg"  # str.splitlines() breaks at
 
 def test_case_7_jsonl_strings_may_hold_unicode_line_separators(tmp_path, repo):
     from dspark_train.config import load_recipe
-    from dspark_train.data import load_conversations, load_prompts, prompt_turns
-    from dspark_train.evaluate import load_benchmark
+    from dspark_train.data.examples import load_conversations, load_prompts, prompt_turns
+    from dspark_train.evaluation.evaluate import load_benchmark
 
     rows = [{"id": "x", "turns": [SEPARATORS]}, {"id": "y", "turns": ["plain"]}]
     bench = tmp_path / "b.jsonl"
@@ -204,7 +204,7 @@ def test_case_7_jsonl_strings_may_hold_unicode_line_separators(tmp_path, repo):
 # --------------------------------------------------------------------------- case 8: data outside the workspace
 def test_case_8_smollm2_recipe_names_public_hub_fallbacks(repo):
     from dspark_train.config import load_recipe
-    from dspark_train.card import _is_hub_id
+    from dspark_train.artifacts.card import _is_hub_id
 
     hub = load_recipe(repo / "recipes" / "smollm2_135m.yaml").data.prompts_hub_id
     assert hub and all(_is_hub_id(spec.split(":")[0]) for spec in hub)
@@ -282,14 +282,14 @@ def _newer_npz(path: Path) -> Path:
 
 
 def _versioned_readers(repo):
-    from dspark_train.calibration import HeldoutStats
-    from dspark_train.checkpoint import restore
+    from dspark_train.policy.calibration import HeldoutStats
+    from dspark_train.training.checkpoint import restore
     from dspark_train.config import load_recipe
     from dspark_train.decoding import SPSProfile
-    from dspark_train.feature_cache import MANIFEST, FeatureCache
-    from dspark_train.heldout import heldout_prompts
+    from dspark_train.training.feature_cache import MANIFEST, FeatureCache
+    from dspark_train.calibration.heldout import heldout_prompts
     from dspark_train.target import CACHE_MARKER, _converted
-    from dspark_train.vocab import load_draft_vocab
+    from dspark_train.data.vocab import load_draft_vocab
 
     def target_cache(root):
         (root / "config.json").parent.mkdir(parents=True)
@@ -332,9 +332,9 @@ def test_every_versioned_file_refuses_a_newer_version_naming_it(repo, tmp_path, 
 def test_versioned_files_round_trip_and_read_their_first_format(tmp_path):
     import numpy as np
 
-    from dspark_train.calibration import HeldoutStats
+    from dspark_train.policy.calibration import HeldoutStats
     from dspark_train.decoding import SPSProfile
-    from dspark_train.vocab import load_draft_vocab, save_draft_vocab
+    from dspark_train.data.vocab import load_draft_vocab, save_draft_vocab
 
     save_draft_vocab(tmp_path / "v.json", torch.tensor([0, 5, 9]))
     assert json.loads((tmp_path / "v.json").read_text())["format_version"] == 1
@@ -351,7 +351,7 @@ def test_versioned_files_round_trip_and_read_their_first_format(tmp_path):
 
 
 def test_a_corrupted_checkpoint_names_its_file(tmp_path):
-    from dspark_train.checkpoint import restore
+    from dspark_train.training.checkpoint import restore
     from dspark_train.layout import ArtifactError
 
     ckpt = tmp_path / "step-000004"
@@ -372,9 +372,9 @@ def test_a_recipe_with_invalid_utf8_names_the_line(repo, tmp_path, capsys):
 
 def test_other_text_inputs_with_invalid_utf8_name_file_and_line(repo, tmp_path, capsys):
     from dspark_train.config import load_recipe
-    from dspark_train.data import load_prompts
-    from dspark_train.evaluate import BenchmarkError, load_benchmark
-    from dspark_train.heldout import heldout_prompts
+    from dspark_train.data.examples import load_prompts
+    from dspark_train.evaluation.evaluate import BenchmarkError, load_benchmark
+    from dspark_train.calibration.heldout import heldout_prompts
     from dspark_train.layout import ArtifactError, DataFileError
 
     bad = tmp_path / "bad.jsonl"
@@ -393,7 +393,7 @@ def test_other_text_inputs_with_invalid_utf8_name_file_and_line(repo, tmp_path, 
 
 
 def test_conversation_records_of_the_wrong_shape_name_the_line(tmp_path):
-    from dspark_train.data import load_conversations
+    from dspark_train.data.examples import load_conversations
     from dspark_train.layout import DataFileError
 
     conv = tmp_path / "c.jsonl"

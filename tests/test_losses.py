@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dspark_train import losses as L
+from dspark_train.training import losses as L
 
 torch.manual_seed(0)
 B, T, A, G, V, d = 3, 12, 4, 3, 20, 8

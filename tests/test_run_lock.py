@@ -258,7 +258,7 @@ def _adopted(run: Path, launcher: subprocess.Popen) -> bool:
 def test_second_trainer_on_a_running_run_refuses_and_the_first_finishes(tmp_path, tiny_target):
     from safetensors.torch import load_file
 
-    from dspark_train.artifact import load_artifact
+    from dspark_train.artifacts.reader import load_artifact
     from dspark_train.layout import CheckpointFiles, RunDir, read_json
 
     run = tmp_path / "run"

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from dspark_train.schedule import Budget, Horizon, probe_horizon
+from dspark_train.training.schedule import Budget, Horizon, probe_horizon
 
 
 def _paper(step, max_steps, ratio):  # the formula the trainer used before horizons existed

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from dspark_train import sts as S
-from dspark_train.calibration import FORMAT_VERSION, Calibration
+from dspark_train.calibration import sts as S
+from dspark_train.policy.calibration import FORMAT_VERSION, Calibration
 from dspark_train.layout import ArtifactError
-from dspark_train.metrics import ece
-from dspark_train.slotmaps import SlotMap, conditional, read_maps, sigmoid, sts_maps, survival
+from dspark_train.calibration.metrics import ece
+from dspark_train.policy.slotmaps import SlotMap, conditional, read_maps, sigmoid, sts_maps, survival
 
 GRID = [0.25 * i for i in range(1, 41)]
 

@@ -9,12 +9,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dspark_train import speculators as sp
+from dspark_train.artifacts import speculators as sp
 from dspark_train.cli import main
 from dspark_train.config import DrafterConfigSection, recipe_to_yaml
 from dspark_train.drafters import DrafterConfig, build_drafter
-from dspark_train.artifact import load_artifact
-from dspark_train.export import export_speculators
+from dspark_train.artifacts.reader import load_artifact
+from dspark_train.artifacts.export import export_speculators
 
 GAMMA = 4
 
@@ -49,7 +49,7 @@ VOCAB = [5, 200, 17, 4, 99, 42, 250, 7, 60, 61, 130, 9, 11, 12, 180, 33]  # unso
 
 def test_export_names_and_shapes_match_the_format(tmp_path, tiny_recipe, tiny_target):
     """The list below is written from vLLM's Qwen3 DFlash/DSpark draft models (parameter names and shapes),
-    not from dspark_train.speculators, so the two are checked against each other."""
+    not from dspark_train.artifacts.speculators, so the two are checked against each other."""
     run, d = make_run(tmp_path, tiny_recipe, tiny_target, vocab=VOCAB)
     out = export_speculators(run, tmp_path / "spec", target=tiny_target, mask_token_id=3)
     with safe_open(str(out / "model.safetensors"), "pt") as f:

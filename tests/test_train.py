@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dspark_train.config import load_recipe
-from dspark_train.launch import build_launch_command
+from dspark_train.training.launch import build_launch_command
 
 STEPS, MID = 40, 20
 COMMON = ["drafter.draft_vocab_size=256", f"train.max_steps={STEPS}", "train.eval_every=20", "train.log_every=10",

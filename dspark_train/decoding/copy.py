@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
-from ..calibration import read_calibration
+from ..policy.calibration import read_calibration
 from ..layout import ArtifactError
 
 LEN_EDGES = (1, 2, 3, 4, 6, 9, 16, 32)  # match-length buckets: 1, 2, 3, 4-5, 6-8, 9-15, 16-31, 32+

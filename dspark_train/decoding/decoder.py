@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import DynamicCache
 
-from ..calibration import read_calibration
+from ..policy.calibration import read_calibration
 from .attention import use_row_exact_attention
 from .cache import gather_slots, keep_slots, select_rows
 from .copy import CopyDrafter, prior_from_calibration

@@ -28,10 +28,10 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from ..adaptive import tune_adaptive
-from ..calibration import AdaptivePolicy, HeldoutStats, read_calibration
+from ..policy.adaptive import tune_adaptive
+from ..policy.calibration import AdaptivePolicy, HeldoutStats, read_calibration
 from ..layout import check_version, read_json, write_atomic
-from ..slotmaps import read_maps
+from ..policy.slotmaps import read_maps
 from .sampling import SamplingParams
 from .scheduler import SPSProfile, cache_root, cost_profile, machine_key
 from .tree import TreePolicy, draft_tree

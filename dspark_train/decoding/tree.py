@@ -13,7 +13,7 @@ A pruning pass over a finished tree (hybrid.py's budget) must keep it too, which
 in sampling mode. tests/test_exact_sampling.py enumerates every outcome of small rounds to check.
 
 `TreePolicy.from_calibration` reads the per-slot calibration maps and `adaptive` of a calibration.json through
-its schema (dspark_train/calibration.py, which also refuses a newer format_version); a map is applied by
+its schema (dspark_train/policy/calibration.py, which also refuses a newer format_version); a map is applied by
 `slotmaps.SlotMap.__call__` and the adaptive width/depth rule is `calibration.child_widths`, both shared with
 the tuner's exact replay (`adaptive.simulate`).
 """
@@ -25,8 +25,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..calibration import child_widths, read_adaptive
-from ..slotmaps import IDENTITY, SlotMap
+from ..policy.calibration import child_widths, read_adaptive
+from ..policy.slotmaps import IDENTITY, SlotMap
 from .sampling import Draws, SamplingParams, as_draws, residual, warp
 
 DRAFTER, COPY = 1, 2  # node sources (bits): proposed by the drafter, by the copy drafter (decoding/copy.py)

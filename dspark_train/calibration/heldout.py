@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import HeldoutStats
-from .chat import prompt_ids, user_messages
-from .config import RecipeError
-from .data import (Example, anchor_candidates, block_labels, conversations_paths, load_prompts, prompt_turns,
-                   read_conversations, read_heldout_split, split_heldout, usable_conversations)
-from .decoding.copy import CopyPrior, fit_copy_prior
-from .layout import RunDir
-from .regenerate import generate_batch
+from ..policy.calibration import HeldoutStats
+from ..data.chat import prompt_ids, user_messages
+from ..config import RecipeError
+from ..data.examples import (Example, anchor_candidates, block_labels, conversations_paths, load_prompts, prompt_turns,
+                             read_conversations, read_heldout_split, split_heldout, usable_conversations)
+from ..decoding.copy import CopyPrior, fit_copy_prior
+from ..layout import RunDir
+from ..data.regenerate import generate_batch
 
 
 def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str], list[list[int]], str]:

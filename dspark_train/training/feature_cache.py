@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from .layout import atomic_path, check_version, read_json, write_atomic
+from ..layout import atomic_path, check_version, read_json, write_atomic
 
 FORMATS = ("bfloat16", "int8", "float32")
 FORMAT_VERSION = 1

@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .config import Recipe, RecipeError, ServerConfig
+from ..config import Recipe, RecipeError, ServerConfig
 
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 FATAL_STATUS = (401, 403, 404, 429)  # every other request would get the same answer (429: after the retries)

@@ -36,9 +36,9 @@ from typing import Optional
 
 import torch
 
-from .calibration import read_calibration
-from .config import RecipeError
-from .layout import CALIBRATION
+from ..policy.calibration import read_calibration
+from ..config import RecipeError
+from ..layout import CALIBRATION
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 SPECULATORS_VERSION = "0.9.0"  # the format version these files were checked against
@@ -266,7 +266,7 @@ def load_speculators(path: str | Path):
     `attach_target`). Refuses what our drafter cannot represent rather than approximating it."""
     from safetensors.torch import load_file
 
-    from .drafters import Drafter, DrafterConfig
+    from ..drafters import Drafter, DrafterConfig
 
     path = Path(path)
     try:

@@ -17,15 +17,15 @@ from typing import Optional
 
 import yaml
 
-from .artifact import ARTIFACT_FILES, CARD, load_artifact, resolve_artifact
-from .drafters.loading import check_fingerprint, check_safetensors, load_drafter, recorded_fingerprint
+from .reader import ARTIFACT_FILES, CARD, load_artifact, resolve_artifact
+from ..drafters.loading import check_fingerprint, check_safetensors, load_drafter, recorded_fingerprint
 from . import speculators
 from .card import render_model_card
-from .calibration import read_calibration
-from .config import RecipeError, utf8_text
-from .layout import (CALIBRATION, CONFIG, RECIPE, REPORT_JSON, WEIGHTS, ArtifactError, RunDir, read_json, replace_dir,
-                     staging_dir)
-from .runlock import holds_lock
+from ..policy.calibration import read_calibration
+from ..config import RecipeError, utf8_text
+from ..layout import (CALIBRATION, CONFIG, RECIPE, REPORT_JSON, WEIGHTS, ArtifactError, RunDir, read_json, replace_dir,
+                      staging_dir)
+from ..runlock import holds_lock
 
 
 class PushError(RecipeError):
@@ -116,8 +116,8 @@ def export_speculators(src: str | Path, out: str | Path, target=None, mask_token
     for a learned MASK, the embedding table."""
     from safetensors.torch import save_file
 
-    from .config import load_recipe
-    from .target import load_target
+    from ..config import load_recipe
+    from ..target import load_target
 
     src, out = Path(src).expanduser(), Path(out).expanduser()
     if out.exists() and not force:

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .calibration import Calibration, plot_reliability
-from .hardware import Capabilities
-from .layout import REPORT_JSON, REPORT_MD, atomic_path, write_atomic
+from ..policy.calibration import Calibration, plot_reliability
+from ..hardware import Capabilities
+from ..layout import REPORT_JSON, REPORT_MD, atomic_path, write_atomic
+from .lossless import NEAR_TIE_MARGIN
 
 ACCEPTANCE_PLOT, SPEEDUP_PLOT, RELIABILITY_PLOT = "acceptance_by_position.png", "speedup.png", "reliability.png"
 SETTINGS = ("temperature", "mode", "hybrid", "top_p", "top_k", "seed", "max_new_tokens", "multi_turn",  # EvalConfig
@@ -198,7 +199,6 @@ def write_outputs(measured: Sequence, tok, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- report files
-NEAR_TIE_MARGIN = 4.0  # evaluate.classify_divergences: a near-tie's fp32 gap is within this × the rounding seen
 
 
 def _fmt(x, spec=".2f", none="—") -> str:

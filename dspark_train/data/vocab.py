@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .data import Example
-from .layout import DRAFT_VOCAB_VERSION, ArtifactError, check_version, read_json_value, write_atomic
+from .examples import Example
+from ..layout import DRAFT_VOCAB_VERSION, ArtifactError, check_version, read_json_value, write_atomic
 
 
 def save_draft_vocab(path: Path, vocab: torch.Tensor) -> None:

@@ -12,7 +12,6 @@ that fill it are cli.py's.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,18 +21,19 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from .artifact import load_artifact, resolve_artifact
-from .chat import prompt_ids, user_messages
-from .config import REPO_ROOT, DataConfig, RecipeError, TargetConfig, load_recipe
-from .decoding import SpeculativeDecoder
-from .decoding.decoder import MODES
-from .hardware import AUTO_DTYPES, detect
-from .layout import (ARTIFACT, CALIBRATION, CONFIG, FINAL, OUTPUTS, RECIPE, REPORT_JSON, REPORT_MD, DataFileError,
-                     iter_jsonl, read_json)
-from .report import (NEAR_TIE_MARGIN, RoundStat, Sample, assemble, fastest_plain, lossless_errors, method_metrics,
+from ..artifacts.reader import load_artifact, resolve_artifact
+from ..data.chat import prompt_ids, user_messages
+from ..config import REPO_ROOT, DataConfig, RecipeError, TargetConfig, load_recipe
+from ..decoding import SpeculativeDecoder
+from ..decoding.decoder import MODES
+from ..hardware import AUTO_DTYPES, detect
+from ..layout import (ARTIFACT, CALIBRATION, CONFIG, FINAL, OUTPUTS, RECIPE, REPORT_JSON, REPORT_MD, DataFileError,
+                      iter_jsonl, read_json)
+from .lossless import LosslessError, classify_divergences, verdict
+from .report import (RoundStat, Sample, assemble, fastest_plain, lossless_errors, method_metrics,
                      render_markdown, speedup_over, write_outputs, write_report)
-from .runlock import holds_lock
-from .target import PromptTooLong, load_target
+from ..runlock import holds_lock
+from ..target import PromptTooLong, load_target
 
 BENCHMARKS = ("gsm8k", "mt-bench", "humaneval", "mbpp")
 BASELINES = ("prompt-lookup", "assisted", "drafter-only", "copy-only")
@@ -260,70 +260,6 @@ def decoder_method(decoder: SpeculativeDecoder, cfg: EvalConfig, eos_token_id, h
     return run
 
 
-def top2_logits(target, context: list[int]) -> tuple[float, float]:
-    """The target's two largest logits for the token after `context` (full forward, eval dtype)."""
-    with torch.no_grad():
-        x = torch.tensor([context], device=target.device)
-        logits = target.model(input_ids=x).logits[0, -1].float()
-    top1, top2 = logits.topk(2).values.tolist()
-    return top1, top2
-
-
-
-
-def ulp(x: float, dtype: torch.dtype) -> float:
-    """The spacing of `dtype` numbers at |x| (bf16: 8 significant bits, fp16: 11, fp32: 24)."""
-    bits = {torch.bfloat16: 8, torch.float16: 11}.get(dtype, 24)
-    return 2.0 ** (math.floor(math.log2(max(abs(x), 1e-30))) - bits + 1)
-
-
-@torch.no_grad()
-def classify_divergences(target, cases: Sequence[tuple[list[int], int, int]]) -> list[dict]:
-    """Is each greedy divergence (context, plain token a, speculative token b) rounding or a real error?
-
-    The context is re-scored in fp32 (the target's own weights, its parameters cast up for the call and restored:
-    bf16 → fp32 → bf16 is exact). A greedy pass in the eval dtype picks a, the speculative one b; if each pass's
-    logits are within e of the fp32 ones, the fp32 gap l32(a) − l32(b) lies within ±2e. e is what this context
-    shows: the larger deviation |l(x) − l32(x)| of the eval-dtype forward at a and b, at least one unit of that
-    dtype at the logits' magnitude. A near-tie: |gap| ≤ NEAR_TIE_MARGIN · e; anything wider is an error: the
-    speculative decoder emitted a token the target would not pick, rounding or not."""
-    if not cases:
-        return []
-    model = target.model
-    low = [(x[-1], target.model(input_ids=torch.tensor([x], device=target.device)).logits[0, -1].float())
-           for x, _, _ in cases]
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    kept = [p.data for p in params]
-    try:
-        for p in params:
-            p.data = p.data.float()
-        high = [model(input_ids=torch.tensor([x], device=target.device)).logits[0, -1].float() for x, _, _ in cases]
-    finally:
-        for p, d in zip(params, kept):
-            p.data = d
-    out = []
-    for (_, a, b), (_, lo), hi in zip(cases, low, high):
-        dev = max(abs(float(lo[a] - hi[a])), abs(float(lo[b] - hi[b])), ulp(float(hi.max()), target.dtype))
-        gap = float(hi[a] - hi[b])
-        top2 = lo.topk(2).values.tolist()
-        out.append({"top2_logit_gap": top2[0] - top2[1], "fp32_gap": gap, "fp32_argmax": int(hi.argmax()),
-                    "rounding": dev, "tolerance": NEAR_TIE_MARGIN * dev,
-                    "kind": "near_tie" if abs(gap) <= NEAR_TIE_MARGIN * dev else "error"})
-    return out
-
-
-def verdict(entry: dict) -> None:
-    """`lossless` from the classified divergences: identical outputs, or every divergence a near-tie (counted in
-    `near_ties`); any error makes it False (`errors`)."""
-    divs = entry.get("divergences")
-    if divs is None or entry.get("lossless") is None:
-        return
-    entry["near_ties"] = sum(d["kind"] == "near_tie" for d in divs)
-    entry["errors"] = sum(d["kind"] == "error" for d in divs)
-    entry["lossless"] = entry["errors"] == 0
-
-
-# --------------------------------------------------------------------------- the run
 @dataclass
 class Measured:
     """All samples of one benchmark: samples[method][prompt][turn]."""
@@ -484,10 +420,6 @@ def run_eval(cfg: EvalConfig) -> dict:
                             f"{len(errors)} place(s): " + "; ".join(errors[:5]) + (" …" if len(errors) > 5 else "")
                             + f" (details in {out / REPORT_MD})")
     return report
-
-
-class LosslessError(RuntimeError):
-    """A greedy divergence no rounding explains (`dspark eval` exits 1 naming the cases, after the report)."""
 
 
 def build_report(measured: Sequence[Measured], target, drafters: dict[str, dict], baselines: Sequence[str],

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .config import REPO_ROOT, Recipe, RecipeError
-from .hardware import resolve_dtype
-from .layout import read_json
+from ..config import REPO_ROOT, Recipe, RecipeError
+from ..hardware import resolve_dtype
+from ..layout import read_json
 
 ACCELERATE_DIR = REPO_ROOT / "recipes" / "accelerate"
 

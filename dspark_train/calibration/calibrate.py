@@ -43,17 +43,17 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .adaptive import best_fixed_chain, tune_adaptive
-from .drafters.loading import load_local
-from .calibration import Calibration, plot_reliability, summary_table
-from .config import load_recipe
-from .hardware import detect
-from .decoding import SpeculativeDecoder, SPSProfile, TreePolicy, cost_profile
+from ..policy.adaptive import best_fixed_chain, tune_adaptive
+from ..drafters.loading import load_local
+from ..policy.calibration import Calibration, plot_reliability, summary_table
+from ..config import load_recipe
+from ..hardware import detect
+from ..decoding import SpeculativeDecoder, SPSProfile, TreePolicy, cost_profile
 from .heldout import anchor_stats, copy_prior, greedy_texts, heldout_prompts, stats_from_traces
-from .layout import CALIBRATION_STATS, RunDir
-from .runlock import holds_lock
+from ..layout import CALIBRATION_STATS, RunDir
+from ..runlock import holds_lock
 from .sts import BIAS_GRID, fit_maps, position_metrics, text_folds
-from .target import load_target
+from ..target import load_target
 
 
 # =========================================================================== the command

@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 
-from .config import RecipeError
-from .layout import (TRAINER_STATE_VERSION, ArtifactError, CheckpointFiles, RunDir, check_version, read_json,
-                     replace_dir, staging_dir, write_atomic)
+from ..config import RecipeError
+from ..layout import (TRAINER_STATE_VERSION, ArtifactError, CheckpointFiles, RunDir, check_version, read_json,
+                      replace_dir, staging_dir, write_atomic)
 from .optim import ADAM_KEYS, moment_keys, set_moments
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .metrics import auroc, brier, ece, reliability
-from .slotmaps import IDENTITY, KINDS, SlotMap, sigmoid, survival
+from ..policy.slotmaps import IDENTITY, KINDS, SlotMap, sigmoid, survival
 
 BIAS_GRID = [round(0.1 * i, 1) for i in range(-20, 21)]  # STS offsets b_k searched with calibrate.bias
 METHODS = ("sts", "auto", "platt", "isotonic")  # calibrate.map

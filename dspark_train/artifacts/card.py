@@ -9,12 +9,12 @@ from typing import Any, Optional
 
 import yaml
 
-from .artifact import HUB_ID
-from .drafters.config import FORMAT_VERSION
-from .drafters.loading import FINGERPRINT_FIELDS
-from .calibration import Calibration, summary_table
-from .hardware import Capabilities
-from .layout import CALIBRATION, CONFIG, EVAL, RECIPE, REPORT_JSON, TRAIN_SUMMARY, WEIGHTS, ArtifactError
+from .reader import HUB_ID
+from ..drafters.config import FORMAT_VERSION
+from ..drafters.loading import FINGERPRINT_FIELDS
+from ..policy.calibration import Calibration, summary_table
+from ..hardware import Capabilities
+from ..layout import CALIBRATION, CONFIG, EVAL, RECIPE, REPORT_JSON, TRAIN_SUMMARY, WEIGHTS, ArtifactError
 
 
 HEAD_NAMES = {"markov": "DSpark (Markov head)", "rnn": "DSpark (RNN head)",
@@ -143,8 +143,8 @@ def render_model_card(config: dict, recipe: dict, calibration: Optional[dict] = 
     else:  # not a Hub model: the recipe the drafter was trained with says how to build the target
         imports = ["from dspark_train.config import load_recipe"]
         make_target = f"target = load_target(load_recipe({where + '/' + RECIPE!r}).target)"
-    imports += ["from dspark_train.chat import prompt_ids", "from dspark_train.decoding import SpeculativeDecoder",
-                "from dspark_train.artifact import load_artifact", "from dspark_train.target import load_target"]
+    imports += ["from dspark_train.data.chat import prompt_ids", "from dspark_train.decoding import SpeculativeDecoder",
+                "from dspark_train.artifacts.reader import load_artifact", "from dspark_train.target import load_target"]
     mode = "adaptive" if calibration else "chain"
     lines += ["", "## How to use", "", "With dspark-train installed:", "", "```bash",
               f"dspark eval {where} --benchmarks gsm8k,mt-bench,humaneval,mbpp --mode {mode}",

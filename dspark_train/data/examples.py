@@ -19,10 +19,10 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from .chat import conversation_ids
-from .config import Recipe, RecipeError, utf8_text
-from .layout import (HELDOUT_VERSION, ArtifactError, DataFileError, RunDir, atomic_path, check_version, iter_jsonl,
-                     read_json_value, write_atomic)
-from .layout import read_jsonl as read_jsonl_file
+from ..config import Recipe, RecipeError, utf8_text
+from ..layout import (HELDOUT_VERSION, ArtifactError, DataFileError, RunDir, atomic_path, check_version, iter_jsonl,
+                      read_json_value, write_atomic)
+from ..layout import read_jsonl as read_jsonl_file
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")  # owner/name, optionally :config
 

@@ -24,11 +24,11 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .calibration import read_calibration
-from .drafters import Drafter
-from .drafters.loading import check_fingerprint, load_local
+from ..policy.calibration import read_calibration
+from ..drafters import Drafter
+from ..drafters.loading import check_fingerprint, load_local
 from . import speculators
-from .layout import CALIBRATION, CONFIG, RECIPE, WEIGHTS, ArtifactError
+from ..layout import CALIBRATION, CONFIG, RECIPE, WEIGHTS, ArtifactError
 
 CARD = "README.md"
 ARTIFACT_FILES = (CONFIG, WEIGHTS, CALIBRATION, RECIPE, CARD)  # what an artifact may hold, and all that is pushed

@@ -24,11 +24,11 @@ from typing import Iterator
 import torch
 
 from .chat import conversation_ids, prompt_ids
-from .config import Recipe, RecipeError
-from .data import (conversations_paths, load_conversations, load_prompts, output_path, prompt_turns, read_jsonl,
-                   write_jsonl_atomic)
-from .runlock import holds_lock
-from .target import PromptTooLong, load_tokenizer
+from ..config import Recipe, RecipeError
+from .examples import (conversations_paths, load_conversations, load_prompts, output_path, prompt_turns, read_jsonl,
+                       write_jsonl_atomic)
+from ..runlock import holds_lock
+from ..target import PromptTooLong, load_tokenizer
 
 
 def parse_shard(shard) -> tuple[int, int]:
@@ -352,7 +352,7 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
             batches = _server_records(recipe, client, model, todo, tok)
         else:
             if target is None:
-                from .target import load_target
+                from ..target import load_target
                 target = load_target(recipe.target)
             bs = recipe.data.gen_batch_size
             batches = (_regenerate_batch(target, todo[b:b + bs], recipe) for b in range(0, len(todo), bs))

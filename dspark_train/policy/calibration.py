@@ -45,7 +45,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .layout import CALIBRATION, ArtifactError, atomic_path, check_version, read_json, write_atomic
+from ..layout import CALIBRATION, ArtifactError, atomic_path, check_version, read_json, write_atomic
 from .slotmaps import IDENTITY, SlotMap, read_maps
 
 FORMAT_VERSION = 2  # 2: per-slot `maps` (and `ece_crossfit`); 1: STS from temperatures/biases only
