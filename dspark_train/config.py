@@ -100,6 +100,9 @@ class DrafterConfigSection:
     # random, or target: draft layers copied from the target layers after the last feature layer (drafters/init.py)
     init: str = field(default="random", metadata=_choice("random", "target"))
     init_acceptance: float = 0.3  # init: target: the confidence head starts at this expected per-slot acceptance
+    # init: target with qk_norm over a target without q/k norms: fit their weights to the copied layer's attention
+    # (fit), or leave them at one (ones: round 2's init, which flattens that attention; a reference point)
+    qk_norm_init: str = field(default="fit", metadata=_choice("fit", "ones"))
 
 
 @dataclass

@@ -54,6 +54,8 @@ VARIANTS = {
     "cache_bf16": ("feature cache (bf16): epochs ≥ 2 skip the target forward", ["train.feature_cache=bfloat16"]),
     "cache_int8": ("feature cache (int8 + per-row scale)", ["train.feature_cache=int8"]),
     "layers2": ("2 draft layers", ["drafter.num_layers=2"]),
+    "qk_ones": ("q/k norm weights left at one after target init (round 2's init)", ["drafter.qk_norm_init=ones"]),
+    "qk_off": ("no q/k norms: the copied layer exactly (not exportable to the engines)", ["drafter.qk_norm=false"]),
     "anchors16": ("16 anchors per sequence (cheaper steps, fewer supervised slots)", ["data.anchors_per_seq=16"]),
     "anchors64": ("64 anchors per sequence (the recipe before make curve chose 32)", ["data.anchors_per_seq=64"]),
     "anchors128": ("128 anchors per sequence (more supervised slots per target forward)",

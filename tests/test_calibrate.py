@@ -162,6 +162,25 @@ def test_overhead_per_round_favours_deeper_verification():
     assert verified[1] > verified[0]  # a fixed cost per round (half a step) makes each round worth filling
 
 
+def test_a_round_cost_model_charges_each_policy_for_the_nodes_it_drafts():
+    """[V] item 4: the probe decode drafts `width` candidates at every depth, so its measured round cost overstates
+    a narrow policy's; with a RoundCost the replay charges base + per_node · nodes of each round instead."""
+    from dspark_train.policy.adaptive import RoundCost, evaluate_policy
+    from dspark_train.policy.calibration import AdaptivePolicy
+    p, gamma = 0.8, 6
+    stats = _stats(_geometric_rounds(p, gamma), gamma, p, overhead=0.05)  # the probe: a costly wide round
+    sps = _sps(lambda b: 10.0)
+    chain = AdaptivePolicy(0.0, None, 1, 3)
+    cost = RoundCost(base=0.004, per_node=0.001)
+    tau, b = simulate(stats, [], chain)
+    got = evaluate_policy(stats, [], chain, sps, cost)
+    assert got.tokens_per_s == pytest.approx(tau.sum() / (0.004 + 0.001 * (b - 1) + 0.1).sum())
+    assert got.tokens_per_s > evaluate_policy(stats, [], chain, sps).tokens_per_s  # the probe's cost: dearer
+    assert evaluate_policy(stats, [], AdaptivePolicy(0.0, None, 1, 0), sps, cost).tokens_per_s == pytest.approx(10.0)
+    deep = tune_adaptive(stats, [], _sps(lambda b: 10.0 / (1 + 0.3 * (b - 1))), 1, 32, cost=cost)[0]
+    assert deep.node_budget >= 1
+
+
 # --------------------------------------------------------------------------- calibration.json
 def test_sts_offset_removes_a_constant_bias_that_temperature_cannot():
     """A head whose logit is shifted by +1.5 (calibrated otherwise): temperature alone leaves a visible gap,

@@ -144,7 +144,8 @@ def render_model_card(config: dict, recipe: dict, calibration: Optional[dict] = 
         imports = ["from dspark_train.config import load_recipe"]
         make_target = f"target = load_target(load_recipe({where + '/' + RECIPE!r}).target)"
     imports += ["from dspark_train.data.chat import prompt_ids", "from dspark_train.decoding import SpeculativeDecoder",
-                "from dspark_train.artifacts.reader import load_artifact", "from dspark_train.target import load_target"]
+                "from dspark_train.artifacts.reader import load_artifact",
+                "from dspark_train.target import load_target"]
     mode = "adaptive" if calibration else "chain"
     lines += ["", "## How to use", "", "With dspark-train installed:", "", "```bash",
               f"dspark eval {where} --benchmarks gsm8k,mt-bench,humaneval,mbpp --mode {mode}",

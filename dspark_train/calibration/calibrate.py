@@ -49,6 +49,7 @@ from ..policy.calibration import Calibration, plot_reliability, summary_table
 from ..config import load_recipe
 from ..hardware import detect
 from ..decoding import SpeculativeDecoder, SPSProfile, TreePolicy, cost_profile
+from ..decoding.retune import measure_round_cost
 from .heldout import anchor_stats, copy_prior, greedy_texts, heldout_prompts, stats_from_traces
 from ..layout import CALIBRATION_STATS, RunDir
 from ..runlock import holds_lock
@@ -139,9 +140,10 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     cost = cost_profile(target, max_b, context=cc.profile_context, batch_sizes=cc.profile_batch_sizes)
     sps = SPSProfile(cost["tokens"], cost["steps_per_s"]).table(max_b)
 
-    # 4. adaptive-k tuning on the held-out rounds
-    policy, expected = tune_adaptive(stats, maps, sps, cc.max_width, cc.max_nodes)
-    chain_d, chain_expected = best_fixed_chain(stats, sps)
+    # 4. adaptive-k tuning on the held-out rounds, each policy charged the round cost of the nodes it drafts
+    rounds = measure_round_cost(target, drafter, width, stats)
+    policy, expected = tune_adaptive(stats, maps, sps, cc.max_width, cc.max_nodes, cost=rounds)
+    chain_d, chain_expected = best_fixed_chain(stats, sps, rounds)
 
     cal = Calibration(
         block_size=gamma, temperatures=fit.temperatures, biases=fit.biases, maps=[m.to_json() for m in maps],
@@ -157,7 +159,7 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
                       **({"file": CALIBRATION_STATS} if sts_stats is not stats else {})}, "count": after["count"],
               "max_new_tokens": cc.max_new_tokens, "decoding": "greedy", "dtype": target.precision.value,
               "hardware": {"machine": caps.to_dict(), "dtype": target.precision.to_dict()},
-              "tuning": {"max_width": cc.max_width, "max_nodes": cc.max_nodes},
+              "tuning": {"max_width": cc.max_width, "max_nodes": cc.max_nodes, "round_cost": asdict(rounds)},
               "probe": {"width": width, "beam": 1, "depth": gamma, "prompts": len(probe_prompts),
                         "rounds": len(stats), "ece_after": on_probe["ece"], "auroc_after": on_probe["auroc"]},
               "target": target.fingerprint(), "threads": torch.get_num_threads(),

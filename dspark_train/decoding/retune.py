@@ -6,8 +6,9 @@ name, the CPU flags that decide matmul speed, threads, dtype). Under the same ke
 tuned. Under another key (another machine, dtype or thread count) it is re-tuned here, not reused blindly:
 
 - SPS(B) is measured on this machine (the cached profiler, `scheduler.cost_profile`);
-- one probe-shaped drafting round is timed here, and the held-out rounds' drafting and bookkeeping times are
-  scaled by the ratio to the calibrating machine's (they were measured there);
+- the round cost beside the verify forward is measured here (`measure_round_cost`: drafting rounds at width 1 and
+  at the probe's width, so each candidate policy is charged for the nodes it drafts; the held-out rounds'
+  bookkeeping, measured on the calibrating machine, scaled by the ratio of drafting times);
 - the tuner's threshold search (adaptive.py, numpy only) re-runs on the held-out rounds calibration.json stores.
 
 The calibrated confidences (the per-slot maps, slotmaps.py) carry over; the cost curve does not. The search takes
@@ -21,14 +22,14 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from ..policy.adaptive import tune_adaptive
+from ..policy.adaptive import RoundCost, tune_adaptive
 from ..policy.calibration import AdaptivePolicy, HeldoutStats, read_calibration
 from ..layout import check_version, read_json, write_atomic
 from ..policy.slotmaps import read_maps
@@ -64,6 +65,20 @@ def measure_draft_seconds(target, drafter, width: int, context: int = 64, repeat
     return statistics.median(times[warmup:])
 
 
+def measure_round_cost(target, drafter, width: int, stats: Optional[HeldoutStats] = None,
+                       scale: float = 1.0) -> RoundCost:
+    """The round cost model on this machine: drafting rounds timed at width 1 and `width` (γ depths each) give a
+    base (backbone, context extension) and a per-node cost (head steps); the held-out rounds' bookkeeping (mask,
+    acceptance, cache update; their median, times `scale` when it was measured on another machine) joins the
+    base."""
+    gamma = drafter.config.block_size
+    one = measure_draft_seconds(target, drafter, 1)
+    wide = measure_draft_seconds(target, drafter, width) if width > 1 else one
+    per_node = max(0.0, (wide - one) / ((width - 1) * gamma)) if width > 1 else 0.0
+    book = float(np.nanmedian(stats.t_book)) * scale if stats is not None and len(stats) else 0.0
+    return RoundCost(max(0.0, one - per_node * gamma) + book, per_node)
+
+
 def retune(target, drafter, cal: dict, cache_dir: Optional[Path] = None) -> dict:
     """Re-run the adaptive threshold search for this machine on calibration.json's held-out rounds (see the
     module docstring). Returns {"policy", "expected", "cost_profile", "draft_time_scale"}."""
@@ -77,10 +92,10 @@ def retune(target, drafter, cal: dict, cache_dir: Optional[Path] = None) -> dict
     sps = SPSProfile(cost["tokens"], cost["steps_per_s"]).table(max_b)
     recorded = float(np.nanmedian(stats.t_draft)) if len(stats) else 0.0
     scale = measure_draft_seconds(target, drafter, stats.width) / recorded if recorded > 0 else 1.0
-    local = replace(stats, t_draft=stats.t_draft * scale, t_book=stats.t_book * scale)
-    policy, expected = tune_adaptive(local, read_maps(cal), sps, max_width, max_nodes)
+    rounds = measure_round_cost(target, drafter, stats.width, stats, scale)
+    policy, expected = tune_adaptive(stats, read_maps(cal), sps, max_width, max_nodes, cost=rounds)
     return {"policy": asdict(policy), "expected": expected.to_dict(), "draft_time_scale": round(scale, 4),
-            "cost_profile": {k: v for k, v in cost.items() if k != "batches"}}
+            "round_cost": asdict(rounds), "cost_profile": {k: v for k, v in cost.items() if k != "batches"}}
 
 
 def policy_for_machine(target, drafter, calibration: Union[str, Path, dict], cache_dir: Optional[Path] = None

@@ -71,7 +71,7 @@ def chosen_layers(feature_layers: list[int], num_target_layers: int, num_draft_l
 
 
 @torch.no_grad()
-def init_from_target(drafter, target, acceptance: float) -> list[int]:
+def init_from_target(drafter, target, acceptance: float, fit_qk_norm: bool = True) -> list[int]:
     """Copy the target's weights into `drafter` as the module docstring says; returns the target layers used."""
     c = drafter.config
     if c.kind != "dspark":
@@ -87,7 +87,7 @@ def init_from_target(drafter, target, acceptance: float) -> list[int]:
         theirs = dict(layers[index].named_parameters())
         mine = dict(draft_layer.named_parameters())
         pairs = dict(LAYER_MAP) | {k: v for k, v in OPTIONAL.items() if k in mine and v in theirs}
-        if draft_layer.attn.q_norm is not None and "attn.q_norm.weight" not in pairs:
+        if fit_qk_norm and draft_layer.attn.q_norm is not None and "attn.q_norm.weight" not in pairs:
             inputs = sample_hidden_states(target) if inputs is None else inputs
             rope = rope_tables(c.rope_theta, c.head_dim, len(inputs[index]), inputs[index].device)
             fit_qk_norm(draft_layer.attn, layers[index], inputs[index], rope)

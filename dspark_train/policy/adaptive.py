@@ -59,17 +59,41 @@ def simulate(stats: HeldoutStats, maps: Sequence[SlotMap], policy: AdaptivePolic
     return tau, nodes + 1
 
 
-def evaluate_policy(stats: HeldoutStats, maps: Sequence[SlotMap], policy: AdaptivePolicy, sps: np.ndarray
-                    ) -> Outcome:
+@dataclass(frozen=True)
+class RoundCost:
+    """A round's cost beside the verify forward, as a function of the draft nodes n it verifies: the drafter's
+    backbone and context extension (`base`), each node's head step and share of the bookkeeping (`per_node`).
+    Measured on the machine that tunes (`decoding.retune.measure_round_cost`), so a narrow policy is not charged
+    the probe's wide trees (the probe decode drafts `width` candidates at every depth)."""
+
+    base: float
+    per_node: float
+
+    def seconds(self, nodes: np.ndarray) -> np.ndarray:
+        return self.base + self.per_node * nodes
+
+    @classmethod
+    def from_json(cls, obj: Optional[dict]) -> Optional["RoundCost"]:
+        return cls(float(obj["base"]), float(obj["per_node"])) if obj else None
+
+
+def evaluate_policy(stats: HeldoutStats, maps: Sequence[SlotMap], policy: AdaptivePolicy, sps: np.ndarray,
+                    cost: Optional[RoundCost] = None) -> Outcome:
+    """τ, verified tokens and tokens/s of `policy` replayed on the held-out rounds: per round 1/SPS(B) plus the
+    round cost (`cost` of its nodes when given, else the probe round's measured drafting and bookkeeping)."""
     tau, b = simulate(stats, maps, policy)
-    overhead = 0.0 if policy.node_budget == 0 else stats.t_draft + stats.t_book  # budget 0: the decoder drafts nothing
+    if policy.node_budget == 0:  # the decoder drafts nothing
+        overhead = 0.0
+    else:
+        overhead = cost.seconds(b - 1) if cost is not None else stats.t_draft + stats.t_book
     seconds = overhead + 1.0 / sps[np.minimum(b, len(sps) - 1)]
     return Outcome(float(tau.mean()), float(b.mean()), float(tau.sum() / seconds.sum()))
 
 
 def tune_adaptive(stats: HeldoutStats, maps: Sequence[SlotMap], sps: np.ndarray, max_width: int,
                   node_budget: int, depth_grid: Sequence[float] = DEPTH_GRID,
-                  width_grid: Sequence[Optional[float]] = WIDTH_GRID) -> tuple[AdaptivePolicy, Outcome]:
+                  width_grid: Sequence[Optional[float]] = WIDTH_GRID, cost: Optional[RoundCost] = None
+                  ) -> tuple[AdaptivePolicy, Outcome]:
     """Grid search over depth threshold × (width, width threshold) × node budget (1..γ, and the maximum)
     for the highest simulated tokens/s. A budget of d at width 1 is the fixed-depth-d chain, so the result
     is never worse than the best fixed chain on these rounds; plain decoding (budget 0) is the first
@@ -77,23 +101,23 @@ def tune_adaptive(stats: HeldoutStats, maps: Sequence[SlotMap], sps: np.ndarray,
     earlier candidate."""
     budgets = sorted({b for b in range(1, stats.gamma + 1)} | {node_budget})
     plain = AdaptivePolicy(0.0, None, 1, 0)
-    out = evaluate_policy(stats, maps, plain, sps)
+    out = evaluate_policy(stats, maps, plain, sps, cost)
     best = ((round(out.tokens_per_s, 9), -out.verified), plain, out)
     for w in range(1, min(max_width, stats.width) + 1):
         for wt in (width_grid if w > 1 else [None]):
             for nb in (b for b in budgets if b <= node_budget):
                 for dt in depth_grid:
                     pol = AdaptivePolicy(float(dt), wt, w, nb)
-                    out = evaluate_policy(stats, maps, pol, sps)
+                    out = evaluate_policy(stats, maps, pol, sps, cost)
                     key = (round(out.tokens_per_s, 9), -out.verified)
                     if key > best[0]:
                         best = (key, pol, out)
     return best[1], best[2]
 
 
-def best_fixed_chain(stats: HeldoutStats, sps: np.ndarray) -> tuple[int, Outcome]:
+def best_fixed_chain(stats: HeldoutStats, sps: np.ndarray, cost: Optional[RoundCost] = None) -> tuple[int, Outcome]:
     """The fixed-depth chain (d = 1..γ, no thresholds) with the highest simulated tokens/s."""
-    outs = {depth: evaluate_policy(stats, [], AdaptivePolicy(0.0, None, 1, depth), sps)
+    outs = {depth: evaluate_policy(stats, [], AdaptivePolicy(0.0, None, 1, depth), sps, cost)
             for depth in range(1, stats.gamma + 1)}
     best = max(outs, key=lambda depth: outs[depth].tokens_per_s)
     return best, outs[best]
