@@ -11,6 +11,16 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = (REPO / ".." / "shared").resolve()
 
 
+# prompt records for `dspark data` tests (in-process and through a server): answerable ones, a malformed one (no
+# user turn), a multi-turn one and one longer than the tiny recipe's max_seq_len
+REGEN_PROMPTS = [{"id": "p0", "category": "chat", "turns": ["Say hi."]},
+                 {"id": "p1", "category": "math", "turns": ["What is 2+3?"]},
+                 {"id": "bad", "category": "chat", "turns": []},
+                 {"id": "p3", "category": "chat", "turns": ["Tell me a story.", "Shorter."]},
+                 {"id": "long", "category": "chat", "turns": ["x" * 400]},
+                 {"id": "p5", "category": "code", "turns": ["print 1"]}]
+
+
 @pytest.fixture(scope="session")
 def repo():
     return REPO

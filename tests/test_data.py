@@ -151,12 +151,7 @@ def test_draft_vocab_keeps_specials_and_bytes_then_most_frequent(tiny_target):
 # --------------------------------------------------------------------------- regeneration
 @pytest.fixture()
 def gen_recipe(tmp_path, repo):
-    prompts = [{"id": "p0", "category": "chat", "turns": ["Say hi."]},
-               {"id": "p1", "category": "math", "turns": ["What is 2+3?"]},
-               {"id": "bad", "category": "chat", "turns": []},  # malformed: no user turn
-               {"id": "p3", "category": "chat", "turns": ["Tell me a story.", "Shorter please."]},
-               {"id": "long", "category": "chat", "turns": ["x" * 400]},  # longer than max_seq_len
-               {"id": "p5", "category": "code", "turns": ["print 1"]}]
+    from conftest import REGEN_PROMPTS as prompts
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     return load_recipe(repo / "recipes" / "tiny.yaml", [
@@ -180,7 +175,7 @@ def test_run_data_resumes_keeps_order_and_records_failures(gen_recipe, tiny_targ
     out = R.run_data(gen_recipe, target=tiny_target)
     recs = D.read_jsonl(out)
     assert [r["id"] for r in recs] == ["p0", "p1", "p3", "p5"]
-    assert recs[2]["conversations"][2] == {"role": "user", "content": "Shorter please."}
+    assert recs[2]["conversations"][2] == {"role": "user", "content": "Shorter."}
     assert [m["role"] for m in recs[2]["conversations"]] == ["user", "assistant"] * 2
     assert all(r["conversations"][1]["content"] for r in recs)
     fails = {r["id"]: r["error"] for r in D.read_jsonl(out.with_name(out.name + ".failures.jsonl"))}

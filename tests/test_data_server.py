@@ -14,12 +14,7 @@ from dspark_train.data import regenerate as R
 from dspark_train.config import RecipeError, load_recipe
 from dspark_train.target import _build_tiny_tokenizer, load_tokenizer
 
-PROMPTS = [{"id": "p0", "category": "chat", "turns": ["Say hi."]},
-           {"id": "p1", "category": "math", "turns": ["What is 2+3?"]},
-           {"id": "bad", "category": "chat", "turns": []},  # malformed: no user turn
-           {"id": "p3", "category": "chat", "turns": ["Tell me a story.", "Shorter."]},
-           {"id": "long", "category": "chat", "turns": ["x" * 400]},  # longer than max_seq_len
-           {"id": "p5", "category": "code", "turns": ["print 1"]}]
+from conftest import REGEN_PROMPTS as PROMPTS
 ANSWERED = ["p0", "p1", "p3", "p5"]
 
 
