@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup lint test test-all demo bench curve clean engine-check data-server-check peer
+.PHONY: setup lint test test-all demo bench curve clean engine-check data-server-check peer results
 
 setup: $(STAMP)
 
@@ -80,6 +80,10 @@ peer: setup $(ENGINE_STAMP)
 CURVE_ARGS ?=
 curve: setup
 	$(PY) eval/learning_curve.py --parallel 2 $(CURVE_ARGS)
+
+# docs/results.md and the README's table, from the committed eval/results/*.json (eval/results.py)
+results: setup
+	$(PY) eval/results.py
 
 clean:
 	rm -rf runs

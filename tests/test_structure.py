@@ -215,3 +215,13 @@ def test_package_arrows_run_one_way():
     assert not bad, "\n".join(bad)
     packages = package_graph(graph)
     assert "decoding" not in packages["policy"] and not packages["decoding"] & set(STAGES)
+
+
+def test_the_results_docs_are_generated_from_the_committed_files():
+    """docs/results.md and the README's results table are what `make results` makes of eval/results/*.json (a
+    number quoted there traces to a file and a command)."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(PACKAGE.parent / "eval" / "results.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
