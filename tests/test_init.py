@@ -159,3 +159,6 @@ def test_qk_norm_init_fits_the_tiny_targets_attention(target):
         d.layers[0].attn.k_norm.weight.fill_(1.0)
         ones = _attention_tv(target, d, 3, ["The quick brown fox jumps over the lazy dog, twice."])
     assert fitted < ones, (fitted, ones)
+    kept = build_drafter(DrafterConfigSection(num_layers=1, block_size=4, head_rank=16, init="target",
+                                              qk_norm_init="ones"), target)  # round 2's init, the reference point
+    assert torch.equal(kept.layers[0].attn.q_norm.weight, torch.ones_like(kept.layers[0].attn.q_norm.weight))

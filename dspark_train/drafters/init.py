@@ -20,7 +20,7 @@ the window slides down to end at the last layer). Then:
   scales whose attention distributions (RoPE applied, causal) come closest in KL to the target layer's own on
   its activations over `SAMPLE_MESSAGES`. A least-squares fit of the normed q and k to the unnormed ones does
   worse: the per-token spread of rms(k) (attention sinks) is what the norm removes, and matching vector
-  scales does not match the softmax over keys.
+  scales does not match the softmax over keys. `drafter.qk_norm_init: ones` keeps weights of one (round 2's init).
 
 The target must be Llama-shaped (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input/post-attention RMSNorm)
 with the drafter at the target's width, heads and intermediate size (leave those drafter keys unset); anything
@@ -71,7 +71,7 @@ def chosen_layers(feature_layers: list[int], num_target_layers: int, num_draft_l
 
 
 @torch.no_grad()
-def init_from_target(drafter, target, acceptance: float, fit_qk_norm: bool = True) -> list[int]:
+def init_from_target(drafter, target, acceptance: float, fit_qk: bool = True) -> list[int]:
     """Copy the target's weights into `drafter` as the module docstring says; returns the target layers used."""
     c = drafter.config
     if c.kind != "dspark":
@@ -87,7 +87,7 @@ def init_from_target(drafter, target, acceptance: float, fit_qk_norm: bool = Tru
         theirs = dict(layers[index].named_parameters())
         mine = dict(draft_layer.named_parameters())
         pairs = dict(LAYER_MAP) | {k: v for k, v in OPTIONAL.items() if k in mine and v in theirs}
-        if fit_qk_norm and draft_layer.attn.q_norm is not None and "attn.q_norm.weight" not in pairs:
+        if fit_qk and draft_layer.attn.q_norm is not None and "attn.q_norm.weight" not in pairs:
             inputs = sample_hidden_states(target) if inputs is None else inputs
             rope = rope_tables(c.rope_theta, c.head_dim, len(inputs[index]), inputs[index].device)
             fit_qk_norm(draft_layer.attn, layers[index], inputs[index], rope)

@@ -464,7 +464,7 @@ def build_drafter(section: DrafterConfigSection, target) -> Drafter:
     else:
         drafter = Drafter(cfg)
         if section.init == "target":
-            init_from_target(drafter, target, section.init_acceptance, fit_qk_norm=section.qk_norm_init == "fit")
+            init_from_target(drafter, target, section.init_acceptance, fit_qk=section.qk_norm_init == "fit")
     return drafter.to(target.device).attach_target(target)
 
 
