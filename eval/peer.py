@@ -13,10 +13,11 @@ packed row, KL for DSpark, CE with D-PACE weights for DFlash, random init). Step
 tokenised training conversations and the target's hidden states at those layers plus the final layer before its
 norm (its file layout, `hs_<row>.safetensors`); 2) per budget, train ours under `train.max_minutes` and each peer
 under the max-steps a short probe of its step time gives for the same minutes (its schedule then completes, as
-ours does), one thread each, two at a time; then ours again at the best peer's supervised tokens (equal tokens);
-3) read every drafter through our speculators reader and evaluate all in one run: held-out τ_greedy (greedy
-drafting replayed at every held-out anchor, calibration's `anchor_stats`), chain τ and acceptance by position on
-the four dev sets (`dspark eval --mode chain --compare`). Writes eval/results/peer-<cpu>.{json,md,png}.
+ours does), one thread each, all at once (equal load); then ours again at the best peer's supervised tokens
+(equal tokens); 3) read every drafter through our speculators reader and evaluate all in one run: held-out
+τ_greedy (greedy drafting replayed at every held-out anchor, calibration's `anchor_stats`), chain τ and
+acceptance by position on the four dev sets (`dspark eval --mode chain --compare`). Writes
+eval/results/peer-<cpu>.{json,md,png}.
 
 speculators' trainer targets CUDA. On CPU it runs with the flags `--draft-attn-impl sdpa --loss-implementation
 eager --hidden-states-dtype float32 --num-workers 0 --on-missing raise --no-resume-from-checkpoint` and five
@@ -291,7 +292,8 @@ def main() -> int:
     ap.add_argument("--peers", default="dspark,dflash")
     ap.add_argument("--n", type=int, default=10, help="prompts per dev set")
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--parallel", type=int, default=2, help="trainings at once (one thread each on 2 cores)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per training; every budget's trainings "
+                    "(ours and each peer) run at once, so they share the machine alike")
     ap.add_argument("--out", default="runs/peer")
     args = ap.parse_args()
     if not ENGINE_PY.is_file():
@@ -299,7 +301,7 @@ def main() -> int:
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     facts = prepare(out)
-    threads = max(1, (os.cpu_count() or 2) // args.parallel)
+    threads = args.threads
     peers = args.peers.split(",")
     rates = {k: probe_peer(k, facts, out, threads) for k in peers}
     print(f"peer seconds per step ({threads} thread(s)): {rates}", flush=True)
@@ -310,7 +312,7 @@ def main() -> int:
             steps = max(10, int(60 * minutes / rates[k]))
             jobs[f"speculators {k} {minutes:g} min"] = lambda k=k, m=minutes, s=steps: peer_train(
                 k, facts, out, f"{m:g}min", threads, s)
-        with ThreadPoolExecutor(args.parallel) as pool:
+        with ThreadPoolExecutor(len(jobs)) as pool:  # side by side: equal wall-clock under equal load
             done = dict(zip(jobs, pool.map(lambda f: f(), jobs.values())))
         for name, r in done.items():
             runs[name] = {**r, "budget": f"{minutes:g} min"}
@@ -318,7 +320,8 @@ def main() -> int:
         ours_steps = runs[f"dspark-train {minutes:g} min"]
         per_step = ours_steps["tokens"] / max(1, ours_steps["steps"])
         tag = f"-tokens-of-{best['trainer'].split()[-1]}"
-        eq = ours_train(out, minutes, threads, max_steps=max(10, int(best["tokens"] / per_step)), tag=tag)
+        eq = ours_train(out, minutes, os.cpu_count() or 2, max_steps=max(10, int(best["tokens"] / per_step)),
+                        tag=tag)  # a step budget: its speed does not matter
         runs[f"dspark-train at {best['trainer']}'s tokens ({minutes:g} min budget)"] = {**eq,
                                                                                          "budget": f"{minutes:g} min"}
     meta = evaluate(out, runs, args.n, args.max_new_tokens)
@@ -332,7 +335,7 @@ def main() -> int:
     res = {"runs": runs, "goal": goal, "peer_seconds_per_step": rates, "facts": facts, **meta,
            "setup": f"{facts['rows']} training conversations ({facts['tokens'] / 1e3:.0f}k tokens), feature layers "
                     f"{facts['feature_layers']}, block {facts['block_size']}, 1 draft layer; {threads} thread(s) per "
-                    f"training, {args.parallel} at once; dev sets: {args.n} prompts × {args.max_new_tokens} tokens, "
+                    f"training, all of a budget at once; dev sets: {args.n} prompts × {args.max_new_tokens} tokens, "
                     "chain drafting, greedy.",
            "commands": ["python " + " ".join(sys.argv), meta["eval_command"]] + [r["command"] for r in runs.values()]}
     stem = REPO / "eval" / "results" / f"peer-{Capabilities.from_dict(res['machine']).slug}"
