@@ -2,12 +2,12 @@
 known optimum, the exact replay of the decoder's policy, calibration.json round trip, and an end-to-end
 `run_calibration` on the tiny target with an untrained drafter saved as a run directory."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dspark_train.calibration import calibrate as C
 from dspark_train.policy.adaptive import best_fixed_chain, simulate, tune_adaptive
 from dspark_train.calibration.calibrate import run_calibration
 from dspark_train.decoding import CopyPrior, machine_key, smooth_sps
@@ -252,7 +252,7 @@ def tiny_run(tmp_path_factory, tiny_target):
     from dspark_train.decoding import SpeculativeDecoder
     from dspark_train.drafters import build_drafter
 
-    recipe = load_recipe(C.__file__.rsplit("/", 2)[0] + "/recipes/tiny.yaml",
+    recipe = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml",
                          ["calibrate.dtype=float32", "calibrate.prompts=3", "calibrate.max_new_tokens=20",
                           "calibrate.max_width=3", "calibrate.max_nodes=8"])
     target = tiny_target  # the same fp32 target the recipe builds
@@ -341,7 +341,9 @@ def test_run_calibration_end_to_end(tiny_run, tmp_path):
     assert cost["machine"] == machine_key(target) and cost["machine"]["dtype"] == "float32"
     assert data["data"]["hardware"]["dtype"] == {"setting": "float32", "value": "float32", "reason": "asked for"}
     assert data["data"]["hardware"]["machine"]["name"] == cost["machine"]["name"]
-    assert data["data"]["tuning"] == {"max_width": 3, "max_nodes": 8}
+    tuning = dict(data["data"]["tuning"])
+    rc = tuning.pop("round_cost")  # a round's measured cost, base + per node (what the retuner prices trees by)
+    assert tuning == {"max_width": 3, "max_nodes": 8} and rc["base"] > 0 and rc["per_node"] >= 0
     assert {"probe", "adaptive", "best_chain"} <= set(data["measured"])
     assert data["expected"]["adaptive"]["tokens_per_s"] >= data["expected"]["best_chain"]["tokens_per_s"] - 1e-6
     assert Calibration.from_json(data) == cal
@@ -414,7 +416,6 @@ def test_a_policy_tuned_under_another_machine_key_is_retuned_here(tiny_run, tmp_
     assert again.adaptive_info["policy"] == info["policy"]
 
     import os
-    from pathlib import Path
 
     from dspark_train.layout import ArtifactError
     [cached] = Path(os.environ["DSPARK_CACHE"]).glob("policy_*.json")  # a newer dspark-train's cache: refused

@@ -315,8 +315,8 @@ class CountingDrafter:
         self.lengths.append(state.length)
         return self.inner.propose(state, anchor_ids)
 
-    def head_step(self, *a, **kw):
-        return self.inner.head_step(*a, **kw)
+    def __getattr__(self, name):  # everything else (head_step, draft_vocab, …) is the drafter's
+        return getattr(self.inner, name)
 
 
 def test_hybrid_greedy_is_lossless_in_every_mode_and_skips_keep_the_drafter_in_step(small):

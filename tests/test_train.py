@@ -101,7 +101,9 @@ def test_single_process_run(reference, tiny_target):
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["steps"] == STEPS
     # what the precision settings resolved to on this machine, and why: recipe.yaml's header and the summary
-    header = (run / "recipe.yaml").read_text().splitlines()[:3]
+    lines = (run / "recipe.yaml").read_text().splitlines()
+    assert lines[0] == "# -*- coding: dspark-recipe -*-"  # `accelerate launch <run>/recipe.yaml` runs it again
+    header = lines[1:4]
     assert header[0].startswith("# machine: cpu: ") and header[1] == "# target_dtype: float32 → float32 (asked for)"
     assert header[2] == "# mixed_precision: no → no (asked for)" and "target_dtype: float32 → float32" in log
     hw = summary["hardware"]
