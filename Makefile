@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup lint test test-all demo bench curve clean engine-check data-server-check peer results
+.PHONY: setup lint test test-all demo bench curve clean engine-check data-server-check peer results gpu-check
 
 setup: $(STAMP)
 
@@ -87,3 +87,10 @@ results: setup
 
 clean:
 	rm -rf runs
+
+# The CUDA path on a lent GPU (eval/gpu_check.py, ≤ 8 minutes): fp32 greedy exactness of the decoder on the real
+# SmolLM2, a bf16 training step under accelerate, then the long recipe for the rest of the time. Needs a CUDA torch
+# in $(PY) (GPU_PY= another interpreter); never part of `make test`.
+GPU_PY ?= $(PY)
+gpu-check:
+	HF_HUB_OFFLINE=1 $(GPU_PY) eval/gpu_check.py $(GPU_ARGS)

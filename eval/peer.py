@@ -58,7 +58,7 @@ def prepare(out: Path) -> dict:
     from safetensors.torch import save_file
 
     from dspark_train.config import load_recipe
-    from dspark_train.data.examples.examples import conversations_paths, load_conversations, split_heldout, tokenize
+    from dspark_train.data.examples import conversations_paths, load_conversations, split_heldout, tokenize
     from dspark_train.target import load_target
 
     done = out / "data" / "prepared.json"
@@ -206,8 +206,8 @@ def heldout_tau(target, drafter, recipe) -> dict:
     τ_greedy = 1 + mean accepted drafts, and prefix survival by position."""
     import numpy as np
 
-    from dspark_train.policy.calibration.heldout import anchor_stats
-    from dspark_train.data.examples.examples import conversations_paths, load_conversations, split_heldout, tokenize
+    from dspark_train.calibration.heldout import anchor_stats
+    from dspark_train.data.examples import conversations_paths, load_conversations, split_heldout, tokenize
 
     convs = load_conversations(conversations_paths(recipe), recipe.data.max_prompts)
     _, held = split_heldout(convs, recipe.data.heldout, recipe.data.seed)
