@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from resultfile import write_result  # noqa: E402
 
 RECIPE = "recipes/smollm2_135m.yaml"
+OVERRIDES: list[str] = []  # --set: applied to the recipe wherever it is read (a smoke run: data.max_prompts=64)
 ENGINE_PY = REPO / ".venv-engine" / "bin" / "python"
 BENCHMARKS = ("gsm8k", "mt-bench", "humaneval", "mbpp")
 PEER_FLAGS = ["--draft-attn-impl", "sdpa", "--loss-implementation", "eager", "--hidden-states-dtype", "float32",
@@ -64,7 +65,7 @@ def prepare(out: Path) -> dict:
     done = out / "data" / "prepared.json"
     if done.is_file():
         return json.loads(done.read_text())
-    recipe = load_recipe(REPO / RECIPE)
+    recipe = load_recipe(REPO / RECIPE, OVERRIDES)
     target = load_target(recipe.target)
     convs = load_conversations(conversations_paths(recipe), recipe.data.max_prompts)
     train, _ = split_heldout(convs, recipe.data.heldout, recipe.data.seed)
@@ -184,7 +185,7 @@ def probe_peer(kind: str, facts: dict, out: Path, threads: int) -> float:
 
 def ours_train(out: Path, minutes: float, threads: int, max_steps: int | None = None, tag: str = "") -> dict:
     run = out / f"ours-{minutes:g}min{tag}"
-    sets = [f"train.output_dir={run}", f"train.num_threads={threads}", "logging.trackers=[]",
+    sets = [*OVERRIDES, f"train.output_dir={run}", f"train.num_threads={threads}", "logging.trackers=[]",
             "logging.progress_bar=false", f"train.max_minutes={minutes}"]
     if max_steps:
         sets += [f"train.max_steps={max_steps}", "train.max_minutes=null"]
@@ -224,7 +225,7 @@ def evaluate(out: Path, runs: dict, n: int, max_new: int) -> dict:
     from dspark_train.config import load_recipe
     from dspark_train.target import load_target
 
-    recipe = load_recipe(REPO / RECIPE)
+    recipe = load_recipe(REPO / RECIPE, OVERRIDES)
     target = load_target(recipe.target)
     for name, r in runs.items():
         drafter = load_artifact(r["dir"], target=target)
@@ -295,7 +296,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training; every budget's trainings "
                     "(ours and each peer) run at once, so they share the machine alike")
     ap.add_argument("--out", default="runs/peer")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="recipe override for every stage (smoke: --set data.max_prompts=64)")
     args = ap.parse_args()
+    OVERRIDES.extend(args.overrides)
     if not ENGINE_PY.is_file():
         sys.exit(f"{ENGINE_PY} missing: `make {ENGINE_PY.parent.parent.name}/.installed` (or `make peer`) first")
     out = (REPO / args.out).resolve()
@@ -339,6 +343,8 @@ def main() -> int:
                     "chain drafting, greedy.",
            "commands": ["python " + " ".join(sys.argv), meta["eval_command"]] + [r["command"] for r in runs.values()]}
     stem = REPO / "eval" / "results" / f"peer-{Capabilities.from_dict(res['machine']).slug}"
+    if OVERRIDES:  # a changed recipe (a smoke run) is not the comparison: its files stay in --out
+        stem = out / "peer"
     write_result(stem, res, markdown(res), "dspark-train vs speculators 0.9 at equal budgets", res["machine"],
                  res["commands"])
     plot(res, stem.with_suffix(".png"))
