@@ -48,6 +48,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data-root", default=str((REPO / ".." / "shared" / "data").resolve()),
+                    help="data.root for both trees (a worktree elsewhere has no ../shared beside it)")
     ap.add_argument("--out", default=None, help="stem (default eval/results/throughput-<cpu>)")
     args = ap.parse_args()
     before = Path(args.before).resolve()
@@ -55,8 +57,9 @@ def main() -> int:
                             text=True).stdout.strip()
     here = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
-    variants = {f"before ({commit}), online": (before, []), f"after ({here}), online": (REPO, []),
-                f"after ({here}), feature cache (epoch ≥ 2)": (REPO, ["train.feature_cache=bfloat16"])}
+    root = [f"data.root={args.data_root}"]
+    variants = {f"before ({commit}), online": (before, root), f"after ({here}), online": (REPO, root),
+                f"after ({here}), feature cache (epoch ≥ 2)": (REPO, [*root, "train.feature_cache=bfloat16"])}
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for r in range(args.rounds):
         for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
@@ -73,7 +76,7 @@ def main() -> int:
         r["ratio"] = round(r["tokens_per_s"] / base, 3)
     from dspark_train.hardware import detect
     machine = detect("cpu")
-    md = [f"{machine.describe()}, {args.threads} threads, {RECIPE} (dtype auto), mean of {args.steps} profiled steps "
+    md = [f"{machine.describe()}, {RECIPE} (dtype auto), mean of {args.steps} profiled steps "
           f"× {args.rounds} alternating rounds", "",
           "| trainer | ms / step | tokens / step | supervised tok/s | × before |", "|---|---|---|---|---|"]
     md += [f"| {n} | {r['step_ms']:.0f} | {r['tokens_per_step']:.0f} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f}× |"
