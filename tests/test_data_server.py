@@ -208,6 +208,16 @@ def test_token_mismatch_refuses_before_writing_anything(stub, make_recipe, capsy
     assert "return_token_ids" not in stub.requests[-1]  # and not asked for (a strict server may refuse it)
 
 
+def test_one_non_canonical_sampled_answer_is_allowed(stub, make_recipe, capsys):
+    """A sampled answer may be a token sequence the tokenizer would not produce; one such in the sample is not a
+    wrong template (the real vLLM server did this to 1 of 9 answers at T=0.7 under the 5 % default)."""
+    stub.by_prompt = {"Say hi.": ["mismatch"]}
+    R.run_data(make_recipe(stub.url))
+    assert "token identity: 3 of 4 server answers re-tokenise to the server's own ids (25.0% mismatch)" in \
+        capsys.readouterr().out
+    assert [r["id"] for r in D.read_jsonl(D.output_path(make_recipe(stub.url)))] == ANSWERED
+
+
 def test_no_token_ids_is_said_once_and_skips_the_check(stub, make_recipe, capsys):
     stub.default = "no_ids"
     out = R.run_data(make_recipe(stub.url))
