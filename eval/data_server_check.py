@@ -55,6 +55,9 @@ VLLM_CLI = ("import sys, importlib.metadata as m; v = m.version; "
             "from vllm.entrypoints.cli.main import main; sys.argv = ['vllm', *sys.argv[1:]]; main()")
 
 
+JSON = {"Content-Type": "application/json", "Accept": "application/json"}  # vLLM answers 415 without them
+
+
 class VllmServer:
     """`vllm serve DIR` in its own process group on 127.0.0.1, its log in a file; stop() kills the whole group."""
 
@@ -76,7 +79,7 @@ class VllmServer:
             f.flush()
             self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
-        client = Client(self.url, timeout=10, max_retries=0, backoff=0, headers={})
+        client = Client(self.url, timeout=10, max_retries=0, backoff=0, headers=JSON)
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
                 tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-25:])
@@ -242,7 +245,7 @@ def main() -> int:
         sample = prompts[:args.greedy]
         messages = [[{"role": "user", "content": prompt_turns(q["raw"])[0]}] for q in sample]
         ours_prompts = [prompt_ids(tok, m) for m in messages]
-        client = Client(server.url, timeout=600, max_retries=2, backoff=1.0, headers={})
+        client = Client(server.url, timeout=600, max_retries=2, backoff=1.0, headers=JSON)
         model = client.call("/v1/models", retries=0)["data"][0]["id"]
         stop_ids = set(tok.all_special_ids)
         serial, _ = greedy_via_server(client, model, messages, args.max_new_tokens, 1, stop_ids)
