@@ -12,9 +12,10 @@ target-layer init); the peer's 0.9.0 defaults (Muon at lr 1e-3, linear decay wit
 packed row, KL for DSpark, CE with D-PACE weights for DFlash, random init). Steps: 1) write the peer's data, the
 tokenised training conversations and the target's hidden states at those layers plus the final layer before its
 norm (its file layout, `hs_<row>.safetensors`); 2) per budget, train ours under `train.max_minutes` and each peer
-under the max-steps a short probe of its step time gives for the same minutes (its schedule then completes, as
-ours does), one thread each, all at once (equal load); then ours again at the best peer's supervised tokens
-(equal tokens); 3) read every drafter through our speculators reader and evaluate all in one run: held-out
+under the max-steps a short probe of its step time *alone* gives for the same minutes (its schedule then completes,
+as ours does), one thread each, all at once (equal load: three trainings on two cores slow each, so the peers,
+bounded by steps, run past the budget and ours, bounded by the clock, does not; the table shows each one's
+seconds); then ours again at the best peer's tokens (equal tokens). Finished runs are reused by a rerun; 3) read every drafter through our speculators reader and evaluate all in one run: held-out
 τ_greedy (greedy drafting replayed at every held-out anchor, calibration's `anchor_stats`), chain τ and
 acceptance by position on the four dev sets (`dspark eval --mode chain --compare`). Writes
 eval/results/peer-<cpu>.{json,md,png}.
@@ -145,10 +146,13 @@ def peer_args(kind: str, facts: dict, data: Path, save: Path, steps: int) -> lis
 
 
 def peer_train(kind: str, facts: dict, out: Path, label: str, threads: int, steps: int) -> dict:
-    """One speculators run of `steps` steps into <out>/<kind>-<label>; returns its wall-clock, steps and supervised
-    tokens."""
+    """One speculators run of `steps` steps into <out>/<kind>-<label>; returns its wall-clock, steps and training
+    tokens. A finished run of the same steps is reused (a rerun after an interruption resumes the comparison)."""
     save = out / f"{kind}-{label}"
     log = save.with_suffix(".log")
+    record = save / "peer_run.json"
+    if record.is_file() and json.loads(record.read_text())["steps"] == steps:
+        return json.loads(record.read_text())
     save.mkdir(parents=True, exist_ok=True)
     launcher = out / "peer_launcher.py"
     launcher.write_text(PEER_LAUNCHER)
@@ -163,20 +167,23 @@ def peer_train(kind: str, facts: dict, out: Path, label: str, threads: int, step
     if proc.returncode != 0:
         raise RuntimeError(f"speculators {kind} failed (exit {proc.returncode}); see {log}")
     ckpt = max((p for p in save.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    return {"trainer": f"speculators {kind}", "dir": str(ckpt), "steps": steps, "seconds": seconds,
-            "tokens": steps * tokens_per_peer_step(facts),
-            "command": " ".join(cmd[:1] + ["peer_launcher.py"] + cmd[2:])}
+    result = {"trainer": f"speculators {kind}", "dir": str(ckpt), "steps": steps, "seconds": seconds,
+              "tokens": steps * tokens_per_peer_step(facts),
+              "command": " ".join(cmd[:1] + ["peer_launcher.py"] + cmd[2:])}
+    record.write_text(json.dumps(result))
+    return result
 
 
 def tokens_per_peer_step(facts: dict) -> float:
-    """Supervised tokens a peer step sees: a packed row of up to --total-seq-len tokens of whole conversations."""
+    """Training tokens a peer step sees: a packed row of up to --total-seq-len tokens of whole conversations (prompt
+    and answer, as our trainer's count: every token whose target features the step reads)."""
     per_row = facts["tokens"] / facts["rows"]
     return per_row * max(1, int(2048 // per_row))
 
 
 def probe_peer(kind: str, facts: dict, out: Path, threads: int) -> float:
-    """Seconds per optimizer step of the peer on this machine (a 12-step run, the first 2 excluded by timing
-    whole runs of 2 and 12 steps)."""
+    """Seconds per optimizer step of the peer on this machine, alone (a 12-step run, the first 2 excluded by timing
+    whole runs of 2 and 12 steps; reused from a finished probe)."""
     times = []
     for steps in (2, 12):
         times.append(peer_train(kind, facts, out, f"probe{steps}", threads, steps)["seconds"])
