@@ -4,19 +4,19 @@ the same work, at equal wall-clock and equal supervised tokens, evaluated by one
     python eval/peer.py [--minutes 10,30] [--peers dspark,dflash] [--n 10] [--out runs/peer]
 
 Same target (SmolLM2-135M-Instruct, the dtype `auto` picks), same regenerated conversations and held-out split
-(recipes/smollm2_135m.yaml), same feature layers (speculators' `--target-layer-ids` are hidden-state indices, as
-ours), same block size (8) and draft depth (our recipe's 1 layer), bidirectional blocks over the whole context
-(speculators' `--full-attention-indices`: its default layers are causal inside the block, which our decoder
-refuses to read). Everything else is each trainer's own: ours as shipped (AdamW lr 4e-3, 32 anchors, L1 loss,
-target-layer init); the peer's 0.9.0 defaults (Muon at lr 1e-3, linear decay with 1 % warmup, 512 anchors per
-packed row, KL for DSpark, CE with D-PACE weights for DFlash, random init). Steps: 1) write the peer's data, the
-tokenised training conversations and the target's hidden states at those layers plus the final layer before its
-norm (its file layout, `hs_<row>.safetensors`); 2) per budget, train ours under `train.max_minutes` and each peer
-under the max-steps a short probe of its step time *alone* gives for the same minutes (its schedule then completes,
-as ours does), one thread each, all at once (equal load: three trainings on two cores slow each, so the peers,
-bounded by steps, run past the budget and ours, bounded by the clock, does not; the table shows each one's
-seconds); then ours again at the best peer's tokens (equal tokens). Finished runs are reused by a rerun; 3) read every drafter through our speculators reader and evaluate all in one run: held-out
-τ_greedy (greedy drafting replayed at every held-out anchor, calibration's `anchor_stats`), chain τ and
+(recipes/smollm2_135m.yaml), same feature layers (speculators' `--target-layer-ids` are hidden-state indices, as ours),
+same block size (8) and draft depth (our recipe's 1 layer), bidirectional blocks over the whole context (speculators'
+`--full-attention-indices`: its default layers are causal inside the block, which our decoder refuses to read).
+Everything else is each trainer's own: ours as shipped (AdamW lr 4e-3, 32 anchors, L1 loss, target-layer init); the
+peer's 0.9.0 defaults (Muon at lr 1e-3, linear decay with 1 % warmup, 512 anchors per packed row, KL for DSpark, CE with
+D-PACE weights for DFlash, random init). Steps: 1) write the peer's data, the tokenised training conversations and the
+target's hidden states at those layers plus the final layer before its norm (its file layout, `hs_<row>.safetensors`);
+2) per budget, train ours under `train.max_minutes` and each peer under the max-steps a short probe of its step time
+*alone* gives for the same minutes (its schedule then completes, as ours does), one thread each, all at once (equal
+load: three trainings on two cores slow each, so the peers, bounded by steps, run past the budget and ours, bounded by
+the clock, does not; the table shows each one's seconds); then ours again at the best peer's tokens (equal tokens).
+Finished runs are reused by a rerun; 3) read every drafter through our speculators reader and evaluate all in one run:
+held-out τ_greedy (greedy drafting replayed at every held-out anchor, calibration's `anchor_stats`), chain τ and
 acceptance by position on the four dev sets (`dspark eval --mode chain --compare`). Writes
 eval/results/peer-<cpu>.{json,md,png}.
 
