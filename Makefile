@@ -70,7 +70,7 @@ data-server-check: setup $(ENGINE_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) eval/data_server_check.py --engine-python $(ENGINE_PY) --out runs/data-server-check
 
 # our trainer against speculators 0.9's DSpark and DFlash trainers at equal wall-clock and equal tokens, one decoder
-# evaluating all (eval/peer.py; hours on 2 cores). Smoke version: make peer PEER_ARGS="--minutes 2 --n 2"
+# evaluating all (eval/peer.py; ~2 h on 2 cores, finished runs reused). Smoke: make peer PEER_ARGS="--minutes 1 --n 1"
 PEER_ARGS ?=
 peer: setup $(ENGINE_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) eval/peer.py $(PEER_ARGS)

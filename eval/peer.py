@@ -1,7 +1,7 @@
 """`make peer`: our trainer against a peer trainer, vllm-project/speculators 0.9 (DSpark and DFlash drafters), on
 the same work, at equal wall-clock and equal supervised tokens, evaluated by one decoder in one run.
 
-    python eval/peer.py [--minutes 10,30] [--peers dspark,dflash] [--n 10] [--out runs/peer]
+    python eval/peer.py [--minutes 5,40] [--peers dspark,dflash] [--n 6] [--max-new-tokens 64] [--out runs/peer]
 
 Same target (SmolLM2-135M-Instruct, the dtype `auto` picks), same regenerated conversations and held-out split
 (recipes/smollm2_135m.yaml), same feature layers (speculators' `--target-layer-ids` are hidden-state indices, as ours),
@@ -279,7 +279,7 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(res["runs"])
-    fig, ax = plt.subplots(figsize=(10, 3.8))
+    fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         r = res["runs"][name]
@@ -287,8 +287,8 @@ def plot(res: dict, path: Path) -> None:
         ax.bar([j + i * width for j in range(len(vals))], vals, width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(BENCHMARKS) + 1)], ["held-out τ_greedy", *BENCHMARKS])
     ax.set_ylabel("τ (chain)")
-    ax.legend(fontsize=7, ncol=2)
     ax.set_ylim(1, None)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below the axes: bars stay visible
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -296,10 +296,10 @@ def plot(res: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--minutes", default="10,30", help="wall-clock training budgets")
+    ap.add_argument("--minutes", default="5,40", help="wall-clock training budgets")
     ap.add_argument("--peers", default="dspark,dflash")
-    ap.add_argument("--n", type=int, default=10, help="prompts per dev set")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--n", type=int, default=6, help="prompts per dev set")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per training; every budget's trainings "
                     "(ours and each peer) run at once, so they share the machine alike")
     ap.add_argument("--out", default="runs/peer")
