@@ -146,6 +146,9 @@ class DataConfig:
     top_p: float = 0.95
     gen_batch_size: int = 8
     seed: int = 0
+    # keep the target's features of the answers `dspark data` generates where the trainer's feature cache looks
+    # (train.feature_cache format; train.feature_cache_dir or the run's own): training on them skips the target
+    capture_features: bool = False
     server: ServerConfig = field(default_factory=ServerConfig)  # `dspark data --server URL`
     # a pruned draft vocabulary ranks tokens by training-label counts (the regenerated answers are the target's own
     # tokens); > 0 adds the target's argmax over that many training sequences (a target forward each, with a bar)
@@ -403,6 +406,16 @@ def _validate(r: Recipe, src: str) -> None:
         bad("data.server.url", f"expected http(s)://HOST[:PORT], got {srv.url!r}")
     if srv.api_key_env is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", srv.api_key_env):  # not echoed: a key?
         bad("data.server.api_key_env", "expected the NAME of an environment variable in capitals, e.g. OPENAI_API_KEY")
+    if r.data.capture_features:  # the trainer must look where the features go, in the format they are stored
+        for key, ok, why in (
+                ("train.feature_cache", r.train.feature_cache != "off", "set the format to store them in (bfloat16, "
+                                                                         "int8, float32)"),
+                ("data.conversations", not r.data.conversations, "captures what `dspark data` generates here; set it "
+                                                                "to null so the answers are regenerated"),
+                ("data.server.url", r.data.server.url is None, "a server does not return the target's hidden "
+                                                              "states; capture runs in-process only")):
+            if not ok:
+                bad(key, f"data.capture_features is on: {why}")
     if not 0 <= r.train.warmup_ratio < 1:
         bad("train.warmup_ratio", f"must be in [0, 1), got {r.train.warmup_ratio}")
     if any(not m > 0 for m in r.train.eval_at_minutes):

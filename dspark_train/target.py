@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -155,7 +156,23 @@ class FrozenTarget:
         out = self.decoder(**kwargs)
         feats = torch.cat([self._captured[i] for i in self.feature_layers], dim=-1)
         self._captured.clear()
-        return TargetFeatures(feats, out.last_hidden_state, getattr(out, "past_key_values", None))
+        return TargetFeatures(feats, out.last_hidden_state, getattr(out, "cache", None))
+
+    @contextmanager
+    def recording(self):
+        """Inside the block every decoder forward (a `generate` call's prefill and each decoding step) appends its
+        rows [B, T, m+1, d] (the feature layers, then the final hidden state, as `forward_features` splits them)
+        to the yielded list: the features of generated text without a second pass (`dspark data`'s capture)."""
+        calls: list[torch.Tensor] = []
+
+        def hook(_module, _inputs, output):
+            calls.append(torch.stack([*(self._captured[i] for i in self.feature_layers), output.last_hidden_state], 2))
+
+        handle = self.decoder.register_forward_hook(hook)
+        try:
+            yield calls
+        finally:
+            handle.remove()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the frozen LM head to selected hidden states, in fp32 (callers pick positions first)."""

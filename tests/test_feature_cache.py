@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from dspark_train.training import feature_cache as FC
+from dspark_train.data import feature_cache as FC
 from dspark_train.config import load_recipe
 from dspark_train.data.examples import conversations_paths, load_conversations, make_batch, tokenize
 from dspark_train.target import load_target

@@ -286,7 +286,7 @@ def _versioned_readers(repo):
     from dspark_train.training.checkpoint import restore
     from dspark_train.config import load_recipe
     from dspark_train.decoding import SPSProfile
-    from dspark_train.training.feature_cache import MANIFEST, FeatureCache
+    from dspark_train.data.feature_cache import MANIFEST, FeatureCache
     from dspark_train.calibration.heldout import heldout_prompts
     from dspark_train.target import CACHE_MARKER, _converted
     from dspark_train.data.vocab import load_draft_vocab

@@ -18,13 +18,16 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
+from .capture import Captured, open_staging, publish
 from .chat import conversation_ids, prompt_ids
 from ..config import Recipe, RecipeError
+from .feature_cache import encode
 from .examples import (conversations_paths, load_conversations, load_prompts, output_path, prompt_turns, read_jsonl,
                        write_jsonl_atomic)
 from ..runlock import holds_lock
@@ -58,32 +61,44 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int = 0) -> list[tuple[list[int], bool]]:
-    """One batched `generate` call with left padding (greedy when temperature is 0) → (new tokens, finished
-    at EOS) per prompt."""
+def _generate(target, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int,
+              record: bool) -> tuple[list[tuple[list[int], bool]], Optional[Captured]]:
     tok = target.tokenizer
     ids, mask = _left_pad(prompts, tok.pad_token_id)
     torch.manual_seed(seed)
     sample = temperature > 0
-    out = target.model.generate(
-        input_ids=ids.to(target.device), attention_mask=mask.to(target.device), max_new_tokens=max_new_tokens,
-        do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    with target.recording() if record else nullcontext([]) as calls:
+        out = target.model.generate(
+            input_ids=ids.to(target.device), attention_mask=mask.to(target.device), max_new_tokens=max_new_tokens,
+            do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, return_dict_in_generate=True)
     results = []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in out.sequences[:, ids.shape[1]:].tolist():
         finished = tok.eos_token_id in row
         results.append((row[: row.index(tok.eos_token_id)] if finished else row, finished))
-    return results
+    if not record:
+        return results, None
+    rows = torch.cat(calls, 1)
+    columns = out.sequences[:, :rows.shape[1]].cpu()  # the last token generated was never fed back
+    return results, Captured(rows, out.cache, columns, (1 - mask).sum(1).tolist())
+
+
+def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0) -> list[tuple[list[int], bool]]:
+    """One batched `generate` call with left padding (greedy when temperature is 0) → (new tokens, finished
+    at EOS) per prompt."""
+    return _generate(target, prompts, max_new_tokens, temperature, top_p, seed, record=False)[0]
 
 
 def _seed_of(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:7], "little")
 
 
-def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> list[dict]:
-    """Answer every user turn of each prompt in turn. Returns output records (success or `error`)."""
+def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> tuple[list[dict], list]:
+    """Answer every user turn of each prompt in turn. Returns output records (success or `error`) and, with
+    data.capture_features, [(id, rows [tokens, m+1, d])] of the trainer's sequence of each answered prompt."""
     tok, data_cfg = target.tokenizer, recipe.data
+    record = data_cfg.capture_features
     states = []
     for p in batch:
         try:
@@ -110,18 +125,23 @@ def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> list[dict]:
             continue
         seed = _seed_of(data_cfg.seed, f"{live_ok[0][0]['p']['id']}:{turn}")
         try:
-            outs = generate_batch(target, [ids for _, ids in live_ok], data_cfg.max_new_tokens,
-                                  data_cfg.temperature, data_cfg.top_p, seed)
+            outs, cap = _generate(target, [ids for _, ids in live_ok], data_cfg.max_new_tokens,
+                                  data_cfg.temperature, data_cfg.top_p, seed, record)
+            where = [(cap, b) for b in range(len(live_ok))]
         except Exception:  # noqa: BLE001 — isolate the failing prompt(s): retry one at a time
-            outs = []
+            outs, where = [], []
             for s, ids in live_ok:
                 try:
-                    outs.append(generate_batch(target, [ids], data_cfg.max_new_tokens, data_cfg.temperature,
-                                               data_cfg.top_p, seed)[0])
+                    one, cap = _generate(target, [ids], data_cfg.max_new_tokens, data_cfg.temperature,
+                                         data_cfg.top_p, seed, record)
+                    outs.append(one[0])
+                    where.append((cap, 0))
                 except Exception as e:  # noqa: BLE001
                     s["error"] = f"generate failed: {type(e).__name__}: {e}"
                     outs.append(None)
-        for (s, _), o in zip(live_ok, outs):
+                    where.append((None, 0))
+        for (s, _), o, w in zip(live_ok, outs, where):
+            s["captured"] = w  # the last turn's generate ran over the whole conversation
             if o is None:
                 continue
             new, finished = o
@@ -132,6 +152,7 @@ def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> list[dict]:
             s["msgs"].append({"role": "assistant", "content": text})
             s["finished"] = s["finished"] and finished
             s["n_tokens"] = s.get("n_tokens", 0) + len(new)
+    features = _features(target, [s for s in states if not s["error"]], recipe) if record else []
     records = []
     for s in states:
         p = s["p"]
@@ -140,7 +161,24 @@ def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> list[dict]:
         else:
             records.append({"id": p["id"], "category": p["category"], "conversations": s["msgs"],
                             "finished": s["finished"], "n_tokens": s["n_tokens"]})
-    return records
+    return records, features
+
+
+def _features(target, states: list[dict], recipe: Recipe) -> list[tuple[str, torch.Tensor]]:
+    """Rows of each answered prompt's trainer sequence (`chat.conversation_ids`, cut at data.max_seq_len),
+    from what its last turn's `generate` captured (one short forward per capture for the tokens it never fed)."""
+    by_capture: dict[int, list] = {}
+    for s in states:
+        cap, b = s["captured"]
+        ids, _ = conversation_ids(target.tokenizer, s["msgs"], recipe.data.max_seq_len)
+        by_capture.setdefault(id(cap), [cap, {}])[1][b] = (s["p"]["id"], ids)
+    out = []
+    for cap, rows in by_capture.values():
+        seqs = [rows[b][1] if b in rows else None for b in range(cap.columns.shape[0])]
+        for b, r in enumerate(cap.sequence_rows(target, seqs)):
+            if r is not None:
+                out.append((rows[b][0], r))
+    return out
 
 
 # --------------------------------------------------------------------------- through a server (data.server)
@@ -354,11 +392,15 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
             print(f"answering through {client.base} (model {model!r}, {recipe.data.server.concurrency} requests in "
                   "flight)")
             tok = target.tokenizer if target is not None else load_tokenizer(recipe.target)
-            batches = _server_records(recipe, client, model, todo, tok)
+            batches = ((recs, []) for recs in _server_records(recipe, client, model, todo, tok))
         else:
             if target is None:
                 from ..target import load_target
                 target = load_target(recipe.target)
+            if recipe.data.capture_features:
+                answered = {r["id"] for k in range(n) for r in read_jsonl(_part_path(out, k, n)) if "error" not in r}
+                stage = open_staging(recipe, target, out, i, answered | done)
+                print(f"capturing the target's features into {stage.dir} ({stage.fmt})")
             bs = recipe.data.gen_batch_size
             batches = (_regenerate_batch(target, todo[b:b + bs], recipe) for b in range(0, len(todo), bs))
         tokens, failed, t0 = 0, 0, time.perf_counter()
@@ -366,12 +408,15 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
                 open(part, "a") as f:  # the bar ends its line before a run that stops prints its one line
             if f.tell() and part.read_bytes()[-1:] != b"\n":  # a torn last line: start a fresh one
                 f.write("\n")
-            for recs in batches:
+            for recs, features in batches:
                 for r in recs:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
                     tokens += r.get("n_tokens", 0)
                     failed += "error" in r
                 f.flush()
+                if features:  # after their answers: a kill never leaves features without an answer
+                    stage.write([(sid, {k: v.cpu() for k, v in encode(rows, stage.fmt).items()})
+                                 for sid, rows in features])
                 bar.update(len(recs))
                 bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", failed=failed)
     if all(_shard_complete(out, prompts, k, n) for k in range(n)):
@@ -380,6 +425,14 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
         print(f"wrote {out}: {ndone} conversations, {len(failed)} failures"
               + (f", {skipped} skipped as too long" if skipped else "")
               + (f" (see {out.name}.failures.jsonl)" if failed else ""))
+        if recipe.data.capture_features and not recipe.data.server.url:
+            if target is None:
+                from ..target import load_target
+                target = load_target(recipe.target)
+            cache = publish(recipe, target, out)
+            if cache is not None:
+                print(f"features of {len(cache.entries)} conversations in {cache.dir}: training with this recipe "
+                      "reads them instead of running the target")
     else:
         print(f"shard {i}/{n} finished; {out} is merged when every shard is done")
     return out

@@ -6,10 +6,12 @@ and the final hidden state at each token: m + 1 rows of width d per token (SmolL
 p_t is recomputed from the cached final hidden state at the block positions (the LM head is cheap there), and the
 anchors are resampled every epoch, so nothing else needs storing.
 
-Hybrid: the first pass over the data runs the target online and writes what it computed; later passes read. The
-trainer always sees the stored precision: online features are rounded through the cache format as they are
-written, so epoch 1 and the later epochs see the same inputs, and a row gives the same numbers whether it came
-from the target or from disk (a resume with a cold cache equals one with a warm cache). Evaluation stays online.
+Hybrid: the first pass over the data runs the target online and writes what it computed; later passes read.
+Data that `dspark data` regenerated with `data.capture_features` arrives with its features (capture.py): then
+the first pass reads too. The trainer always sees the stored precision: online features are rounded through the
+cache format as they are written, so epoch 1 and the later epochs see the same inputs, and a row gives the same
+numbers whether it came from the target or from disk (a resume with a cold cache equals one with a warm cache).
+Evaluation stays online.
 
 Layout: `<root>/<key>/manifest.json` and `shard-*.safetensors`, one shard per micro-batch written, holding
 `rows` [tokens, m+1, d] (and `scale` [tokens, m+1] for int8) with the sequence ids and offsets in its metadata.
@@ -42,6 +44,7 @@ import torch
 from ..layout import atomic_path, check_version, read_json, write_atomic
 
 FORMATS = ("bfloat16", "int8", "float32")
+STAGING = "capture-"  # `dspark data`'s captured features before their file is whole (capture.py): never stale
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -104,7 +107,7 @@ class FeatureCache:
         self.hits = self.misses = 0
         if owns_root and rank == 0 and Path(root).is_dir():
             for other in Path(root).iterdir():  # this run's cache for another target/data/format: stale
-                if other.is_dir() and other.name != key:
+                if other.is_dir() and other.name != key and not other.name.startswith(STAGING):
                     shutil.rmtree(other, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         if (self.dir / MANIFEST).is_file():  # a newer dspark-train's cache: refused, naming it
@@ -224,20 +227,30 @@ class FeatureSource:
         return rows[:, :, :-1].reshape(B, T, -1), rows[:, :, -1]
 
 
-def open_cache(recipe, run_root: Path, target, data_paths, rank: int) -> Optional[FeatureCache]:
-    """The recipe's cache (None when `train.feature_cache` is off): `<run_root>/<key>` by default (the run's
-    `RunDir.feature_cache`), `<train.feature_cache_dir>/<key>` when a shared root is set."""
-    fmt = recipe.train.feature_cache
-    if fmt == "off":
-        return None
+def target_key_parts(recipe, target) -> dict:
+    """What the stored numbers depend on from the target."""
     t = recipe.target
     # the precision the target runs in, as resolved (`auto` is bf16 on one CPU and fp32 on another)
-    target_parts = {**target.fingerprint(), "dtype": target.precision.value, "adapter": t.adapter,
-                    "gguf_file": t.gguf_file, "config": t.config, "seed": t.seed if t.config is not None else None}
+    return {**target.fingerprint(), "dtype": target.precision.value, "adapter": t.adapter, "gguf_file": t.gguf_file,
+            "config": t.config, "seed": t.seed if t.config is not None else None}
+
+
+def cache_key_for(recipe, target, data_paths) -> tuple[str, dict]:
+    """The key (and its parts) of the recipe's features of these conversation files, for this target."""
     paths = data_paths if isinstance(data_paths, (list, tuple)) else [data_paths]
     sha = [file_sha256(p) for p in paths]  # one file: its hash as before (existing caches keep their key)
     data_parts = {"conversations_sha256": sha[0] if len(sha) == 1 else sha, "max_seq_len": recipe.data.max_seq_len}
-    key, parts = cache_key(target_parts, data_parts, fmt)
+    return cache_key(target_key_parts(recipe, target), data_parts, recipe.train.feature_cache)
+
+
+def open_cache(recipe, run_root: Path, target, data_paths, rank: int) -> Optional[FeatureCache]:
+    """The recipe's cache (None when `train.feature_cache` is off): `<run_root>/<key>` by default (the run's
+    `RunDir.feature_cache`), `<train.feature_cache_dir>/<key>` when a shared root is set (where `dspark data`
+    puts the features it captured)."""
+    fmt = recipe.train.feature_cache
+    if fmt == "off":
+        return None
+    key, parts = cache_key_for(recipe, target, data_paths)
     shared = recipe.train.feature_cache_dir
     root = Path(shared).expanduser() if shared else Path(run_root)
     return FeatureCache(root, key, parts, fmt, owns_root=not shared, rank=rank)
