@@ -260,6 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", dest="extra", action="append", default=[], metavar="NAME=K=V[;K=V…]",
                     help="an extra variant: a name and its overrides separated by ';' (repeatable)")
     ap.add_argument("--force", action="store_true", help="retrain variants that already finished")
+    ap.add_argument("--result", metavar="NAME", help="also commit-ready: eval/results/curve-<cpu>-NAME.{json,md,png}")
     ap.add_argument("--list", action="store_true", help="print the built-in variants and exit")
     args = ap.parse_args(argv)
     table = dict(VARIANTS)
@@ -304,6 +305,13 @@ def main(argv=None) -> int:
         results = list(pool.map(lambda n: train_variant(n, table[n][1], args, threads), names))
     curve = collect(args, results, started)
     write_outputs(curve, out)
+    if args.result:
+        from resultfile import write_result
+        from dspark_train.hardware import Capabilities, detect
+        machine = {**detect().to_dict(), "threads": threads}
+        stem = REPO / "eval" / "results" / f"curve-{Capabilities.from_dict(machine).slug}-{args.result}"
+        write_result(stem, curve, curve_markdown(curve), f"make curve: {args.result}", machine)
+        curve_plot(curve, stem.with_suffix(".png"))
     print("\n" + curve_markdown(curve))
     print(f"written: {out / 'curve.json'}, {out / 'curve.md'}, {out / 'curve.png'}")
     return 0 if all(r["rc"] == 0 for r in results) else 1
