@@ -45,10 +45,12 @@ EVAL_ANCHORS = 64  # held-out anchors per sequence for every variant (the recipe
 
 # name -> (what it changes, overrides). `baseline` is the recipe as shipped.
 VARIANTS = {
-    "baseline": ("the recipe as shipped: L1 loss, target init, 32 anchors, online features, AdamW, 1 layer", []),
+    "baseline": ("the recipe as shipped: KL → L1 by mid-horizon, target init, 32 anchors, online features, AdamW, "
+                 "1 layer", []),
+    "l1": ("the paper's L1 alone (the recipe before round 3's blend curve)", ["train.loss=l1"]),
     "kl": ("forward KL(p_t ‖ p_d) instead of L1", ["train.loss=kl"]),
-    "kl_to_l1": ("(1−α)·KL + α·L1, α = the slot's acceptance estimate", ["train.loss=kl_to_l1"]),
-    "kl_to_l1_progress": ("(1−α)·KL + α·L1, α = progress / 0.5", ["train.loss=kl_to_l1", "train.blend=progress"]),
+    "kl_to_l1": ("(1−α)·KL + α·L1, α = the slot's acceptance estimate", ["train.loss=kl_to_l1",
+                                                                         "train.blend=acceptance"]),
     "init_random": ("random init (the recipe: draft layer, fc, norms from the target's layer after the last "
                     "feature layer)", ["drafter.init=random"]),
     "cache_bf16": ("feature cache (bf16): epochs ≥ 2 skip the target forward", ["train.feature_cache=bfloat16"]),
@@ -66,7 +68,8 @@ VARIANTS = {
     "lr8e-3": ("learning rate 8e-3", ["train.lr=8e-3"]),
     "muon": ("Muon for the 2-D hidden weights, AdamW for the rest", ["train.optimizer=muon"]),
     "vocab4k": ("4,096-token draft vocabulary (recipe: 8,192)", ["drafter.draft_vocab_size=4096"]),
-    "combo": ("kl_to_l1 + cache_bf16", ["train.loss=kl_to_l1", "train.feature_cache=bfloat16"]),
+    "combo": ("kl_to_l1 + cache_bf16", ["train.loss=kl_to_l1", "train.blend=acceptance",
+                                        "train.feature_cache=bfloat16"]),
 }
 DEFAULT = ("baseline", "anchors16", "anchors64", "kl_to_l1", "cache_bf16", "layers2", "lr8e-3")
 

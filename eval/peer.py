@@ -7,7 +7,7 @@ Same target (SmolLM2-135M-Instruct, the dtype `auto` picks), same regenerated co
 (recipes/smollm2_135m.yaml), same feature layers (speculators' `--target-layer-ids` are hidden-state indices, as ours),
 same block size (8) and draft depth (our recipe's 1 layer), bidirectional blocks over the whole context (speculators'
 `--full-attention-indices`: its default layers are causal inside the block, which our decoder refuses to read).
-Everything else is each trainer's own: ours as shipped (AdamW lr 4e-3, 32 anchors, L1 loss, target-layer init); the
+Everything else is each trainer's own: ours as shipped (recipes/smollm2_135m.yaml; the committed result: L1 loss); the
 peer's 0.9.0 defaults (Muon at lr 1e-3, linear decay with 1 % warmup, 512 anchors per packed row, KL for DSpark, CE with
 D-PACE weights for DFlash, random init). Steps: 1) write the peer's data, the tokenised training conversations and the
 target's hidden states at those layers plus the final layer before its norm (its file layout, `hs_<row>.safetensors`);
