@@ -138,7 +138,8 @@ def test_an_interrupted_launcher_stops_every_rank_before_releasing(tmp_path):
                "signal.signal(signal.SIGINT, stop)\n"
                "rank1 = subprocess.Popen([sys.executable, '-c', 'import signal, sys, time\\n"
                "def stop(*_):\\n    time.sleep(2.5)\\n    open(%r, \\'a\\').write(\\'rank1 done\\\\n\\')\\n"
-               "    sys.exit(0)\\nsignal.signal(signal.SIGINT, stop)\\ntime.sleep(60)' % marks])\n"
+               "    sys.exit(0)\\nsignal.signal(signal.SIGINT, stop)\\n"
+               "open(%r, \\'a\\').write(\\'rank1 ready\\\\n\\')\\ntime.sleep(60)' % (marks, marks)])\n"
                f"@holds_lock(lambda: {str(run)!r}, 'dspark train', main_process_only=True)\n"
                "def body():\n    open(marks, 'a').write('adopted\\n')\n    time.sleep(60)\n"
                "body()\n")
@@ -147,15 +148,14 @@ def test_an_interrupted_launcher_stops_every_rank_before_releasing(tmp_path):
                 f"{str(run)!r}, 'dspark train'))\n")
     proc = subprocess.Popen([sys.executable, "-c", launcher], cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not (marks.is_file() and "adopted" in marks.read_text()):
-        assert proc.poll() is None and time.time() < deadline
+    while not (marks.is_file() and {"adopted", "rank1 ready"} <= set(marks.read_text().splitlines())):
+        assert proc.poll() is None and time.time() < deadline  # rank 1 writes "ready" once its handler is in place
         time.sleep(0.05)
-    time.sleep(0.3)  # rank 1 has installed its handler
     proc.send_signal(signal.SIGINT)
     time.sleep(0.8)
     assert lock_path(run).is_file(), "lock released while the trainer was still writing"
     proc.wait(30)
-    assert marks.read_text().splitlines() == ["adopted", "rank0 done", "rank1 done"]
+    assert [m for m in marks.read_text().splitlines() if m != "rank1 ready"] == ["adopted", "rank0 done", "rank1 done"]
     assert not lock_path(run).exists()
     assert "stopping the trainer" in proc.stderr.read()
 
