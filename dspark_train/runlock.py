@@ -250,6 +250,23 @@ def _interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
+def _group_alive(pgid: int) -> bool:
+    """Is a process of the group still running? A zombie is not: a rank orphaned to an init that never reaps
+    (some containers) would otherwise keep the group "alive" for ever, and Ctrl-C would never return."""
+    os.killpg(pgid, 0)  # ProcessLookupError: no member at all
+    if not os.path.isdir("/proc"):
+        return True
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, _ppid, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
     """SIGINT to the child's process group (SIGTERM after 60 s, SIGKILL after 120 s); wait until none is left."""
     print(f"\ninterrupted: stopping the trainer (process group {proc.pid}) before releasing the run's lock",
@@ -263,8 +280,8 @@ def _stop_group(proc: subprocess.Popen) -> None:
             if sig != sent:
                 os.killpg(proc.pid, sig)
                 sent = sig
-            else:
-                os.killpg(proc.pid, 0)
+            elif not _group_alive(proc.pid):
+                break
         except ProcessLookupError:
             break
         try:
