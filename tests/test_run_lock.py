@@ -303,3 +303,20 @@ def test_killed_trainers_stale_lock_is_taken_over_by_the_next(tmp_path):
     assert f"{run}: taking over a stale lock of dspark train (pid {trainer_pid} on {socket.gethostname()}" in err
     assert "resuming from" in out
     assert not lock_path(run).exists() and (run / "final" / "model.safetensors").is_file()
+
+
+def test_a_group_of_only_zombies_counts_as_stopped():
+    """A rank that exited but was never reaped (orphaned to an init that does not reap) keeps `killpg(pgid, 0)`
+    succeeding for ever; the interrupted launcher must not wait on it."""
+    from dspark_train.runlock import _group_alive
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"], start_new_session=True)
+    assert _group_alive(child.pid)
+    deadline = time.time() + 30
+    while "Z" not in Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1][:3]:  # exited, not reaped
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(child.pid, 0)  # the zombie still answers for its group
+    assert not _group_alive(child.pid)
+    child.wait()
+    with pytest.raises(ProcessLookupError):
+        _group_alive(child.pid)
