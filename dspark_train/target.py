@@ -49,6 +49,11 @@ class TargetFeatures:
     last_hidden: torch.Tensor  # [B, T, d] final pre-LM-head hidden state (post final norm)
     cache: object = None  # the updated KV cache when one was passed
 
+    def rows(self) -> torch.Tensor:
+        """[B, T, m+1, d]: each feature layer, then the final hidden state (the feature cache's layout)."""
+        B, T, d = self.last_hidden.shape
+        return torch.cat((self.features.view(B, T, -1, d), self.last_hidden[:, :, None]), 2)
+
 
 class FrozenTarget:
     """A frozen causal LM plus what the drafter and the decoder need from it."""

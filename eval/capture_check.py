@@ -70,10 +70,7 @@ def agreement(out: Path, args, target) -> dict:
     fmt = recipe.train.feature_cache
 
     def rows(ids: torch.Tensor, mask=None) -> torch.Tensor:
-        f = target.forward_features(ids, mask)
-        B, T, d = f.last_hidden.shape
-        return decode(encode(torch.cat((f.features.view(B, T, -1, d), f.last_hidden[:, :, None]), 2), fmt),
-                      torch.float32)
+        return decode(encode(target.forward_features(ids, mask).rows(), fmt), torch.float32)
 
     def compare(a: torch.Tensor, b: torch.Tensor, acc: dict) -> None:
         scale = torch.maximum(a.abs().amax(-1, keepdim=True), b.abs().amax(-1, keepdim=True)).clamp_min(1e-12)

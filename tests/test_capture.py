@@ -26,9 +26,7 @@ def _recipe(tmp_path, repo, fmt, *extra, shared=True):
 
 
 def _online_rows(target, ids):
-    f = target.forward_features(torch.tensor([ids]))
-    d = f.last_hidden.shape[-1]
-    return torch.cat((f.features.view(1, len(ids), -1, d), f.last_hidden[:, :, None]), 2)[0]
+    return target.forward_features(torch.tensor([ids])).rows()[0]
 
 
 @pytest.mark.parametrize("fmt, shared", [("float32", True), ("bfloat16", False)])

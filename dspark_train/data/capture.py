@@ -67,8 +67,7 @@ class Captured:
             dev = target.device
             f = target.forward_features(ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                                         cache=self.cache)
-            d = f.last_hidden.shape[-1]
-            extra = torch.cat((f.features.view(B, T, -1, d), f.last_hidden[:, :, None]), 2)
+            extra = f.rows()
         out = []
         for b, (s, n, tail) in enumerate(zip(seqs, shared, tails)):
             if s is None:

@@ -213,9 +213,7 @@ class FeatureSource:
 
     def _online(self, batch, ids, lengths, missing) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.target.forward_features(batch.input_ids, batch.attention_mask)
-        B, T, _ = f.last_hidden.shape
-        rows = torch.cat((f.features.view(B, T, -1, f.last_hidden.shape[-1]), f.last_hidden[:, :, None]), 2)
-        enc = encode(rows, self.cache.fmt)
+        enc = encode(f.rows(), self.cache.fmt)
         self.cache.write([(ids[i], {k: v[i, :lengths[i]].cpu() for k, v in enc.items()}) for i in missing])
         out = decode(enc, self.dtype)
         out = out * batch.attention_mask[:, :, None, None].to(out.dtype)  # zero at padding, as a read gives
