@@ -34,6 +34,16 @@ V = 3
 TOL = 1e-9
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tens of thousands of ops on 3-element tensors: torch's intra-op threads only add synchronisation (on a
+    loaded 2-core machine, 30-60x per op)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Enumerator(Draws):
     """Draws that follow a script of branch indices (extended with 0s), recording each choice point's options;
     `prob` is the probability of the branch taken."""
