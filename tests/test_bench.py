@@ -61,7 +61,8 @@ def test_engine_check_engine_half_imports_no_dspark_train():
         names = [n.module if isinstance(n, ast.ImportFrom) else a.name for n in inner
                  for a in (n.names if isinstance(n, ast.Import) else [None])]
         if getattr(node, "name", "") not in ("prepare", "_fresh_run"):
-            assert not any((m or "").startswith("dspark_train") for m in names), getattr(node, "name", node.lineno)
+            assert not any((m or "").startswith("dspark_train") for m in names), \
+                f"{getattr(node, 'name', 'the module')} (line {node.lineno}) imports dspark_train"
     code = ("import runpy, sys; sys.modules['dspark_train'] = None; sys.argv = ['engine_check', '--help']; "
             "runpy.run_module('bench.engine_check', run_name='__main__')")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True)
