@@ -112,9 +112,10 @@ def report(artifact):
     return out
 
 
-def test_bench_round_splits_each_round_by_the_decoders_own_phase_timings(artifact, tmp_path):
+def test_bench_round_splits_each_round_by_the_decoders_own_phase_timings(artifact, tmp_path, monkeypatch):
     """Every phase of the table comes from RoundTrace (no timer wrapped around the decoder): each is ≥ 0, they
     leave nothing but the loop's own "other" of a round's wall time, and the drafter phases are where they belong."""
+    monkeypatch.syspath_prepend(str(REPO))
     from bench.bench_round import PHASES
     bench("bench_round", artifact, "--benchmarks", "mbpp", "--n", 1, "--max-new-tokens", 8, "--modes", "chain,hybrid",
           "--threads", 1, "--dtype", "float32", "--out", tmp_path / "round", env={"DSPARK_CACHE": str(tmp_path)})
