@@ -1,6 +1,6 @@
 """`dspark export --format speculators`: tensor names and shapes the engines load, d2t offsets, the MASK row,
 refusals, and the round trip back into our drafter with identical draft logits. Tiny fp32 target; the real
-engines are exercised by `make engine-check` (eval/engine_check.py)."""
+engines are exercised by `make engine-check` (bench/engine_check.py)."""
 import json
 from pathlib import Path
 

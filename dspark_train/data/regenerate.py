@@ -334,7 +334,8 @@ def _server_records(recipe: Recipe, client, model: str, todo: list[dict], tok) -
 SKIPPED = "skipped: "  # a failure that is the prompt's own (too long): recorded, the run goes on
 
 
-def _part_path(out: Path, i: int, n: int) -> Path:
+def part_path(out: Path, i: int, n: int) -> Path:
+    """Shard i of n's answers as they are written (merged into `out` when every shard is done)."""
     return out.with_name(f"{out.name}.part-{i}-of-{n}")
 
 
@@ -343,7 +344,7 @@ def _merge(out: Path, prompts: list[dict], n: int) -> tuple[int, list[dict]]:
     A success always wins over a failure recorded for the same id in an earlier run."""
     latest: dict[str, dict] = {r["id"]: r for r in read_jsonl(out)}
     for i in range(n):
-        for r in read_jsonl(_part_path(out, i, n)):
+        for r in read_jsonl(part_path(out, i, n)):
             if r["id"] not in latest or "error" in latest[r["id"]]:
                 latest[r["id"]] = r
     recs = [latest[p["id"]] for p in prompts if p["id"] in latest]
@@ -355,11 +356,11 @@ def _merge(out: Path, prompts: list[dict], n: int) -> tuple[int, list[dict]]:
 
 
 def _shard_complete(out: Path, prompts: list[dict], i: int, n: int) -> bool:
-    seen = {r["id"] for r in read_jsonl(out) + read_jsonl(_part_path(out, i, n))}
+    seen = {r["id"] for r in read_jsonl(out) + read_jsonl(part_path(out, i, n))}
     return all(p["id"] in seen for p in prompts[i::n])
 
 
-@holds_lock(lambda recipe, shard=None, target=None: _part_path(output_path(recipe), *parse_shard(shard)),
+@holds_lock(lambda recipe, shard=None, target=None: part_path(output_path(recipe), *parse_shard(shard)),
             "dspark data")  # shards run side by side: each holds its own part file
 def run_data(recipe: Recipe, shard=None, target=None) -> Path:
     """`dspark data`: regenerate answers for the recipe's prompts with the frozen target (in this process, or
@@ -381,7 +382,7 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(recipe)
     mine = prompts[i::n]
-    part = _part_path(out, i, n)
+    part = part_path(out, i, n)
     done = {r["id"] for r in read_jsonl(out) + read_jsonl(part) if "error" not in r}
     todo = [p for p in mine if p["id"] not in done]
     print(f"shard {i}/{n}: {len(mine)} prompts, {len(mine) - len(todo)} already done, {len(todo)} to generate")
@@ -398,7 +399,7 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
                 from ..target import load_target
                 target = load_target(recipe.target)
             if recipe.data.capture_features:
-                answered = {r["id"] for k in range(n) for r in read_jsonl(_part_path(out, k, n)) if "error" not in r}
+                answered = {r["id"] for k in range(n) for r in read_jsonl(part_path(out, k, n)) if "error" not in r}
                 stage = open_staging(recipe, target, out, i, answered | done)
                 print(f"capturing the target's features into {stage.dir} ({stage.fmt})")
             bs = recipe.data.gen_batch_size

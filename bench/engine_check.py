@@ -13,7 +13,7 @@ Two phases, two environments, so this project's pins (transformers >= 5.20) and 
         1 + accepted / drafts from `llm.get_metrics()`;
      c) method "dspark" parses (speculators config -> Qwen3DSparkModel) and is refused by the V1 runner.
 
-Usage: python eval/engine_check.py prepare --out DIR [--run RUN_OR_ARTIFACT] ; python eval/engine_check.py engine
+Usage: python -m bench.engine_check prepare --out DIR [--run RUN_OR_ARTIFACT] ; python -m bench.engine_check engine
 --out DIR. Without --run the drafters are freshly initialised (a and c are as strict; b's τ is then ~1).
 """
 from __future__ import annotations
@@ -94,10 +94,10 @@ def prepare(args) -> None:
         exp = export_speculators(run, out / f"spec-{name}", target=target, force=True)
         with torch.no_grad():
             o = drafter(feats.features, feats.last_hidden, ids, torch.tensor([ANCHORS]))
-        full = drafter._full(o.logits)[0]  # [A, γ, V] target vocabulary
-        if drafter.d2t is not None:  # the export's draft ids ascend with target ids
-            full = full[..., drafter.d2t.sort().values]
-        tensors[f"{name}.logits"] = full.contiguous()
+        logits = o.logits[0]  # [A, γ, Vd] on the draft vocabulary
+        if drafter.draft_vocab is not None:  # the export's draft ids ascend with target ids
+            logits = logits[..., drafter.draft_vocab.argsort()]
+        tensors[f"{name}.logits"] = logits.contiguous()
         tensors[f"{name}.conf_logits"] = o.conf_logits[0].contiguous()
         c = drafter.config
         meta["drafters"][name] = {"export": str(exp), "source": str(run), "head": c.head, "gamma": c.block_size,
@@ -210,8 +210,8 @@ def check_vllm(out: Path, meta: dict) -> bool:
         res_file, log = out / f"vllm-{mode}.json", out / f"vllm-{mode}.log"
         res_file.unlink(missing_ok=True)
         with open(log, "w") as f:
-            p = subprocess.run([sys.executable, __file__, "vllm-run", "--out", str(out), "--mode", mode],
-                               stdout=f, stderr=subprocess.STDOUT, text=True)
+            p = subprocess.run([sys.executable, "-m", "bench.engine_check", "vllm-run", "--out", str(out.resolve()),
+                                "--mode", mode], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
         lines = log.read_text().splitlines()
         if not res_file.is_file():
             print(f"[{mode}] vLLM process exited {p.returncode} without a result; last lines of {log}:\n"
@@ -262,7 +262,6 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     if args.phase == "prepare":
-        sys.path.insert(0, str(REPO))
         prepare(args)
         return 0
     meta = json.loads((out / "reference.json").read_text())

@@ -16,7 +16,7 @@ vLLM 0.32 on CPU: VLLM_CPU_KVCACHE_SPACE (GiB, set to 1 here unless given) sizes
 vLLM reserves --gpu-memory-utilization (0.92) of the node's RAM and refuses to start when less is free;
 --enforce-eager skips its inductor compile; VLLM_CPU_OMP_THREADS_BIND=auto keeps one core for its scheduler
 (VLLM_CPU_NUM_OF_RESERVED_CPU changes that), so on 2 cores the model computes on 1 thread, ours on 2.
-Usage: python eval/data_server_check.py [--engine-python .venv-engine/bin/python] [--out runs/data-server-check]
+Usage: python -m bench.data_server_check [--engine-python .venv-engine/bin/python] [--out runs/data-server-check]
 """
 from __future__ import annotations
 
@@ -31,17 +31,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from dspark_train.data.chat import prompt_ids
+from dspark_train.config import TargetConfig, load_recipe
+from dspark_train.data.examples import load_prompts, output_path, prompt_turns, read_jsonl
+from dspark_train.hardware import cpu_info
+from dspark_train.data.openai_client import Client, ServerError
+from dspark_train.data.regenerate import generate_batch, part_path
+from dspark_train.target import load_tokenizer
+from dspark_train.target import cache_root, load_target, pypi_target_dir
 
-from dspark_train.data.chat import prompt_ids  # noqa: E402
-from dspark_train.config import TargetConfig, load_recipe  # noqa: E402
-from dspark_train.data.examples import load_prompts, output_path, prompt_turns, read_jsonl  # noqa: E402
-from dspark_train.hardware import cpu_info  # noqa: E402
-from dspark_train.data.openai_client import Client, ServerError  # noqa: E402
-from dspark_train.data.regenerate import _part_path, generate_batch  # noqa: E402
-from dspark_train.target import load_tokenizer  # noqa: E402
-from dspark_train.target import cache_root, load_target, pypi_target_dir  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 RECIPE = REPO / "recipes" / "smollm2_135m.yaml"
 NEAR_TIE = 0.01  # a top-2 logit gap this small flips with kernel rounding (fp32 logits differ by ~1e-4 here)
@@ -195,7 +194,7 @@ def main() -> int:
                  "data.server.token_check=16", "data.server.max_retries=2", "data.server.backoff=0.5"]
     recipe = load_recipe(RECIPE, overrides + [f"data.server.url={server.url}"])
     data_out = output_path(recipe)
-    part = _part_path(data_out, 0, 1)
+    part = part_path(data_out, 0, 1)
     for f in (data_out, part, data_out.with_name(data_out.name + ".failures.jsonl")):
         f.unlink(missing_ok=True)
     prompts = load_prompts(recipe)
