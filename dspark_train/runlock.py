@@ -16,6 +16,11 @@ finds it stale:
   their processes): its pid cannot be checked from here. Refused, with the command that removes it.
 - a live holder: refused (LockError, one line, the CLI exits 2).
 
+Every change to an existing lock file (a takeover's removal, an adoption's rewrite, a release's removal) is a
+compare-and-change made under a guard, an flock on `<lock>.takeover`: it re-reads the lock and changes it only if
+it still holds what was judged. The kernel drops an flock when its holder dies, however it dies, so a writer
+killed inside the guard blocks no one; a live holder that keeps it (stopped) is named after GUARD_WAIT seconds.
+
 `dspark train` takes the lock in the launching process and passes its token to the trainer it starts
 (`DSPARK_LOCK_TOKEN`, `run_holding_lock`); the trainer's main process adopts it (rewrites it with its own pid, so a
 kill of the launcher alone does not make a running trainer's lock look stale). A release removes the lock only if
@@ -25,6 +30,8 @@ it (every rank) before it releases.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -41,19 +48,26 @@ from .config import RecipeError
 from .layout import lock_path, write_atomic
 
 TOKEN_ENV = "DSPARK_LOCK_TOKEN"  # a launcher's lock token, adopted by the process it starts
+GUARD_WAIT = 60.0  # seconds to wait for another writer's takeover guard (held for microseconds unless stopped)
 
 
 class LockError(RecipeError):
     """Another process holds the lock: the one-line message names it and how to proceed (CLI: exit 2)."""
 
 
-def _proc_start(pid: int) -> Optional[int]:
-    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); None where unknown."""
+def _stat(pid: int) -> Optional[list[str]]:
+    """/proc/<pid>/stat after the command name: [state, ppid, pgrp, ...], start time at [19]; None where unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _proc_start(pid: int) -> Optional[int]:
+    """The process's start time in clock ticks since boot; None where unknown."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def _namespace() -> dict:
@@ -77,13 +91,10 @@ def _alive(pid: int, proc_start: Optional[int]) -> bool:
         return False
     except PermissionError:  # another user's process: it exists
         pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-        if state[state.rindex(")") + 2] == "Z":  # killed, not yet reaped: it writes nothing any more
-            return False
-    except (OSError, IndexError, ValueError):
-        pass
-    return proc_start is None or _proc_start(pid) in (None, proc_start)
+    fields = _stat(pid)
+    if fields and fields[0] == "Z":  # killed, not yet reaped: it writes nothing any more
+        return False
+    return proc_start is None or fields is None or int(fields[19]) == proc_start
 
 
 class RunLock:
@@ -146,10 +157,12 @@ class RunLock:
     # ------------------------------------------------------------------ acquire / release
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.adopt and (self._read() or {}).get("token") == self.adopt:
-            self.token = self.adopt
-            write_atomic(self.path, json.dumps(self._record()))  # ours now: our pid, the launcher's token
-            return self
+        if self.adopt:
+            with self._guard():
+                if (self._read() or {}).get("token") == self.adopt:
+                    self.token = self.adopt
+                    write_atomic(self.path, json.dumps(self._record()))  # ours now: our pid, the launcher's token
+                    return self
         self.token = secrets.token_hex(8)
         deadline, takeovers, waiting = time.monotonic() + self.wait, 0, False
         while True:
@@ -186,41 +199,64 @@ class RunLock:
                     f"remove the lock with `rm {self.path}` and run again")
         return f"{what}; wait for it to finish or stop it (kill {rec.get('pid')}), then run again"
 
-    def _take_over(self, stale: dict) -> None:
-        """Remove the stale lock `stale`, unless someone else replaced it meanwhile. Serialised by a second
-        O_EXCL file, itself stale after a minute (its holder died within these few lines)."""
+    @contextlib.contextmanager
+    def _guard(self):
+        """Hold the takeover guard (see the module docstring). Its holder removes the guard file before letting go,
+        so a waiter that then gets the flock of a removed file opens the path again."""
         guard = self.path.with_name(self.path.name + ".takeover")
-        try:
-            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        deadline = time.monotonic() + GUARD_WAIT
+        while True:
+            fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                if time.time() - guard.stat().st_mtime > 60:
-                    guard.unlink()
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    try:
+                        holder = f"pid {int(guard.read_text())}"
+                    except (OSError, ValueError):
+                        holder = "another process"
+                    raise LockError(f"{guard}: held by {holder} for {GUARD_WAIT:g} s (stopped?); resume or end it, "
+                                    "then run again") from None
+                time.sleep(0.01)
+                continue
+            except OSError:
+                os.close(fd)
+                raise
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(guard)):
+                    break
             except FileNotFoundError:
                 pass
-            time.sleep(0.05)
-            return
-        os.close(fd)
+            os.close(fd)
         try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())  # for the message of a writer that waits too long
+            yield
+        finally:
+            guard.unlink()
+            os.close(fd)
+
+    def _take_over(self, stale: dict) -> None:
+        """Remove the stale lock `stale`, unless someone else replaced it meanwhile."""
+        with self._guard():
             if self._read() == stale:
                 self.path.unlink()
                 who = self._describe(stale) if stale else "a lock left half-written"
                 print(f"note: {self.target}: taking over a stale lock of {who}, which is no longer running",
                       file=sys.stderr, flush=True)
-        finally:
-            guard.unlink()
 
     def release(self) -> None:
         """Remove the lock if it is still ours (by token) and no live process holds it for us: a trainer that
         adopted a launcher's token keeps it until it ends itself. Never someone else's."""
-        rec = self._read() or {}
-        if self.token is not None and rec.get("token") == self.token:
-            pid = rec.get("pid")
-            if pid == os.getpid() or not isinstance(pid, int) or not _alive(pid, rec.get("proc_start")):
-                try:
+        if self.token is None:
+            return
+        with self._guard():
+            rec = self._read() or {}
+            if rec.get("token") == self.token:
+                pid = rec.get("pid")
+                if pid == os.getpid() or not isinstance(pid, int) or not _alive(pid, rec.get("proc_start")):
                     self.path.unlink()
-                except FileNotFoundError:
-                    pass
         self.token = None
 
     def __enter__(self) -> "RunLock":

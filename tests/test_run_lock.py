@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -183,6 +184,113 @@ def test_of_many_processes_taking_over_one_stale_lock_exactly_one_wins(tmp_path)
     outcomes = sorted(results.get(timeout=5) for _ in procs)
     assert outcomes == ["refused"] * 5 + ["won"]
     assert not lock_path(run).exists()
+
+
+def _before_unlinking(monkeypatch, lock: Path, meanwhile) -> list:
+    """Run `meanwhile()` once, in this thread, just before this thread removes `lock`: the interleaving a race
+    needs, made certain. Returns a list that holds True once it ran."""
+    fired, real, me = [], Path.unlink, threading.get_ident()
+
+    def unlink(self, *args, **kwargs):
+        if self == lock and not fired and threading.get_ident() == me:
+            fired.append(True)
+            meanwhile()
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    return fired
+
+
+def _meanwhile_in_a_thread(fn) -> tuple[threading.Thread, callable]:
+    """A thread running `fn`, and the `meanwhile` that starts it and gives it a second to finish (it cannot
+    while the guard that should hold it off is held)."""
+    thread = threading.Thread(target=fn)
+    return thread, lambda: (thread.start(), thread.join(1.0))
+
+
+def _ended_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_release_never_removes_the_lock_of_a_newcomer_taking_over(tmp_path, monkeypatch):
+    """[S2] 5: the launcher releases the lock its trainer adopted and died with, while a newcomer takes that stale
+    lock over and writes its own: the newcomer's lock survives the release (a release that read, then unlinked,
+    removed it, and a third writer could start beside the newcomer)."""
+    run = tmp_path / "run"
+    launcher = RunLock(run, "dspark train").acquire()
+    lock_path(run).write_text(json.dumps({**_record(run), "pid": _ended_pid()}))  # adopted, then killed
+    newcomer = RunLock(run, "dspark calibrate")
+    thread, meanwhile = _meanwhile_in_a_thread(newcomer.acquire)
+    fired = _before_unlinking(monkeypatch, lock_path(run), meanwhile)
+    launcher.release()
+    thread.join(30)
+    assert fired and not thread.is_alive() and newcomer.token
+    assert _record(run)["token"] == newcomer.token
+
+
+def test_an_adoption_racing_a_stale_takeover_leaves_one_holder(tmp_path, monkeypatch):
+    """[S2] 5: the launcher died before its trainer adopted the lock, and a newcomer takes the stale lock over
+    while the trainer adopts it: exactly one of the two holds it after (an adoption outside the takeover guard
+    was unlinked by the takeover, and both wrote the run)."""
+    run = tmp_path / "run"
+    _dead_lock(run)
+    trainer = RunLock(run, "dspark train", adopt=_record(run)["token"])
+    newcomer = RunLock(run, "dspark calibrate")
+    held = []
+
+    def take(lock):
+        try:
+            lock.acquire()
+            held.append(lock)
+        except LockError:
+            pass
+    thread, meanwhile = _meanwhile_in_a_thread(lambda: take(trainer))
+    fired = _before_unlinking(monkeypatch, lock_path(run), meanwhile)
+    take(newcomer)
+    thread.join(30)
+    assert fired and not thread.is_alive()
+    assert len(held) == 1 and _record(run)["token"] == held[0].token
+
+
+def test_a_writer_killed_inside_the_takeover_guard_blocks_no_one(tmp_path):
+    """[S2] 5: a writer SIGKILLed while it held the takeover guard (about to remove a stale lock): the next writer
+    takes the stale lock over at once (an O_EXCL guard file blocked everyone, then failed "keeps changing hands")."""
+    run = tmp_path / "run"
+    _dead_lock(run)
+    code = ("import os, signal; from pathlib import Path; from dspark_train.runlock import RunLock\n"
+            "real = Path.unlink\n"
+            "def unlink(self, *a, **k):\n"
+            f"    if self == Path({str(lock_path(run))!r}):\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(self, *a, **k)\n"
+            "Path.unlink = unlink\n"
+            f"RunLock({str(run)!r}, 'dspark export').acquire()\n")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV).returncode == -signal.SIGKILL
+    t0 = time.monotonic()
+    with RunLock(run, "dspark train"):
+        assert _record(run)["pid"] == os.getpid()
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_writer_stuck_inside_the_takeover_guard_is_named(tmp_path, monkeypatch):
+    """A live holder of the guard (stopped, say) makes the others wait a bounded time, then refuse naming it."""
+    from dspark_train import runlock
+    run = tmp_path / "run"
+    _dead_lock(run)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(lock_path(run))!r} + '.takeover', os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(runlock, "GUARD_WAIT", 0.5)
+        with pytest.raises(LockError, match=rf"\.run\.lock\.takeover: held by pid {holder.pid} for 0.5 s"):
+            RunLock(run, "dspark train").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock(run, "dspark train").acquire().release()  # the guard is a kernel lock: the holder's death frees it
 
 
 def test_a_launched_trainer_adopts_its_launchers_lock(tmp_path):
