@@ -129,8 +129,9 @@ def test_a_launcher_never_releases_a_lock_its_live_trainer_holds(tmp_path):
 
 
 def test_an_interrupted_launcher_stops_every_rank_before_releasing(tmp_path):
-    """[S] item 4: Ctrl-C on `dspark train` reaches the whole trainer process group (here a trainer that needs a
-    moment to finish its checkpoint, and a second rank); the lock outlives them, never the other way round."""
+    """[S] item 4: Ctrl-C on `dspark train` reaches the trainer (here one that needs a moment to finish its
+    checkpoint) and every rank, though a rank runs in a session of its own as torch's agent starts it ([S2] 5);
+    the lock outlives them, never the other way round."""
     run = tmp_path / "run"
     marks = tmp_path / "marks"
     trainer = ("import os, signal, subprocess, sys, time; from dspark_train.runlock import holds_lock\n"
@@ -140,7 +141,8 @@ def test_an_interrupted_launcher_stops_every_rank_before_releasing(tmp_path):
                "rank1 = subprocess.Popen([sys.executable, '-c', 'import signal, sys, time\\n"
                "def stop(*_):\\n    time.sleep(2.5)\\n    open(%r, \\'a\\').write(\\'rank1 done\\\\n\\')\\n"
                "    sys.exit(0)\\nsignal.signal(signal.SIGINT, stop)\\n"
-               "open(%r, \\'a\\').write(\\'rank1 ready\\\\n\\')\\ntime.sleep(60)' % (marks, marks)])\n"
+               "open(%r, \\'a\\').write(\\'rank1 ready\\\\n\\')\\ntime.sleep(60)' % (marks, marks)],\n"
+               "                         start_new_session=True)\n"
                f"@holds_lock(lambda: {str(run)!r}, 'dspark train', main_process_only=True)\n"
                "def body():\n    open(marks, 'a').write('adopted\\n')\n    time.sleep(60)\n"
                "body()\n")
@@ -393,38 +395,86 @@ def test_second_trainer_on_a_running_run_refuses_and_the_first_finishes(tmp_path
     assert load_artifact(run, target=tiny_target).config.block_size == 4
 
 
-@pytest.mark.slow
-def test_killed_trainers_stale_lock_is_taken_over_by_the_next(tmp_path):
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ..., start at 19
+
+
+def _tree(root: int) -> dict[int, str]:
+    """pid → start time of `root` and every process it started, whatever their session (torch's ranks)."""
+    parent = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent[int(name)] = (int(_stat(int(name))[1]), _stat(int(name))[19])
+        except (OSError, IndexError):
+            continue
+    tree, todo = {root: parent[root][1]}, [root]
+    while todo:
+        p = todo.pop()
+        for pid, (ppid, start) in parent.items():
+            if ppid == p and pid not in tree:
+                tree[pid] = start
+                todo.append(pid)
+    return tree
+
+
+def _running(tree: dict[int, str]) -> list[int]:
+    """Those of `tree` still running (not ended, not a zombie, not a reused pid)."""
+    out = []
+    for pid, start in tree.items():
+        try:
+            stat = _stat(pid)
+        except OSError:
+            continue
+        if stat[0] != "Z" and stat[19] == start:
+            out.append(pid)
+    return out
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_kill_9_of_a_dspark_train_group_leaves_no_trainer_and_the_rerun_resumes(tmp_path, ranks):
+    """[S2] 5, a regression of round 3: `kill -9 -- -PGID` of a `dspark train` started under setsid (a job runner,
+    `timeout -s KILL`) reaches the launcher only (the trainer runs in a session of its own, and torch's agent
+    starts each rank in another). The trainer, or the agent and every rank, must die with the launcher within
+    seconds, not run on orphaned holding the lock; the rerun takes the dead trainer's lock over and resumes from
+    its last checkpoint."""
     run = tmp_path / "run"
-    first = _trainer(run, session=True)
-    _wait_for(lambda: _adopted(run, first) and (run / "checkpoints" / "latest").is_file() or first.poll() is not None)
+    extra = ["train.max_steps=400"] + (["distributed.num_processes=2"] if ranks == 2 else [])
+    first = _trainer(run, *extra, session=True)  # under setsid
+    _wait_for(lambda: _adopted(run, first) and (run / "checkpoints" / "latest").is_file() or first.poll() is not None,
+              timeout=600)
     assert first.poll() is None, first.communicate()[1][-3000:]
+    tree = _tree(first.pid)
     trainer_pid = _record(run)["pid"]
-    os.killpg(first.pid, signal.SIGKILL)  # the launcher and the trainer, mid-run
+    assert trainer_pid in tree and len(tree) == (2 if ranks == 1 else 4), tree  # launcher (+ agent) + ranks
+    os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    _wait_for(lambda: not Path(f"/proc/{trainer_pid}").exists() or "Z" in Path(f"/proc/{trainer_pid}/stat").read_text()
-              .split(")")[-1][:3], timeout=30)
+    deadline = time.time() + 10
+    while _running(tree) and time.time() < deadline:
+        time.sleep(0.1)
+    left = _running(tree)
+    for pid in left:  # do not leave them to the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"still running 10 s after the launcher's group was killed: {left}"
     assert _record(run)["pid"] == trainer_pid  # left behind by the kill
-    second = _trainer(run)
+    second = _trainer(run, "train.max_steps=8", *extra[1:])
     out, err = second.communicate(timeout=600)
     assert second.returncode == 0, err[-3000:]
     assert f"{run}: taking over a stale lock of dspark train (pid {trainer_pid} on {socket.gethostname()}" in err
-    assert "resuming from" in out
+    assert "resuming from" in out + err
     assert not lock_path(run).exists() and (run / "final" / "model.safetensors").is_file()
 
 
 def test_a_group_of_only_zombies_counts_as_stopped():
     """A rank that exited but was never reaped (orphaned to an init that does not reap) keeps `killpg(pgid, 0)`
     succeeding for ever; the interrupted launcher must not wait on it."""
-    from dspark_train.runlock import _group_alive
+    from dspark_train.runlock import _live_groups, _processes
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"], start_new_session=True)
-    assert _group_alive(child.pid)
+    assert _live_groups({child.pid}, _processes()) == {child.pid}
     deadline = time.time() + 30
-    while "Z" not in Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1][:3]:  # exited, not reaped
+    while _stat(child.pid)[0] != "Z":  # exited, not reaped
         assert time.time() < deadline
         time.sleep(0.05)
     os.killpg(child.pid, 0)  # the zombie still answers for its group
-    assert not _group_alive(child.pid)
+    assert not _live_groups({child.pid}, _processes())
     child.wait()
-    with pytest.raises(ProcessLookupError):
-        _group_alive(child.pid)
+    assert not _live_groups({child.pid}, {})  # without /proc: no member left at all
