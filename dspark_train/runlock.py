@@ -332,16 +332,18 @@ def tie_to_launcher() -> None:
     """A trainer's first act (dspark_train/train.py): die with its parent when `dspark train` started it, directly
     (its parent is the launcher, which already tied it) or as a rank of accelerate's agent (its parent is the
     agent, tied to the launcher; torch starts ranks in sessions of their own, out of reach of any group signal).
-    A trainer whose launcher had already ended before the tie stops here. Nothing to do without a launcher, on
-    another machine than the launcher's (a multi-node launch copies the environment), or off Linux."""
+    A trainer whose launcher had already ended before the tie stops here (tied first, checked after: no gap).
+    Nothing to do without a launcher, on another machine than the launcher's (a multi-node launch copies the
+    environment), under a live launcher that is not an ancestor (ranks started through ssh), or off Linux."""
     try:
         launcher = json.loads(os.environ.get(LAUNCHER_ENV) or "null")
     except ValueError:
         return
     if not isinstance(launcher, dict) or RunLock._elsewhere(launcher) or not die_with_parent():
         return
-    if launcher.get("pid") not in _ancestors(os.getpid()):
-        raise SystemExit(f"error: dspark train (pid {launcher.get('pid')}), which started this trainer, has ended")
+    pid = launcher.get("pid")
+    if pid not in _ancestors(os.getpid()) and not (isinstance(pid, int) and _alive(pid, launcher.get("proc_start"))):
+        raise SystemExit(f"error: dspark train (pid {pid}), which started this trainer, has ended")
 
 
 class Stopped(KeyboardInterrupt):
@@ -375,7 +377,8 @@ def run_tied(cmd: list[str], env: Optional[dict] = None, cwd: Union[str, Path, N
     die (`die_with_parent`; it learns our pid through LAUNCHER_ENV, for its own children to check), and when we are
     stopped (Ctrl-C, SIGTERM, SIGHUP) we stop it and the processes it started, and re-raise only once they are
     all gone."""
-    env = {**(os.environ if env is None else env), LAUNCHER_ENV: json.dumps({"pid": os.getpid(), **_namespace()})}
+    me = {"pid": os.getpid(), "proc_start": _proc_start(os.getpid()), **_namespace()}
+    env = {**(os.environ if env is None else env), LAUNCHER_ENV: json.dumps(me)}
     with stop_signals():
         proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, preexec_fn=_tie_to(os.getpid()))
         try:

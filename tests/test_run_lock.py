@@ -15,7 +15,7 @@ import pytest
 
 from dspark_train.cli import main as cli_main
 from dspark_train.layout import lock_path
-from dspark_train.runlock import TOKEN_ENV, LockError, RunLock
+from dspark_train.runlock import LAUNCHER_ENV, TOKEN_ENV, LockError, RunLock, _namespace, _proc_start
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
@@ -428,6 +428,56 @@ def _running(tree: dict[int, str]) -> list[int]:
         if stat[0] != "Z" and stat[19] == start:
             out.append(pid)
     return out
+
+
+def _launched_by(pid: int) -> dict:
+    """The environment `dspark train` (pid) gives the trainer it starts (runlock.run_tied)."""
+    return {**ENV, LAUNCHER_ENV: json.dumps({"pid": pid, "proc_start": _proc_start(pid), **_namespace()})}
+
+
+def test_a_rank_dies_with_the_agent_that_started_it_in_a_session_of_its_own():
+    """[S2] 5: torch's agent starts each rank with start_new_session=True, out of reach of the launcher's group
+    signal. A rank ties itself to the agent at its start (tie_to_launcher): a SIGKILLed agent takes it along.
+    (The launcher here is this test's process; the agent is tied to it by run_tied in real use.)"""
+    rank = ("import time; from dspark_train.runlock import tie_to_launcher\n"
+            "tie_to_launcher(); print('tied', flush=True); time.sleep(60)\n")
+    agent = ("import subprocess, sys, time\n"
+             f"r = subprocess.Popen([sys.executable, '-c', {rank!r}], start_new_session=True)\n"
+             "print(r.pid, flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", agent], cwd=REPO, env=_launched_by(os.getpid()),
+                            stdout=subprocess.PIPE, text=True)
+    rank_pid = int(proc.stdout.readline())
+    assert proc.stdout.readline().strip() == "tied"
+    tree = _tree(proc.pid)
+    assert rank_pid in tree
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while _running(tree) and time.time() < deadline:
+        time.sleep(0.05)
+    left = _running(tree)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "the rank outlived its agent"
+
+
+def test_a_trainer_whose_launcher_has_already_ended_does_not_start():
+    """Tied first, checked after: a trainer whose launcher died before the tie stops at once; one started through
+    another path (ssh, a live launcher that is not its ancestor) or without a launcher trains on."""
+    code = "from dspark_train.runlock import tie_to_launcher; tie_to_launcher(); print('training')"
+    ended = _ended_pid()
+    p = subprocess.run([sys.executable, "-c", code], env={**_launched_by(os.getpid()), LAUNCHER_ENV: json.dumps(
+        {"pid": ended, "proc_start": 1, **_namespace()})}, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stdout == "", p.stdout
+    assert p.stderr.strip() == f"error: dspark train (pid {ended}), which started this trainer, has ended"
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for env in (_launched_by(sibling.pid), ENV):
+            p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            assert p.returncode == 0 and p.stdout == "training\n", p.stderr
+    finally:
+        sibling.kill()
+        sibling.wait()
 
 
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
