@@ -57,10 +57,9 @@ def cmd_data(args):
 
 def cmd_train(args):
     import os
-    import subprocess
 
     from .training.launch import build_launch_command
-    from .runlock import run_holding_lock
+    from .runlock import run_holding_lock, run_tied
     recipe = _load(args)
     cmd = build_launch_command(recipe, args.recipe, args.overrides)
     print("$ " + " ".join(cmd), flush=True)
@@ -68,7 +67,7 @@ def cmd_train(args):
         return
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if recipe.distributed.machine_rank != 0:  # machine 0 of a multi-node run holds the lock; the others write nothing
-        raise SystemExit(subprocess.call(cmd, env=env))
+        raise SystemExit(run_tied(cmd, env, what="the trainer"))
     raise SystemExit(run_holding_lock(cmd, env, recipe.resolve_path(recipe.train.output_dir), "dspark train"))
 
 

@@ -2,17 +2,20 @@
 
 Each stage is the `dspark` command a user would type, printed before it runs; finished stages are reused on a
 rerun. Everything lands under runs/demo/. DEMO_FAST=1 runs a few-minute smoke version (used by one CI test).
+A stage never outlives the demo (runlock.run_tied): stopped (Ctrl-C, SIGTERM as `make` passes it on, SIGHUP), the
+demo stops the running stage, waits for it and exits 128 + the signal; killed, it takes the stage with it.
 """
 from __future__ import annotations
 
 import os
-import subprocess
+import signal
 import sys
 import time
 from pathlib import Path
 
 from .config import REPO_ROOT, load_recipe
 from .layout import REPORT_JSON, REPORT_MD, WEIGHTS, RunDir, read_json
+from .runlock import run_tied, stop_signals
 
 RECIPE = "recipes/smollm2_135m.yaml"
 BENCHMARKS = "gsm8k,mt-bench,humaneval,mbpp"
@@ -34,7 +37,7 @@ def run(cmd: list[str]) -> None:
     shown = " ".join(["dspark"] + cmd[3:]) if cmd[1:3] == ["-m", "dspark_train.cli"] else " ".join(cmd)
     print(f"\n$ {shown}", flush=True)
     start = time.perf_counter()
-    rc = subprocess.call(cmd, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    rc = run_tied(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=REPO_ROOT, what="the stage")
     if rc != 0:
         print(f"demo: stage failed (exit {rc}): {shown}", file=sys.stderr)
         raise SystemExit(rc)
@@ -54,6 +57,16 @@ def _recommend(report_file: Path) -> str:
 
 
 def main() -> int:
+    try:
+        with stop_signals():
+            return demo()
+    except KeyboardInterrupt as e:  # the running stage has ended (run_tied)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"demo: stopped ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
+
+
+def demo() -> int:
     fast = os.environ.get("DEMO_FAST", "") not in ("", "0")
     run_dir = Path(os.environ.get("DEMO_DIR", "runs/demo-fast" if fast else "runs/demo"))
     root = run_dir if run_dir.is_absolute() else REPO_ROOT / run_dir

@@ -228,6 +228,18 @@ def test_batched_ragged_verify_equals_generate(small):
     assert bt.steps[-1]["requests"] < len(ps)
 
 
+def test_retrospective_scheduler_is_refused_under_sampling(small):
+    """[S2] 4: early_stop=False admits lengths after seeing the drafts (biased under sampling, Appendix A): the
+    public generate_batch refuses it at temperature > 0 and keeps it for greedy, where any length is exact."""
+    dec = SpeculativeDecoder(small, make_drafter(small))
+    ps = prompts(2, 16, seed=3)
+    sps = SPSProfile([1, 4, 8, 16, 32], [1.0, 0.97, 0.9, 0.75, 0.5])
+    with pytest.raises(ValueError, match=r"early_stop=False with temperature=0.8: .*biases sampled output"):
+        dec.generate_batch(ps, 8, temperature=0.8, seed=0, sps=sps, early_stop=False)
+    bt = dec.generate_batch(ps, 8, eos_token_id=[], sps=sps, early_stop=False)
+    assert [tr.tokens for tr in bt.requests] == [hf_greedy(small, p, 8) for p in ps]
+
+
 # ---------------------------------------------------------------------- traces and the adaptive policy
 def test_trace_records_what_calibration_needs(small):
     dec = SpeculativeDecoder(small, make_drafter(small))

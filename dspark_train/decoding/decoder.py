@@ -339,7 +339,13 @@ class SpeculativeDecoder:
         else from `conf_threshold` (stop at the first calibrated survival below it), else the full chain.
         The KV cache is right-padded per row and re-gathered every round so each row's committed slots are
         0..len-1; a 4-D mask hides padding. Drafter states are per request (batch 1 each).
+        `early_stop=False` (the retrospective scheduler) is for greedy decoding only: under sampling it biases
+        the output (scheduler.py, paper Appendix A), so it is refused when temperature > 0.
         """
+        if not early_stop and temperature > 0:
+            raise ValueError(f"generate_batch: early_stop=False with temperature={temperature}: the retrospective "
+                             "scheduler picks lengths after seeing the drafts, which biases sampled output "
+                             "(paper, Appendix A); use early_stop=True, or temperature=0")
         chain = self.policies["chain"]
         policy = TreePolicy.chain(self.gamma, 0.0, chain.maps)
         _, params, eos, gen = self._setup("chain", policy, temperature, top_p, top_k, eos_token_id, seed, generator,

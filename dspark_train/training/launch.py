@@ -1,10 +1,12 @@
 """How a training run is launched: the process command and the DeepSpeed plugins.
 
 `dspark train` runs `build_launch_command`'s command: plain python for one process, else `accelerate launch`
-with a bundled or user accelerate config. Inside the launched trainer, `deepspeed_plugins` builds accelerate's
-two DeepSpeed plugins from the launch environment: "drafter" (the launch's ZeRO-2/3 config, with the recipe's
-batch, accumulation and clipping written in) and "target" (ZeRO-3 inference, the frozen target sharded). Mixed
-precision and the target dtype resolve through hardware.py (`auto`: bf16 only where the hardware computes it).
+with a bundled or user accelerate config, tied to itself (runlock.run_tied; each rank ties itself to accelerate's
+agent at its start, runlock.tie_to_launcher): no trainer or rank outlives the `dspark train` that started it.
+Inside the launched trainer, `deepspeed_plugins` builds accelerate's two DeepSpeed plugins from the launch
+environment: "drafter" (the launch's ZeRO-2/3 config, with the recipe's batch, accumulation and clipping written
+in) and "target" (ZeRO-3 inference, the frozen target sharded). Mixed precision and the target dtype resolve
+through hardware.py (`auto`: bf16 only where the hardware computes it).
 """
 from __future__ import annotations
 
