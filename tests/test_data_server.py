@@ -1,6 +1,8 @@
 """`dspark data --server`: an OpenAI-compatible stub on loopback that answers from the messages it receives and
 misbehaves on demand (429, 500, hangs, malformed bodies, dropped connections, another model, dying mid-run)."""
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -15,6 +17,8 @@ from dspark_train.config import RecipeError, load_recipe
 from dspark_train.target import _build_tiny_tokenizer, load_tokenizer
 
 from conftest import REGEN_PROMPTS as PROMPTS
+from conftest import REPO
+REPO_TINY = REPO / "recipes" / "tiny.yaml"
 ANSWERED = ["p0", "p1", "p3", "p5"]
 
 
@@ -22,9 +26,9 @@ class Stub:
     """Answers "re <last user message>" (cut at max_tokens, then finish_reason "length") with the tiny tokenizer's
     ids + EOS. Actions per request: `by_prompt[last user message]` first, then `script` (FIFO), then `default`."""
 
-    def __init__(self, models=("tiny",), default="ok", delay=0.0, die_after=None):
-        self.tok, self.models, self.default = _build_tiny_tokenizer(), list(models), default
-        self.delay, self.die_after = delay, die_after
+    def __init__(self, models=("tiny",), default="ok", delay=0.0, die_after=None, tok=None, hang=5.0):
+        self.tok, self.models, self.default = tok or _build_tiny_tokenizer(), list(models), default
+        self.delay, self.die_after, self.hang, self.answer_model = delay, die_after, hang, None
         self.script, self.by_prompt, self.requests, self.auth = [], {}, [], []
         self.inflight = self.max_inflight = 0
         self.lock, self.release, self.closed = threading.Lock(), threading.Event(), False
@@ -67,10 +71,10 @@ class Stub:
             if dying:  # no answer, then nobody listens any more
                 h.close_connection = True
                 threading.Thread(target=self.close).start()
-            elif action in ("429", "500", "400"):
+            elif action in ("429", "500", "400", "401"):
                 self.send(h, int(action), {"error": {"message": f"stub says {action}", "code": int(action)}})
             elif action == "hang":
-                self.release.wait(5)
+                self.release.wait(self.hang)
             elif action == "bad_json":
                 self.send(h, 200, None, raw=b'{"choices": [')
             elif action == "no_choices":
@@ -100,7 +104,8 @@ class Stub:
                   "finish_reason": "length" if cut else "stop", "token_ids": token_ids}
         if action == "no_ids":
             del choice["token_ids"]
-        return {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"], "choices": [choice],
+        return {"id": "chatcmpl-1", "object": "chat.completion", "model": self.answer_model or body["model"],
+                "choices": [choice],
                 "usage": {"prompt_tokens": 1, "completion_tokens": len(token_ids), "total_tokens": 1 + len(token_ids)}}
 
     def close(self):
@@ -153,7 +158,8 @@ def test_server_path_writes_the_in_process_format_conditions_turns_and_checks_to
     out = R.run_data(recipe)
     recs = D.read_jsonl(out)
     assert [r["id"] for r in recs] == ANSWERED  # prompt order, whatever order they finished in
-    assert all(set(r) == {"id", "category", "conversations", "finished", "n_tokens"} for r in recs)
+    assert all(set(r) == {"id", "category", "conversations", "finished", "n_tokens", "sampling"} for r in recs)
+    assert all(r["sampling"] == {"temperature": 0.7, "top_p": 0.95, "top_k": 0} for r in recs)
     p0, p3 = recs[0], recs[2]
     assert p0["conversations"] == [{"role": "user", "content": "Say hi."},
                                    {"role": "assistant", "content": "re Say hi."}]
@@ -165,6 +171,9 @@ def test_server_path_writes_the_in_process_format_conditions_turns_and_checks_to
     assert p3["conversations"][3] == {"role": "assistant", "content": "re Shorter."}
     assert second["seed"] == R._seed_of(0, "p3:1") and second["temperature"] == 0.7 and second["top_p"] == 0.95
     assert second["max_tokens"] == 16 and second["model"] == "tiny" and second["return_token_ids"] is True
+    # the recipe's law and nothing else (top_k off: -1), stopping where the tiny ChatML template's turn ends
+    assert (second["top_k"], second["min_p"], second["repetition_penalty"]) == (-1, 0.0, 1.0)
+    assert second["stop_token_ids"] == [stub.tok.convert_tokens_to_ids("<|im_end|>")]
     fails = _failures(out)
     assert set(fails) == {"bad", "long"} and fails["long"].startswith(R.SKIPPED) and "max_seq_len" in fails["long"]
     assert "token identity: 4 of 4 server answers re-tokenise to the server's own ids (0.0% mismatch)" in \
@@ -339,3 +348,87 @@ def test_concurrency_is_bounded_in_flight_and_in_the_queue(stub, make_recipe, mo
 def test_server_settings_are_range_checked_naming_the_key(repo, override):
     with pytest.raises(RecipeError, match=f"tiny.yaml: {override.split('=')[0]}: must"):
         load_recipe(repo / "recipes" / "tiny.yaml", [override])
+
+
+# --------------------------------------------------------------------------- where a turn ends, which law, which model
+@pytest.mark.parametrize("top_k, sent", [(0, -1), (7, 7)])
+def test_server_is_asked_for_the_recipes_law_and_the_targets_end_of_turn(make_recipe, eot_tokenizer_dir, top_k, sent):
+    """A tokenizer whose EOS is not its end of turn (Llama-3 style): the server is told to stop at both, the ids the
+    in-process path stops at; the law is the recipe's, top_k included (left out, vLLM takes the model's
+    generation_config and transformers its default 50: two laws from one recipe)."""
+    tok = load_tokenizer(load_recipe(REPO_TINY, [f"target.tokenizer={eot_tokenizer_dir}"]).target)
+    stub = Stub(tok=tok)
+    try:
+        out = R.run_data(make_recipe(stub.url, f"target.tokenizer={eot_tokenizer_dir}", f"data.top_k={top_k}",
+                                     "data.temperature=0.5", "data.top_p=0.8"))
+    finally:
+        stub.close()
+    eos, eot = tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")
+    assert {tuple(b["stop_token_ids"]) for b in stub.requests} == {(eos, eot)} and eos != eot
+    assert {(b["temperature"], b["top_p"], b["top_k"], b["min_p"], b["repetition_penalty"]) for b in stub.requests} \
+        == {(0.5, 0.8, sent, 0.0, 1.0)}
+    recs = D.read_jsonl(out)
+    assert [r["id"] for r in recs] == ANSWERED
+    assert all(r["sampling"] == {"temperature": 0.5, "top_p": 0.8, "top_k": top_k} for r in recs)
+
+
+def test_an_answer_from_another_model_stops_the_run_naming_both(stub, make_recipe):
+    stub.answer_model = "someone-else"
+    with pytest.raises(RecipeError, match="the answer comes from model 'someone-else', not 'tiny' as asked; .*the "
+                                          "run stopped"):
+        R.run_data(make_recipe(stub.url))
+    assert not D.read_jsonl(D.output_path(make_recipe(stub.url)))
+
+
+# --------------------------------------------------------------------------- prompt exits
+def _workers_gone(within: float) -> bool:
+    end = time.monotonic() + within
+    for t in [t for t in threading.enumerate() if t.name.startswith("dspark-data")]:
+        t.join(max(0.0, end - time.monotonic()))
+    return not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("dspark-data"))
+
+
+def test_a_hanging_server_is_given_up_at_the_deadline(make_recipe):
+    """Every try times out: the retries stop at data.server.deadline, not after (max_retries + 1) × timeout."""
+    stub = Stub(default="hang", hang=30)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RecipeError, match=r"no answer (within data.server.timeout=0.5s|before data.server."
+                                              r"deadline=1.2s) \(tried [23] times(; data.server.deadline=1.2s "
+                                              r"reached)?\); the run stopped"):
+            R.run_data(make_recipe(stub.url, "data.server.timeout=0.5", "data.server.max_retries=10",
+                                   "data.server.deadline=1.2"))
+        assert time.monotonic() - t0 < 4  # 11 tries of 0.5 s without the deadline
+        assert _workers_gone(2)
+    finally:
+        stub.close()
+
+
+def test_a_fatal_error_cuts_the_requests_in_flight(make_recipe):
+    """One prompt's request hangs, the other's is refused (401: fatal): the run stops, and the hanging request's
+    worker ends at once instead of holding the process (its threads are joined at exit) up to data.server.timeout."""
+    stub = Stub(hang=30, delay=0.3)  # the refusal comes once the hanging request is in flight
+    stub.by_prompt = {"question 0": ["hang"], "question 1": ["401"]}
+    prompts = [{"id": f"q{i}", "turns": [f"question {i}"]} for i in range(2)]
+    try:
+        with pytest.raises(RecipeError, match="HTTP 401: stub says 401; the run stopped"):
+            R.run_data(make_recipe(stub.url, "data.server.timeout=30", prompts=prompts))
+        assert _workers_gone(3)
+    finally:
+        stub.close()
+
+
+def test_ctrl_c_cuts_the_requests_in_flight(make_recipe):
+    stub = Stub(default="hang", hang=30)
+
+    def interrupt():
+        while stub.inflight < 2:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)  # a terminal's Ctrl-C: the main thread waiting on the workers
+    threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            R.run_data(make_recipe(stub.url, "data.server.timeout=30"))
+        assert _workers_gone(3)
+    finally:
+        stub.close()

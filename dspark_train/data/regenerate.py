@@ -25,13 +25,13 @@ from typing import Iterator, Optional
 import torch
 
 from .capture import Captured, open_staging, publish
-from .chat import conversation_ids, prompt_ids
+from .chat import conversation_ids, prompt_ids, stop_token_ids
 from ..config import Recipe, RecipeError
 from .feature_cache import encode
 from .examples import (conversations_paths, load_conversations, load_prompts, output_path, prompt_turns, read_jsonl,
                        write_jsonl_atomic)
 from ..runlock import holds_lock
-from ..target import PromptTooLong, load_tokenizer
+from ..target import PromptTooLong, load_generation_config, load_tokenizer
 
 
 def parse_shard(shard) -> tuple[int, int]:
@@ -60,22 +60,40 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def sampling_law(data_cfg) -> dict:
+    """The recipe's law for the answers (data.temperature, data.top_k, data.top_p), as every record stores it and
+    both paths apply it: in-process `generate` and the server's request."""
+    return {"temperature": data_cfg.temperature, "top_p": data_cfg.top_p, "top_k": data_cfg.top_k}
+
+
+def _hf_sampling(law: dict) -> dict:
+    """`generate` arguments that sample `law` and nothing else: what transformers would add on its own (top_k=50 by
+    default, or the model's generation_config: a top_k, a repetition penalty, min_p, ...) is switched off."""
+    off = dict(repetition_penalty=None, no_repeat_ngram_size=None, min_p=None, typical_p=None, epsilon_cutoff=None,
+               eta_cutoff=None, top_h=None)
+    if law["temperature"] <= 0:
+        return dict(do_sample=False, temperature=None, top_p=None, top_k=None, **off)
+    return dict(do_sample=True, temperature=law["temperature"], top_p=law["top_p"], top_k=law["top_k"] or None, **off)
+
+
+def _cut(row: list[int], stops) -> tuple[list[int], bool]:
+    """A generated row up to its first stop token (not kept) → (answer, finished)."""
+    end = next((i for i, t in enumerate(row) if t in stops), None)
+    return (row, False) if end is None else (row[:end], True)
+
+
 @torch.no_grad()
-def _generate(target, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int,
-              record: bool) -> tuple[list[tuple[list[int], bool]], Optional[Captured]]:
+def _generate(target, prompts: list[list[int]], max_new_tokens: int, law: dict, seed: int, record: bool
+              ) -> tuple[list[tuple[list[int], bool]], Optional[Captured]]:
     tok = target.tokenizer
+    stops = stop_token_ids(tok, target.model.generation_config)
     ids, mask = _left_pad(prompts, tok.pad_token_id)
     torch.manual_seed(seed)
-    sample = temperature > 0
     with target.recording() if record else nullcontext([]) as calls:
         out = target.model.generate(
             input_ids=ids.to(target.device), attention_mask=mask.to(target.device), max_new_tokens=max_new_tokens,
-            do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, return_dict_in_generate=True)
-    results = []
-    for row in out.sequences[:, ids.shape[1]:].tolist():
-        finished = tok.eos_token_id in row
-        results.append((row[: row.index(tok.eos_token_id)] if finished else row, finished))
+            pad_token_id=tok.pad_token_id, eos_token_id=stops, return_dict_in_generate=True, **_hf_sampling(law))
+    results = [_cut(row, set(stops)) for row in out.sequences[:, ids.shape[1]:].tolist()]
     if not record:
         return results, None
     rows = torch.cat(calls, 1)
@@ -83,11 +101,12 @@ def _generate(target, prompts: list[list[int]], max_new_tokens: int, temperature
     return results, Captured(rows, out.cache, columns, (1 - mask).sum(1).tolist())
 
 
-def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int = 0) -> list[tuple[list[int], bool]]:
-    """One batched `generate` call with left padding (greedy when temperature is 0) → (new tokens, finished
-    at EOS) per prompt."""
-    return _generate(target, prompts, max_new_tokens, temperature, top_p, seed, record=False)[0]
+def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, law: Optional[dict] = None,
+                   seed: int = 0) -> list[tuple[list[int], bool]]:
+    """One batched `generate` call with left padding, sampling `law` (`sampling_law`; None: greedy) and stopping
+    where the target's turn ends (`chat.stop_token_ids`) → (new tokens, finished) per prompt."""
+    law = law or {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    return _generate(target, prompts, max_new_tokens, law, seed, record=False)[0]
 
 
 def _seed_of(seed: int, key: str) -> int:
@@ -96,10 +115,16 @@ def _seed_of(seed: int, key: str) -> int:
 
 def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> tuple[list[dict], list]:
     """Answer every user turn of each prompt in turn. Returns output records (success or `error`) and, with
-    data.capture_features, [(id, rows [tokens, m+1, d])] of the trainer's sequence of each answered prompt."""
+    data.capture_features, [(id, rows [tokens, m+1, d]) on the host] of the trainer's sequence of each answered
+    prompt.
+
+    Peak memory of a capture: one turn's `generate` over the batch, its KV cache (2 · layers · kv_heads · head_dim
+    values per column of the padded batch) and recorded rows [B, columns, m+1, d] on the target's device, plus the
+    host rows of the conversations finished so far. A conversation's rows are taken (to the host) in the turn that
+    finishes it, and every turn's cache dies with its turn (`_answer_turn`)."""
     tok, data_cfg = target.tokenizer, recipe.data
-    record = data_cfg.capture_features
-    states = []
+    law = sampling_law(data_cfg)
+    states, features = [], []
     for p in batch:
         try:
             states.append({"p": p, "turns": prompt_turns(p["raw"]), "msgs": [], "finished": True, "error": None})
@@ -121,38 +146,8 @@ def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> tuple[list[d
                     s["error"] = f"{SKIPPED}{e} (data.max_new_tokens={data_cfg.max_new_tokens})"
             encoded.append(ids)
         live_ok = [(s, ids) for s, ids in zip(live, encoded) if not s["error"]]
-        if not live_ok:
-            continue
-        seed = _seed_of(data_cfg.seed, f"{live_ok[0][0]['p']['id']}:{turn}")
-        try:
-            outs, cap = _generate(target, [ids for _, ids in live_ok], data_cfg.max_new_tokens,
-                                  data_cfg.temperature, data_cfg.top_p, seed, record)
-            where = [(cap, b) for b in range(len(live_ok))]
-        except Exception:  # noqa: BLE001 — isolate the failing prompt(s): retry one at a time
-            outs, where = [], []
-            for s, ids in live_ok:
-                try:
-                    one, cap = _generate(target, [ids], data_cfg.max_new_tokens, data_cfg.temperature,
-                                         data_cfg.top_p, seed, record)
-                    outs.append(one[0])
-                    where.append((cap, 0))
-                except Exception as e:  # noqa: BLE001
-                    s["error"] = f"generate failed: {type(e).__name__}: {e}"
-                    outs.append(None)
-                    where.append((None, 0))
-        for (s, _), o, w in zip(live_ok, outs, where):
-            s["captured"] = w  # the last turn's generate ran over the whole conversation
-            if o is None:
-                continue
-            new, finished = o
-            text = tok.decode(new, skip_special_tokens=True).strip()
-            if not text:
-                s["error"] = "empty answer"
-                continue
-            s["msgs"].append({"role": "assistant", "content": text})
-            s["finished"] = s["finished"] and finished
-            s["n_tokens"] = s.get("n_tokens", 0) + len(new)
-    features = _features(target, [s for s in states if not s["error"]], recipe) if record else []
+        if live_ok:
+            features += _answer_turn(target, live_ok, turn, recipe, law)
     records = []
     for s in states:
         p = s["p"]
@@ -160,16 +155,56 @@ def _regenerate_batch(target, batch: list[dict], recipe: Recipe) -> tuple[list[d
             records.append({"id": p["id"], "error": s["error"]})
         else:
             records.append({"id": p["id"], "category": p["category"], "conversations": s["msgs"],
-                            "finished": s["finished"], "n_tokens": s["n_tokens"]})
+                            "finished": s["finished"], "n_tokens": s["n_tokens"], "sampling": law})
     return records, features
 
 
-def _features(target, states: list[dict], recipe: Recipe) -> list[tuple[str, torch.Tensor]]:
-    """Rows of each answered prompt's trainer sequence (`chat.conversation_ids`, cut at data.max_seq_len),
-    from what its last turn's `generate` captured (one short forward per capture for the tokens it never fed)."""
+def _answer_turn(target, live_ok: list[tuple[dict, list[int]]], turn: int, recipe: Recipe, law: dict
+                 ) -> list[tuple[str, torch.Tensor]]:
+    """User turn `turn` of the live conversations: one batched `generate` (one prompt at a time when it fails,
+    to isolate the prompt at fault), the answers appended. With data.capture_features, returns the host rows of
+    the conversations this turn finishes: what the turn's `generate` computed (its KV cache, its recorded rows)
+    is not referenced once this returns."""
+    tok, data_cfg = target.tokenizer, recipe.data
+    record = data_cfg.capture_features
+    seed = _seed_of(data_cfg.seed, f"{live_ok[0][0]['p']['id']}:{turn}")
+    try:
+        outs, cap = _generate(target, [ids for _, ids in live_ok], data_cfg.max_new_tokens, law, seed, record)
+        where = [(cap, b) for b in range(len(live_ok))]
+    except Exception:  # noqa: BLE001 — isolate the failing prompt(s): retry one at a time
+        outs, where = [], []
+        for s, ids in live_ok:
+            try:
+                one, cap = _generate(target, [ids], data_cfg.max_new_tokens, law, seed, record)
+                outs.append(one[0])
+                where.append((cap, 0))
+            except Exception as e:  # noqa: BLE001
+                s["error"] = f"generate failed: {type(e).__name__}: {e}"
+                outs.append(None)
+                where.append((None, 0))
+    for (s, _), o in zip(live_ok, outs):
+        if o is None:
+            continue
+        new, finished = o
+        text = tok.decode(new, skip_special_tokens=True).strip()
+        if not text:
+            s["error"] = "empty answer"
+            continue
+        s["msgs"].append({"role": "assistant", "content": text})
+        s["finished"] = s["finished"] and finished
+        s["n_tokens"] = s.get("n_tokens", 0) + len(new)
+    if not record:
+        return []
+    last = [(s, w) for (s, _), w in zip(live_ok, where) if not s["error"] and turn == len(s["turns"]) - 1]
+    return _features(target, last, recipe)
+
+
+def _features(target, done: list[tuple[dict, tuple]], recipe: Recipe) -> list[tuple[str, torch.Tensor]]:
+    """Host rows of each finished conversation's trainer sequence (`chat.conversation_ids`, cut at
+    data.max_seq_len), from what its last turn's `generate` captured (one short forward per capture for the
+    tokens it never fed)."""
     by_capture: dict[int, list] = {}
-    for s in states:
-        cap, b = s["captured"]
+    for s, (cap, b) in done:
         ids, _ = conversation_ids(target.tokenizer, s["msgs"], recipe.data.max_seq_len)
         by_capture.setdefault(id(cap), [cap, {}])[1][b] = (s["p"]["id"], ids)
     out = []
@@ -177,7 +212,7 @@ def _features(target, states: list[dict], recipe: Recipe) -> list[tuple[str, tor
         seqs = [rows[b][1] if b in rows else None for b in range(cap.columns.shape[0])]
         for b, r in enumerate(cap.sequence_rows(target, seqs)):
             if r is not None:
-                out.append((rows[b][0], r))
+                out.append((rows[b][0], r.cpu()))
     return out
 
 
@@ -203,11 +238,12 @@ def same_tokens(tok, messages: list[dict], token_ids: list[int]) -> bool:
     return ours[:len(theirs)] == theirs and not tok.decode(ours[len(theirs):], skip_special_tokens=True).strip()
 
 
-def _answer_via_server(client, model: str, p: dict, recipe: Recipe, tok, tok_lock) -> tuple[dict, list]:
+def _answer_via_server(client, model: str, p: dict, recipe: Recipe, tok, tok_lock, stops: list[int]
+                       ) -> tuple[dict, list]:
     """Every user turn of one prompt in order, each conditioned on the server's own earlier answers → (output
     record, [(messages through each answer, the server's token ids)])."""
     from .openai_client import ServerError
-    data_cfg = recipe.data
+    data_cfg, law = recipe.data, sampling_law(recipe.data)
     try:
         turns = prompt_turns(p["raw"])
     except (ValueError, TypeError, KeyError) as e:
@@ -221,8 +257,8 @@ def _answer_via_server(client, model: str, p: dict, recipe: Recipe, tok, tok_loc
             return {"id": p["id"], "error": f"{SKIPPED}prompt is {n} tokens, longer than data.max_seq_len="
                                             f"{data_cfg.max_seq_len}"}, []
         try:
-            c = client.chat(model, msgs, data_cfg.max_new_tokens, data_cfg.temperature, data_cfg.top_p,
-                            _seed_of(data_cfg.seed, f"{p['id']}:{turn}"), data_cfg.server.token_check > 0)
+            c = client.chat(model, msgs, data_cfg.max_new_tokens, law, _seed_of(data_cfg.seed, f"{p['id']}:{turn}"),
+                            stops, data_cfg.server.token_check > 0)
         except ServerError as e:
             if e.fatal:
                 raise
@@ -231,7 +267,7 @@ def _answer_via_server(client, model: str, p: dict, recipe: Recipe, tok, tok_loc
         answers.append((list(msgs), c.token_ids))
         finished, n_tokens = finished and c.finished, n_tokens + c.n_tokens
     return {"id": p["id"], "category": p["category"], "conversations": msgs, "finished": finished,
-            "n_tokens": n_tokens}, answers
+            "n_tokens": n_tokens, "sampling": law}, answers
 
 
 class _TokenCheck:
@@ -280,7 +316,8 @@ class _TokenCheck:
         self.size = 0
 
 
-def _server_records(recipe: Recipe, client, model: str, todo: list[dict], tok) -> Iterator[list[dict]]:
+def _server_records(recipe: Recipe, client, model: str, todo: list[dict], tok, stops: list[int]
+                    ) -> Iterator[list[dict]]:
     """Output records as prompts finish on data.server (concurrency prompts in flight: a bounded window, never a
     task per prompt). Records wait until the token check is through, so a mismatched server writes nothing. A
     server that stops answering ends the run with one line; what was written stays, the rest is the rerun's."""
@@ -294,7 +331,7 @@ def _server_records(recipe: Recipe, client, model: str, todo: list[dict], tok) -
     try:
         while True:
             for p in prompts:
-                pending.add(pool.submit(_answer_via_server, client, model, p, recipe, tok, tok_lock))
+                pending.add(pool.submit(_answer_via_server, client, model, p, recipe, tok, tok_lock, stops))
                 if len(pending) >= cfg.concurrency:
                     break
             if not pending:
@@ -327,7 +364,7 @@ def _server_records(recipe: Recipe, client, model: str, todo: list[dict], tok) -
             print(f"the server failed {failed} prompts ({malformed} malformed responses); recorded as failures, "
                   "retried on the next run")
     finally:
-        client.stop.set()  # requests still in flight stop retrying; their prompts are the rerun's
+        client.close()  # requests in flight are cut, none is retried: their prompts are the rerun's
         pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -391,8 +428,12 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
             client, model = connect(recipe)  # an unreachable server or another model: one line, nothing touched
             print(f"answering through {client.base} (model {model!r}, {recipe.data.server.concurrency} requests in "
                   "flight)")
-            tok = target.tokenizer if target is not None else load_tokenizer(recipe.target)
-            batches = ((recs, []) for recs in _server_records(recipe, client, model, todo, tok))
+            if target is not None:
+                tok, stops = target.tokenizer, stop_token_ids(target.tokenizer, target.model.generation_config)
+            else:
+                tok = load_tokenizer(recipe.target)
+                stops = stop_token_ids(tok, load_generation_config(recipe.target))
+            batches = ((recs, []) for recs in _server_records(recipe, client, model, todo, tok, stops))
         else:
             if target is None:
                 from ..target import load_target
