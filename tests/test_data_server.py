@@ -1,5 +1,6 @@
 """`dspark data --server`: an OpenAI-compatible stub on loopback that answers from the messages it receives and
 misbehaves on demand (429, 500, hangs, malformed bodies, dropped connections, another model, dying mid-run)."""
+import importlib.util
 import json
 import os
 import signal
@@ -9,10 +10,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from dspark_train import cli
 from dspark_train.data import examples as D
 from dspark_train.data import regenerate as R
+from dspark_train.data.chat import prompt_ids, stop_token_ids
 from dspark_train.config import RecipeError, load_recipe
 from dspark_train.target import _build_tiny_tokenizer, load_tokenizer
 
@@ -432,3 +435,64 @@ def test_ctrl_c_cuts_the_requests_in_flight(make_recipe):
         assert _workers_gone(3)
     finally:
         stub.close()
+
+
+# ------------------------------------------------------------------- make data-server-check's sampled comparison
+def _server_check():
+    spec = importlib.util.spec_from_file_location("data_server_check", REPO / "eval" / "data_server_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class SamplingStub(Stub):
+    """Answers by sampling the tiny target itself under the request's temperature, top_k and top_p (a sampler of
+    its own, not transformers'), stopping at its stop_token_ids; `ignore_top_k`: a server sampling another law."""
+
+    def __init__(self, target, ignore_top_k=False):
+        super().__init__(tok=target.tokenizer)
+        self.target, self.ignore_top_k, self.model_lock, self.logits = target, ignore_top_k, threading.Lock(), {}
+
+    def answer(self, body, action):
+        from dspark_train.data.chat import prompt_ids
+        gen, new = torch.Generator().manual_seed(body["seed"]), []
+        top_k, top_p = body.get("top_k", -1), body.get("top_p", 1.0)  # what a server does with what it is not sent
+        stops = body.get("stop_token_ids") or [self.tok.eos_token_id]
+        with self.model_lock, torch.no_grad():
+            ids = prompt_ids(self.tok, body["messages"])
+            while len(new) < body["max_tokens"] and not (new and new[-1] in stops):
+                key = tuple(ids + new)  # one forward per distinct prefix: few under top_k
+                if key not in self.logits:
+                    self.logits[key] = self.target.model(torch.tensor([key])).logits[0, -1].double()
+                logits = self.logits[key] / body["temperature"]
+                if top_k > 0 and not self.ignore_top_k:
+                    logits[logits < logits.topk(top_k).values[-1]] = -float("inf")
+                probs, order = logits.softmax(-1).sort(descending=True)
+                keep = probs.cumsum(0) - probs < top_p  # the smallest head holding top_p of the mass
+                new.append(int(order[keep][torch.multinomial(probs[keep], 1, generator=gen)]))
+            text = self.tok.decode(new, skip_special_tokens=True)
+        stopped = new[-1] in stops
+        return {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"], "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "token_ids": new,
+             "finish_reason": "stop" if stopped else "length"}]}
+
+
+@pytest.mark.parametrize("ignore_top_k", [False, True])
+def test_sampled_comparison_passes_the_same_law_and_catches_another(tiny_target, ignore_top_k):
+    """`make data-server-check`'s sampled comparison against a server sampling the same target: with the law
+    `dspark data` sends (chat_body) it passes; a server that drops top_k is caught."""
+    check = _server_check()
+    stub, law, n, positions = SamplingStub(tiny_target, ignore_top_k), {"temperature": 1.0, "top_p": 0.9, "top_k": 3}, \
+        80, 2
+    client = check.Client(stub.url, timeout=30, max_retries=0, backoff=0, headers=check.JSON)
+    stops = stop_token_ids(tiny_target.tokenizer, tiny_target.model.generation_config)
+    pvalues = []
+    try:
+        for i, text in enumerate(["Say hi.", "What is 2+3?"]):
+            msgs = [{"role": "user", "content": text}]
+            theirs = check.sample_via_server(client, "tiny", msgs, law, n, positions, stops, concurrency=2)
+            ours = R.generate_batch(tiny_target, [prompt_ids(tiny_target.tokenizer, msgs)] * n, positions, law, seed=i)
+            pvalues += check.sampled_pvalues(ours, theirs, positions)
+    finally:
+        stub.close()
+    assert (min(pvalues) * len(pvalues) >= 0.01) != ignore_top_k, pvalues
