@@ -10,6 +10,7 @@ from dspark_train.data import regenerate as R
 from dspark_train.data import vocab as V
 from dspark_train.data.chat import conversation_ids, prompt_ids, stop_token_ids
 from dspark_train.config import load_recipe
+from dspark_train.evaluation.evaluate import generation_kwargs
 from dspark_train.target import load_target, load_tokenizer
 
 CONVS = [
@@ -262,6 +263,9 @@ def test_answers_stop_where_the_targets_turn_ends_not_at_eos_only(tmp_path, repo
     rec = D.read_jsonl(R.run_data(recipe, target=target))[0]
     assert rec["conversations"][1]["content"] == tok.decode(plain[:k], skip_special_tokens=True).strip()
     assert rec["finished"] and rec["n_tokens"] == k
+    # `dspark eval` (plain decoding and the speculative decoder it is compared with) stops at the same ids
+    assert generation_kwargs(target)["eos_token_id"] == stop_token_ids(tok, model.generation_config) == [
+        tok.eos_token_id, eot]
 
 
 def test_in_process_sampling_is_the_recipes_law_alone(tmp_path, repo, tiny_target, monkeypatch):
