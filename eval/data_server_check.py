@@ -44,7 +44,8 @@ from dspark_train.config import TargetConfig, load_recipe  # noqa: E402
 from dspark_train.data.examples import load_prompts, output_path, prompt_turns, read_jsonl  # noqa: E402
 from dspark_train.hardware import cpu_info  # noqa: E402
 from dspark_train.data.openai_client import Client, ServerError, chat_body  # noqa: E402
-from dspark_train.data.regenerate import _part_path, generate_batch, sampling_law  # noqa: E402
+from dspark_train.data.generate import generate_batch, sampling_law  # noqa: E402
+from dspark_train.data.regenerate import _part_path  # noqa: E402
 from dspark_train.target import load_tokenizer  # noqa: E402
 from dspark_train.target import cache_root, load_generation_config, load_target, pypi_target_dir  # noqa: E402
 

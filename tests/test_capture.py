@@ -8,6 +8,7 @@ import torch
 
 from dspark_train.config import RecipeError, load_recipe
 from dspark_train.data import examples as D
+from dspark_train.data import generate as G
 from dspark_train.data import regenerate as R
 from dspark_train.data.capture import open_staging
 from dspark_train.data.feature_cache import FeatureSource, decode, encode, open_cache
@@ -101,7 +102,7 @@ def test_no_generate_cache_outlives_its_turn(tmp_path, repo, tiny_target, monkey
     assert alive == [[], [False]] and caches[1]() is None
     # an answer cut by data.max_seq_len inside what generate fed: its rows are a slice of the batch's
     batch = [{"id": "one", "category": "chat", "raw": prompts[0]}, {"id": "x", "category": "chat", "raw": prompts[0]}]
-    _, features = R._regenerate_batch(tiny_target, batch, _recipe(tmp_path, repo, "float32", "data.max_seq_len=28"))
+    _, features = G.answer_batch(tiny_target, batch, _recipe(tmp_path, repo, "float32", "data.max_seq_len=28"))
     assert [rows.shape[0] for _, rows in features] == [28, 28]
     assert all(rows.untyped_storage().nbytes() == rows.numel() * rows.element_size() for _, rows in features)
 

@@ -14,6 +14,8 @@ import torch
 
 from dspark_train import cli
 from dspark_train.data import examples as D
+from dspark_train.data import from_server as S
+from dspark_train.data import generate as G
 from dspark_train.data import regenerate as R
 from dspark_train.data.chat import prompt_ids, stop_token_ids
 from dspark_train.config import RecipeError, load_recipe
@@ -172,13 +174,13 @@ def test_server_path_writes_the_in_process_format_conditions_turns_and_checks_to
     second = next(b for b in stub.requests if len(b["messages"]) == 3)
     assert second["messages"][1] == p3["conversations"][1] == {"role": "assistant", "content": "re Tell me a sto"}
     assert p3["conversations"][3] == {"role": "assistant", "content": "re Shorter."}
-    assert second["seed"] == R._seed_of(0, "p3:1") and second["temperature"] == 0.7 and second["top_p"] == 0.95
+    assert second["seed"] == G.seed_of(0, "p3:1") and second["temperature"] == 0.7 and second["top_p"] == 0.95
     assert second["max_tokens"] == 16 and second["model"] == "tiny" and second["return_token_ids"] is True
     # the recipe's law and nothing else (top_k off: -1), stopping where the tiny ChatML template's turn ends
     assert (second["top_k"], second["min_p"], second["repetition_penalty"]) == (-1, 0.0, 1.0)
     assert second["stop_token_ids"] == [stub.tok.convert_tokens_to_ids("<|im_end|>")]
     fails = _failures(out)
-    assert set(fails) == {"bad", "long"} and fails["long"].startswith(R.SKIPPED) and "max_seq_len" in fails["long"]
+    assert set(fails) == {"bad", "long"} and fails["long"].startswith(G.SKIPPED) and "max_seq_len" in fails["long"]
     assert "token identity: 4 of 4 server answers re-tokenise to the server's own ids (0.0% mismatch)" in \
         capsys.readouterr().out
     # a rerun asks the server for nothing new
@@ -193,9 +195,9 @@ def test_same_tokens_is_the_trainers_tokenisation(tiny_recipe, tiny_target):
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ab"},
             {"role": "user", "content": "r"}, {"role": "assistant", "content": "cd"}]
     ids = tok.encode("cd", add_special_tokens=False)
-    assert R.same_tokens(tok, msgs, ids + [tok.eos_token_id]) and R.same_tokens(tok, msgs, ids)  # stopped / cut
-    assert not R.same_tokens(tok, msgs, tok.encode("ab", add_special_tokens=False))
-    assert not R.same_tokens(tok, msgs, ids[:1])  # the text holds more than the server generated
+    assert S.same_tokens(tok, msgs, ids + [tok.eos_token_id]) and S.same_tokens(tok, msgs, ids)  # stopped / cut
+    assert not S.same_tokens(tok, msgs, tok.encode("ab", add_special_tokens=False))
+    assert not S.same_tokens(tok, msgs, ids[:1])  # the text holds more than the server generated
 
 
 def test_token_mismatch_refuses_before_writing_anything(stub, make_recipe, capsys):
@@ -297,7 +299,7 @@ def test_api_key_comes_from_the_named_variable_and_is_never_written(stub, make_r
 
 
 def test_a_server_failing_every_prompt_stops_the_run(stub, make_recipe, monkeypatch):
-    monkeypatch.setattr(R, "GIVE_UP_AFTER", 3)
+    monkeypatch.setattr(S, "GIVE_UP_AFTER", 3)
     stub.default = "400"
     prompts = [{"id": f"q{i}", "turns": [f"question {i}"]} for i in range(10)]
     with pytest.raises(RecipeError, match="the last 3 prompts all failed on the server .*HTTP 400: stub says 400"):
@@ -330,14 +332,14 @@ def test_server_dying_mid_run_resumes_without_losing_or_duplicating(make_recipe)
 def test_concurrency_is_bounded_in_flight_and_in_the_queue(stub, make_recipe, monkeypatch):
     submitted, outstanding = [], [0]
 
-    class Pool(R.ThreadPoolExecutor):
+    class Pool(S.ThreadPoolExecutor):
         def submit(self, *a, **k):
             outstanding[0] += 1
             submitted.append(outstanding[0])
             fut = super().submit(*a, **k)
             fut.add_done_callback(lambda _: outstanding.__setitem__(0, outstanding[0] - 1))
             return fut
-    monkeypatch.setattr(R, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(S, "ThreadPoolExecutor", Pool)
     stub.delay = 0.05
     prompts = [{"id": f"q{i}", "turns": [f"question {i}"]} for i in range(12)]
     R.run_data(make_recipe(stub.url, "data.server.concurrency=3", prompts=prompts))
@@ -491,7 +493,7 @@ def test_sampled_comparison_passes_the_same_law_and_catches_another(tiny_target,
         for i, text in enumerate(["Say hi.", "What is 2+3?"]):
             msgs = [{"role": "user", "content": text}]
             theirs = check.sample_via_server(client, "tiny", msgs, law, n, positions, stops, concurrency=2)
-            ours = R.generate_batch(tiny_target, [prompt_ids(tiny_target.tokenizer, msgs)] * n, positions, law, seed=i)
+            ours = G.generate_batch(tiny_target, [prompt_ids(tiny_target.tokenizer, msgs)] * n, positions, law, seed=i)
             pvalues += check.sampled_pvalues(ours, theirs, positions)
     finally:
         stub.close()

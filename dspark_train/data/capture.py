@@ -11,7 +11,7 @@ the padding and whatever a finished row fed after its end masked out. Where the 
 ones (an answer that re-tokenises otherwise), the forward continues from the last shared token, so every stored
 row is what the target computes for the trainer's own sequence.
 
-A `Captured` lives for one user turn (`regenerate._answer_turn`): the conversations that turn finishes take their
+A `Captured` lives for one user turn (`generate._answer_turn`): the conversations that turn finishes take their
 rows to the host, then its KV cache and batch rows are dropped. Peak: one turn's cache and rows [B, columns, m+1, d]
 on the device (Mistral-7B's shape, 16 × 2k columns in bf16: 4 GiB of cache, 1.5 GiB of rows with 5 feature layers),
 plus the host rows of the batch's finished conversations; no cache is held to the end of the batch.
