@@ -9,7 +9,7 @@ from dspark_train.data import examples as D
 from dspark_train.data import regenerate as R
 from dspark_train.data import vocab as V
 from dspark_train.data.chat import conversation_ids, prompt_ids, stop_token_ids
-from dspark_train.config import load_recipe
+from dspark_train.config import RecipeError, load_recipe
 from dspark_train.evaluation.evaluate import generation_kwargs
 from dspark_train.target import load_target, load_tokenizer
 
@@ -290,3 +290,9 @@ def test_in_process_sampling_is_the_recipes_law_alone(tmp_path, repo, tiny_targe
         assert built and all(b == [("TemperatureLogitsWarper", None), *want, ("TopPLogitsWarper", None)]
                              for b in built)
         assert recs and all(r["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": top_k} for r in recs)
+    # resuming that output under another law would mix two laws in one file
+    D.write_jsonl_atomic(D.output_path(recipe), recs[:1])
+    with pytest.raises(RecipeError, match=r"data.temperature/top_k/top_p: .*out.jsonl holds answers sampled with "
+                                          r"\{'temperature': 0.7, 'top_p': 0.9, 'top_k': 5\} \(id 'p0'\), this "
+                                          r"recipe samples \{'temperature': 0.7, 'top_p': 0.9, 'top_k': 0\}"):
+        R.run_data(_gen_recipe(tmp_path / "5", repo, "data.temperature=0.7", "data.top_p=0.9"), target=tiny_target)

@@ -140,9 +140,9 @@ class Client:
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # refused, reset, cut mid-answer
             why = getattr(e, "reason", e)  # urllib wraps what the socket raised
             if isinstance(why, TimeoutError):
-                why = (f"within data.server.timeout={self.timeout:g}s" if timeout >= self.timeout else
-                       f"before data.server.deadline={self.deadline:g}s")
-                raise ServerError(f"no answer {why}", fatal=True) from None
+                limit = (f"within data.server.timeout={self.timeout:g}s" if timeout >= self.timeout else
+                         f"before data.server.deadline={self.deadline:g}s")
+                raise ServerError(f"no answer {limit}", fatal=True) from None
             raise ServerError(f"connection failed ({type(why).__name__}: {why})", fatal=True) from None
         finally:
             with self._lock:
@@ -220,7 +220,7 @@ class Client:
 def chat_body(model: str, messages: list[dict], max_tokens: int, law: dict, seed: int, stop_token_ids: list[int],
               token_ids: bool = True) -> dict:
     """The request of one chat completion rendered with the server's own chat template, sampled by `law` (the
-    recipe's temperature, top_k, top_p: regenerate.sampling_law) and nothing else, stopping at `stop_token_ids`
+    recipe's temperature, top_k, top_p: generate.sampling_law) and nothing else, stopping at `stop_token_ids`
     (chat.stop_token_ids: where the target's turn ends). top_k, min_p, repetition_penalty and stop_token_ids are
     sent explicitly (vLLM and SGLang extensions): left out, the server takes them from the model's
     generation_config, and then samples another law than the in-process path."""

@@ -23,7 +23,7 @@ from .feature_cache import encode
 from .examples import (conversations_paths, load_conversations, load_prompts, output_path, read_jsonl,
                        write_jsonl_atomic)
 from .from_server import server_records
-from .generate import SKIPPED, answer_batch
+from .generate import SKIPPED, answer_batch, sampling_law
 from .openai_client import connect
 from ..runlock import holds_lock
 from ..target import load_generation_config, load_tokenizer
@@ -70,6 +70,18 @@ def _shard_complete(out: Path, prompts: list[dict], i: int, n: int) -> bool:
     return all(p["id"] in seen for p in prompts[i::n])
 
 
+def _check_one_law(recipe: Recipe, out: Path, n: int) -> None:
+    """A resumed run adds to what is there: refuse when that was sampled by another law than the recipe's (answers
+    written before records carried their `sampling` are taken as the recipe's)."""
+    law = sampling_law(recipe.data)
+    for path in [out] + [_part_path(out, k, n) for k in range(n)]:
+        other = next((r for r in read_jsonl(path) if r.get("sampling", law) != law), None)
+        if other:
+            raise RecipeError(f"{recipe.source}: data.temperature/top_k/top_p: {path} holds answers sampled with "
+                              f"{other['sampling']} (id {other['id']!r}), this recipe samples {law}; one output holds "
+                              "one law: set data.output to another file, or the law back")
+
+
 @holds_lock(lambda recipe, shard=None, target=None: _part_path(output_path(recipe), *parse_shard(shard)),
             "dspark data")  # shards run side by side: each holds its own part file
 def run_data(recipe: Recipe, shard=None, target=None) -> Path:
@@ -93,6 +105,7 @@ def run_data(recipe: Recipe, shard=None, target=None) -> Path:
     prompts = load_prompts(recipe)
     mine = prompts[i::n]
     part = _part_path(out, i, n)
+    _check_one_law(recipe, out, n)
     done = {r["id"] for r in read_jsonl(out) + read_jsonl(part) if "error" not in r}
     todo = [p for p in mine if p["id"] not in done]
     print(f"shard {i}/{n}: {len(mine)} prompts, {len(mine) - len(todo)} already done, {len(todo)} to generate")
