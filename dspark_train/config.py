@@ -115,6 +115,7 @@ class ServerConfig:
     concurrency: int = 16  # requests in flight
     timeout: float = 600.0  # seconds a request may wait for the server's answer
     max_retries: int = 5  # per request, on 429 / 5xx / connection errors / timeouts
+    deadline: float = 1200.0  # seconds one request may take in all, its retries and their backoff included
     backoff: float = 1.0  # first retry delay in seconds, doubled per retry (jittered)
     token_check: int = 32  # first N answers: does re-tokenising the text give the server's token ids? 0: not asked
     # refuse to go on when more of those N answers than this share differ: a sampled answer is often a sequence the
@@ -142,8 +143,11 @@ class DataConfig:
     heldout: int = 64  # conversations held out for evaluation and calibration
     max_prompts: Optional[int] = None
     max_new_tokens: int = 256
+    # the sampling law of the answers, the same in-process and through a server, recorded in every record:
+    # temperature (0 = greedy), then top_k (0 = off), then top_p; nothing else (no model-default penalties)
     temperature: float = 0.7
     top_p: float = 0.95
+    top_k: int = 0
     gen_batch_size: int = 8
     seed: int = 0
     # keep the target's features of the answers `dspark data` generates where the trainer's feature cache looks
@@ -376,7 +380,8 @@ def _validate(r: Recipe, src: str) -> None:
                "train.keep_checkpoints train.eval_every train.log_every train.num_threads distributed.num_processes "
                "distributed.num_machines calibrate.prompts calibrate.batch_size calibrate.max_new_tokens "
                "calibrate.max_nodes calibrate.max_width calibrate.profile_context", 1, ">="),
-              ("drafter.mask_token_id data.heldout data.length_group_batches data.temperature data.vocab_sample_seqs "
+              ("drafter.mask_token_id data.heldout data.length_group_batches data.temperature data.top_k "
+               "data.vocab_sample_seqs "
                "train.weight_decay "
                "train.ce_weight train.l1_weight train.conf_weight calibrate.texts", 0, ">="),
               ("train.lr train.grad_clip train.decay_lambda train.max_minutes", 0, ">"))
@@ -397,6 +402,7 @@ def _validate(r: Recipe, src: str) -> None:
     for key, ok, need in (("concurrency", srv.concurrency >= 1, ">= 1"),
                           ("max_retries", srv.max_retries >= 0, ">= 0"),
                           ("timeout", math.isfinite(srv.timeout) and srv.timeout > 0, "> 0"),
+                          ("deadline", math.isfinite(srv.deadline) and srv.deadline > 0, "> 0"),
                           ("backoff", math.isfinite(srv.backoff) and srv.backoff >= 0, ">= 0"),
                           ("token_check", srv.token_check >= 0, ">= 0"),
                           ("max_token_mismatch", 0 <= srv.max_token_mismatch <= 1, "in [0, 1]")):

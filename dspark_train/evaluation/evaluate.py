@@ -22,7 +22,7 @@ import transformers
 from tqdm import tqdm
 
 from ..artifacts.reader import load_artifact, resolve_artifact
-from ..data.chat import prompt_ids, user_messages
+from ..data.chat import prompt_ids, stop_token_ids, user_messages
 from ..config import REPO_ROOT, DataConfig, RecipeError, TargetConfig, load_recipe
 from ..decoding import SpeculativeDecoder
 from ..decoding.decoder import MODES
@@ -220,10 +220,10 @@ def artifact_name(artifact: str, taken: Sequence[str]) -> str:
 
 # --------------------------------------------------------------------------- methods
 def generation_kwargs(target, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> dict:
-    """transformers `generate` arguments for plain decoding with the harness's sampling settings."""
+    """transformers `generate` arguments for plain decoding with the harness's sampling settings, stopping where
+    `dspark data` stops (chat.stop_token_ids: the target's end of turn too)."""
     tok = target.tokenizer
-    kw = dict(pad_token_id=tok.pad_token_id,
-              eos_token_id=target.model.generation_config.eos_token_id or tok.eos_token_id)
+    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=stop_token_ids(tok, target.model.generation_config))
     if temperature > 0:
         kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
     else:
