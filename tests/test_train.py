@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,6 +272,18 @@ def test_muon_resume_matches_uninterrupted(repo, tmp_path):
     for s in range(11, 21):
         assert b[s]["train/loss"] == pytest.approx(a[s]["train/loss"], rel=1e-5), s
     assert a[20]["train/lr"] < a[10]["train/lr"]  # the schedule reaches Muon's groups too
+
+
+def test_a_shipped_accelerate_config_finds_its_deepspeed_json_from_any_directory(tmp_path, monkeypatch, repo):
+    """[O3] zero2.yaml names recipes/accelerate/ds_zero2.json, which `accelerate launch` finds from the checkout's
+    root; from anywhere else the trainer reads the shipped file; any other path is taken as given."""
+    from dspark_train import shipped
+    name = "recipes/accelerate/ds_zero2.json"
+    monkeypatch.chdir(repo)
+    assert shipped.deepspeed_file(name) == Path(name)
+    monkeypatch.chdir(tmp_path)
+    assert shipped.deepspeed_file(name) == shipped.accelerate_dir() / "ds_zero2.json"
+    assert shipped.deepspeed_file("my/ds.json") == Path("my/ds.json")
 
 
 def test_launch_command(repo):
