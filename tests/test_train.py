@@ -292,7 +292,7 @@ def test_launch_command(repo):
         sys.executable, "-m", "dspark_train.train", "recipes/tiny.yaml", "--set", "train.lr=1e-3"]
     r = load_recipe(repo / "recipes" / "tiny.yaml", ["distributed.num_processes=4", "distributed.zero_stage=3"])
     cmd = build_launch_command(r, "x.yaml")
-    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[cmd.index("--config_file") + 1].endswith(
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--quiet"] and cmd[cmd.index("--config_file") + 1].endswith(
         "recipes/accelerate/zero3.yaml") and cmd[cmd.index("--num_processes") + 1] == "4"
     assert cmd[-3:] == ["-m", "dspark_train.train", "x.yaml"]
     r = load_recipe(repo / "recipes" / "tiny.yaml", ["distributed.num_processes=16", "distributed.num_machines=2",

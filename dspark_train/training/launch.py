@@ -36,7 +36,8 @@ def build_launch_command(recipe: Recipe, recipe_path, overrides=()) -> list[str]
         multi, bundled = dist.num_machines > 1, shipped.accelerate_dir()
         config = bundled / ("multi_node.yaml" if multi else f"zero{dist.zero_stage}.yaml")
         ds = ["--deepspeed_config_file", str(bundled / f"ds_zero{dist.zero_stage}.json")] if multi else []
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *ds,
+    # --quiet: the trainer has printed its error; accelerate's launcher adds no traceback of its own after it
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(config), *ds,
            "--num_processes", str(dist.num_processes), "--num_machines", str(dist.num_machines)]
     if dist.num_machines > 1:
         if not dist.main_process_ip:
