@@ -524,6 +524,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
 
 
 def recipe_to_yaml(recipe: Recipe, notes: Sequence[str] = ()) -> str:
-    """The recipe as YAML; `notes` become leading comment lines (a run records what `auto` resolved to)."""
+    """The recipe as YAML; `notes` become leading comment lines (a run records what `auto` resolved to). A shipped
+    input file is written as its path among the shipped files (`accelerate/zero2.yaml`), which loading finds on any
+    machine; other read paths stay absolute."""
     from .recipe_codec import DECLARATION  # `accelerate launch <run>/recipe.yaml` runs it again
-    return DECLARATION + "\n" + "".join(f"# {n}\n" for n in notes) + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    d, ours = recipe.to_dict(), shipped.folder().resolve()
+    for key in INPUT_FILES:
+        section, name = key.split(".")
+        if d[section][name] and Path(d[section][name]).is_relative_to(ours):
+            d[section][name] = Path(d[section][name]).relative_to(ours).as_posix()
+    return DECLARATION + "\n" + "".join(f"# {n}\n" for n in notes) + yaml.safe_dump(d, sort_keys=False)

@@ -111,6 +111,7 @@ def test_relative_paths_read_beside_the_recipe_and_write_under_the_current_direc
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "recipe.yaml").write_text(recipe_to_yaml(r))
+    assert "accelerate_config: accelerate/zero2.yaml\n" in recipe_to_yaml(r)  # shipped: found on any machine
     again = load_recipe(tmp_path / "run" / "recipe.yaml")
     for key in ("data.root", "target.config_path", "distributed.accelerate_config"):
         section, name = key.split(".")
