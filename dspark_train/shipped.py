@@ -34,7 +34,7 @@ def recipe(name: str) -> Optional[Path]:
     """The shipped recipe called `name` (`tiny` or `tiny.yaml`), or None."""
     if "/" in name or "\\" in name:
         return None
-    stem = name[: -len(Path(name).suffix)] if name.endswith(SUFFIXES) else name
+    stem = Path(name).stem if name.endswith(SUFFIXES) else name
     path = folder() / f"{stem}.yaml"
     return path if stem and path.is_file() else None
 
