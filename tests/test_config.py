@@ -20,11 +20,11 @@ BASE = "target:\n  config: {hidden_size: 32}\n"
     ("train:\n  lr: fast\n", "train.lr: expected a float, got 'fast'"),
     ("train:\n  lrr: 0.1\n", "train.lrr: unknown key"),
     ("trian:\n  lr: 0.1\n", "trian: unknown key"),
-    ("drafter:\n  head: lstm\n", "drafter.head: expected one of ['markov', 'rnn', 'none'], got 'lstm'"),
+    ("drafter:\n  head: lstm\n", "drafter.head: expected one of markov, rnn, none, got 'lstm'"),
     ("drafter:\n  block_size: 1\n", "drafter.block_size: must be >= 2"),
     ("train:\n  max_steps: 2.5\n", "train.max_steps: expected an int, got 2.5"),
     ("train:\n  warmup_ratio: 1.5\n", "train.warmup_ratio: must be in [0, 1)"),
-    ("logging:\n  trackers: [mlflow]\n", "logging.trackers: unknown tracker 'mlflow'"),
+    ("logging:\n  trackers: [mlflow]\n", "logging.trackers: unknown 'mlflow' (known: wandb, tensorboard)"),
     ("distributed:\n  accelerate_config: nope.yaml\n", "distributed.accelerate_config: file not found: nope.yaml"),
     ("train: [1, 2]\n", "train: expected a mapping"),
     ("data:\n  heldout: true\n", "data.heldout: expected an int, got True"),
@@ -136,3 +136,60 @@ def test_a_recipe_argument_is_a_file_or_the_name_of_a_shipped_recipe(tmp_path, m
     with pytest.raises(RecipeError, match=r"^nope: recipe file not found, and no shipped recipe of that name "
                                           r"\(shipped: .*smollm2_135m, .*tiny\)$"):
         load_recipe("nope")
+
+
+def test_a_settings_rules_live_on_its_field():
+    """[O3] `setting` carries bounds, choices and non-emptiness; `check_settings` walks every field, a nested section
+    too, refuses NaN/infinity anywhere and names the key the caller's way (recipe key or flag)."""
+    from dataclasses import dataclass, field
+    from typing import Optional
+
+    from dspark_train.config import check_settings, setting
+
+    @dataclass
+    class Inner:
+        rate: float = setting(0.5, ge=0, le=1)
+
+    @dataclass
+    class Outer:
+        count: Optional[int] = setting(None, ge=1)
+        kind: str = setting("a", choices=("a", "b"))
+        sizes: list[int] = setting([1], gt=0, nonempty=True)
+        names: list[str] = setting([], choices=("x", "y"))
+        inner: Inner = field(default_factory=Inner)
+
+    def error(**kw) -> str:
+        o = Outer(**{k: v for k, v in kw.items() if k != "rate"})
+        o.inner.rate = kw.get("rate", 0.5)
+        with pytest.raises(RecipeError) as e:
+            check_settings(o, lambda key: f"f.yaml: s.{key}")
+        return str(e.value)
+
+    check_settings(Outer(), lambda key: key)  # defaults pass, None is "not set"
+    assert Outer().sizes is not Outer().sizes  # a list default is copied
+    assert error(count=0) == "f.yaml: s.count: must be >= 1, got 0"
+    assert error(kind="c") == "f.yaml: s.kind: expected one of a, b, got 'c'"
+    assert error(sizes=[]) == "f.yaml: s.sizes: must not be empty, got []"
+    assert error(sizes=[2, 0]) == "f.yaml: s.sizes: must all be > 0, got [2, 0]"
+    assert error(names=["x", "z"]) == "f.yaml: s.names: unknown 'z' (known: x, y)"
+    assert error(rate=1.5) == "f.yaml: s.inner.rate: must be in [0, 1], got 1.5"
+    assert error(rate=float("nan")) == "f.yaml: s.inner.rate: must be a finite number, got nan"
+    with pytest.raises(RecipeError, match=r"^--count: expected an int, got '5'$"):
+        check_settings(Outer(count="5"), lambda key: f"--{key}", coerce=True)
+
+
+def test_retired_export_keys_load_from_a_recorded_recipe_and_are_refused_where_set(tmp_path, repo):
+    """[O3] export.output_dir and export.private were never read: every run's recorded recipe.yaml lists them with
+    their defaults, and such a recipe still loads; a recipe that sets them gets one line naming the key and what to
+    do instead (before: accepted, and the push was public all the same)."""
+    text = (repo / "recipes" / "tiny.yaml").read_text().replace("export: {}", "export:\n  output_dir: null\n"
+                                                               "  repo_id: null\n  license: mit\n  private: false\n")
+    old = write(tmp_path, text)
+    assert load_recipe(old).export.license == "mit"
+    old.write_text(text.replace("private: false", "private: true"))
+    with pytest.raises(RecipeError, match=r"r.yaml: export.private: no longer a recipe key \(.*--private to `dspark "
+                                          r"push`\)$"):
+        load_recipe(old)
+    assert load_recipe(old, recorded=True).export.license == "mit"  # a run's record: history, read as it is
+    with pytest.raises(RecipeError, match=r"export.output_dir: no longer a recipe key \(.*`dspark export RUN OUT_DIR`"):
+        load_recipe(repo / "recipes" / "tiny.yaml", ["export.output_dir=somewhere"])

@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import DynamicCache
 
+from ..config import MODES
 from ..policy.calibration import read_calibration
 from .attention import use_row_exact_attention
 from .cache import gather_slots, keep_slots, select_rows
@@ -31,7 +32,6 @@ from .retune import policy_for_machine
 from .scheduler import SPSProfile, load_or_measure_sps, machine_key, prefix_schedule
 from .tree import COPY, DRAFTER, DraftTree, TreePolicy, accept_greedy, accept_sampling, draft_tree, tree_mask
 
-MODES = ("chain", "tree", "adaptive", "hybrid")
 SOURCE_NAMES = {DRAFTER: "drafter", COPY: "copy", DRAFTER | COPY: "both"}
 
 
