@@ -36,6 +36,7 @@ from pathlib import Path
 
 from dspark_train.hardware import cpu_info  # torch-free until a function asks
 from dspark_train.layout import write_atomic
+from dspark_train.runrecord import read_run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,9 +86,8 @@ def finished(run: Path, minutes: list[float]) -> bool:
     """A finished run of the same budget (its summary exists and its recipe asked for these points)."""
     if not (run / "train_summary.json").is_file() or not (run / "recipe.yaml").is_file():
         return False
-    import yaml
-    train = yaml.safe_load((run / "recipe.yaml").read_text()).get("train", {})
-    return train.get("max_minutes") == max(minutes) and train.get("eval_at_minutes") == [float(m) for m in minutes]
+    train = read_run(run).recipe.train
+    return train.max_minutes == max(minutes) and train.eval_at_minutes == [float(m) for m in minutes]
 
 
 def train_variant(name: str, overrides: list[str], args, threads: int) -> dict:
@@ -139,12 +139,11 @@ def read_points(run: Path, minutes: list[float]) -> list[dict]:
 
 def run_facts(run: Path) -> tuple:
     """(threads, finish time) of a run as it trained: a reused run may come from another invocation."""
-    import yaml
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text()) if (run / "recipe.yaml").is_file() else {}
+    threads = read_run(run).recipe.train.num_threads if (run / "recipe.yaml").is_file() else None
     summary = run / "train_summary.json"
     when = datetime.fromtimestamp(summary.stat().st_mtime, timezone.utc).isoformat(timespec="minutes") \
         if summary.is_file() else None
-    return (recipe.get("train") or {}).get("num_threads"), when
+    return threads, when
 
 
 def collect(args, results: list[dict], started: dict) -> dict:

@@ -167,7 +167,8 @@ def test_module_is_short_or_says_why(name):
 # --------------------------------------------------------------------------- the house by pipeline stage
 STAGES = ("data", "training", "calibration", "artifacts", "evaluation")  # the pipeline, in order
 FLOORS = ("policy", "drafters", "decoding")  # shared by the stages; import no stage
-GROUND = ("config", "layout", "hardware", "target", "runlock", "recipe_codec", "shipped")  # what everyone uses
+# what everyone uses
+GROUND = ("config", "layout", "hardware", "target", "runlock", "recipe_codec", "shipped", "runrecord")
 TOP = ("cli", "demo", "plan", "train")  # commands and entry points: they may import anything
 
 

@@ -26,13 +26,13 @@ from ..data.chat import prompt_ids, stop_token_ids, user_messages
 from ..config import RecipeError, TargetConfig, load_recipe
 from ..decoding import SpeculativeDecoder
 from ..hardware import AUTO_DTYPES, detect
-from ..layout import (ARTIFACT, CALIBRATION, CONFIG, FINAL, OUTPUTS, RECIPE, REPORT_JSON, REPORT_MD, DataFileError,
-                      iter_jsonl, read_json)
+from ..layout import ARTIFACT, CALIBRATION, FINAL, OUTPUTS, REPORT_JSON, REPORT_MD, DataFileError, iter_jsonl
 from .lossless import LosslessError, classify_divergences, verdict
 from .settings import BASELINES, BENCHMARKS, DECODER_BASELINES, EvalConfig
 from .report import (RoundStat, Sample, assemble, fastest_plain, lossless_errors, method_metrics,
                      render_markdown, speedup_over, write_outputs, write_report)
 from ..runlock import holds_lock
+from ..runrecord import target_of
 from ..target import PromptTooLong, load_target
 
 PLAIN = "plain"
@@ -110,22 +110,12 @@ def prompt_label(bench: Benchmark, i: int, turn: int) -> str:
 
 # --------------------------------------------------------------------------- loading
 def target_config(target: Optional[str], artifact: Path, dtype: Optional[str]) -> TargetConfig:
-    """`--target` as a recipe file or a model id/path; absent: the artifact's recipe, else its fingerprint.
-    `dtype` (when given) replaces the recipe's."""
+    """`--target` as a recipe file or a model id/path; absent: the artifact's (runrecord.target_of). `dtype` (when
+    given) replaces the recipe's."""
     if target is not None and Path(target).suffix in (".yaml", ".yml"):
         cfg = load_recipe(target).target
-    elif target is not None:
-        cfg = TargetConfig(model=target)
-    elif (artifact / RECIPE).is_file():  # only its target matters: other machines' paths must not fail
-        cfg = load_recipe(artifact / RECIPE, ["distributed.accelerate_config=null", "target.config_path=null"]).target
     else:
-        conf = artifact / CONFIG
-        if not conf.is_file():
-            raise FileNotFoundError(f"artifact {artifact}: {CONFIG} not found")
-        fp = read_json(conf).get("target_fingerprint") or {}
-        if not fp.get("model_id") or fp["model_id"].startswith("inline:"):
-            raise RecipeError(f"{conf}: target_fingerprint names no loadable model; pass --target")
-        cfg = TargetConfig(model=fp["model_id"], revision=fp.get("revision"))
+        cfg = TargetConfig(model=target) if target is not None else target_of(artifact)
     if dtype is not None:
         cfg.dtype = dtype
     return cfg

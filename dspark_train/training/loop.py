@@ -33,9 +33,10 @@ import torch
 from .checkpoint import Progress, gather_full_state, restore, save_checkpoint
 from ..config import Recipe, RecipeError, TrainConfig, exit_code, load_recipe, recipe_to_yaml
 from ..data.examples import (Batch, Example, GlobalOrder, conversations_paths, eval_batches, load_conversations,
-                             save_heldout_split, split_heldout, tokenize, train_batch)
+                             split_heldout, tokenize, train_batch)
 from ..data.feature_cache import FeatureSource, open_cache
 from ..hardware import record_lines, resolve_mixed_precision, run_record
+from ..runrecord import save_heldout_split
 from .launch import deepspeed_plugins
 from .logs import MetricsLog, show_step, step_record
 from ..layout import RunDir, replace_dir, staging_dir, write_atomic
