@@ -211,7 +211,7 @@ class DataConfig:
     skip_bad_lines: bool = False  # skip (and count) malformed lines of prompt/conversation files instead of failing
     # already regenerated answers: one file or a list of files (ids unique across them); null: `dspark data`'s output
     conversations: Optional[list[str]] = setting(["distill/smollm2-135m-instruct.jsonl"])
-    output: Optional[str] = None  # where `dspark data` writes; default <train.output_dir>/data.jsonl
+    output: Optional[str] = None  # where `dspark data` writes; default <run>/data.jsonl (run: train.output_dir)
     max_seq_len: int = setting(1024, ge=1)
     anchors_per_seq: int = setting(64, ge=1)
     # optimizer steps per length-sorted chunk of each epoch's order (data.GlobalOrder): batches of similar lengths
@@ -229,8 +229,12 @@ class DataConfig:
     top_k: int = setting(0, ge=0)
     gen_batch_size: int = setting(8, ge=1)
     seed: int = 0
+    # the target's features of the training sequences on disk (data/feature_cache.py), written by the trainer's first
+    # epoch or captured by `dspark data`, read by later epochs: off | bfloat16 | int8 (per-row scale) | float32
+    feature_cache: str = setting("off", choices=("off", "bfloat16", "int8", "float32"))
+    feature_cache_dir: Optional[str] = None  # None: <run>/feature_cache; a shared root, e.g. ~/.cache/dspark/features
     # keep the target's features of the answers `dspark data` generates where the trainer's feature cache looks
-    # (train.feature_cache format; train.feature_cache_dir or the run's own): training on them skips the target
+    # (data.feature_cache format; data.feature_cache_dir or the run's own): training on them skips the target
     capture_features: bool = False
     server: ServerConfig = field(default_factory=ServerConfig)  # `dspark data --server URL`
     # a pruned draft vocabulary ranks tokens by training-label counts (the regenerated answers are the target's own
@@ -270,9 +274,6 @@ class TrainConfig:
     conf_label: str = setting("soft", choices=("soft", "greedy"))
     decay_lambda: float = setting(4.0, gt=0)
     num_threads: Optional[int] = setting(None, ge=1)
-    # target features cached on disk for epochs >= 2 (feature_cache.py): off | bfloat16 | int8 (per-row scale) | float32
-    feature_cache: str = setting("off", choices=("off", "bfloat16", "int8", "float32"))
-    feature_cache_dir: Optional[str] = None  # None: <run>/feature_cache; a shared root, e.g. ~/.cache/dspark/features
 
 
 @dataclass
@@ -323,10 +324,14 @@ class ExportConfig:
     license: str = "apache-2.0"
 
 
-# retired keys: accepted where they hold the value they always had in effect (every run's recorded recipe.yaml
-# lists them so), refused with what to do instead where a recipe sets them
+# retired keys: dropped where they hold the value they always had in effect (every run's recorded recipe.yaml lists
+# them so); otherwise refused with what to do instead, except in a run's recorded recipe (history: read with a note,
+# a moved key's value under its new name)
 RETIRED = {"export.output_dir": (None, "it was never read; name the directory: `dspark export RUN OUT_DIR`"),
-           "export.private": (False, "it never reached the Hub; pass --private to `dspark push`")}
+           "export.private": (False, "it never reached the Hub; pass --private to `dspark push`"),
+           "train.feature_cache": ("off", "the data stage's now: set data.feature_cache"),
+           "train.feature_cache_dir": (None, "the data stage's now: set data.feature_cache_dir")}
+MOVED = {"train.feature_cache": "data.feature_cache", "train.feature_cache_dir": "data.feature_cache_dir"}
 
 
 @dataclass
@@ -345,6 +350,12 @@ class Recipe:
         d = dataclasses.asdict(self)
         d.pop("source")
         return d
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory (`train.output_dir`): where the trainer writes, and where `dspark data` writes and
+        captures by default, so the trainer finds them."""
+        return self.resolve_path(self.train.output_dir)
 
     def resolve_data_path(self, path: Optional[str]) -> Optional[Path]:
         """A data file (data.prompts, data.conversations): absolute, or relative to `data.root`."""
@@ -411,7 +422,30 @@ def _coerce(value: Any, tp, where: str):
     raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _build(cls, raw: dict, prefix: str, src: str, recorded: bool = False):
+def _retire(raw: dict, src: str, recorded: bool, overridden: set[str]) -> None:
+    """Take the RETIRED keys out of a raw recipe (see RETIRED)."""
+    for dotted, (was, instead) in RETIRED.items():
+        section, key = dotted.split(".")
+        node = raw.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value = node.pop(key)
+        if value == was:
+            continue
+        if not recorded or dotted in overridden:
+            raise RecipeError(f"{src}: {dotted}: no longer a recipe key ({instead})")
+        if dotted in MOVED:
+            new_section, new_key = MOVED[dotted].split(".")
+            if raw.get(new_section) is None:
+                raw[new_section] = {}
+            raw[new_section].setdefault(new_key, value)
+            print(f"note: {src}: {dotted}: read as {MOVED[dotted]} = {value!r} (a recipe now sets that key)",
+                  file=sys.stderr)
+        else:
+            print(f"note: {src}: {dotted}: {value!r} ignored, no longer a recipe key ({instead})", file=sys.stderr)
+
+
+def _build(cls, raw: dict, prefix: str, src: str):
     if not isinstance(raw, dict):
         raise RecipeError(f"{src}: {prefix}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -419,17 +453,12 @@ def _build(cls, raw: dict, prefix: str, src: str, recorded: bool = False):
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if dotted in RETIRED:
-            was, instead = RETIRED[dotted]
-            if value == was or recorded:
-                continue
-            raise RecipeError(f"{src}: {dotted}: no longer a recipe key ({instead})")
         if key not in fields:
             known = ", ".join(fields)
             raise RecipeError(f"{src}: {dotted}: unknown key (known: {known})")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, dotted, src, recorded)
+            kwargs[key] = _build(tp, value or {}, dotted, src)
             continue
         try:
             kwargs[key] = _coerce(value, tp, dotted)
@@ -456,7 +485,7 @@ def _validate(r: Recipe, src: str) -> None:
         bad("data.server.api_key_env", "expected the NAME of an environment variable in capitals, e.g. OPENAI_API_KEY")
     if r.data.capture_features:  # the trainer must look where the features go, in the format they are stored
         for key, ok, why in (
-                ("train.feature_cache", r.train.feature_cache != "off", "set the format to store them in (bfloat16, "
+                ("data.feature_cache", r.data.feature_cache != "off", "set the format to store them in (bfloat16, "
                                                                          "int8, float32)"),
                 ("data.conversations", not r.data.conversations, "captures what `dspark data` generates here; set it "
                                                                 "to null so the answers are regenerated"),
@@ -526,7 +555,7 @@ def _anchor(r: Recipe, path: Path, overridden: set[str], src: str, recorded: boo
 def load_recipe(path: str | Path, overrides: list[str] | tuple = (), recorded: bool = False) -> Recipe:
     """Load (a file, or a shipped recipe by name), override and validate a recipe. Raises RecipeError with a
     one-line message. `recorded`: the recipe a finished run recorded (runrecord.py reads it): retired keys are
-    dropped whatever they hold, input files absent on this machine become null."""
+    read with a note whatever they hold, input files absent on this machine become null."""
     path = find_recipe(path)
     src = str(path)
     try:
@@ -547,7 +576,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = (), recorded: b
             if not isinstance(node, dict):
                 raise RecipeError(f"{src}: --set {text}: {k} is not a section")
         node[keys[-1]] = value
-    recipe = _build(Recipe, raw, "", src, recorded)
+    _retire(raw, src, recorded, overridden)
+    recipe = _build(Recipe, raw, "", src)
     recipe.source = src
     _anchor(recipe, path, overridden, src, recorded)
     _validate(recipe, src)

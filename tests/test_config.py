@@ -178,10 +178,11 @@ def test_a_settings_rules_live_on_its_field():
         check_settings(Outer(count="5"), lambda key: f"--{key}", coerce=True)
 
 
-def test_retired_export_keys_load_from_a_recorded_recipe_and_are_refused_where_set(tmp_path, repo):
+def test_retired_export_keys_load_from_a_recorded_recipe_and_are_refused_where_set(tmp_path, repo, capsys):
     """[O3] export.output_dir and export.private were never read: every run's recorded recipe.yaml lists them with
     their defaults, and such a recipe still loads; a recipe that sets them gets one line naming the key and what to
-    do instead (before: accepted, and the push was public all the same)."""
+    do instead (before: accepted, and the push was public all the same); a run's record that set one loads with a
+    note saying it is ignored."""
     text = (repo / "recipes" / "tiny.yaml").read_text().replace("export: {}", "export:\n  output_dir: null\n"
                                                                "  repo_id: null\n  license: mit\n  private: false\n")
     old = write(tmp_path, text)
@@ -190,6 +191,38 @@ def test_retired_export_keys_load_from_a_recorded_recipe_and_are_refused_where_s
     with pytest.raises(RecipeError, match=r"r.yaml: export.private: no longer a recipe key \(.*--private to `dspark "
                                           r"push`\)$"):
         load_recipe(old)
+    capsys.readouterr()
     assert load_recipe(old, recorded=True).export.license == "mit"  # a run's record: history, read as it is
+    assert capsys.readouterr().err == (f"note: {old}: export.private: True ignored, no longer a recipe key (it never "
+                                       "reached the Hub; pass --private to `dspark push`)\n")
     with pytest.raises(RecipeError, match=r"export.output_dir: no longer a recipe key \(.*`dspark export RUN OUT_DIR`"):
         load_recipe(repo / "recipes" / "tiny.yaml", ["export.output_dir=somewhere"])
+
+
+def test_the_feature_cache_keys_moved_to_the_data_stage(tmp_path, repo, capsys):
+    """[O3] train.feature_cache(_dir) are data.feature_cache(_dir) now (`dspark data` captures into the cache, so
+    the data stage owns them): a recipe or --set naming the old key is refused saying which key to set; a run's
+    recorded recipe that set them loads with a note and the values under the new keys; the default (`off`, which
+    every recorded recipe lists) loads silently."""
+    text = (repo / "recipes" / "tiny.yaml").read_text().replace("train:\n", "train:\n  feature_cache: int8\n"
+                                                               "  feature_cache_dir: /somewhere/features\n")
+    old = write(tmp_path, text)
+    with pytest.raises(RecipeError, match=r"r.yaml: train.feature_cache: no longer a recipe key \(the data stage's "
+                                          r"now: set data.feature_cache\)$"):
+        load_recipe(old)
+    with pytest.raises(RecipeError, match=r"train.feature_cache_dir: no longer .*set data.feature_cache_dir\)$"):
+        load_recipe(repo / "recipes" / "tiny.yaml", ["train.feature_cache_dir=/x"])
+    with pytest.raises(RecipeError, match=r"train.feature_cache: no longer a recipe key"):  # asked for: refused
+        load_recipe(old, ["train.feature_cache=bfloat16"], recorded=True)
+    capsys.readouterr()
+    r = load_recipe(old, recorded=True)
+    assert (r.data.feature_cache, r.data.feature_cache_dir) == ("int8", "/somewhere/features")
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: {old}: train.feature_cache: read as data.feature_cache = 'int8' (a recipe now sets that key)",
+        f"note: {old}: train.feature_cache_dir: read as data.feature_cache_dir = '/somewhere/features' (a recipe now "
+        "sets that key)"]
+    assert load_recipe(write(tmp_path, text.replace("int8", "'off'").replace("/somewhere/features", "null"))
+                       ).data.feature_cache == "off"
+    assert capsys.readouterr().err == ""
+    assert load_recipe(repo / "recipes" / "tiny.yaml", ["data.feature_cache=int8"]).data.feature_cache == "int8"
+

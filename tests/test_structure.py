@@ -218,6 +218,26 @@ def test_package_arrows_run_one_way():
     assert "decoding" not in packages["policy"] and not packages["decoding"] & set(STAGES)
 
 
+SECTIONS_OF = {"data": ("data",), "training": ("train", "distributed", "logging"), "calibration": ("calibrate",),
+               "artifacts": ("export",)}  # the recipe sections each stage owns
+
+
+def later_settings_read(source: str, stage: str) -> list[str]:
+    """`x.<section>` reads in `source` of a recipe section that a later stage owns, as "line N: .section"."""
+    later = {s for st in STAGES[STAGES.index(stage) + 1:] for s in SECTIONS_OF.get(st, ())}
+    return [f"line {node.lineno}: .{node.attr}" for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Attribute) and node.attr in later]
+
+
+def test_a_stage_reads_no_later_stages_settings():
+    """[O3] The recipe's sections follow the stages too: `data/` reads no `train.*` (the feature cache's keys are
+    `data.feature_cache*`, the run directory `Recipe.run_dir`), no stage reads a later one's section."""
+    assert later_settings_read("recipe.train.output_dir\nrecipe.data.root", "data") == ["line 1: .train"]
+    bad = [f"{name}: {hit}" for name, path in MODULES.items() if unit(name) in STAGES
+           for hit in later_settings_read(path.read_text(), unit(name))]
+    assert not bad, "\n".join(bad)
+
+
 # --------------------------------------------------------------------------- the benchmarks' house
 BENCH = PACKAGE.parent / "bench"
 # private names of *other* projects' objects that a check has to reach (what it verifies lives there)

@@ -28,10 +28,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")  # owner/name, o
 
 # =========================================================================== files
 def output_path(recipe: Recipe) -> Path:
-    """Where `dspark data` writes its conversations (default <train.output_dir>/data.jsonl)."""
+    """Where `dspark data` writes its conversations (default <run>/data.jsonl, where the trainer reads them)."""
     if recipe.data.output:
         return recipe.resolve_path(recipe.data.output)
-    return RunDir(recipe.resolve_path(recipe.train.output_dir)).data
+    return RunDir(recipe.run_dir).data
 
 
 def conversations_paths(recipe: Recipe) -> list[Path]:

@@ -8,7 +8,7 @@ the optimizer; `restore` the latest checkpoint if there is one; fix the schedule
 recipe's max_steps, or a throughput probe under `train.max_minutes`, schedule.py); then each `train_step`
 accumulates `loss_step` over micro-batches and logs a `step_record`, the loop evaluates (every `eval_every` steps
 and at the `eval_at_minutes` points of the training clock) and checkpoints on schedule; `save_final` writes the
-drafter. Target features come online or through the feature cache (`train.feature_cache`, feature_cache.py).
+drafter. Target features come online or through the feature cache (`data.feature_cache`, feature_cache.py).
 
 Under DeepSpeed two plugins run side by side (launch.py): "drafter" (ZeRO-2/3, trained) and "target" (ZeRO-3
 inference, the frozen target sharded across ranks). Checkpoints (checkpoint.py) are consolidated and world-size
