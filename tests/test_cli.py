@@ -160,3 +160,23 @@ def test_eval_help_names_every_flag_and_default(capsys, monkeypatch):
                     "(default: runs/eval)", "(default: prompt-lookup,assisted,drafter-only)", "(default: 10)",
                     "(default: ../shared/data)"):
         assert default in text, default
+
+
+def test_eval_flags_are_evalconfigs_fields_one_to_one():
+    """[O3] `dspark eval`'s flags are made from EvalConfig: one flag per field, named after it (a true bool as
+    --no-NAME), with the field's help, and no flag that is not a field; no flags given means EvalConfig's defaults."""
+    import argparse
+    import dataclasses
+
+    from dspark_train.cli import build_parser, eval_config
+    from dspark_train.evaluation.settings import EvalConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
+    flags = [a for a in sub._actions if not isinstance(a, argparse._HelpAction)]
+    fields = dataclasses.fields(EvalConfig)
+    assert [a.dest for a in flags] == [f.name for f in fields]
+    for a, f in zip(flags, fields):
+        name = f.name.replace("_", "-")
+        assert a.option_strings in ([], [f"--{name}"], [f"--no-{name}"]), a.option_strings
+        assert (a.help or "").startswith(f.metadata["help"]), f.name
+    assert eval_config(build_parser().parse_args(["eval", "art"])) == EvalConfig("art")

@@ -226,3 +226,40 @@ def test_the_feature_cache_keys_moved_to_the_data_stage(tmp_path, repo, capsys):
     assert capsys.readouterr().err == ""
     assert load_recipe(repo / "recipes" / "tiny.yaml", ["data.feature_cache=int8"]).data.feature_cache == "int8"
 
+
+def _bounds(cls, prefix=""):
+    """(dotted key, a value just past one of its bounds) for every bounded setting of a recipe section."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from _bounds(tp, key + ".")
+            continue
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[X]: X
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        is_list = typing.get_origin(tp) is list
+        base = typing.get_args(tp)[0] if is_list else tp
+        step = 1 if base is int else 0.5
+        for bound, past in (("ge", -step), ("gt", 0), ("le", step), ("lt", 0)):
+            if bound in f.metadata:
+                bad = f.metadata[bound] + past
+                yield key, bound, [bad] if is_list else bad
+
+
+def test_every_bound_of_the_recipe_names_its_key(repo):
+    """[O3] Each bounded recipe setting, set just past its bound with --set, is refused on one line naming the file
+    and its dotted key (the bounds live on the fields: config.setting)."""
+    import json
+    import re
+
+    from dspark_train.config import SECTIONS, Recipe
+
+    checked = [(key, bound, bad) for key, bound, bad in _bounds(Recipe) if key.split(".")[0] in SECTIONS]
+    assert len(checked) >= 40 and {b for _, b, _ in checked} == {"ge", "gt", "le", "lt"}
+    for key, _, bad in checked:
+        with pytest.raises(RecipeError, match=rf"tiny.yaml: {re.escape(key)}: must (all )?be "):
+            load_recipe(repo / "recipes" / "tiny.yaml", [f"{key}={json.dumps(bad)}"])
