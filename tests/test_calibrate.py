@@ -235,7 +235,7 @@ def test_calibration_json_round_trip_and_decoder_reads_it(tmp_path):
         Calibration.from_json({**cal.to_json(), "format_version": FORMAT_VERSION + 1})
     # a file written before the copy prior existed (same format_version) still loads; hybrid decoding then
     # starts from the default prior
-    from dspark_train.decoding.copy import prior_from_calibration
+    from dspark_train.decoding.copy_drafter import prior_from_calibration
     older = {k: v for k, v in cal.to_json().items() if k != "copy"}
     assert Calibration.from_json(older).copy == {} and prior_from_calibration(older) == CopyPrior.default()
 

@@ -218,6 +218,15 @@ def test_package_arrows_run_one_way():
     assert "decoding" not in packages["policy"] and not packages["decoding"] & set(STAGES)
 
 
+def test_no_module_shares_a_standard_library_name():
+    """[O3] A module named like a standard-library one (decoding/copy.py was) reads as that module at every import
+    site and shadows it for scripts run from its folder."""
+    import sys
+
+    clash = [name for name in MODULES if name.rpartition(".")[2] in sys.stdlib_module_names]
+    assert not clash, clash
+
+
 SECTIONS_OF = {"data": ("data",), "training": ("train", "distributed", "logging"), "calibration": ("calibrate",),
                "artifacts": ("export",)}  # the recipe sections each stage owns
 

@@ -17,7 +17,7 @@ from ..data.chat import prompt_ids, user_messages
 from ..config import RecipeError
 from ..data.examples import (Example, anchor_candidates, block_labels, conversations_paths, load_prompts, prompt_turns,
                              read_conversations, split_heldout, usable_conversations)
-from ..decoding.copy import CopyPrior, fit_copy_prior
+from ..decoding.copy_drafter import CopyPrior, fit_copy_prior
 from ..data.generate import generate_batch
 from ..runrecord import RunRecord
 
@@ -95,7 +95,7 @@ def greedy_texts(target, prompts: list[list[int]], max_new_tokens: int, batch_si
 
 def copy_prior(examples: Sequence) -> CopyPrior:
     """calibration.json's `copy`: per feature cell, how often a copied token equalled the target's greedy text
-    when copy drafting is replayed at every answer position of `greedy_texts` (decoding/copy.py
+    when copy drafting is replayed at every answer position of `greedy_texts` (decoding/copy_drafter.py
     `replay_counts`), shrunk so that a request's own verified copies still move the estimates."""
     return fit_copy_prior([(ex.input_ids, ex.loss_mask.index(1)) for ex in examples if 1 in ex.loss_mask])
 

@@ -25,7 +25,7 @@ from ..config import MODES
 from ..policy.calibration import read_calibration
 from .attention import use_row_exact_attention
 from .cache import gather_slots, keep_slots, select_rows
-from .copy import CopyDrafter, prior_from_calibration
+from .copy_drafter import CopyDrafter, prior_from_calibration
 from .hybrid import HybridDrafting, HybridPolicy
 from .sampling import SamplingParams, accept_rate, sample, warp
 from .retune import policy_for_machine
