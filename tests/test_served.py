@@ -204,6 +204,8 @@ def test_served_entry_side_by_side():
     assert s["speedup"] == pytest.approx(2.0) and e["ratio"]["speedup"] == pytest.approx(2.0 / 1.5)
     assert s["identical_to_engine_plain"] == 1 and s["engine_plain_identical_to_ours"] == 1  # a final stop dropped
     assert s["divergences"] == [] and e["max_accept_gap_pos_1_4"] == pytest.approx(0.0)
+    assert e["goals"] == {"tau_within_2pct": True, "accept_pos_1_4_within_0_02": True}
+    assert _entry(65)["goals"] == {"tau_within_2pct": False, "accept_pos_1_4_within_0_02": False}  # 1.65 vs 1.6
     t = s["timing"]
     assert t["plain_ms_per_token"] == pytest.approx(500) and t["ms_per_step"] == pytest.approx(10)
     assert t["engine_decode_ms_per_step"] == pytest.approx(8) and t["api_overhead_ms_per_request"] == pytest.approx(100)

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from ..layout import atomic_path
 
 ALARM = 0.5  # served accepted drafts per step under this share of ours: the engine misreads the drafter
+TAU_TOLERANCE, ACCEPT_TOLERANCE = 0.02, 0.02  # served τ within 2 % of ours, acceptance at positions 1-4 within 0.02
 LIKELY_CAUSES = (
     "the block's slot layout (config.json sample_from_anchor / dspark_train.slot_layout: vLLM's dflash runs the "
     "fill-in layout only)",
@@ -157,7 +158,11 @@ def served_entry(run: dict, ours: dict, our_outputs: list[dict], stops: list[int
     ratio = {"tau": _div(served["tau"], ours.get("tau")), "speedup": _div(served["speedup"], ours.get("speedup")),
              "accepted_per_step": _div(_minus1(served["tau"]), _minus1(ours.get("tau")))}
     gap = [abs(s - o) for s, o in zip(served["accept_rate_by_position"], ours.get("accept_rate_by_position") or [])]
-    return {"ours": mine, "served": served, "ratio": ratio, "max_accept_gap_pos_1_4": max(gap[:4], default=None)}
+    worst = max(gap[:4], default=None)
+    # issue [SV]'s goals: the engine reads the drafter as we do (greedy, fp32 on both sides)
+    goals = {"tau_within_2pct": None if ratio["tau"] is None else abs(ratio["tau"] - 1) <= TAU_TOLERANCE,
+             "accept_pos_1_4_within_0_02": None if worst is None else worst <= ACCEPT_TOLERANCE}
+    return {"ours": mine, "served": served, "ratio": ratio, "max_accept_gap_pos_1_4": worst, "goals": goals}
 
 
 def _first_diff(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
@@ -203,6 +208,10 @@ def alarm_message(alarms: Sequence[dict]) -> str:
 # --------------------------------------------------------------------------- report files
 def _f(x, spec=".2f") -> str:
     return "—" if x is None else format(x, spec)
+
+
+def _yes(ok: Optional[bool]) -> str:
+    return "—" if ok is None else "yes" if ok else "**no**"
 
 
 def render_served(r: dict) -> str:
@@ -254,6 +263,9 @@ def render_served(r: dict) -> str:
                      f"{_f(v['engine_plain_decode_ms_per_step'], '.1f')}, "
                      f"{_f(v['engine_decode_ms_per_step'], '.1f')} | "
                      f"{_f(v['api_overhead_ms_per_request'], '.0f')} |")
+    lines += ["", "Goals (greedy, same dtype): served τ within 2 % of ours, acceptance at positions 1–4 within 0.02: "
+              + ", ".join(f"{b} {_yes(g['tau_within_2pct'])} / {_yes(g['accept_pos_1_4_within_0_02'])}"
+                          for b, g in ((b, x["goals"]) for b, x in r["benchmarks"].items())) + "."]
     divs = [(b, d) for b, x in r["benchmarks"].items() for d in x["served"]["divergences"] or []]
     if divs:
         lines += ["", f"Served outputs that part from the engine's plain output ({len(divs)}), the context re-scored "
