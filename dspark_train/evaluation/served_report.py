@@ -223,7 +223,12 @@ def render_served(r: dict) -> str:
     how = (f"{e['name']} {e.get('version') or '(a running server)'}, method {e.get('method') or 'the server’s'}, "
            f"num_speculative_tokens {e['num_speculative_tokens']}, batch 1" + (f", {e['settings']}" if e.get(
                "settings") else ""))
-    lines = [f"# Served vs ours: {r['drafter']} on {r['target']}", "",
+    # what was served where (issue [SV] 4): a server started here runs on this machine's device; one reached by URL
+    # runs wherever it runs
+    served_where = (f"served by the server at {e['server']} (without speculation: {e['plain_server']})"
+                    if e.get("server") else f"served on this machine's {e.get('device') or r['device']}, both "
+                    "servers started here")
+    lines = [f"# Served vs ours: {r['drafter']} on {r['target']}", "", served_where + ".", "",
              f"machine {where} · dtype {r['dtype']} (both sides) · engine {how} · ours: chain, γ "
              f"{r['ours']['gamma']}, {r['threads']} threads · max_new_tokens {s['max_new_tokens']} · temperature "
              f"{s['temperature']}", "",
