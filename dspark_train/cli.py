@@ -154,6 +154,19 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate-prompts", action="store_true", default=unset,
                    help="keep the last (window - max-new-tokens) tokens of a prompt too long for the target "
                         "(default: refuse it, naming its length and the window)")
+    # the engine path (evaluation/served.py: ServedConfig): the same benchmarks through a serving engine
+    p.add_argument("--engine", default=unset, choices=("vllm",),
+                   help="also serve the drafter with this engine (its speculators export) and the target without "
+                        "speculation, one request at a time; served τ, acceptance by position and speedup beside "
+                        "ours in chain mode (<out>/served/)")
+    p.add_argument("--server", default=unset, metavar="URL",
+                   help="--engine: a running server speculating with the drafter (default: start both servers here)")
+    p.add_argument("--plain-server", default=unset, metavar="URL",
+                   help="--engine with --server: the same engine and target without speculation")
+    p.add_argument("--engine-python", default=unset, metavar="PATH",
+                   help="--engine: the engine venv's python (default $DSPARK_ENGINE_PYTHON, else "
+                        ".venv-engine/bin/python: `make .venv-engine/.installed`)")
+    p.add_argument("--engine-args", default=unset, metavar="ARGS", help="--engine: more `vllm serve` arguments")
 
 
 def _comma_list(text: str) -> list[str]:
@@ -163,16 +176,33 @@ def _comma_list(text: str) -> list[str]:
 def eval_config(args: argparse.Namespace):
     """The EvalConfig the parsed `dspark eval` flags describe (validated: a bad value exits 2 naming the flag)."""
     from .evaluation.evaluate import EvalConfig
-    return EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "fn")})
+    from .evaluation.served import served_fields
+    return EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "fn", *served_fields())})
+
+
+def served_config(args: argparse.Namespace):
+    """The ServedConfig of `dspark eval --engine` (None without --engine; an engine flag without it exits 2)."""
+    from .evaluation.served import ServedConfig, served_fields
+    given = {k: v for k, v in vars(args).items() if k in served_fields()}
+    if "engine" not in given:
+        if given:
+            raise RecipeError(f"--{next(iter(given)).replace('_', '-')}: applies with --engine only")
+        return None
+    return ServedConfig(**given)
 
 
 def cmd_eval(args):
     from .evaluation.evaluate import run_eval
     from .evaluation.lossless import LosslessError
+    from .evaluation.served import ServedError, run_served_eval
+    cfg, served = eval_config(args), served_config(args)
     try:
-        run_eval(eval_config(args))
+        run_served_eval(cfg, served) if served else run_eval(cfg)
     except LosslessError as e:
         print(f"LOSSLESS CHECK FAILED: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ServedError as e:
+        print(f"SERVED CHECK FAILED: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
