@@ -149,16 +149,33 @@ def _comma_list(text: str) -> list[str]:
 def eval_config(args: argparse.Namespace):
     """The EvalConfig the parsed `dspark eval` flags describe (validated: a bad value exits 2 naming the flag)."""
     from .evaluation.settings import EvalConfig
-    return EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "fn")})
+    from .evaluation.served import served_fields
+    return EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "fn", *served_fields())})
+
+
+def served_config(args: argparse.Namespace):
+    """The ServedConfig of `dspark eval --engine` (None without --engine; an engine flag without it exits 2)."""
+    from .evaluation.served import ServedConfig, served_fields
+    given = {k: v for k, v in vars(args).items() if k in served_fields()}
+    if "engine" not in given:
+        if given:
+            raise RecipeError(f"--{next(iter(given)).replace('_', '-')}: applies with --engine only")
+        return None
+    return ServedConfig(**given)
 
 
 def cmd_eval(args):
     from .evaluation.evaluate import run_eval
     from .evaluation.lossless import LosslessError
+    from .evaluation.served import ServedError, run_served_eval
+    cfg, served = eval_config(args), served_config(args)
     try:
-        run_eval(eval_config(args))
+        run_served_eval(cfg, served) if served else run_eval(cfg)
     except LosslessError as e:
         print(f"LOSSLESS CHECK FAILED: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ServedError as e:
+        print(f"SERVED CHECK FAILED: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -223,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_push)
 
     s = sub.add_parser("eval", help="τ, acceptance and wall-clock speedup side by side, with plots")
+    from .evaluation.served import ServedConfig
     from .evaluation.settings import EvalConfig
     add_arguments(s, EvalConfig)
+    add_arguments(s.add_argument_group("the same benchmarks served by an engine (evaluation/served.py)"), ServedConfig)
     s.set_defaults(fn=cmd_eval)
     return p
 

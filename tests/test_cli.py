@@ -163,20 +163,25 @@ def test_eval_help_names_every_flag_and_default(capsys, monkeypatch):
 
 
 def test_eval_flags_are_evalconfigs_fields_one_to_one():
-    """[O3] `dspark eval`'s flags are made from EvalConfig: one flag per field, named after it (a true bool as
-    --no-NAME), with the field's help, and no flag that is not a field; no flags given means EvalConfig's defaults."""
+    """[O3] `dspark eval`'s flags are made from EvalConfig and ServedConfig (--engine): one flag per field, named
+    after it (a true bool as --no-NAME), with the field's help, and no flag that is not a field; no flags given means
+    EvalConfig's defaults and no engine."""
     import argparse
     import dataclasses
 
-    from dspark_train.cli import build_parser, eval_config
+    from dspark_train.cli import build_parser, eval_config, served_config
+    from dspark_train.evaluation.served import ServedConfig
     from dspark_train.evaluation.settings import EvalConfig
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
     flags = [a for a in sub._actions if not isinstance(a, argparse._HelpAction)]
-    fields = dataclasses.fields(EvalConfig)
+    fields = dataclasses.fields(EvalConfig) + dataclasses.fields(ServedConfig)
     assert [a.dest for a in flags] == [f.name for f in fields]
     for a, f in zip(flags, fields):
         name = f.name.replace("_", "-")
         assert a.option_strings in ([], [f"--{name}"], [f"--no-{name}"]), a.option_strings
         assert (a.help or "").startswith(f.metadata["help"]), f.name
-    assert eval_config(build_parser().parse_args(["eval", "art"])) == EvalConfig("art")
+    args = build_parser().parse_args(["eval", "art"])
+    assert eval_config(args) == EvalConfig("art") and served_config(args) is None
+    args = build_parser().parse_args(["eval", "art", "--engine", "vllm", "--engine-args", "--enforce-eager -tp 1"])
+    assert served_config(args) == ServedConfig(engine_args=["--enforce-eager", "-tp", "1"])
