@@ -26,11 +26,11 @@ import socket
 import subprocess
 import time
 import urllib.request
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..config import RecipeError
+from ..config import RecipeError, check_settings, setting
 from ..data.openai_client import Client, ServerError, chat_body
 from ..layout import CONFIG, OUTPUTS, REPORT_JSON, read_json, write_atomic
 from .served_report import (SPEC, Counters, alarm, alarm_message, plot_served, render_served, served_entry,
@@ -82,22 +82,28 @@ class ServedConfig:
     """The engine flags of `dspark eval` (each field is the flag of the same name, `plain_server` is
     `--plain-server`). Everything else (benchmarks, prompts, max tokens, sampling, dtype) is the EvalConfig's."""
 
-    engine: str = "vllm"
-    server: Optional[str] = None  # URL of a running server speculating with the drafter; None: start both here
-    plain_server: Optional[str] = None  # URL of the same engine and target without speculation (with --server)
-    engine_python: Optional[str] = None  # the engine venv's interpreter; None: $DSPARK_ENGINE_PYTHON, else
-    # .venv-engine/bin/python of the working directory (the Makefile's)
-    engine_args: list[str] = field(default_factory=list)  # more `vllm serve` arguments, for both servers
-    startup_timeout: float = 900.0  # seconds a started server may take to answer
+    engine: str = setting("vllm", "also serve the drafter with this engine (its speculators export) and the target "
+                                  "without speculation, one request at a time; served τ, acceptance by position and "
+                                  "speedup beside ours in chain mode (<out>/served/; default: no engine)",
+                          choices=ENGINES)
+    server: Optional[str] = setting(None, "--engine: a running server speculating with the drafter (default: start "
+                                          "both servers here)", flag=dict(metavar="URL"))
+    plain_server: Optional[str] = setting(None, "--engine with --server: the same engine and target without "
+                                                "speculation", flag=dict(metavar="URL"))
+    engine_python: Optional[str] = setting(None, "--engine: the engine venv's python (default $DSPARK_ENGINE_PYTHON, "
+                                                 "else .venv-engine/bin/python: `make .venv-engine/.installed`)",
+                                           flag=dict(metavar="PATH"))
+    engine_args: list[str] = setting([], "--engine: more `vllm serve` arguments, for both servers",
+                                     flag=dict(type=str, metavar="ARGS"))  # one string, split as a shell would
+    startup_timeout: float = setting(900.0, "--engine: seconds a started server may take to answer", gt=0)
 
     def __post_init__(self):
-        if self.engine not in ENGINES:
-            raise RecipeError(f"--engine: expected one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if isinstance(self.engine_args, str):
+            self.engine_args = shlex.split(self.engine_args)
+        check_settings(self, lambda name: f"--{name.replace('_', '-')}", coerce=True)
         if (self.server is None) != (self.plain_server is None):
             raise RecipeError("--server and --plain-server go together: the engine speculating with the drafter and "
                               "the same engine without speculation (or neither: both are started here)")
-        if isinstance(self.engine_args, str):
-            self.engine_args = shlex.split(self.engine_args)
 
 
 def served_fields() -> tuple[str, ...]:
