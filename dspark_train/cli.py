@@ -119,6 +119,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=unset,
                    help="target dtype: auto (default: bfloat16 where the hardware computes it, i.e. CUDA with bf16 "
                         "or a CPU with AMX/AVX512-BF16, else float32), bfloat16 or float32")
+    p.add_argument("--exact-attention", default=unset,
+                   help="row-exact verification attention in every target layer, so greedy output must equal plain "
+                        "decoding's bit for bit in any dtype: auto (default: on where it costs <= 10%% of a verify "
+                        "pass, measured at start), on, off (first layer only, for the lossless check; divergent "
+                        "outputs are replayed row-exact to show they are rounding)")
     p.add_argument("--device", default=unset, help="default: cuda when available, else cpu")
     p.add_argument("--out", default=unset, help="output directory (report.json, report.md, plots)")
     p.add_argument("--multi-turn", action="store_true", default=unset,

@@ -134,6 +134,7 @@ def measure_row_exact(target, tokens: int = 8, context: int = 256, repeats: int 
 
     model = target.model
     use_row_exact_attention(model)
+    context = min(context, (target.context_window or context + tokens) - tokens)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, target.vocab_size, (1, context + tokens), generator=g).to(target.device)
     cache = DynamicCache(config=target.config)

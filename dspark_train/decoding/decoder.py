@@ -6,6 +6,10 @@ Round invariants (batch 1): the target KV cache holds exactly the committed cont
 (crop or compaction) and hands the drafter the features of exactly those positions. With no drafter the
 same loop is plain target decoding (one token per round), the reference the tests compare against.
 `hybrid=True` (or mode "hybrid") adds the copy drafter's branches to each round's tree (hybrid.py).
+
+Long because the per-request loop and the batched one (generate_batch) share one setup (policies, row-exact
+verification, the target's logits rules, stops) and one round invariant; what a round calls (tree, cache,
+sampling, rules, record, attention) are modules of their own.
 """
 from __future__ import annotations
 
