@@ -162,6 +162,17 @@ def shift_side_branches(draft):
     return wrapped
 
 
+def first_child_always(accept):
+    """An acceptance bug: the anchor's first child is committed even where the target's argmax is another token."""
+    def wrapped(tree, logits):
+        path, bonus = accept(tree, logits)
+        if len(path) == 1 and tree.children[0]:
+            path = [0, tree.children[0][0]]
+            bonus = int(logits[path[1]].argmax())
+        return path, bonus
+    return wrapped
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cache_and_position_bugs_fail_the_lossless_check(dtype, monkeypatch):
     """The eval's lossless check (evaluation/lossless.py) on real passes of a wide tree, in the setting
@@ -170,7 +181,8 @@ def test_cache_and_position_bugs_fail_the_lossless_check(dtype, monkeypatch):
     decoding's bit for bit, and a divergent output replayed with every layer row-exact must be plain decoding's.
     fp32 matmuls here round differently for different row counts: the first layer's key/value projections run
     row by row too and layer 0's cache is compared; outputs must be identical. Correct bookkeeping passes; a stale
-    slot or a position off by one in one branch fails, in the cache itself."""
+    slot or a position off by one in one branch fails, in the cache itself; a token committed against the argmax
+    of the row the decoder computed for it fails the self-consistency check."""
     from dspark_train.decoding import decoder as decoder_module
     from dspark_train.decoding.attention import measure_row_exact
     from dspark_train.evaluation.evaluate import generation_kwargs, hf_method
@@ -202,15 +214,15 @@ def test_cache_and_position_bugs_fail_the_lossless_check(dtype, monkeypatch):
     fine = judge()
     assert all(c["kind"] in (None, "rounding") for c in fine), fine
     assert sum(c["tokens"] for c in fine) > 100 and all(c["layers"] == probe["check_layers"] for c in fine)
-    for bug in ("stale slot", "position"):
+    bugs = {"stale slot": ("keep_slots", keep_first_branch, "cache slot"),
+            "position": ("draft_tree", shift_side_branches(decoder_module.draft_tree), "cache slot"),
+            "acceptance": ("accept_greedy", first_child_always(decoder_module.accept_greedy), "not the argmax")}
+    for bug, (name, mutant, seen) in bugs.items():
         with monkeypatch.context() as m:
-            if bug == "stale slot":
-                m.setattr(decoder_module, "keep_slots", keep_first_branch)
-            else:
-                m.setattr(decoder_module, "draft_tree", shift_side_branches(decoder_module.draft_tree))
+            m.setattr(decoder_module, name, mutant)
             bad = judge()
         errors = [c for c in bad if c["kind"] == "error"]
-        assert any("cache slot" in (c["mismatch"] or "") for c in errors), (bug, bad)
+        assert any(seen in (c["mismatch"] or "") for c in errors), (bug, bad)
 
 
 # ---------------------------------------------------------------------- the target's generation_config
