@@ -66,7 +66,7 @@ def run_mode(target, dec, plain, prompts, mode: str, max_new: int, sps: dict) ->
         for who in ((0, 1) if i % 2 == 0 else (1, 0)):  # alternate who goes first: drift cancels
             if who == 0:
                 t0 = time.perf_counter()
-                ids, _ = plain(p, max_new)
+                ids, _, _ = plain(p, max_new)
                 t_plain += time.perf_counter() - t0
                 n_plain += len(ids)
             else:

@@ -53,7 +53,8 @@ def dev_sets(report: dict) -> dict:
                       "copy_only": {k: (b.get("copy-only") or {}).get(k) for k in ("speedup", "tau")},
                       "drafter_share": share("drafter"), "drafter_or_both_share": share("drafter", "both"),
                       "plain_tokens_per_s": e["baseline_tokens_per_s"], "lossless": e["lossless"],
-                      "near_ties": e.get("near_ties", 0), "accept_rate_by_position": e["accept_rate_by_position"]}
+                      "rounding": (e.get("lossless_evidence") or {}).get("rounding", 0),
+                      "accept_rate_by_position": e["accept_rate_by_position"]}
     return out
 
 
@@ -93,7 +94,8 @@ def markdown(data: dict) -> str:
                          f"{f(d['prompt_lookup']['speedup'])}× | {f(d['copy_only']['speedup'])}× "
                          f"({f(d['copy_only']['tau'])}) | {f(d['drafter_share'], '.0%')} "
                          f"({f(d['drafter_or_both_share'], '.0%')}) | {d['lossless']}"
-                         + (f" ({d['near_ties']} near-ties)" if d.get("near_ties") else "") + " |")
+                         + (f" ({d['rounding']} rounding divergences, replayed exactly)" if d.get("rounding")
+                            else "") + " |")
         lines += ["", f"Adaptive policy on this machine: {data.get('policy')}"]
     lines += ["", "Goals:", ""] + [f"- {k}: {'met' if g['met'] else 'MISSED'} ({g['value']})"
                                     for k, g in data["goals"].items()]

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from dspark_train.config import DrafterConfigSection, TargetConfig
 from dspark_train.decoding import SPSProfile, SpeculativeDecoder, TreePolicy, tree_mask
-from dspark_train.decoding.attention import use_row_exact_attention
+from dspark_train.decoding.attention import row_exact, use_row_exact_attention
 from dspark_train.decoding.cache import keep_slots
 from dspark_train.drafters import build_drafter
 from dspark_train.target import load_target
@@ -125,9 +125,11 @@ def test_row_exact_attention_makes_bf16_verify_equal_plain_steps():
     chain = list(range(-1, 7)), list(range(8))
     assert not torch.equal(steps(), verify(*chain))  # the problem is real here
     use_row_exact_attention(m)
-    assert torch.equal(steps(), verify(*chain))
-    # a tree: nodes 4..7 hang off node 0, so their keys are not contiguous in the cache
-    tree = verify([-1, 0, 1, 2, 0, 4, 5, 6], [0, 1, 2, 3, 1, 2, 3, 4])
+    assert not torch.equal(steps(), verify(*chain))  # installed, no layer marked: stock SDPA
+    with row_exact(m, target.num_layers):
+        assert torch.equal(steps(), verify(*chain))
+        # a tree: nodes 4..7 hang off node 0, so their keys are not contiguous in the cache
+        tree = verify([-1, 0, 1, 2, 0, 4, 5, 6], [0, 1, 2, 3, 1, 2, 3, 4])
     cache = DynamicCache(config=m.config)
     m(input_ids=ctx, cache=cache)
     path = torch.cat([m(input_ids=new[:, j:j + 1], cache=cache, position_ids=torch.tensor([[60 + d]])).logits
@@ -139,6 +141,110 @@ def test_row_exact_attention_makes_bf16_verify_equal_plain_steps():
         for mode in ("chain", "tree"):
             assert dec.generate(p, 16, mode=mode, policy=WIDE if mode == "tree" else None,
                                 eos_token_id=[]).tokens == ref
+
+
+# ---------------------------------------------------------------------- the lossless check sees bookkeeping bugs
+def keep_first_branch(cache, ctx_len, slots):
+    """A stale-slot bug: compaction crops as if every accepted path were the tree's first branch."""
+    keep_slots(cache, ctx_len, list(range(len(slots))))
+
+
+def shift_side_branches(draft):
+    """A position bug in one branch: nodes that are not their parent's first child sit one position too far."""
+    def wrapped(*args, **kwargs):
+        tree = draft(*args, **kwargs)
+        seen = set()
+        for i, par in enumerate(tree.parents):
+            if par >= 0 and par in seen:
+                tree.depths[i] += 1
+            seen.add(par)
+        return tree
+    return wrapped
+
+
+def first_child_always(accept):
+    """An acceptance bug: the anchor's first child is committed even where the target's argmax is another token."""
+    def wrapped(tree, logits):
+        path, bonus = accept(tree, logits)
+        if len(path) == 1 and tree.children[0]:
+            path = [0, tree.children[0][0]]
+            bonus = int(logits[path[1]].argmax())
+        return path, bonus
+    return wrapped
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cache_and_position_bugs_fail_the_lossless_check(dtype, monkeypatch):
+    """The eval's lossless check (evaluation/lossless.py) on real passes of a wide tree, in the setting
+    `dspark eval` measures (attention.measure_row_exact). bf16 on a CPU: every kernel but attention acts on
+    each row alone, so with the first layer's attention row-exact the decoder's KV cache of layers 0-1 is plain
+    decoding's bit for bit, and a divergent output replayed with every layer row-exact must be plain decoding's.
+    fp32 matmuls here round differently for different row counts: the first layer's key/value projections run
+    row by row too and layer 0's cache is compared; outputs must be identical. Correct bookkeeping passes; a stale
+    slot or a position off by one in one branch fails, in the cache itself; a token committed against the argmax
+    of the row the decoder computed for it fails the self-consistency check."""
+    from dspark_train.decoding import decoder as decoder_module
+    from dspark_train.decoding.attention import measure_row_exact
+    from dspark_train.evaluation.evaluate import generation_kwargs, hf_method
+    from dspark_train.evaluation.lossless import check
+
+    target = load_target(TargetConfig(config=SMALL, dtype=dtype, feature_layers=[1, 2]))
+    probe = measure_row_exact(target, tokens=6, context=12, repeats=1)
+    bf16 = dtype == "bfloat16"
+    assert probe["row_exact"] == bf16 and probe["check_projections"] == (not bf16)
+    assert probe["check_layers"] == (2 if bf16 else 1)
+    dec = SpeculativeDecoder(target, make_drafter(target), exact_attention=1,
+                             exact_projections=probe["check_projections"])
+    plain = hf_method(target.model, {**generation_kwargs(target), "eos_token_id": None}, record=True)
+    ps = prompts(8, 16, seed=5)
+    refs = [plain(p, 20) for p in ps]
+
+    def judge():
+        replay = dec.with_exact_attention(True)
+        out = []
+        for p, (ids, _, rec) in zip(ps, refs):
+            tr = dec.generate(p, 20, mode="tree", policy=WIDE, eos_token_id=[], record=True)
+
+            def again(p=p):
+                t = replay.generate(p, 20, mode="tree", policy=WIDE, eos_token_id=[], record=True)
+                return t.tokens, t.record
+            out.append(check(ids, rec, tr.tokens, tr.record, len(p), probe["check_layers"], False,
+                             again if bf16 else None, strict=not bf16))
+        return out
+    fine = judge()
+    assert all(c["kind"] in (None, "rounding") for c in fine), fine
+    assert sum(c["tokens"] for c in fine) > 100 and all(c["layers"] == probe["check_layers"] for c in fine)
+    bugs = {"stale slot": ("keep_slots", keep_first_branch, "cache slot"),
+            "position": ("draft_tree", shift_side_branches(decoder_module.draft_tree), "cache slot"),
+            "acceptance": ("accept_greedy", first_child_always(decoder_module.accept_greedy), "not the argmax")}
+    for bug, (name, mutant, seen) in bugs.items():
+        with monkeypatch.context() as m:
+            m.setattr(decoder_module, name, mutant)
+            bad = judge()
+        errors = [c for c in bad if c["kind"] == "error"]
+        assert any(seen in (c["mismatch"] or "") for c in errors), (bug, bad)
+
+
+# ---------------------------------------------------------------------- the target's generation_config
+@pytest.mark.parametrize("penalty", [1.6, 0.7])
+def test_greedy_follows_the_targets_repetition_penalty(small, penalty, monkeypatch):
+    """A generation_config that sets repetition_penalty (Qwen2.5-Instruct ships 1.05): plain `generate` applies
+    it by default, so the decoder must too, on every verified node's row given that node's own path, in every
+    mode and in batched decoding."""
+    monkeypatch.setattr(small.model.generation_config, "repetition_penalty", penalty)
+    dec = SpeculativeDecoder(small, make_drafter(small))
+    ps, changed = prompts(8, 16, seed=4), 0
+    refs = [hf_greedy(small, p, 20) for p in ps]  # the model's generation_config applies the penalty
+    for p, ref in zip(ps, refs):
+        changed += ref != hf_greedy(small, p, 20, repetition_penalty=1.0)
+        for mode in ("chain", "tree"):
+            tr = dec.generate(p, 20, mode=mode, eos_token_id=[], policy=WIDE if mode == "tree" else None)
+            assert tr.tokens == ref, f"{mode} diverged for prompt {p}"
+    assert changed >= 4  # the penalty does change greedy output here
+    batch = dec.generate_batch(ps, 20, eos_token_id=[])
+    assert [r.tokens for r in batch.requests] == refs
+    assert dec.generate(ps[0], 20, eos_token_id=[], repetition_penalty=1.0).tokens == \
+        hf_greedy(small, ps[0], 20, repetition_penalty=1.0)  # an explicit 1.0 turns it off
 
 
 # ---------------------------------------------------------------------- stopping inside a round

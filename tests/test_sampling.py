@@ -157,27 +157,36 @@ def small():
     return small_target_and_drafter(initializer_range=0.15)
 
 
-def _exact_joint(target, prompt, params):
-    """p(x1, x2, x3 | prompt) by enumeration over the 16-token vocabulary, warped like the decoder does."""
+def _exact_joint(target, prompt, params, repetition_penalty=1.0):
+    """p(x1, x2, x3 | prompt) by enumeration over the 16-token vocabulary, warped like the decoder does, after
+    transformers' own repetition penalty over each context (1.0: none)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
     V = target.vocab_size
+    rule = RepetitionPenaltyLogitsProcessor(repetition_penalty)
+
+    def dist(seq):
+        return warp(rule(seq, target.logits(target.forward_features(seq).last_hidden[:, -1])), params)
     x1 = torch.arange(V)
     pre = torch.tensor(prompt)
-    p1 = warp(target.logits(target.forward_features(pre[None]).last_hidden[0, -1]), params)
+    p1 = dist(pre[None])[0]
     seq2 = torch.cat([pre.expand(V, -1), x1[:, None]], 1)
-    p2 = warp(target.logits(target.forward_features(seq2).last_hidden[:, -1]), params)  # [x1, x2]
+    p2 = dist(seq2)  # [x1, x2]
     seq3 = torch.cat([seq2.repeat_interleave(V, 0), x1.repeat(V)[:, None]], 1)
-    p3 = warp(target.logits(target.forward_features(seq3).last_hidden[:, -1]), params).view(V, V, V)
+    p3 = dist(seq3).view(V, V, V)
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-@pytest.mark.parametrize("mode,params", [("chain", SamplingParams(1.0)),
-                                         ("tree", SamplingParams(0.8, top_p=0.9, top_k=8))])
-def test_decoder_samples_the_target_distribution(small, mode, params):
+@pytest.mark.parametrize("mode,params,penalty", [("chain", SamplingParams(1.0), 1.0),
+                                                 ("tree", SamplingParams(0.8, top_p=0.9, top_k=8), 1.0),
+                                                 ("tree", SamplingParams(1.0), 1.8)])
+def test_decoder_samples_the_target_distribution(small, mode, params, penalty):
     """Tokens 2 and 3 come out of the draft/verify rounds (token 1 from the prefill); their joint law must be
-    the target's, with temperature, top-p and top-k applied alike to draft and target."""
+    the target's, with temperature, top-p and top-k applied alike to draft and target, and the target's
+    repetition penalty (a generation_config rule plain `generate` applies) over each node's own context."""
     target, drafter = small
     prompt = [5, 9, 4, 12, 7]
-    joint = _exact_joint(target, prompt, params).sum(0)
+    joint = _exact_joint(target, prompt, params, penalty).sum(0)
     policy = TreePolicy([3, 2, 2], beam=3, node_budget=12) if mode == "tree" else None
     dec = SpeculativeDecoder(target, drafter)
     g = torch.Generator().manual_seed(11)
@@ -185,7 +194,7 @@ def test_decoder_samples_the_target_distribution(small, mode, params):
     n, accepted = 1500, 0
     for _ in range(n):
         tr = dec.generate(prompt, 4, mode=mode, temperature=params.temperature, top_p=params.top_p,
-                          top_k=params.top_k, eos_token_id=[], generator=g, policy=policy)
+                          top_k=params.top_k, eos_token_id=[], generator=g, policy=policy, repetition_penalty=penalty)
         counts[tr.tokens[1], tr.tokens[2]] += 1
         accepted += tr.rounds[0].n_accepted
     assert accepted > n // 4  # the drafts were really used, not just bonus tokens

@@ -8,13 +8,16 @@ same loop is plain target decoding (one token per round), the reference the test
 `hybrid=True` (or mode "hybrid") adds the copy drafter's branches to each round's tree (hybrid.py).
 Each round records its time by phase (RoundTrace.t_*), read at the loop's own boundaries (bench/bench_round.py).
 
-Long because the batch-1 loop and the batched one (`generate_batch`) share setup, acceptance and the trace types
-and read best side by side.
+Long because the batch-1 loop and the batched one (`generate_batch`) share setup (policies, row-exact verification,
+the target's logits rules, stops), acceptance and the trace types, and read best side by side; what a round calls
+(tree, cache, sampling, rules, record, attention) are modules of their own.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from copy import copy as shallow_copy
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -23,10 +26,12 @@ from transformers import DynamicCache
 
 from ..config import MODES
 from ..policy.calibration import read_calibration
-from .attention import use_row_exact_attention
+from .attention import row_exact, use_row_exact_attention
 from .cache import gather_slots, keep_slots, select_rows
 from .copy_drafter import CopyDrafter, prior_from_calibration
 from .hybrid import HybridDrafting, HybridPolicy
+from .record import PassRecord
+from .rules import RepetitionPenalty, repetition_penalty
 from .sampling import SamplingParams, accept_rate, sample, warp
 from .retune import policy_for_machine
 from .scheduler import SPSProfile, load_or_measure_sps, machine_key, prefix_schedule
@@ -96,6 +101,7 @@ class DecodeTrace:
     rounds: list[RoundTrace] = field(default_factory=list)
     t_prefill: float = 0.0
     t_total: float = 0.0
+    record: Optional[PassRecord] = field(default=None, repr=False)  # generate(record=True): the lossless check's
 
     @property
     def tau(self) -> float:
@@ -104,7 +110,7 @@ class DecodeTrace:
         return sum(r.n_accepted + 1 for r in self.rounds) / max(1, len(self.rounds))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "tau": self.tau}
+        return {**asdict(replace(self, record=None)), "tau": self.tau}
 
 
 def find_stop(tokens: list[int], start: int, max_new: int, eos: set, stop_strings: Sequence[str], tokenizer
@@ -135,17 +141,22 @@ class SpeculativeDecoder:
     the copy drafter (default: calibration.json's `copy` prior), the hybrid policy and the verify-cost
     curve that sizes hybrid trees (default: calibration.json's cost profile when it was measured under this
     machine key, else measured here once and cached).
-    exact_attention=True switches the target to row-exact verification attention (decoding/attention.py):
-    bf16 greedy output then equals plain bf16 greedy bit for bit, at some verify cost.
+    exact_attention=True verifies with row-exact attention (decoding/attention.py) in every target layer: greedy
+    output then equals plain greedy bit for bit where the other kernels act on each row alone (bf16 on CPUs), at
+    some verify cost; an int n does so in the first n layers only (the eval's lossless check uses 1: the cache
+    entering layer 1 is then plain decoding's, bit for bit); `exact_projections` computes those layers'
+    key/value projections row by row too (where matmuls depend on the number of rows, as fp32 ones do on MKL:
+    their cache is then a one-token step's). Greedy and sampled outputs follow the target's generation_config
+    repetition_penalty as plain `generate` does (decoding/rules.py).
     """
 
     def __init__(self, target, drafter=None, calibration: Union[str, Path, dict, None] = None,
-                 tree: Optional[TreePolicy] = None, conf_threshold: float = 0.0, exact_attention: bool = False,
-                 retune: bool = True, copy: Optional[CopyDrafter] = None, hybrid: Optional[HybridPolicy] = None,
+                 tree: Optional[TreePolicy] = None, conf_threshold: float = 0.0,
+                 exact_attention: Union[bool, int] = False, exact_projections: bool = False, retune: bool = True,
+                 copy: Optional[CopyDrafter] = None, hybrid: Optional[HybridPolicy] = None,
                  sps: Optional[SPSProfile] = None):
-        if exact_attention:
-            use_row_exact_attention(target.model)
         self.target = target
+        self._set_exact(exact_attention, exact_projections)
         self.drafter = drafter
         gamma = drafter.config.block_size if drafter is not None else 0
         self.gamma = gamma
@@ -188,16 +199,34 @@ class SpeculativeDecoder:
         drafter, else tree (without a drafter: copy drafting alone)."""
         return "adaptive" if self.calibration is not None and self.drafter is not None else "tree"
 
+    def policy(self, mode: str) -> TreePolicy:
+        """The policy a mode drafts with (hybrid: its base mode's; adaptive: resolved for this machine)."""
+        if mode == "hybrid":
+            mode = self.hybrid_base()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        return self.adaptive_policy() if mode == "adaptive" else self.policies[mode]
+
+    def with_exact_attention(self, exact_attention: Union[bool, int], exact_projections: bool = False
+                             ) -> "SpeculativeDecoder":
+        """This decoder (its target, drafter, policies, copy drafter and cost curve shared) verifying with
+        row-exact attention in other layers (see the class docstring)."""
+        other = shallow_copy(self)
+        other._set_exact(exact_attention, exact_projections)
+        return other
+
+    def _set_exact(self, exact_attention: Union[bool, int], exact_projections: bool) -> None:
+        self.exact_layers = self.target.num_layers if exact_attention is True else int(exact_attention)
+        self.exact_projections = exact_projections
+        if self.exact_layers:
+            use_row_exact_attention(self.target.model)
+
     # ------------------------------------------------------------------ helpers
     def _setup(self, mode, policy, temperature, top_p, top_k, eos_token_id, seed, generator, max_new_tokens):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-        if mode == "hybrid":
-            mode = self.hybrid_base()
         if policy is None:
-            if mode not in MODES:
-                raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-            policy = self.adaptive_policy() if mode == "adaptive" else self.policies[mode]
+            policy = self.policy(mode)
         params = SamplingParams(temperature, top_p, top_k)
         if eos_token_id is None:
             eos_token_id = self.target.model.generation_config.eos_token_id
@@ -222,17 +251,29 @@ class SpeculativeDecoder:
         return time.perf_counter()
 
     # ------------------------------------------------------------------ batch size 1
+    def _exact(self):
+        """Row-exact verification in the first `exact_layers` layers for one verify forward (a prefill stays
+        stock, as plain decoding's)."""
+        return row_exact(self.target.model, self.exact_layers, self.exact_projections) if self.exact_layers \
+            else nullcontext()
+
+    def _penalty(self, repetition: Optional[float], context: torch.Tensor) -> Optional[RepetitionPenalty]:
+        p = repetition_penalty(self.target.model.generation_config) if repetition is None else repetition
+        return RepetitionPenalty(p, context, self.target.vocab_size) if p != 1.0 else None
+
     @torch.no_grad()
     def generate(self, prompt_ids: Union[Sequence[int], torch.Tensor], max_new_tokens: int = 128,
                  mode: str = "chain", temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  eos_token_id: Union[int, list[int], None] = None, stop_strings: Sequence[str] = (),
                  seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 policy: Optional[TreePolicy] = None, record_probs: bool = False, hybrid: bool = False
-                 ) -> DecodeTrace:
+                 policy: Optional[TreePolicy] = None, record_probs: bool = False, hybrid: bool = False,
+                 repetition_penalty: Optional[float] = None, record: bool = False) -> DecodeTrace:
         """Generate up to `max_new_tokens` ids after `prompt_ids`. eos_token_id None = the target's
-        generation_config (pass [] for none). Greedy output equals plain greedy decoding; sampled output is
-        distributed exactly as the target's (same temperature/top-p/top-k). A prompt that does not fit the
-        target's window with `max_new_tokens` more raises target.PromptTooLong (a ValueError) up front."""
+        generation_config (pass [] for none), repetition_penalty None = the generation_config's (1.0: none).
+        Greedy output equals plain greedy decoding; sampled output is distributed exactly as the target's (same
+        temperature/top-p/top-k). `record=True` leaves trace.record (decoding/record.py) for the lossless check.
+        A prompt that does not fit the target's window with `max_new_tokens` more raises target.PromptTooLong (a
+        ValueError) up front."""
         policy, params, eos, gen = self._setup(mode, policy, temperature, top_p, top_k, eos_token_id, seed,
                                                generator, max_new_tokens)
         hybrid = hybrid or mode == "hybrid"
@@ -240,6 +281,7 @@ class SpeculativeDecoder:
         drafter = self.drafter if policy.node_budget > 0 else None  # budget 0: plain decoding, no drafting
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1).to(dev)
         tgt.check_fits(prompt.shape[1], max_new_tokens)  # PromptTooLong: refused before any forward
+        penalty = self._penalty(repetition_penalty, prompt[0])
         t_start = self._now()
         cache = DynamicCache(config=tgt.config)
         out = tgt.forward_features(prompt, cache=cache)
@@ -247,7 +289,13 @@ class SpeculativeDecoder:
         if drafter is not None:
             state = drafter.init_state(batch_size=1)
             drafter.extend_context(state, out.features, out.last_hidden)
-        tokens = [self._first_token(tgt.logits(out.last_hidden[0, -1]), params, gen)]
+        first = tgt.logits(out.last_hidden[0, -1])
+        if penalty is not None:
+            first = penalty.apply(first)
+        rows = [PassRecord.rows(first[None])] if record else None  # the row that chose each emitted token
+        tokens = [self._first_token(first, params, gen)]
+        if penalty is not None:
+            penalty.commit(tokens)
         trace = DecodeTrace(tokens, prompt.shape[1], "", t_prefill=self._now() - t_start)
         ctx = prompt.shape[1]
         end, trace.stop_reason = find_stop(tokens, 0, max_new_tokens, eos, stop_strings, tgt.tokenizer)
@@ -266,18 +314,25 @@ class SpeculativeDecoder:
             mask = tree_mask(tree.parents, ctx, dev)
             pos = torch.tensor(tree.depths, device=dev)[None] + ctx
             t1 = self._now()
-            out = tgt.forward_features(torch.tensor([tree.tokens], device=dev), attention_mask=mask,
-                                       position_ids=pos, cache=cache)
+            with self._exact():
+                out = tgt.forward_features(torch.tensor([tree.tokens], device=dev), attention_mask=mask,
+                                           position_ids=pos, cache=cache)
             t_fwd = self._now()
             logits = tgt.logits(out.last_hidden[0])
             t2 = self._now()
+            if penalty is not None:
+                logits = penalty.apply(logits, tree.tokens, tree.parents)
             path, bonus, probs = self._accept(tree, logits, params, gen, record_probs)
+            if record:
+                rows.append(PassRecord.rows(logits[path]))
             t_acc = self._now()
             keep_slots(cache, ctx, path)
             t_kv = self._now()
             ctx += len(path)
             start = len(tokens)
             tokens += [tree.tokens[i] for i in path[1:]] + [bonus]
+            if penalty is not None:
+                penalty.commit(tokens[start:])
             end, trace.stop_reason = find_stop(tokens, start, max_new_tokens, eos, stop_strings, tgt.tokenizer)
             rnd = self._round(tree, path, probs if record_probs else None)
             rnd.committed = (end or len(tokens)) - start
@@ -296,6 +351,8 @@ class SpeculativeDecoder:
                 rnd.drafter_skipped, rnd.t_copy = hyb.skipped and drafter is not None, hyb.t_copy
             trace.rounds.append(rnd)
         del tokens[end:]
+        if record:
+            trace.record = PassRecord.build(rows, cache, ctx, len(tokens))
         trace.t_total = self._now() - t_start
         return trace
 
@@ -332,7 +389,8 @@ class SpeculativeDecoder:
                        eos_token_id: Union[int, list[int], None] = None, stop_strings: Sequence[str] = (),
                        seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
                        sps: Optional[SPSProfile] = None, early_stop: bool = True,
-                       conf_threshold: Optional[float] = None) -> "BatchTrace":
+                       conf_threshold: Optional[float] = None, repetition_penalty: Optional[float] = None
+                       ) -> "BatchTrace":
         """Chain drafting for R requests with one target forward per round over ragged verify lengths.
 
         Lengths come from the prefix scheduler (Algorithm 1) over calibrated survival when `sps` is given,
@@ -367,13 +425,19 @@ class SpeculativeDecoder:
         out = tgt.forward_features(ids.to(dev), attention_mask=mask[:, None].to(dev),
                                    position_ids=torch.arange(S, device=dev)[None].expand(R, S), cache=cache)
         traces, states = [], []
+        penalties = [self._penalty(repetition_penalty, torch.as_tensor(list(p), device=dev)) for p in prompts]
         for r in range(R):
             st = None
             if drafter is not None:
                 st = drafter.init_state(batch_size=1)
                 drafter.extend_context(st, out.features[r:r + 1, :lens[r]], out.last_hidden[r:r + 1, :lens[r]])
             states.append(st)
-            tok = [self._first_token(tgt.logits(out.last_hidden[r, lens[r] - 1]), params, gen)]
+            first = tgt.logits(out.last_hidden[r, lens[r] - 1])
+            if penalties[r] is not None:
+                first = penalties[r].apply(first)
+            tok = [self._first_token(first, params, gen)]
+            if penalties[r] is not None:
+                penalties[r].commit(tok)
             tr = DecodeTrace(tok, lens[r], "")
             end, tr.stop_reason = find_stop(tok, 0, max_new_tokens, eos, stop_strings, tgt.tokenizer)
             traces.append(tr)
@@ -415,16 +479,22 @@ class SpeculativeDecoder:
             own = torch.ones(n_max, n_max, dtype=torch.bool).tril_()
             mask = torch.cat([valid[:, None, :].expand(A, n_max, S), own[None].expand(A, -1, -1)], dim=2)
             t_mask = self._now()
-            out = tgt.forward_features(ids.to(dev), attention_mask=mask[:, None].to(dev), position_ids=pos.to(dev),
-                                       cache=cache)
+            with self._exact():
+                out = tgt.forward_features(ids.to(dev), attention_mask=mask[:, None].to(dev),
+                                           position_ids=pos.to(dev), cache=cache)
             logits = tgt.logits(out.last_hidden)
             t2 = self._now()
             survivors, slots, t_ext = [], [], 0.0  # rows that go on, the cache slots each keeps
             for i, (r, tree) in enumerate(zip(active, trees)):
-                path, bonus, _ = self._accept(tree, logits[i, :len(tree)], params, gen, False)
+                rows = logits[i, :len(tree)]
+                if penalties[r] is not None:
+                    rows = penalties[r].apply(rows, tree.tokens, tree.parents)
+                path, bonus, _ = self._accept(tree, rows, params, gen, False)
                 tr = traces[r]
                 start = len(tr.tokens)
                 tr.tokens += [tree.tokens[j] for j in path[1:]] + [bonus]
+                if penalties[r] is not None:
+                    penalties[r].commit(tr.tokens[start:])
                 end, tr.stop_reason = find_stop(tr.tokens, start, max_new_tokens, eos, stop_strings, tgt.tokenizer)
                 rnd = self._round(tree, path, None)
                 rnd.committed = (end or len(tr.tokens)) - start

@@ -6,8 +6,12 @@ cancels instead of biasing one method. Plain decoding also runs in the other of 
 speedup is given twice: against plain decoding at the same precision (the papers' convention) and against the
 fastest plain decoding this machine offers (what a user would otherwise run; hardware.py explains why the two
 differ on CPUs without bf16 units). This module measures; report.py holds the report's fields (the
-binding schema of docs/method.md §7), report.md and the plots. The library takes an `EvalConfig` (settings.py,
-whose fields cli.py turns into the flags).
+binding schema of docs/method.md §7), report.md and the plots; lossless.py shows each greedy output is plain
+decoding's. The library takes an `EvalConfig` (settings.py, whose fields cli.py turns into the flags).
+
+Long because one `dspark eval` run is one sequence (settings, benchmark files, the methods it times side by
+side, the measuring loop, each benchmark's entry) over one EvalConfig and one sample layout; the report's fields
+(report.py) and the lossless checks (lossless.py) already live apart.
 """
 from __future__ import annotations
 
@@ -20,14 +24,18 @@ from typing import Callable, Optional, Sequence
 import torch
 import transformers
 from tqdm import tqdm
+from transformers import LogitsProcessorList
 
 from ..artifacts.reader import load_artifact, resolve_artifact
 from ..data.chat import prompt_ids, stop_token_ids, user_messages
 from ..config import RecipeError, TargetConfig, load_recipe
 from ..decoding import SpeculativeDecoder
+from ..decoding.record import PassRecord
+from ..decoding.rules import generation_rules, plain_overrides
 from ..hardware import AUTO_DTYPES, detect
-from ..layout import ARTIFACT, CALIBRATION, FINAL, OUTPUTS, REPORT_JSON, REPORT_MD, DataFileError, iter_jsonl
-from .lossless import LosslessError, classify_divergences, verdict
+from ..layout import (ARTIFACT, CALIBRATION, FINAL, OUTPUTS, REPORT_JSON, REPORT_MD, DataFileError,
+                      iter_jsonl)
+from .lossless import Checked, LosslessError, Recording, checks_of, exact_attention_choice, judge, verdict
 from .settings import BASELINES, BENCHMARKS, DECODER_BASELINES, EvalConfig
 from .report import (RoundStat, Sample, assemble, fastest_plain, lossless_errors, method_metrics,
                      render_markdown, speedup_over, write_outputs, write_report)
@@ -42,7 +50,8 @@ def plain_name(dtype: str) -> str:
     """The method name of plain decoding in a dtype other than the target's, e.g. "plain-bfloat16"."""
     return f"{PLAIN}-{dtype}"
 
-Method = Callable[[list[int], int], tuple[list[int], list[RoundStat]]]  # (prompt ids, max new) -> ids, rounds
+# (prompt ids, max new) -> ids, rounds, the pass's PassRecord (greedy plain decoding and our decoders) or None
+Method = Callable[[list[int], int], tuple[list[int], list[RoundStat], Optional[PassRecord]]]
 
 
 class BenchmarkError(RecipeError):
@@ -136,9 +145,12 @@ def artifact_name(artifact: str, taken: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- methods
 def generation_kwargs(target, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> dict:
     """transformers `generate` arguments for plain decoding with the harness's sampling settings, stopping where
-    `dspark data` stops (chat.stop_token_ids: the target's end of turn too)."""
+    `dspark data` stops (chat.stop_token_ids: the target's end of turn too), under the decoder's rules: the
+    target's repetition penalty on, every generation_config rule the decoder cannot reproduce off
+    (decoding/rules.py)."""
     tok = target.tokenizer
-    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=stop_token_ids(tok, target.model.generation_config))
+    gc = target.model.generation_config
+    kw = dict(plain_overrides(gc), pad_token_id=tok.pad_token_id, eos_token_id=stop_token_ids(tok, gc))
     if temperature > 0:
         kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
     else:
@@ -146,13 +158,20 @@ def generation_kwargs(target, temperature: float = 0.0, top_p: float = 1.0, top_
     return kw
 
 
-def hf_method(model, gen_kwargs: dict, **extra) -> Method:
-    """transformers' own `generate` (plain, prompt lookup or assisted): token ids after the prompt."""
+def hf_method(model, gen_kwargs: dict, record: bool = False, **extra) -> Method:
+    """transformers' own `generate` (plain, prompt lookup or assisted): token ids after the prompt; `record`
+    (greedy plain decoding): also its PassRecord, the reference of the lossless check."""
     def run(prompt: list[int], max_new_tokens: int):
         x = torch.tensor([prompt], device=model.device)
-        out = model.generate(x, attention_mask=torch.ones_like(x), **{**gen_kwargs, **extra},
-                             max_new_tokens=max_new_tokens)
-        return out[0, len(prompt):].tolist(), []
+        kw = {**gen_kwargs, **extra, "max_new_tokens": max_new_tokens}
+        if not record:
+            return model.generate(x, attention_mask=torch.ones_like(x), **kw)[0, len(prompt):].tolist(), [], None
+        rec = Recording()
+        out = model.generate(x, attention_mask=torch.ones_like(x), logits_processor=LogitsProcessorList([rec]),
+                             return_dict_in_generate=True, **kw)
+        ids = out.sequences[0, len(prompt):].tolist()
+        cache = out.cache
+        return ids, [], PassRecord.build(rec.rows, cache, cache.get_seq_length(), len(ids))
     return run
 
 
@@ -164,14 +183,15 @@ def decoder_method(decoder: SpeculativeDecoder, cfg: EvalConfig, eos_token_id, h
     hybrid = cfg.hybrid if hybrid is None else hybrid
     mode = decoder.hybrid_base() if cfg.mode == "hybrid" or decoder.drafter is None else cfg.mode
     sampling = dict(mode=mode, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                    eos_token_id=eos_token_id, hybrid=hybrid)
+                    eos_token_id=eos_token_id, hybrid=hybrid, record=cfg.temperature <= 0)
 
     def run(prompt: list[int], max_new_tokens: int):
         seed = int(torch.randint(0, 2**62, ()).item())  # from the harness's per-sample torch seed
         out = decoder.generate(prompt, max_new_tokens=max_new_tokens, seed=seed, **sampling)
         # RoundTrace.verified counts the draft nodes; the verify pass also computes the anchor
         return out.tokens, [RoundStat(r.verified + 1, r.n_accepted, max(r.depths, default=0),
-                                      r.by_source() if hybrid else None, r.drafter_skipped) for r in out.rounds]
+                                      r.by_source() if hybrid else None, r.drafter_skipped) for r in out.rounds], \
+            out.record
     return run
 
 
@@ -194,15 +214,16 @@ def _timed(method: Method, prompt: list[int], max_new_tokens: int, seed: int, de
     torch.manual_seed(seed)
     _sync(device)
     t0 = time.perf_counter()
-    ids, rounds = method(prompt, max_new_tokens)
+    ids, rounds, record = method(prompt, max_new_tokens)
     _sync(device)
-    return Sample(ids, time.perf_counter() - t0, rounds)
+    return Sample(ids, time.perf_counter() - t0, rounds, record)
 
 
-def measure(bench: Benchmark, target, methods: dict[str, Method], cfg: EvalConfig, drafters: Sequence[str]
-            ) -> Measured:
+def measure(bench: Benchmark, target, methods: dict[str, Method], cfg: EvalConfig, drafters: Sequence[str],
+            checked: Optional[dict[str, Checked]] = None) -> Measured:
     """Run every method on every prompt (turn), in an order rotated per prompt; later turns of a
-    conversation see the plain target's previous answers, so every method gets the same prompt."""
+    conversation see the plain target's previous answers, so every method gets the same prompt. After each
+    turn (untimed) the `checked` methods' greedy passes are compared with plain decoding's bit for bit."""
     names = list(methods)
     samples = {m: [] for m in names}
     prompts, truncated = [], 0
@@ -222,6 +243,11 @@ def measure(bench: Benchmark, target, methods: dict[str, Method], cfg: EvalConfi
             for m in order:
                 samples[m][-1].append(_timed(methods[m], ids, cfg.max_new_tokens, cfg.seed + 1000 * i + turn,
                                              target.device))
+            for m, how in (checked or {}).items():
+                judge(samples[PLAIN][-1][-1], samples[m][-1][-1], ids, cfg.max_new_tokens, how,
+                      {"prompt": i, "turn": turn})
+            for m in names:
+                samples[m][-1][-1].record = None
             answer = target.tokenizer.decode(samples[PLAIN][-1][-1].ids, skip_special_tokens=True)
             history.append({"role": "assistant", "content": answer})
         if primary:
@@ -231,18 +257,13 @@ def measure(bench: Benchmark, target, methods: dict[str, Method], cfg: EvalConfi
 
 
 def benchmark_report(m: Measured, target, drafter: str, baselines: Sequence[str], greedy: bool) -> dict:
-    """The §7 entry of one benchmark for one drafter, with divergence gaps, the shared baselines and the
-    speedups against the fastest plain decoding measured (any dtype)."""
+    """The §7 entry of one benchmark for one drafter, with the lossless verdict from the bit-level checks
+    (evaluation/lossless.py), the shared baselines and the speedups against the fastest plain decoding measured
+    (any dtype)."""
     plain = m.samples[PLAIN]
     entry = method_metrics(plain, m.samples[drafter], greedy)
-    divs = [d for d in entry["divergences"] or [] if d["plain_token"] is not None and d["drafter_token"] is not None]
-    cases = [(m.prompts[d["prompt"]][d["turn"]] + plain[d["prompt"]][d["turn"]].ids[:d["position"]],
-              d["plain_token"], d["drafter_token"]) for d in divs]
-    for d, c in zip(divs, classify_divergences(target, cases)):
-        d.update(c)
-    for d in entry["divergences"] or []:
-        d.setdefault("kind", "error")  # one output ended where the other went on: no near-tie explains it
-    verdict(entry)
+    if greedy:
+        verdict(entry, checks_of(m.samples[drafter]))
     dtype = str(target.dtype).removeprefix("torch.")
     fastest = fastest_plain({dtype: plain, **{d: m.samples[plain_name(d)] for d in AUTO_DTYPES
                                               if d != dtype and plain_name(d) in m.samples}})
@@ -252,7 +273,10 @@ def benchmark_report(m: Measured, target, drafter: str, baselines: Sequence[str]
     for b in baselines:
         ours = b in DECODER_BASELINES  # our own decoders also report τ and where accepted tokens came from
         r = method_metrics(plain, m.samples[b], greedy, drafter=ours)
-        keys = ("tokens_per_s", "speedup", "agreement", "lossless") + (("tau", "sources") if ours else ())
+        if ours and greedy:
+            verdict(r, checks_of(m.samples[b]))
+        keys = ("tokens_per_s", "speedup", "agreement", "lossless") + (("tau", "sources", "lossless_evidence")
+                                                                      if ours else ())
         entry["baselines"][b] = {k: r.get(k) for k in keys}
         entry["baselines"][b]["speedup_vs_fastest_plain"] = speedup_over(r["tokens_per_s"], fastest)
     entry["file"] = str(m.benchmark.path)
@@ -277,14 +301,16 @@ def run_eval(cfg: EvalConfig) -> dict:
     for b in benches:  # every first turn fits (or may be cut) before anything is measured; later turns: measure
         for i, turns in enumerate(b.prompts):
             fit_prompt(target, prompt_ids(target.tokenizer, user_messages(turns[:1])), cfg, prompt_label(b, i, 0))
+    greedy = cfg.temperature <= 0
     gen = generation_kwargs(target, cfg.temperature, cfg.top_p, cfg.top_k)
-    methods: dict[str, Method] = {PLAIN: hf_method(target.model, gen)}
+    methods: dict[str, Method] = {PLAIN: hf_method(target.model, gen, record=greedy)}
     if cfg.fastest_plain:  # plain decoding in the other precision: the fastest plain decoding this machine offers
         for dtype in AUTO_DTYPES:
             if dtype != target.precision.value:
                 other = load_target(replace(tcfg, dtype=dtype), device.type).model.to(device)
                 methods[plain_name(dtype)] = hf_method(other, gen)
     drafters: dict[str, dict] = {}
+    ours: dict[str, tuple[SpeculativeDecoder, Optional[bool]]] = {}  # our decoders: (decoder, hybrid override)
     for spec in [cfg.artifact, *cfg.compare]:
         name = artifact_name(spec, [*methods, *BASELINES, *drafters])
         drafter = load_artifact(spec, target=target)  # checks the fingerprint, attaches the target
@@ -299,12 +325,25 @@ def run_eval(cfg: EvalConfig) -> dict:
             drafters[name]["adaptive_policy"] = decoder.adaptive_info
             print(f"{name}: adaptive policy from {decoder.adaptive_info['source']} "
                   f"({decoder.adaptive_info['why']})", flush=True)
-        methods[name] = decoder_method(decoder, cfg, gen["eos_token_id"])
+        ours[name] = (decoder, None)
         if len(drafters) == 1 and "drafter-only" in baselines:
-            methods["drafter-only"] = decoder_method(decoder, cfg, gen["eos_token_id"], hybrid=False)
+            ours["drafter-only"] = (decoder, False)
         if len(drafters) == 1 and "copy-only" in baselines:  # the drafter's calibration: copy prior, cost curve
-            copying = SpeculativeDecoder(target, None, calibration=drafter.calibration)
-            methods["copy-only"] = decoder_method(copying, cfg, gen["eos_token_id"], hybrid=True)
+            ours["copy-only"] = (SpeculativeDecoder(target, None, calibration=drafter.calibration), True)
+    primary = ours[next(iter(drafters))][0]
+    exact = exact_attention_choice(cfg.exact_attention, greedy, target,
+                                   1 + max(1, primary.policy(cfg.mode).node_budget))
+    print(f"exact attention: {exact['layers']} of {exact['of']} layers ({exact['reason']})", flush=True)
+    checked: dict[str, Checked] = {}
+    for name, (decoder, hybrid) in ours.items():
+        timed = decoder.with_exact_attention(exact["layers"], exact["projections"])
+        methods[name] = decoder_method(timed, cfg, gen["eos_token_id"], hybrid)
+        if greedy:  # what can be compared bit for bit here (attention.measure_row_exact measured it)
+            every = exact["row_exact_here"] and exact["layers"] >= exact["of"]
+            replay = decoder_method(decoder.with_exact_attention(True), cfg, gen["eos_token_id"], hybrid) \
+                if exact["row_exact_here"] and not every else None
+            layers = exact["of"] if every else exact["check_layers"] if exact["layers"] == 1 else 0
+            checked[name] = Checked(layers, every, replay, target.precision.value == "float32")
     if "prompt-lookup" in baselines:
         methods["prompt-lookup"] = hf_method(target.model, gen, prompt_lookup_num_tokens=cfg.prompt_lookup_tokens)
     if "assisted" in baselines:
@@ -317,12 +356,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     for method in methods.values():  # allocator, kernels, caches: excluded from every metric
         _timed(method, warm, min(16, cfg.max_new_tokens), cfg.seed, device)
 
-    measured = [measure(b, target, methods, cfg, list(drafters)) for b in benches]
+    measured = [measure(b, target, methods, cfg, list(drafters), checked) for b in benches]
     cut = sum(m.truncated for m in measured)
     if cut:
         print(f"truncated {cut} prompt{'s' if cut > 1 else ''} to the last {target.context_window - cfg.max_new_tokens}"
               f" tokens (the target's window of {target.context_window} minus --max-new-tokens)")
-    report = build_report(measured, target, drafters, baselines, cfg)
+    report = build_report(measured, target, drafters, baselines, cfg, exact)
     out = Path(cfg.out)
     write_report(report, out, drafters[next(iter(drafters))]["calibration"])
     if cfg.save_outputs:
@@ -331,14 +370,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     print(f"report written to {out / REPORT_JSON}, {REPORT_MD} and plots")
     errors = lossless_errors(report)
     if errors:
-        raise LosslessError(f"greedy speculative output parted from plain greedy decoding beyond rounding at "
-                            f"{len(errors)} place(s): " + "; ".join(errors[:5]) + (" …" if len(errors) > 5 else "")
+        raise LosslessError(f"greedy speculative decoding is not shown lossless at {len(errors)} place(s): "
+                            + "; ".join(errors[:5]) + (" …" if len(errors) > 5 else "")
                             + f" (details in {out / REPORT_MD})")
     return report
 
 
 def build_report(measured: Sequence[Measured], target, drafters: dict[str, dict], baselines: Sequence[str],
-                 cfg: EvalConfig) -> dict:
+                 cfg: EvalConfig, exact: Optional[dict] = None) -> dict:
     """The §7 report of a finished measurement (report.assemble): per benchmark and drafter the metrics
     against plain decoding, with the target's top-2 logit gap at every divergence; the settings; the machine
     (hardware.py: CPU model and the flags that matter, or the GPU) and the dtype choice with its reason."""
@@ -349,7 +388,8 @@ def build_report(measured: Sequence[Measured], target, drafters: dict[str, dict]
     environment = {"target": target.name, "device": target.device.type, "device_name": caps.name,
                    "machine": caps.to_dict(), "dtype": target.precision.value,
                    "dtype_choice": target.precision.to_dict(), "threads": torch.get_num_threads(),
-                   "versions": _versions()}
+                   "versions": _versions(), "exact_attention": exact,
+                   "generation_rules": generation_rules(target.model.generation_config)}
     return assemble(per_drafter, drafters, cfg, environment)
 
 

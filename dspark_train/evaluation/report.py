@@ -7,10 +7,12 @@ rounds that verified position k whose drafts 1..k all survived; conditional acce
 survived; verify rate = committed ÷ tokens in the verify passes (anchor included); speedup = tokens/s ÷ plain
 decoding's tokens/s at the same precision on the same prompts in the same run (the papers' convention);
 speedup_vs_fastest_plain = tokens/s ÷ the fastest plain decoding measured among float32/bfloat16 (what a user
-of this machine would otherwise run); `lossless` = every greedy output equals plain greedy decoding (None when
-sampling). With copy branches (hybrid decoding): per source (drafter, copy, both = a node both proposed) the
-verified and accepted draft nodes, acceptance = accepted ÷ verified, each source's share of the accepted draft
-tokens, and the share of rounds that skipped the drafter's forward.
+of this machine would otherwise run); `lossless` = every greedy output is shown to be plain greedy decoding's, bit
+for bit (evaluation/lossless.py; False on any error, None when sampling or when a divergence cannot be shown to
+be rounding on this device), `lossless_evidence` = what that rests on. With copy branches (hybrid decoding):
+per source (drafter, copy, both = a node both proposed) the verified and accepted draft nodes, acceptance =
+accepted ÷ verified, each source's share of the accepted draft tokens, and the share of rounds that skipped the
+drafter's forward.
 """
 from __future__ import annotations
 
@@ -18,12 +20,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..policy.calibration import Calibration, plot_reliability
 from ..hardware import Capabilities
 from ..layout import REPORT_JSON, REPORT_MD, atomic_path, write_atomic
-from .lossless import NEAR_TIE_MARGIN
 
 ACCEPTANCE_PLOT, SPEEDUP_PLOT, RELIABILITY_PLOT = "acceptance_by_position.png", "speedup.png", "reliability.png"
 SETTINGS = ("temperature", "mode", "hybrid", "top_p", "top_k", "seed", "max_new_tokens", "multi_turn",  # EvalConfig
@@ -50,6 +51,8 @@ class Sample:
     ids: list[int]
     seconds: float
     rounds: list[RoundStat] = field(default_factory=list)
+    record: Any = None  # decoding.record.PassRecord of a greedy pass, until the lossless check has used it
+    check: Optional[dict] = None  # evaluation/lossless.py's verdict on this generation
 
 
 def acceptance_metrics(rounds: Sequence[RoundStat]) -> dict:
@@ -160,7 +163,8 @@ def assemble(per_drafter: dict[str, dict], drafters: dict[str, dict], settings, 
     per_drafter[name][benchmark]: method_metrics' entry (plus the target's top-2 gaps and the baselines);
     drafters[name]: {"drafter", "calibration", kind, head, block_size}; settings: the run's EvalConfig
     (its SETTINGS fields are copied); environment: target, device, device_name, machine (hardware.Capabilities),
-    dtype, dtype_choice (what was asked, chosen and why), threads, versions."""
+    dtype, dtype_choice (what was asked, chosen and why), threads, versions, exact_attention (how many layers
+    verified row-exact and why, evaluate.exact_attention_choice), generation_rules (decoding/rules.py)."""
     primary = next(iter(drafters))
     env = environment
     return {
@@ -174,6 +178,7 @@ def assemble(per_drafter: dict[str, dict], drafters: dict[str, dict], settings, 
                             "benchmarks": per_drafter[name]} for name, info in drafters.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": env["versions"],
+        "exact_attention": env.get("exact_attention"), "generation_rules": env.get("generation_rules"),
     }
 
 
@@ -206,21 +211,56 @@ def _fmt(x, spec=".2f", none="—") -> str:
 
 
 def lossless_cell(e: dict, dtype: str) -> str:
-    """The lossless column: yes; yes with the near-ties a low precision explains; **NO** with the errors."""
-    if e["lossless"] is None:
+    """The lossless column: yes (every output identical, the checks bit-exact); yes with the divergences shown to
+    be rounding; unproven; **NO** with the errors."""
+    if e["lossless"] is None and e.get("divergences") is None:
         return "n/a (sampling)"
-    if not e["lossless"]:
-        return f"**NO** ({e.get('errors', '?')} error{'s' if e.get('errors') != 1 else ''})"
-    ties = e.get("near_ties") or 0
-    return f"yes ({dtype}: {ties} near-tie{'s' if ties != 1 else ''})" if ties else "yes"
+    ev = e.get("lossless_evidence") or {}
+    if e["lossless"] is False:
+        n = ev.get("errors", "?")
+        return f"**NO** ({n} error{'s' if n != 1 else ''})"
+    if e["lossless"] is None:
+        return f"unproven ({dtype}: {ev.get('unproven')} divergence{'s' if ev.get('unproven') != 1 else ''})"
+    n = ev.get("rounding") or 0
+    return f"yes ({dtype}: {n} rounding divergence{'s' if n != 1 else ''}, replayed exactly)" if n else "yes"
 
 
 def lossless_errors(report: dict) -> list[str]:
-    """Every greedy divergence classified as a real error: '<drafter> <benchmark> prompt i turn t position p'."""
-    return [f"{name} {b} prompt {d['prompt']} turn {d['turn']} position {d['position']}"
-            + (f" (fp32 gap {d['fp32_gap']:.4f})" if d.get("fp32_gap") is not None else "")
-            for name, dr in report["drafters"].items() for b, e in dr["benchmarks"].items()
-            for d in e.get("divergences") or [] if d.get("kind") == "error"]
+    """Every failed lossless check: '<drafter> <benchmark> prompt i turn t: what differed'."""
+    return [f"{name} {b} {m}" for name, dr in report["drafters"].items() for b, e in dr["benchmarks"].items()
+            for m in (e.get("lossless_evidence") or {}).get("mismatches", [])]
+
+
+def _evidence(report: dict) -> list[str]:
+    """What the lossless column rests on (evaluation/lossless.py), in one paragraph."""
+    ex = report.get("exact_attention")
+    evs = [e.get("lossless_evidence") for dr in report["drafters"].values() for e in dr["benchmarks"].values()]
+    evs = [x for x in evs if x]
+    if not evs:
+        return []
+    tokens, slots = sum(x["tokens_compared"] for x in evs), sum(x["cache_slots_compared"] for x in evs)
+    layers = max(x["cache_layers_compared"] for x in evs)
+    text = (f"Lossless evidence: every emitted token is the argmax of the logits row the decoder computed for it, "
+            f"and up to the first differing token ({tokens} tokens) the decoder's KV cache equals plain decoding's "
+            f"bit for bit in {layers} layer{'s' if layers != 1 else ''} ({slots} slots)")
+    if ex:
+        every = ex["layers"] >= ex["of"]
+        text += (f"; verification attention row-exact in {ex['layers']} of {ex['of']} layers ({ex['reason']})"
+                 + (", so every chosen logits row equals plain decoding's bit for bit" if every else ""))
+        m = ex.get("measured") or {}
+        if m:
+            text += (f". Measured here: a stock verify pass of {m['tokens']} tokens {m['stock_ms']:.1f} ms, with the "
+                     f"first layer row-exact {m['check_ms']:.1f} ms, every layer {m['exact_ms']:.1f} ms (a decode "
+                     f"step {m['step_ms']:.1f} ms)")
+    replays = sum(x["replays"] for x in evs)
+    if replays:
+        text += (f". {replays} diverging output{'s were' if replays != 1 else ' was'} decoded again with row-exact "
+                 "attention in every layer (untimed) and compared in full")
+    rules = report.get("generation_rules") or {}
+    if rules.get("honoured") or rules.get("disabled"):
+        text += (f". The target's generation_config: {rules.get('honoured') or 'nothing'} applied by both sides; "
+                 f"{rules.get('disabled') or 'nothing'} turned off for both (the decoder cannot reproduce it)")
+    return ["", text + "."]
 
 
 def render_markdown(report: dict) -> str:
@@ -267,13 +307,14 @@ def render_markdown(report: dict) -> str:
         lines += _source_table(drafter["benchmarks"])
         divs = [(b, x) for b, e in drafter["benchmarks"].items() for x in e["divergences"] or []]
         if divs:
-            lines += ["", f"Divergences from plain greedy ({len(divs)}): first differing position, the context "
-                      "re-scored in fp32: the gap between plain's token and the speculative one, and the rounding this "
-                      f"context shows in {report['dtype']} (a near-tie: |gap| ≤ {NEAR_TIE_MARGIN:g} × rounding):", ""]
+            lines += ["", f"Divergences from plain greedy ({len(divs)}): first differing position, each pass's own "
+                      "top-2 logit gap there, and the verdict (rounding: the output replayed with row-exact "
+                      "attention in every layer is plain decoding's, bit for bit):", ""]
             lines += [f"- {b} prompt {x['prompt']} turn {x['turn']}: position {x['position']}: "
-                      + ("**ERROR**" if x.get("kind") == "error" else "near-tie")
-                      + (f", fp32 gap {_fmt(x.get('fp32_gap'), '.4f')} vs rounding {_fmt(x.get('rounding'), '.4f')}"
-                         if x.get("fp32_gap") is not None else ", one output stopped where the other went on")
+                      + ("**ERROR**" if x.get("kind") == "error" else str(x.get("kind")))
+                      + f", top-2 gap plain {_fmt(x.get('plain_gap'), '.4f')} / ours "
+                      + _fmt(x.get("drafter_gap"), ".4f")
+                      + (f" ({x['mismatch']})" if x.get("mismatch") else "")
                       for b, x in divs]
         policy = drafter.get("adaptive_policy")
         if policy:
@@ -285,6 +326,7 @@ def render_markdown(report: dict) -> str:
                               for b, a in zip(cal["ece_before"], cal["ece_after"]))
             lines += ["", f"Confidence calibration (ECE by position, before → after STS): {pairs}"]
         lines.append("")
+    lines += _evidence(report)
     if len(report["drafters"]) > 1:
         names = list(report["drafters"])
         lines += ["## Comparison (τ / speedup / × fastest plain)", "", "| benchmark | " + " | ".join(names) + " |",

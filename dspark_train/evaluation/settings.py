@@ -12,6 +12,7 @@ BENCHMARKS = ("gsm8k", "mt-bench", "humaneval", "mbpp")
 BASELINES = ("prompt-lookup", "assisted", "drafter-only", "copy-only")
 # our own decoder without the copy drafter / without the learned drafter: baselines of hybrid runs only
 DECODER_BASELINES = ("drafter-only", "copy-only")
+EXACT = ("auto", "on", "off")  # --exact-attention (lossless.exact_attention_choice)
 
 
 @dataclass
@@ -36,6 +37,11 @@ class EvalConfig:
     seed: int = setting(0, "sampling seed (each prompt and method reseeds)")
     dtype: str = setting("auto", "target dtype; auto: bfloat16 where the hardware computes it (CUDA with bf16, a CPU "
                                  "with AMX/AVX512-BF16), else float32", choices=DTYPES)
+    exact_attention: str = setting("auto", "row-exact verification attention in every target layer, so greedy "
+                                           "output equals plain decoding's bit for bit in any dtype: auto (on where "
+                                           "it costs <= 10%% of a verify pass, measured at start), on, off (first "
+                                           "layer only, for the lossless check; divergent outputs are replayed "
+                                           "row-exact to show they are rounding)", choices=EXACT)
     device: Optional[str] = setting(None, "default: cuda when available, else cpu")
     out: str = setting("runs/eval", "output directory (report.json, report.md, plots)")
     multi_turn: bool = setting(False, "all turns; later turns see the target's own previous answers")
