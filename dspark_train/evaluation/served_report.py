@@ -273,11 +273,11 @@ def render_served(r: dict) -> str:
                           for b, g in ((b, x["goals"]) for b, x in r["benchmarks"].items())) + "."]
     divs = [(b, d) for b, x in r["benchmarks"].items() for d in x["served"]["divergences"] or []]
     if divs:
-        lines += ["", f"Served outputs that part from the engine's plain output ({len(divs)}), the context re-scored "
-                  "by our target:", ""]
+        lines += ["", f"Served outputs that part from the engine's plain output ({len(divs)}; fp32 serving: each an "
+                  "error; lower precision: unproven, the engine's passes cannot be replayed exactly):", ""]
         lines += [f"- {b} prompt {d['prompt']}: position {d['position']}: "
-                  + ("near-tie" if d.get("kind") == "near_tie" else "**ERROR**")
-                  + (f", fp32 gap {_f(d.get('fp32_gap'), '.4f')} vs rounding {_f(d.get('rounding'), '.4f')}"
+                  + ("unproven" if d.get("kind") == "unproven" else "**ERROR**")
+                  + (f", our target's fp32 logit gap plain − served {_f(d.get('fp32_gap'), '.4f')}"
                      if d.get("fp32_gap") is not None else ", one output stopped where the other went on")
                   for b, d in divs]
     if r["alarms"]:
