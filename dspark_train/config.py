@@ -74,8 +74,8 @@ class TargetConfig:
     config: Optional[dict] = None  # inline architecture config: a randomly initialised target (tests)
     config_path: Optional[str] = None  # architecture config.json for offline planning of big targets
     seed: int = 0  # weight init seed for inline-config targets
-    feature_layers: Optional[list[int]] = None  # None = 5 layers spread evenly over 1..L-3
-    num_feature_layers: int = 5
+    feature_layers: Optional[list[int]] = None  # None = `num_feature_layers` chosen by target.default_feature_layers
+    num_feature_layers: Optional[int] = None  # None: 5 spread over 1..L-3; 3 for eagle3 (EAGLE-3's low/mid/high)
     chat_template: Optional[str] = None  # override the tokenizer's template (jinja string)
     tokenizer: Optional[str] = None  # tokenizer source when `model` is None (tests: a tiny local tokenizer)
     cache_dir: Optional[str] = None  # where converted targets are cached (default ~/.cache/dspark)
@@ -83,10 +83,11 @@ class TargetConfig:
 
 @dataclass
 class DrafterConfigSection:
-    kind: str = field(default="dspark", metadata=_choice("dspark", "medusa"))
+    # eagle3: EAGLE-3's autoregressive layer over fused low/mid/high target features (drafters/eagle3.py)
+    kind: str = field(default="dspark", metadata=_choice("dspark", "medusa", "eagle3"))
     head: str = field(default="markov", metadata=_choice("markov", "rnn", "none"))
     num_layers: int = 1
-    block_size: int = 8  # gamma: draft positions per block, the anchor slot included
+    block_size: int = 8  # gamma: draft positions per block, the anchor slot included (eagle3: unrolled steps)
     head_rank: int = 256  # r of the Markov / RNN head
     intermediate_size: Optional[int] = None  # None = the target's
     num_attention_heads: Optional[int] = None  # None = the target's
@@ -391,6 +392,8 @@ def _validate(r: Recipe, src: str) -> None:
         bad("drafter.block_size", f"must be >= 2, got {r.drafter.block_size}")
     if r.drafter.num_layers < 1 and r.drafter.kind == "dspark":
         bad("drafter.num_layers", "must be >= 1")
+    if r.drafter.kind == "eagle3":
+        _validate_eagle3(r, bad)
     if not 0 < r.data.top_p <= 1:
         bad("data.top_p", f"must be in (0, 1], got {r.data.top_p}")
     srv = r.data.server  # a section inside a section: the two-level loops above do not reach it
@@ -425,7 +428,7 @@ def _validate(r: Recipe, src: str) -> None:
     if not 0 < r.drafter.init_acceptance < 1:
         bad("drafter.init_acceptance", f"must be in (0, 1), got {r.drafter.init_acceptance}")
     if r.drafter.init == "target" and (r.drafter.kind != "dspark" or r.drafter.init_from):
-        bad("drafter.init", "target applies to a new dspark drafter (not kind medusa, not with init_from)")
+        bad("drafter.init", "target applies to a new dspark drafter (not kind medusa or eagle3, not with init_from)")
     if not 0 <= r.distributed.machine_rank < r.distributed.num_machines:
         bad("distributed.machine_rank", f"must be in 0..num_machines-1 = {r.distributed.num_machines - 1}, "
                                         f"got {r.distributed.machine_rank}")
@@ -445,6 +448,24 @@ def _validate(r: Recipe, src: str) -> None:
         bad("calibrate.map_threshold", f"must be in [0, 1), got {r.calibrate.map_threshold}")
     if any(b < 1 for b in r.calibrate.profile_batch_sizes):
         bad("calibrate.profile_batch_sizes", "batch sizes must be >= 1")
+
+
+EAGLE3_UNUSED = ("head", "head_rank", "mask_token_id", "sample_from_anchor", "medusa_heads")
+
+
+def _validate_eagle3(r: Recipe, bad) -> None:
+    """kind eagle3: one decoder layer drafting token by token, so the block settings of DSpark/Medusa (sequential
+    head, MASK slots, slot layout, heads) mean nothing; a recipe that sets them is refused rather than ignored.
+    Its feature layers default to EAGLE-3's three (low, middle, high; target.default_feature_layers)."""
+    defaults = DrafterConfigSection()
+    for key in EAGLE3_UNUSED:
+        if getattr(r.drafter, key) != getattr(defaults, key):
+            bad(f"drafter.{key}", "has no meaning for kind eagle3 (its decoder layer drafts token by token: no "
+                                  "sequential head, no MASK slots); remove it")
+    if r.drafter.num_layers != 1:
+        bad("drafter.num_layers", f"kind eagle3 has one decoder layer (EAGLE-3's), got {r.drafter.num_layers}")
+    if r.target.num_feature_layers is None:
+        r.target.num_feature_layers = 3
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -97,8 +97,7 @@ class TableDrafter:
         self.logits, self.conf = logits, conf  # [γ, V (previous token), V], [γ, V]
 
     def propose(self, state, anchor):
-        logits = self.logits[None, :, 0]
-        return type("Block", (), {"draft_logits": logits, "base_logits": logits})()
+        return type("Block", (), {"depth": self.logits.shape[0]})()
 
     def head_step(self, block, k, prev, head_state=None, full=True):
         return self.logits[k][prev[0]][None], self.conf[k][prev[0]][None], None

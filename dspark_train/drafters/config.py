@@ -12,7 +12,8 @@ FINGERPRINT_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "feature_l
 
 
 class DrafterConfig(PretrainedConfig):
-    """kind "dspark" (head "markov" | "rnn" | "none" = DFlash) or "medusa" (block_size independent heads).
+    """kind "dspark" (head "markov" | "rnn" | "none" = DFlash), "medusa" (block_size independent heads) or "eagle3"
+    (one autoregressive decoder layer, drafters/eagle3.py; head "none", block_size = the unrolled training steps).
 
     `block_size` = γ draft tokens per block. `sample_from_anchor` (the speculators name) picks the slot layout:
     true: γ slots [x0, MASK…], slot k predicts draft token k+1 (DSpark/DeepSpec); false: γ+1 slots, the anchor
@@ -32,16 +33,16 @@ class DrafterConfig(PretrainedConfig):
                  mask_token_id: Optional[int] = None, initializer_range: float = 0.02,
                  target_fingerprint: Optional[dict] = None, format_version: int = FORMAT_VERSION,
                  qk_norm: bool = False, sample_from_anchor: bool = True, **kwargs):
-        if kind not in ("dspark", "medusa"):
-            raise ValueError(f"drafter kind must be dspark or medusa, got {kind!r}")
+        if kind not in ("dspark", "medusa", "eagle3"):
+            raise ValueError(f"drafter kind must be dspark, medusa or eagle3, got {kind!r}")
         if head not in ("markov", "rnn", "none"):
             raise ValueError(f"drafter head must be markov, rnn or none, got {head!r}")
         if num_attention_heads % num_key_value_heads:
             raise ValueError(f"num_attention_heads {num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {num_key_value_heads}")
         self.kind = kind
-        self.head = "none" if kind == "medusa" else head
-        self.num_layers = num_layers if kind == "dspark" else 0
+        self.head = head if kind == "dspark" else "none"
+        self.num_layers = {"dspark": num_layers, "medusa": 0, "eagle3": 1}[kind]
         self.block_size = block_size
         self.head_rank = head_rank
         self.hidden_size = hidden_size
@@ -58,8 +59,8 @@ class DrafterConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.target_fingerprint = target_fingerprint
         self.format_version = format_version
-        self.qk_norm = bool(qk_norm) and kind == "dspark"  # Medusa has no attention layers
-        self.sample_from_anchor = bool(sample_from_anchor) or kind == "medusa"
+        self.qk_norm = bool(qk_norm) and kind != "medusa"  # Medusa has no attention layers
+        self.sample_from_anchor = bool(sample_from_anchor) or kind != "dspark"
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
