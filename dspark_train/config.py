@@ -450,13 +450,14 @@ def _validate(r: Recipe, src: str) -> None:
         bad("calibrate.profile_batch_sizes", "batch sizes must be >= 1")
 
 
-EAGLE3_UNUSED = ("head", "head_rank", "mask_token_id", "sample_from_anchor", "medusa_heads")
+EAGLE3_UNUSED = ("head", "mask_token_id", "sample_from_anchor")
 
 
 def _validate_eagle3(r: Recipe, bad) -> None:
-    """kind eagle3: one decoder layer drafting token by token, so the block settings of DSpark/Medusa (sequential
-    head, MASK slots, slot layout, heads) mean nothing; a recipe that sets them is refused rather than ignored.
-    Its feature layers default to EAGLE-3's three (low, middle, high; target.default_feature_layers)."""
+    """kind eagle3: one decoder layer drafting token by token, so DSpark's block settings (another sequential head,
+    MASK slots, the slot layout) mean nothing; a recipe that changes them is refused rather than ignored (sizes of
+    modules it does not have, head_rank and medusa_heads, are ignored as for Medusa). Its feature layers default
+    to EAGLE-3's three (low, middle, high; target.default_feature_layers)."""
     defaults = DrafterConfigSection()
     for key in EAGLE3_UNUSED:
         if getattr(r.drafter, key) != getattr(defaults, key):

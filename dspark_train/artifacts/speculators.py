@@ -54,6 +54,8 @@ def refusal(config) -> Optional[str]:
     c = config
     if c.kind == "medusa":
         return "Medusa heads have no speculators format (it holds DSpark and DFlash drafters only)"
+    if c.kind == "eagle3":
+        return "the export of eagle3 drafters to speculators' eagle3 format is not written yet"
     if c.head == "rnn":
         return ("the RNN head has no engine implementation (vLLM's Qwen3 DSpark model has only the vanilla Markov "
                 "head); export a markov or none head")
