@@ -111,6 +111,11 @@ def test_training_forward_equals_the_decoders_rounds_and_the_replay(target, opts
         logits, confs = walk(d, rnd, ids[:, p:p + GAMMA])
         assert close(logits, ref.logits[:, a]) and close(confs, ref.conf_logits[:, a]), p
     assert st.kv.shape[4] >= T  # grew beyond the first 256 slots
+    for a, p in enumerate(anchors):  # the decoder's prefill: the whole context in a fresh state's first chunk
+        fresh = d.init_state(2)
+        d.extend_context(fresh, feats[:, :p], last[:, :p], ids[:, :p])
+        logits, confs = walk(d, d.propose(fresh, ids[:, p]), ids[:, p:p + GAMMA])
+        assert close(logits, ref.logits[:, a]) and close(confs, ref.conf_logits[:, a]), p
     rnd = d.blocks_at(feats, last, ids, torch.tensor([anchors, anchors]))
     pos = torch.tensor(anchors)[:, None] + torch.arange(GAMMA)
     logits, confs = walk(d, rnd, ids[:, pos].flatten(0, 1), width=1)
@@ -193,6 +198,29 @@ def test_greedy_is_lossless_in_every_mode(small):
     assert any(r.n_accepted and not r.accepted[0] for r in rounds["wide"])  # a path off the first branch
     assert max(r.verified for r in rounds["tree"]) == 16 and max(max(r.depths, default=0) for r in rounds["tree"]) == 3
     assert max(r.verified for r in rounds["adaptive"]) <= 8
+
+
+def test_the_decoder_commits_exactly_the_accepted_tokens_to_the_drafter(small):
+    """Every round hands the drafter the committed tokens with their features, in order, also where the accepted
+    path leaves the tree's first branch or runs through copied nodes: its context entries are the text's."""
+    d = make(small, gamma=3, scale=False)
+    seen, extend = [], d.extend_context
+
+    def spy(state, features, last_hidden, token_ids=None):
+        assert features.shape[1] == token_ids.shape[1]
+        seen.extend(token_ids[0].tolist())
+        return extend(state, features, last_hidden, token_ids)
+    d.extend_context = spy
+    dec = SpeculativeDecoder(small, d)
+    off_branch = 0
+    for p in prompts(4, 16, seed=3):
+        for mode, policy in (("tree", WIDE), ("hybrid", WIDE)):
+            seen.clear()
+            tr = dec.generate(p, 20, mode=mode, eos_token_id=[], policy=policy)
+            last = tr.rounds[-1].committed
+            assert seen == (p + tr.tokens)[:len(p) + len(tr.tokens) - last - 1], mode  # up to the last anchor
+            off_branch += sum(bool(r.n_accepted and not r.accepted[0]) for r in tr.rounds)
+    assert off_branch
 
 
 def test_the_anchor_replay_is_the_decoders_rounds(small):
