@@ -1,4 +1,5 @@
-"""The drafter: context projection, parallel backbone, sequential head, confidence head; Medusa as a flag.
+"""The drafter: context projection, parallel backbone, sequential head, confidence head; Medusa as a flag, and
+EAGLE-3 (kind eagle3) dispatched to drafters/eagle3.py, whose layer drafts token by token instead of in blocks.
 
 Shapes: B batch, T tokens, A anchors per sequence, γ = block_size draft tokens, d hidden, r head rank,
 V target vocabulary, Vd draft vocabulary (V unless pruned). Draft k (0-based) of the block for anchor p
@@ -67,7 +68,8 @@ class DraftBlock:
 
 
 class Drafter(PreTrainedModel):
-    """DSpark (head markov | rnn | none = DFlash) or Medusa drafter over a frozen target's embedding and LM head.
+    """DSpark (head markov | rnn | none = DFlash), Medusa or EAGLE-3 drafter over a frozen target's embedding and
+    LM head (EAGLE-3: the same weights' layout, its forward and rounds in eagle3.py).
 
     MASK: slots 1..γ-1 take `mask_embed`, a dedicated learned vector (targets rarely have a spare token whose
     frozen embedding could be repurposed), unless `config.mask_token_id` names a token whose frozen
