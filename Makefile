@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: setup
-	$(PY) -m ruff check dspark_train eval tests
+	$(PY) -m ruff check dspark_train bench tests
 
 # the README's test command (what CI runs): lint, then every test not marked `slow`; one 2-rank DeepSpeed ZeRO-2
 # run over gloo and the real SmolLM2 target stay in it
@@ -38,7 +38,7 @@ demo: setup
 	$(PY) -m dspark_train.demo
 
 bench: setup
-	$(PY) eval/bench.py
+	$(PY) -m bench.bench
 
 # Real-client check of `dspark export --format speculators` (not part of `make test`; minutes): speculators'
 # own model classes and vLLM on CPU, in their own venv so this project's pins stay. RUN= a trained run (or
@@ -61,36 +61,36 @@ $(ENGINE_STAMP):
 	touch $(ENGINE_STAMP)
 
 engine-check: setup $(ENGINE_STAMP)
-	HF_HUB_OFFLINE=1 $(PY) eval/engine_check.py prepare --out $(ENGINE_DIR) $(if $(RUN),--run $(RUN))
-	HF_HUB_OFFLINE=1 $(ENGINE_PY) eval/engine_check.py engine --out $(ENGINE_DIR)
+	HF_HUB_OFFLINE=1 $(PY) -m bench.engine_check prepare --out $(ENGINE_DIR) $(if $(RUN),--run $(RUN))
+	HF_HUB_OFFLINE=1 $(ENGINE_PY) -m bench.engine_check engine --out $(ENGINE_DIR)
 
 # `dspark data --server` against vLLM's CPU OpenAI server (not part of `make test`; minutes): resume across a server
-# killed mid-run, greedy token ids against our in-process greedy, tokens/s of both paths (eval/data_server_check.py)
+# killed mid-run, greedy token ids against our in-process greedy, tokens/s of both paths (bench/data_server_check.py)
 data-server-check: setup $(ENGINE_STAMP)
-	HF_HUB_OFFLINE=1 $(PY) eval/data_server_check.py --engine-python $(ENGINE_PY) --out runs/data-server-check
+	HF_HUB_OFFLINE=1 $(PY) -m bench.data_server_check --engine-python $(ENGINE_PY) --out runs/data-server-check
 
 # our trainer against speculators 0.9's DSpark and DFlash trainers at equal wall-clock and equal tokens, one decoder
-# evaluating all (eval/peer.py; ~2 h on 2 cores, finished runs reused). Smoke: make peer PEER_ARGS="--minutes 1 --n 1"
+# evaluating all (bench/peer.py; ~2 h on 2 cores, finished runs reused). Smoke: make peer PEER_ARGS="--minutes 1 --n 1"
 PEER_ARGS ?=
 peer: setup $(ENGINE_STAMP)
-	HF_HUB_OFFLINE=1 $(PY) eval/peer.py $(PEER_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m bench.peer $(PEER_ARGS)
 
-# held-out τ against training minutes for the recipe variants (eval/learning_curve.py --help); on 2 cores two
+# held-out τ against training minutes for the recipe variants (python -m bench.learning_curve --help); on 2 cores two
 # variants train at once, one thread each. Smoke version: make curve CURVE_ARGS="--minutes 1,2 --variants baseline,kl"
 CURVE_ARGS ?=
 curve: setup
-	$(PY) eval/learning_curve.py --parallel 2 $(CURVE_ARGS)
+	$(PY) -m bench.learning_curve --parallel 2 $(CURVE_ARGS)
 
-# docs/results.md and the README's table, from the committed eval/results/*.json (eval/results.py)
+# docs/results.md and the README's table, from the committed eval/results/*.json (bench/results.py)
 results: setup
-	$(PY) eval/results.py
+	$(PY) -m bench.results
 
 clean:
 	rm -rf runs
 
-# The CUDA path on a lent GPU (eval/gpu_check.py, ≤ 8 minutes): fp32 greedy exactness of the decoder on the real
+# The CUDA path on a lent GPU (bench/gpu_check.py, ≤ 8 minutes): fp32 greedy exactness of the decoder on the real
 # SmolLM2, a bf16 training step under accelerate, then the long recipe for the rest of the time. Needs a CUDA torch
 # in $(PY) (GPU_PY= another interpreter); never part of `make test`.
 GPU_PY ?= $(PY)
 gpu-check:
-	HF_HUB_OFFLINE=1 $(GPU_PY) eval/gpu_check.py $(GPU_ARGS)
+	HF_HUB_OFFLINE=1 $(GPU_PY) -m bench.gpu_check $(GPU_ARGS)

@@ -1,5 +1,5 @@
-"""Hardware-aware defaults (docs/method.md §11): the precision this machine computes fast, and the machine key a
-measured cost curve belongs to.
+"""Hardware-aware defaults (docs/lab-notes.md, 2026-11-30): the precision this machine computes fast, and the
+machine key a measured cost curve belongs to.
 
 bf16 halves the bytes a one-token decode step reads, so that step (memory bound) is faster in bf16 almost
 everywhere. Matmuls over many tokens (training, prefill, verifying a draft) are compute bound, and a CPU without

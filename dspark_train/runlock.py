@@ -11,20 +11,38 @@ finds it stale:
 - the same PID namespace of the same boot of the same host (hostname, /proc/sys/kernel/random/boot_id and the
   inode of /proc/self/ns/pid all equal), and the pid is not running (or is a zombie, or a different process that
   reused the pid: its start time in /proc differs): stale. It is taken over with a message; the takeover itself
-  is serialised by a second O_EXCL file, so two newcomers never both take it.
+  is serialised by the guard below, so two newcomers never both take it.
 - another host, another boot, or another PID namespace (containers sharing a hostname and a volume but not
   their processes): its pid cannot be checked from here. Refused, with the command that removes it.
 - a live holder: refused (LockError, one line, the CLI exits 2).
+
+Every change to an existing lock file (a takeover's removal, an adoption's rewrite, a release's removal) is a
+compare-and-change made under a guard, an flock on `<lock>.takeover`: it re-reads the lock and changes it only if
+it still holds what was judged. The kernel drops an flock when its holder dies, however it dies, so a writer
+killed inside the guard blocks no one; a live holder that keeps it (stopped) is named after GUARD_WAIT seconds.
 
 `dspark train` takes the lock in the launching process and passes its token to the trainer it starts
 (`DSPARK_LOCK_TOKEN`, `run_holding_lock`); the trainer's main process adopts it (rewrites it with its own pid, so a
 kill of the launcher alone does not make a running trainer's lock look stale). A release removes the lock only if
 it holds our token and names our pid or a process that has ended: the launcher never frees a lock its trainer
-still holds, and an interrupted launcher forwards the signal to the trainer's process group and waits for all of
-it (every rank) before it releases.
+still holds.
+
+No trainer outlives its launcher (`run_tied`, `tie_to_launcher`): the launcher's child (the trainer, or
+accelerate's agent) runs in a session of its own and the kernel SIGKILLs it when the launcher dies (Linux
+PR_SET_PDEATHSIG); each accelerate rank, which torch's agent starts in a session of its own, ties itself to the
+agent the same way at its start. So a kill of the launcher alone, even `kill -9` of its process group, ends the
+whole run, and the rerun takes the dead trainer's lock over and resumes from its last checkpoint. An interrupted
+launcher (Ctrl-C, SIGTERM, SIGHUP) sends SIGINT to its child's process group and to every rank's, and releases
+only once none of them is left. Off Linux no child is tied: a launcher killed there leaves its trainer running.
+
+Long because the lock and the lifetime of the processes that hold it (a launcher, the trainer and ranks it ties
+to itself) are one protocol: a trainer that outlives its launcher is a writer the lock cannot see.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import functools
 import json
 import os
@@ -41,19 +59,27 @@ from .config import RecipeError
 from .layout import lock_path, write_atomic
 
 TOKEN_ENV = "DSPARK_LOCK_TOKEN"  # a launcher's lock token, adopted by the process it starts
+LAUNCHER_ENV = "DSPARK_LAUNCHER"  # the launcher's pid and namespace (JSON): a trainer it started dies with it
+GUARD_WAIT = 60.0  # seconds to wait for another writer's takeover guard (held for microseconds unless stopped)
 
 
 class LockError(RecipeError):
     """Another process holds the lock: the one-line message names it and how to proceed (CLI: exit 2)."""
 
 
-def _proc_start(pid: int) -> Optional[int]:
-    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); None where unknown."""
+def _stat(pid: int) -> Optional[list[str]]:
+    """/proc/<pid>/stat after the command name: [state, ppid, pgrp, ...], start time at [19]; None where unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[19])
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _proc_start(pid: int) -> Optional[int]:
+    """The process's start time in clock ticks since boot; None where unknown."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def _namespace() -> dict:
@@ -77,13 +103,10 @@ def _alive(pid: int, proc_start: Optional[int]) -> bool:
         return False
     except PermissionError:  # another user's process: it exists
         pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-        if state[state.rindex(")") + 2] == "Z":  # killed, not yet reaped: it writes nothing any more
-            return False
-    except (OSError, IndexError, ValueError):
-        pass
-    return proc_start is None or _proc_start(pid) in (None, proc_start)
+    fields = _stat(pid)
+    if fields and fields[0] == "Z":  # killed, not yet reaped: it writes nothing any more
+        return False
+    return proc_start is None or fields is None or int(fields[19]) == proc_start
 
 
 class RunLock:
@@ -146,10 +169,12 @@ class RunLock:
     # ------------------------------------------------------------------ acquire / release
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.adopt and (self._read() or {}).get("token") == self.adopt:
-            self.token = self.adopt
-            write_atomic(self.path, json.dumps(self._record()))  # ours now: our pid, the launcher's token
-            return self
+        if self.adopt:
+            with self._guard():
+                if (self._read() or {}).get("token") == self.adopt:
+                    self.token = self.adopt
+                    write_atomic(self.path, json.dumps(self._record()))  # ours now: our pid, the launcher's token
+                    return self
         self.token = secrets.token_hex(8)
         deadline, takeovers, waiting = time.monotonic() + self.wait, 0, False
         while True:
@@ -186,41 +211,65 @@ class RunLock:
                     f"remove the lock with `rm {self.path}` and run again")
         return f"{what}; wait for it to finish or stop it (kill {rec.get('pid')}), then run again"
 
-    def _take_over(self, stale: dict) -> None:
-        """Remove the stale lock `stale`, unless someone else replaced it meanwhile. Serialised by a second
-        O_EXCL file, itself stale after a minute (its holder died within these few lines)."""
+    @contextlib.contextmanager
+    def _guard(self):
+        """Hold the takeover guard (see the module docstring). Its holder removes the guard file before letting go,
+        so a waiter that then gets the flock of a removed file opens the path again."""
         guard = self.path.with_name(self.path.name + ".takeover")
-        try:
-            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        deadline = time.monotonic() + GUARD_WAIT
+        while True:
+            fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                if time.time() - guard.stat().st_mtime > 60:
-                    guard.unlink()
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    try:
+                        holder = f"pid {int(guard.read_text())}"
+                    except (OSError, ValueError):
+                        holder = "another process"
+                    raise LockError(f"{guard}: held by {holder} for {GUARD_WAIT:g} s (stopped?); resume or end it, "
+                                    "then run again") from None
+                time.sleep(0.01)
+                continue
+            except OSError as e:
+                os.close(fd)
+                raise LockError(f"{guard}: this filesystem refuses file locks ({e.strerror}); the run lock needs "
+                                "them") from None
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(guard)):
+                    break
             except FileNotFoundError:
                 pass
-            time.sleep(0.05)
-            return
-        os.close(fd)
+            os.close(fd)
         try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())  # for the message of a writer that waits too long
+            yield
+        finally:
+            guard.unlink()
+            os.close(fd)
+
+    def _take_over(self, stale: dict) -> None:
+        """Remove the stale lock `stale`, unless someone else replaced it meanwhile."""
+        with self._guard():
             if self._read() == stale:
-                self.path.unlink()
+                self.path.unlink(missing_ok=True)  # missing: removed by hand
                 who = self._describe(stale) if stale else "a lock left half-written"
                 print(f"note: {self.target}: taking over a stale lock of {who}, which is no longer running",
                       file=sys.stderr, flush=True)
-        finally:
-            guard.unlink()
 
     def release(self) -> None:
         """Remove the lock if it is still ours (by token) and no live process holds it for us: a trainer that
         adopted a launcher's token keeps it until it ends itself. Never someone else's."""
-        rec = self._read() or {}
-        if self.token is not None and rec.get("token") == self.token:
-            pid = rec.get("pid")
-            if pid == os.getpid() or not isinstance(pid, int) or not _alive(pid, rec.get("proc_start")):
-                try:
-                    self.path.unlink()
-                except FileNotFoundError:
-                    pass
+        if self.token is None:
+            return
+        with self._guard():
+            rec = self._read() or {}
+            if rec.get("token") == self.token:
+                pid = rec.get("pid")
+                if pid == os.getpid() or not isinstance(pid, int) or not _alive(pid, rec.get("proc_start")):
+                    self.path.unlink(missing_ok=True)
         self.token = None
 
     def __enter__(self) -> "RunLock":
@@ -232,63 +281,176 @@ class RunLock:
 
 def run_holding_lock(cmd: list[str], env: dict, path: Union[str, Path], command: str) -> int:
     """Run `cmd` (a trainer launch) holding the lock of `path`, handed to it through TOKEN_ENV; returns its exit
-    code. The child runs in its own process group. If this launcher is interrupted (Ctrl-C, SIGTERM), the signal
-    goes to that whole group (accelerate and every rank) and the lock is released only once the group is gone."""
+    code. The child is tied to this launcher (`run_tied`): interrupted, the launcher stops it and every rank and
+    releases the lock only once they are gone; killed, it takes them all with it."""
     with RunLock(path, command) as lock:  # refused before launching
-        proc = subprocess.Popen(cmd, env={**env, TOKEN_ENV: lock.token}, start_new_session=True)
-        previous = signal.signal(signal.SIGTERM, _interrupted)
+        return run_tied(cmd, {**env, TOKEN_ENV: lock.token}, what="the trainer")
+
+
+# --------------------------------------------------------------------------- children that die with their parent
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@functools.lru_cache(maxsize=None)
+def _prctl():
+    """libc's prctl on Linux; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent() -> bool:
+    """Have the kernel SIGKILL this process when its parent ends (PR_SET_PDEATHSIG: kept across exec, not given to
+    children). False where that is not available. The caller checks that its parent had not already ended."""
+    prctl = _prctl()
+    return prctl is not None and prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0),
+                                       ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+
+
+def _tie_to(parent: int) -> Callable[[], None]:
+    """A child's preexec_fn: die with `parent`, at once if it already ended between the fork and the tie."""
+    _prctl()  # resolved before the fork
+
+    def tie() -> None:
+        if die_with_parent() and os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return tie
+
+
+def _ancestors(pid: int) -> list[int]:
+    out = []
+    while (fields := _stat(pid)) is not None and int(fields[1]) > 0:
+        pid = int(fields[1])
+        out.append(pid)
+    return out
+
+
+def tie_to_launcher() -> None:
+    """A trainer's first act (dspark_train/train.py): die with its parent when `dspark train` started it, directly
+    (its parent is the launcher, which already tied it) or as a rank of accelerate's agent (its parent is the
+    agent, tied to the launcher; torch starts ranks in sessions of their own, out of reach of any group signal).
+    A trainer whose launcher had already ended before the tie stops here (tied first, checked after: no gap).
+    Nothing to do without a launcher, on another machine than the launcher's (a multi-node launch copies the
+    environment), under a live launcher that is not an ancestor (ranks started through ssh), or off Linux."""
+    try:
+        launcher = json.loads(os.environ.get(LAUNCHER_ENV) or "null")
+    except ValueError:
+        return
+    if not isinstance(launcher, dict) or RunLock._elsewhere(launcher) or not die_with_parent():
+        return
+    pid = launcher.get("pid")
+    if pid not in _ancestors(os.getpid()) and not (isinstance(pid, int) and _alive(pid, launcher.get("proc_start"))):
+        raise SystemExit(f"error: dspark train (pid {pid}), which started this trainer, has ended")
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised as Ctrl-C raises KeyboardInterrupt; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Within the block SIGTERM and SIGHUP raise Stopped, as SIGINT raises KeyboardInterrupt: a process stopped
+    that way unwinds (its locks, its children) instead of vanishing. A signal this process ignores (nohup's
+    SIGHUP) stays ignored."""
+    def stopped(signum, frame):
+        raise Stopped(signum)
+    previous = {s: signal.signal(s, stopped) for s in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run_tied(cmd: list[str], env: Optional[dict] = None, cwd: Union[str, Path, None] = None,
+             what: str = "the child") -> int:
+    """Run `cmd` as a child that cannot outlive this process; returns its exit code. It runs in a session of its
+    own (a terminal's Ctrl-C reaches us only, and we pass it on once), the kernel kills it if we die, however we
+    die (`die_with_parent`; it learns our pid through LAUNCHER_ENV, for its own children to check), and when we are
+    stopped (Ctrl-C, SIGTERM, SIGHUP) we stop it and the processes it started, and re-raise only once they are
+    all gone."""
+    me = {"pid": os.getpid(), "proc_start": _proc_start(os.getpid()), **_namespace()}
+    env = {**(os.environ if env is None else env), LAUNCHER_ENV: json.dumps(me)}
+    with stop_signals():
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, preexec_fn=_tie_to(os.getpid()))
         try:
             return proc.wait()
         except KeyboardInterrupt:
-            _stop_group(proc)
+            _stop(proc, what)
             raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
 
-def _interrupted(signum, frame):
-    raise KeyboardInterrupt
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """pid → (state, ppid, process group) of every process here; empty without /proc."""
+    out = {}
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if name.isdigit() and (fields := _stat(int(name))) is not None:
+            out[int(name)] = (fields[0], int(fields[1]), int(fields[2]))
+    return out
 
 
-def _group_alive(pgid: int) -> bool:
-    """Is a process of the group still running? A zombie is not: a rank orphaned to an init that never reaps
-    (some containers) would otherwise keep the group "alive" for ever, and Ctrl-C would never return."""
-    os.killpg(pgid, 0)  # ProcessLookupError: no member at all
-    if not os.path.isdir("/proc"):
-        return True
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+def _descendant_groups(root: int, procs: dict) -> set[int]:
+    """The process groups of `root`'s descendants: an accelerate agent starts each rank in a session of its own."""
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    groups, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            groups.add(procs[child][2])
+            todo.append(child)
+    return groups - {os.getpgrp()}
+
+
+def _live_groups(groups: set[int], procs: dict) -> set[int]:
+    """Which of `groups` still hold a process that is not a zombie: a rank orphaned to an init that never reaps
+    (some containers) would otherwise keep its group "alive" for ever, and Ctrl-C would never return."""
+    if procs:
+        return {pgrp for state, _, pgrp in procs.values() if pgrp in groups and state != "Z"}
+    live = set()
+    for group in groups:  # no /proc: whether any member, zombie or not, is left
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                state, _ppid, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
+            os.killpg(group, 0)
+        except ProcessLookupError:
             continue
-        if int(pgrp) == pgid and state != "Z":
-            return True
-    return False
+        except PermissionError:
+            pass
+        live.add(group)
+    return live
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGINT to the child's process group (SIGTERM after 60 s, SIGKILL after 120 s); wait until none is left."""
-    print(f"\ninterrupted: stopping the trainer (process group {proc.pid}) before releasing the run's lock",
-          file=sys.stderr, flush=True)
-    start = time.monotonic()
-    sent = None
+def _stop(proc: subprocess.Popen, what: str) -> None:
+    """SIGINT to the child's process group and to those of every process it started (SIGTERM after 60 s, SIGKILL
+    after 120 s, at once on a second interrupt); returns when none of them has a live process left."""
+    print(f"\ninterrupted: stopping {what} (process group {proc.pid}) and waiting for it", file=sys.stderr,
+          flush=True)
+    start, groups, sent = time.monotonic(), {proc.pid}, {}
     while True:
+        procs = _processes()
+        groups |= _descendant_groups(proc.pid, procs)
+        live = _live_groups(groups, procs)
+        if not live:
+            break
         elapsed = time.monotonic() - start
         sig = signal.SIGINT if elapsed < 60 else signal.SIGTERM if elapsed < 120 else signal.SIGKILL
+        for group in live:
+            if sent.get(group) != sig:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, sig)
+                sent[group] = sig
         try:
-            if sig != sent:
-                os.killpg(proc.pid, sig)
-                sent = sig
-            elif not _group_alive(proc.pid):
-                break
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=0.2)  # reap the leader; its group may live on a little longer
+            proc.wait(timeout=0.2)  # reap the leader; its group and the ranks may live on a little longer
         except subprocess.TimeoutExpired:
             pass
-        except KeyboardInterrupt:  # a second Ctrl-C: escalate at once
+        except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM): escalate at once
             start -= 120
     proc.wait()
 

@@ -383,6 +383,22 @@ def load_tokenizer(cfg: TargetConfig):
     return tok
 
 
+def load_generation_config(cfg: TargetConfig):
+    """The target's generation_config (its EOS ids) without the weights, or None where there is none (an inline
+    target, a GGUF file, a checkpoint without generation_config.json)."""
+    from transformers import GenerationConfig
+
+    if cfg.model is None:
+        return None
+    source, gguf_file, _ = resolve_source(cfg)
+    if gguf_file:
+        return None
+    try:
+        return GenerationConfig.from_pretrained(source, revision=cfg.revision)
+    except (OSError, ValueError):
+        return None
+
+
 def load_target_config(cfg: TargetConfig, resolve) -> "PretrainedConfig":  # noqa: F821
     """The target's architecture config without weights (offline planning): inline, config_path, or local."""
     from transformers import AutoConfig

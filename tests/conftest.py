@@ -55,3 +55,34 @@ def small_target_and_drafter(initializer_range: float):
     drafter = build_drafter(DrafterConfigSection(head="markov", num_layers=1, block_size=3, head_rank=16),
                             target).eval()
     return target, drafter
+
+
+def build_eot_tokenizer():
+    """A byte-level tokenizer built in code with a Llama-3-style chat template: its EOS (<|end_of_text|>) is not the
+    token that closes an assistant turn (<|eot_id|>), as with Llama-3, Gemma and Phi-3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                "<pad>"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|end_of_text|>", bos_token="<|begin_of_text|>",
+                                  pad_token="<pad>")
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.chat_template = (
+        "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    return tok
+
+
+@pytest.fixture(scope="session")
+def eot_tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("eot-tokenizer")
+    build_eot_tokenizer().save_pretrained(path)
+    return path

@@ -1,22 +1,24 @@
 """`data.capture_features`: `dspark data` keeps the target's features of what it generates, and the trainer's
 feature source reads them as it would have computed them online (within the storage format)."""
 import json
+import weakref
 
 import pytest
 import torch
 
 from dspark_train.config import RecipeError, load_recipe
 from dspark_train.data import examples as D
+from dspark_train.data import generate as G
 from dspark_train.data import regenerate as R
 from dspark_train.data.capture import open_staging
 from dspark_train.data.feature_cache import FeatureSource, decode, encode, open_cache
 from dspark_train.layout import RunDir
 
 
-def _recipe(tmp_path, repo, fmt, *extra, shared=True):
-    from conftest import REGEN_PROMPTS as prompts
+def _recipe(tmp_path, repo, fmt, *extra, shared=True, prompts=None):
+    from conftest import REGEN_PROMPTS
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts or REGEN_PROMPTS))
     # 6 new tokens: answers are cut, so the end of each conversation is computed past what generate fed
     return load_recipe(repo / "recipes" / "tiny.yaml", [
         f"data.prompts={path}", "data.conversations=null", f"data.output={tmp_path / 'out.jsonl'}",
@@ -79,6 +81,30 @@ def test_a_rerun_adds_only_what_it_generates_and_a_replaced_output_drops_the_sta
     assert sorted(staged.dir.glob("shard-*")) == shards
     # the output replaced (its answers may differ now): the staged features no longer belong to it
     assert not open_staging(recipe, tiny_target, out, 0, set()).entries
+
+
+def test_no_generate_cache_outlives_its_turn(tmp_path, repo, tiny_target, monkeypatch):
+    """A one-turn and a two-turn conversation in one batch: the first's rows go to the host in turn 0 and turn 0's
+    KV cache is gone before turn 1 generates; turn 1's is gone when the batch is written. Stored rows own their
+    memory (a view of the batch's rows would keep all of them alive)."""
+    caches, alive = [], []
+    generate = tiny_target.model.generate
+
+    def spy(*a, **k):
+        alive.append([c() is not None for c in caches])
+        out = generate(*a, **k)
+        caches.append(weakref.ref(out.cache))
+        return out
+    monkeypatch.setattr(tiny_target.model, "generate", spy)
+    prompts = [{"id": "one", "category": "chat", "turns": ["Say hi."]},
+               {"id": "two", "category": "chat", "turns": ["Tell me a story.", "Shorter."]}]
+    R.run_data(_recipe(tmp_path, repo, "float32", prompts=prompts), target=tiny_target)
+    assert alive == [[], [False]] and caches[1]() is None
+    # an answer cut by data.max_seq_len inside what generate fed: its rows are a slice of the batch's
+    batch = [{"id": "one", "category": "chat", "raw": prompts[0]}, {"id": "x", "category": "chat", "raw": prompts[0]}]
+    _, features = G.answer_batch(tiny_target, batch, _recipe(tmp_path, repo, "float32", "data.max_seq_len=28"))
+    assert [rows.shape[0] for _, rows in features] == [28, 28]
+    assert all(rows.untyped_storage().nbytes() == rows.numel() * rows.element_size() for _, rows in features)
 
 
 @pytest.mark.parametrize("override, key", [

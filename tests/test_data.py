@@ -1,4 +1,5 @@
 """Data: regeneration (resume, order, failures, shards), tokenisation, held-out split, anchors, block labels, order."""
+import dataclasses
 import json
 
 import pytest
@@ -7,8 +8,10 @@ import torch
 from dspark_train.data import examples as D
 from dspark_train.data import regenerate as R
 from dspark_train.data import vocab as V
-from dspark_train.data.chat import conversation_ids
-from dspark_train.config import load_recipe
+from dspark_train.data.chat import conversation_ids, prompt_ids, stop_token_ids
+from dspark_train.config import RecipeError, load_recipe
+from dspark_train.evaluation.evaluate import generation_kwargs
+from dspark_train.target import load_target, load_tokenizer
 
 CONVS = [
     {"id": "a", "conversations": [{"role": "user", "content": "hi there"},
@@ -149,14 +152,18 @@ def test_draft_vocab_keeps_specials_and_bytes_then_most_frequent(tiny_target):
 
 
 # --------------------------------------------------------------------------- regeneration
-@pytest.fixture()
-def gen_recipe(tmp_path, repo):
-    from conftest import REGEN_PROMPTS as prompts
+def _gen_recipe(tmp_path, repo, *extra, prompts=None):
+    from conftest import REGEN_PROMPTS
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts or REGEN_PROMPTS))
     return load_recipe(repo / "recipes" / "tiny.yaml", [
         f"data.prompts={path}", "data.conversations=null", f"data.output={tmp_path / 'out.jsonl'}",
-        "data.max_new_tokens=6", "data.gen_batch_size=2", "data.max_seq_len=128", "data.max_prompts=null"])
+        "data.max_new_tokens=6", "data.gen_batch_size=2", "data.max_seq_len=128", "data.max_prompts=null", *extra])
+
+
+@pytest.fixture()
+def gen_recipe(tmp_path, repo):
+    return _gen_recipe(tmp_path, repo)
 
 
 def _count_generate(target, monkeypatch):
@@ -214,3 +221,78 @@ def test_run_data_shards_merge_in_prompt_order(gen_recipe, tiny_target, capsys):
 def test_run_data_with_existing_conversations_generates_nothing(tiny_recipe, capsys):
     path = R.run_data(tiny_recipe)
     assert path.name == "smollm2-135m-instruct.jsonl" and "using existing conversations" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- where a turn ends, which law samples it
+def test_stop_token_ids_add_the_templates_end_of_turn(tiny_recipe, tiny_target, eot_tokenizer_dir):
+    from transformers import GenerationConfig
+    chatml = tiny_target.tokenizer  # ChatML: <|im_end|> is both its EOS and its end of turn
+    assert stop_token_ids(chatml) == stop_token_ids(chatml, tiny_target.model.generation_config) == [
+        chatml.convert_tokens_to_ids("<|im_end|>")]
+    tok = load_tokenizer(dataclasses.replace(tiny_recipe.target, tokenizer=str(eot_tokenizer_dir)))
+    eos, eot = tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")
+    assert eos != eot and stop_token_ids(tok) == [eos, eot]  # Llama-3 style: EOS ends the text, not the turn
+    assert stop_token_ids(tok, GenerationConfig(eos_token_id=[7, eot])) == [7, eot, eos]
+
+
+def test_answers_stop_where_the_targets_turn_ends_not_at_eos_only(tmp_path, repo, eot_tokenizer_dir):
+    """A target whose tokenizer's EOS (<|end_of_text|>) is not its end of turn (<|eot_id|>, Llama-3 style): the
+    answer ends at <|eot_id|> and is finished; what the target invents past it (a next turn) is not folded into the
+    stored text by skip_special_tokens."""
+    recipe = _gen_recipe(tmp_path, repo, f"target.tokenizer={eot_tokenizer_dir}", "data.temperature=0",
+                         "data.max_new_tokens=12", prompts=[{"id": "q", "category": "chat", "turns": ["Say hi."]}])
+    target = load_target(dataclasses.replace(
+        recipe.target, config={**recipe.target.config, "tie_word_embeddings": False}))
+    tok, model = target.tokenizer, target.model
+    ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": "Say hi."}])])
+
+    def eos_only():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=[tok.eos_token_id],
+                             pad_token_id=tok.pad_token_id)
+        return out[0, ids.shape[1]:].tolist()
+    plain, eot, row = eos_only(), tok.convert_tokens_to_ids("<|eot_id|>"), model.lm_head.weight
+    for k in range(1, 8):  # <|eot_id|>'s output row a hair above the row of the k-th token: the turn ends there
+        with torch.no_grad():
+            row[eot] = row[plain[k]] * 1.001
+        ended = eos_only()
+        if ended[:k + 1] == plain[:k] + [eot] and set(ended[k + 1:]) - set(tok.all_special_ids):
+            break
+    else:
+        pytest.fail(f"no k makes the random target end its turn after k tokens and go on: {plain}")
+    # with EOS alone, generation runs on past the end of the turn into text that skip_special_tokens would keep
+    rec = D.read_jsonl(R.run_data(recipe, target=target))[0]
+    assert rec["conversations"][1]["content"] == tok.decode(plain[:k], skip_special_tokens=True).strip()
+    assert rec["finished"] and rec["n_tokens"] == k
+    # `dspark eval` (plain decoding and the speculative decoder it is compared with) stops at the same ids
+    assert generation_kwargs(target)["eos_token_id"] == stop_token_ids(tok, model.generation_config) == [
+        tok.eos_token_id, eot]
+
+
+def test_in_process_sampling_is_the_recipes_law_alone(tmp_path, repo, tiny_target, monkeypatch):
+    """transformers fills what `generate` is not given from the model's generation_config, then its own defaults
+    (top_k=50): the recipe's temperature, top_k and top_p must be all that is applied, and every record says so."""
+    gc = tiny_target.model.generation_config
+    for key, value in (("top_k", 20), ("repetition_penalty", 1.3), ("min_p", 0.1)):  # a model's own defaults
+        monkeypatch.setattr(gc, key, value)
+    built, orig = [], tiny_target.model._get_logits_processor
+
+    def spy(generation_config, *a, **k):
+        procs = orig(generation_config, *a, **k)
+        built.append([(type(p).__name__, getattr(p, "top_k", None)) for p in procs])
+        return procs
+    monkeypatch.setattr(tiny_target.model, "_get_logits_processor", spy)
+    for top_k, want in ((0, []), (5, [("TopKLogitsWarper", 5)])):
+        (tmp_path / str(top_k)).mkdir()
+        recipe = _gen_recipe(tmp_path / str(top_k), repo, "data.temperature=0.7", "data.top_p=0.9",
+                             f"data.top_k={top_k}")
+        built.clear()
+        recs = D.read_jsonl(R.run_data(recipe, target=tiny_target))
+        assert built and all(b == [("TemperatureLogitsWarper", None), *want, ("TopPLogitsWarper", None)]
+                             for b in built)
+        assert recs and all(r["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": top_k} for r in recs)
+    # resuming that output under another law would mix two laws in one file
+    D.write_jsonl_atomic(D.output_path(recipe), recs[:1])
+    with pytest.raises(RecipeError, match=r"data.temperature/top_k/top_p: .*out.jsonl holds answers sampled with "
+                                          r"\{'temperature': 0.7, 'top_p': 0.9, 'top_k': 5\} \(id 'p0'\), this "
+                                          r"recipe samples \{'temperature': 0.7, 'top_p': 0.9, 'top_k': 0\}"):
+        R.run_data(_gen_recipe(tmp_path / "5", repo, "data.temperature=0.7", "data.top_p=0.9"), target=tiny_target)

@@ -228,6 +228,18 @@ def test_batched_ragged_verify_equals_generate(small):
     assert bt.steps[-1]["requests"] < len(ps)
 
 
+def test_retrospective_scheduler_is_refused_under_sampling(small):
+    """[S2] 4: early_stop=False admits lengths after seeing the drafts (biased under sampling, Appendix A): the
+    public generate_batch refuses it at temperature > 0 and keeps it for greedy, where any length is exact."""
+    dec = SpeculativeDecoder(small, make_drafter(small))
+    ps = prompts(2, 16, seed=3)
+    sps = SPSProfile([1, 4, 8, 16, 32], [1.0, 0.97, 0.9, 0.75, 0.5])
+    with pytest.raises(ValueError, match=r"early_stop=False with temperature=0.8: .*biases sampled output"):
+        dec.generate_batch(ps, 8, temperature=0.8, seed=0, sps=sps, early_stop=False)
+    bt = dec.generate_batch(ps, 8, eos_token_id=[], sps=sps, early_stop=False)
+    assert [tr.tokens for tr in bt.requests] == [hf_greedy(small, p, 8) for p in ps]
+
+
 # ---------------------------------------------------------------------- traces and the adaptive policy
 def test_trace_records_what_calibration_needs(small):
     dec = SpeculativeDecoder(small, make_drafter(small))
@@ -241,6 +253,23 @@ def test_trace_records_what_calibration_needs(small):
         assert len(r.accept_rates) == len(r.accepted) == n and sum(r.accepted) == r.n_accepted
         assert sum(r.widths) == n and r.t_verify > 0
         assert all(0 <= x <= 1 for x in r.accept_rates + r.target_probs + r.draft_probs)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_rounds_record_their_phase_timings(small, hybrid):
+    """Each round splits its time by phase at the loop's own boundaries (bench/bench_round.py reads them; nothing is
+    wrapped around the decoder): every phase sits inside the total it is part of, and a round with drafter nodes
+    timed the drafter's backbone and head."""
+    dec = SpeculativeDecoder(small, make_drafter(small), sps=SPSProfile([1, 64], [1.0, 1.0]))
+    tr = dec.generate([5, 6, 7, 8] * 4, 24, mode="tree", policy=WIDE, hybrid=hybrid, eos_token_id=[])
+    for r in tr.rounds:
+        assert min(r.t_propose, r.t_head_steps, r.t_copy, r.t_extend) >= 0
+        assert min(r.t_mask, r.t_lm_head, r.t_accept, r.t_kv) > 0
+        assert r.t_propose + r.t_head_steps + r.t_copy + r.t_mask + r.t_extend <= r.t_draft + 1e-9
+        assert r.t_lm_head < r.t_verify and r.t_accept + r.t_kv <= r.t_book + 1e-9
+        if {"drafter", "both"} & set(r.sources):
+            assert r.t_propose > 0 and r.t_head_steps > 0
+    assert any(r.t_propose > 0 for r in tr.rounds) and (sum(r.t_copy for r in tr.rounds) > 0) == hybrid
 
 
 def test_adaptive_policy_from_calibration(small, tmp_path):

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from dspark_train.cli import main as cli_main
 from dspark_train.layout import lock_path
-from dspark_train.runlock import TOKEN_ENV, LockError, RunLock
+from dspark_train.runlock import LAUNCHER_ENV, TOKEN_ENV, LockError, RunLock, _namespace, _proc_start
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
@@ -128,8 +129,9 @@ def test_a_launcher_never_releases_a_lock_its_live_trainer_holds(tmp_path):
 
 
 def test_an_interrupted_launcher_stops_every_rank_before_releasing(tmp_path):
-    """[S] item 4: Ctrl-C on `dspark train` reaches the whole trainer process group (here a trainer that needs a
-    moment to finish its checkpoint, and a second rank); the lock outlives them, never the other way round."""
+    """[S] item 4: Ctrl-C on `dspark train` reaches the trainer (here one that needs a moment to finish its
+    checkpoint) and every rank, though a rank runs in a session of its own as torch's agent starts it ([S2] 5);
+    the lock outlives them, never the other way round."""
     run = tmp_path / "run"
     marks = tmp_path / "marks"
     trainer = ("import os, signal, subprocess, sys, time; from dspark_train.runlock import holds_lock\n"
@@ -139,7 +141,8 @@ def test_an_interrupted_launcher_stops_every_rank_before_releasing(tmp_path):
                "rank1 = subprocess.Popen([sys.executable, '-c', 'import signal, sys, time\\n"
                "def stop(*_):\\n    time.sleep(2.5)\\n    open(%r, \\'a\\').write(\\'rank1 done\\\\n\\')\\n"
                "    sys.exit(0)\\nsignal.signal(signal.SIGINT, stop)\\n"
-               "open(%r, \\'a\\').write(\\'rank1 ready\\\\n\\')\\ntime.sleep(60)' % (marks, marks)])\n"
+               "open(%r, \\'a\\').write(\\'rank1 ready\\\\n\\')\\ntime.sleep(60)' % (marks, marks)],\n"
+               "                         start_new_session=True)\n"
                f"@holds_lock(lambda: {str(run)!r}, 'dspark train', main_process_only=True)\n"
                "def body():\n    open(marks, 'a').write('adopted\\n')\n    time.sleep(60)\n"
                "body()\n")
@@ -183,6 +186,113 @@ def test_of_many_processes_taking_over_one_stale_lock_exactly_one_wins(tmp_path)
     outcomes = sorted(results.get(timeout=5) for _ in procs)
     assert outcomes == ["refused"] * 5 + ["won"]
     assert not lock_path(run).exists()
+
+
+def _before_unlinking(monkeypatch, lock: Path, meanwhile) -> list:
+    """Run `meanwhile()` once, in this thread, just before this thread removes `lock`: the interleaving a race
+    needs, made certain. Returns a list that holds True once it ran."""
+    fired, real, me = [], Path.unlink, threading.get_ident()
+
+    def unlink(self, *args, **kwargs):
+        if self == lock and not fired and threading.get_ident() == me:
+            fired.append(True)
+            meanwhile()
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    return fired
+
+
+def _meanwhile_in_a_thread(fn) -> tuple[threading.Thread, callable]:
+    """A thread running `fn`, and the `meanwhile` that starts it and gives it a second to finish (it cannot
+    while the guard that should hold it off is held)."""
+    thread = threading.Thread(target=fn)
+    return thread, lambda: (thread.start(), thread.join(1.0))
+
+
+def _ended_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_release_never_removes_the_lock_of_a_newcomer_taking_over(tmp_path, monkeypatch):
+    """[S2] 5: the launcher releases the lock its trainer adopted and died with, while a newcomer takes that stale
+    lock over and writes its own: the newcomer's lock survives the release (a release that read, then unlinked,
+    removed it, and a third writer could start beside the newcomer)."""
+    run = tmp_path / "run"
+    launcher = RunLock(run, "dspark train").acquire()
+    lock_path(run).write_text(json.dumps({**_record(run), "pid": _ended_pid()}))  # adopted, then killed
+    newcomer = RunLock(run, "dspark calibrate")
+    thread, meanwhile = _meanwhile_in_a_thread(newcomer.acquire)
+    fired = _before_unlinking(monkeypatch, lock_path(run), meanwhile)
+    launcher.release()
+    thread.join(30)
+    assert fired and not thread.is_alive() and newcomer.token
+    assert _record(run)["token"] == newcomer.token
+
+
+def test_an_adoption_racing_a_stale_takeover_leaves_one_holder(tmp_path, monkeypatch):
+    """[S2] 5: the launcher died before its trainer adopted the lock, and a newcomer takes the stale lock over
+    while the trainer adopts it: exactly one of the two holds it after (an adoption outside the takeover guard
+    was unlinked by the takeover, and both wrote the run)."""
+    run = tmp_path / "run"
+    _dead_lock(run)
+    trainer = RunLock(run, "dspark train", adopt=_record(run)["token"])
+    newcomer = RunLock(run, "dspark calibrate")
+    held = []
+
+    def take(lock):
+        try:
+            lock.acquire()
+            held.append(lock)
+        except LockError:
+            pass
+    thread, meanwhile = _meanwhile_in_a_thread(lambda: take(trainer))
+    fired = _before_unlinking(monkeypatch, lock_path(run), meanwhile)
+    take(newcomer)
+    thread.join(30)
+    assert fired and not thread.is_alive()
+    assert len(held) == 1 and _record(run)["token"] == held[0].token
+
+
+def test_a_writer_killed_inside_the_takeover_guard_blocks_no_one(tmp_path):
+    """[S2] 5: a writer SIGKILLed while it held the takeover guard (about to remove a stale lock): the next writer
+    takes the stale lock over at once (an O_EXCL guard file blocked everyone, then failed "keeps changing hands")."""
+    run = tmp_path / "run"
+    _dead_lock(run)
+    code = ("import os, signal; from pathlib import Path; from dspark_train.runlock import RunLock\n"
+            "real = Path.unlink\n"
+            "def unlink(self, *a, **k):\n"
+            f"    if self == Path({str(lock_path(run))!r}):\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(self, *a, **k)\n"
+            "Path.unlink = unlink\n"
+            f"RunLock({str(run)!r}, 'dspark export').acquire()\n")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV).returncode == -signal.SIGKILL
+    t0 = time.monotonic()
+    with RunLock(run, "dspark train"):
+        assert _record(run)["pid"] == os.getpid()
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_writer_stuck_inside_the_takeover_guard_is_named(tmp_path, monkeypatch):
+    """A live holder of the guard (stopped, say) makes the others wait a bounded time, then refuse naming it."""
+    from dspark_train import runlock
+    run = tmp_path / "run"
+    _dead_lock(run)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(lock_path(run))!r} + '.takeover', os.O_RDWR | os.O_CREAT)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode())\n"
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(runlock, "GUARD_WAIT", 0.5)
+        with pytest.raises(LockError, match=rf"\.run\.lock\.takeover: held by pid {holder.pid} for 0.5 s"):
+            RunLock(run, "dspark train").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    RunLock(run, "dspark train").acquire().release()  # the guard is a kernel lock: the holder's death frees it
 
 
 def test_a_launched_trainer_adopts_its_launchers_lock(tmp_path):
@@ -285,38 +395,136 @@ def test_second_trainer_on_a_running_run_refuses_and_the_first_finishes(tmp_path
     assert load_artifact(run, target=tiny_target).config.block_size == 4
 
 
-@pytest.mark.slow
-def test_killed_trainers_stale_lock_is_taken_over_by_the_next(tmp_path):
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ..., start at 19
+
+
+def _tree(root: int) -> dict[int, str]:
+    """pid → start time of `root` and every process it started, whatever their session (torch's ranks)."""
+    parent = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent[int(name)] = (int(_stat(int(name))[1]), _stat(int(name))[19])
+        except (OSError, IndexError):
+            continue
+    tree, todo = {root: parent[root][1]}, [root]
+    while todo:
+        p = todo.pop()
+        for pid, (ppid, start) in parent.items():
+            if ppid == p and pid not in tree:
+                tree[pid] = start
+                todo.append(pid)
+    return tree
+
+
+def _running(tree: dict[int, str]) -> list[int]:
+    """Those of `tree` still running (not ended, not a zombie, not a reused pid)."""
+    out = []
+    for pid, start in tree.items():
+        try:
+            stat = _stat(pid)
+        except OSError:
+            continue
+        if stat[0] != "Z" and stat[19] == start:
+            out.append(pid)
+    return out
+
+
+def _launched_by(pid: int) -> dict:
+    """The environment `dspark train` (pid) gives the trainer it starts (runlock.run_tied)."""
+    return {**ENV, LAUNCHER_ENV: json.dumps({"pid": pid, "proc_start": _proc_start(pid), **_namespace()})}
+
+
+def test_a_rank_dies_with_the_agent_that_started_it_in_a_session_of_its_own():
+    """[S2] 5: torch's agent starts each rank with start_new_session=True, out of reach of the launcher's group
+    signal. A rank ties itself to the agent at its start (tie_to_launcher): a SIGKILLed agent takes it along.
+    (The launcher here is this test's process; the agent is tied to it by run_tied in real use.)"""
+    rank = ("import time; from dspark_train.runlock import tie_to_launcher\n"
+            "tie_to_launcher(); print('tied', flush=True); time.sleep(60)\n")
+    agent = ("import subprocess, sys, time\n"
+             f"r = subprocess.Popen([sys.executable, '-c', {rank!r}], start_new_session=True)\n"
+             "print(r.pid, flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", agent], cwd=REPO, env=_launched_by(os.getpid()),
+                            stdout=subprocess.PIPE, text=True)
+    rank_pid = int(proc.stdout.readline())
+    assert proc.stdout.readline().strip() == "tied"
+    tree = _tree(proc.pid)
+    assert rank_pid in tree
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while _running(tree) and time.time() < deadline:
+        time.sleep(0.05)
+    left = _running(tree)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "the rank outlived its agent"
+
+
+def test_a_trainer_whose_launcher_has_already_ended_does_not_start():
+    """Tied first, checked after: a trainer whose launcher died before the tie stops at once; one started through
+    another path (ssh, a live launcher that is not its ancestor) or without a launcher trains on."""
+    code = "from dspark_train.runlock import tie_to_launcher; tie_to_launcher(); print('training')"
+    ended = _ended_pid()
+    p = subprocess.run([sys.executable, "-c", code], env={**_launched_by(os.getpid()), LAUNCHER_ENV: json.dumps(
+        {"pid": ended, "proc_start": 1, **_namespace()})}, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stdout == "", p.stdout
+    assert p.stderr.strip() == f"error: dspark train (pid {ended}), which started this trainer, has ended"
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for env in (_launched_by(sibling.pid), ENV):
+            p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            assert p.returncode == 0 and p.stdout == "training\n", p.stderr
+    finally:
+        sibling.kill()
+        sibling.wait()
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_kill_9_of_a_dspark_train_group_leaves_no_trainer_and_the_rerun_resumes(tmp_path, ranks):
+    """[S2] 5, a regression of round 3: `kill -9 -- -PGID` of a `dspark train` started under setsid (a job runner,
+    `timeout -s KILL`) reaches the launcher only (the trainer runs in a session of its own, and torch's agent
+    starts each rank in another). The trainer, or the agent and every rank, must die with the launcher within
+    seconds, not run on orphaned holding the lock; the rerun takes the dead trainer's lock over and resumes from
+    its last checkpoint."""
     run = tmp_path / "run"
-    first = _trainer(run, session=True)
-    _wait_for(lambda: _adopted(run, first) and (run / "checkpoints" / "latest").is_file() or first.poll() is not None)
+    extra = ["train.max_steps=400"] + (["distributed.num_processes=2"] if ranks == 2 else [])
+    first = _trainer(run, *extra, session=True)  # under setsid
+    _wait_for(lambda: _adopted(run, first) and (run / "checkpoints" / "latest").is_file() or first.poll() is not None,
+              timeout=600)
     assert first.poll() is None, first.communicate()[1][-3000:]
+    tree = _tree(first.pid)
     trainer_pid = _record(run)["pid"]
-    os.killpg(first.pid, signal.SIGKILL)  # the launcher and the trainer, mid-run
+    assert trainer_pid in tree and len(tree) == (2 if ranks == 1 else 4), tree  # launcher (+ agent) + ranks
+    os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    _wait_for(lambda: not Path(f"/proc/{trainer_pid}").exists() or "Z" in Path(f"/proc/{trainer_pid}/stat").read_text()
-              .split(")")[-1][:3], timeout=30)
+    deadline = time.time() + 10
+    while _running(tree) and time.time() < deadline:
+        time.sleep(0.1)
+    left = _running(tree)
+    for pid in left:  # do not leave them to the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"still running 10 s after the launcher's group was killed: {left}"
     assert _record(run)["pid"] == trainer_pid  # left behind by the kill
-    second = _trainer(run)
+    second = _trainer(run, "train.max_steps=8", *extra[1:])
     out, err = second.communicate(timeout=600)
     assert second.returncode == 0, err[-3000:]
     assert f"{run}: taking over a stale lock of dspark train (pid {trainer_pid} on {socket.gethostname()}" in err
-    assert "resuming from" in out
+    assert "resuming from" in out + err
     assert not lock_path(run).exists() and (run / "final" / "model.safetensors").is_file()
 
 
 def test_a_group_of_only_zombies_counts_as_stopped():
     """A rank that exited but was never reaped (orphaned to an init that does not reap) keeps `killpg(pgid, 0)`
     succeeding for ever; the interrupted launcher must not wait on it."""
-    from dspark_train.runlock import _group_alive
+    from dspark_train.runlock import _live_groups, _processes
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"], start_new_session=True)
-    assert _group_alive(child.pid)
+    assert _live_groups({child.pid}, _processes()) == {child.pid}
     deadline = time.time() + 30
-    while "Z" not in Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1][:3]:  # exited, not reaped
+    while _stat(child.pid)[0] != "Z":  # exited, not reaped
         assert time.time() < deadline
         time.sleep(0.05)
     os.killpg(child.pid, 0)  # the zombie still answers for its group
-    assert not _group_alive(child.pid)
+    assert not _live_groups({child.pid}, _processes())
     child.wait()
-    with pytest.raises(ProcessLookupError):
-        _group_alive(child.pid)
+    assert not _live_groups({child.pid}, {})  # without /proc: no member left at all

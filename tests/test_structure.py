@@ -167,7 +167,7 @@ def test_module_is_short_or_says_why(name):
 # --------------------------------------------------------------------------- the house by pipeline stage
 STAGES = ("data", "training", "calibration", "artifacts", "evaluation")  # the pipeline, in order
 FLOORS = ("policy", "drafters", "decoding")  # shared by the stages; import no stage
-GROUND = ("config", "layout", "hardware", "target", "runlock", "recipe_codec")  # what everyone uses
+GROUND = ("config", "layout", "hardware", "target", "runlock", "recipe_codec", "shipped")  # what everyone uses
 TOP = ("cli", "demo", "plan", "train")  # commands and entry points: they may import anything
 
 
@@ -217,11 +217,128 @@ def test_package_arrows_run_one_way():
     assert "decoding" not in packages["policy"] and not packages["decoding"] & set(STAGES)
 
 
-def test_the_results_docs_are_generated_from_the_committed_files():
-    """docs/results.md and the README's results table are what `make results` makes of eval/results/*.json (a
-    number quoted there traces to a file and a command)."""
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, str(PACKAGE.parent / "eval" / "results.py"), "--check"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+# --------------------------------------------------------------------------- the benchmarks' house
+BENCH = PACKAGE.parent / "bench"
+# private names of *other* projects' objects that a check has to reach (what it verifies lives there)
+FOREIGN_PRIVATE = {("engine_check.py", "_attn_implementation"): "speculators' layer config: eager attention",
+                   ("engine_check.py", "_backbone_forward"): "speculators' drafter: its logits before the head"}
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _root(node: ast.AST) -> str:
+    """The name an attribute chain starts from (`a` of `a.b.c`), '' if it starts elsewhere."""
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def bench_breaches(source: str, filename: str = "x.py") -> list[str]:
+    """What a bench/ module must not do: import a private name (or through a private module) of dspark_train; reach
+    a private attribute of anything (FOREIGN_PRIVATE excepted), by name or as a string handed to a call (`setattr(x,
+    "_y", …)`, a patch helper's argument); monkeypatch dspark_train: assign to an attribute of something imported
+    from it, setattr/delattr on it, or hand one of its modules to anything but an attribute read; touch sys.path;
+    import a sibling other than as `bench.<name>`."""
+    tree = ast.parse(source, filename)
+    siblings = {p.stem for p in BENCH.glob("*.py")} - {"__init__", "bench"}  # `bench` is the package itself
+    ours, modules, out = set(), set(), []  # names bound to dspark_train objects; those bound to its modules
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                top = a.name.split(".")[0]
+                if top == "dspark_train":
+                    ours.add((a.asname or a.name).split(".")[0])
+                    modules.add((a.asname or a.name).split(".")[0])
+                    if any(map(_private, a.name.split("."))):
+                        out.append(f"line {node.lineno}: imports the private module {a.name}")
+                elif top in siblings:
+                    out.append(f"line {node.lineno}: `import {a.name}`: import siblings as bench.{a.name}")
+        elif isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            if node.level or parts[0] in siblings:
+                out.append(f"line {node.lineno}: `from {'.' * node.level}{node.module or ''} import …`: import "
+                           "siblings as `from bench.<name> import …`")
+            elif parts[0] == "dspark_train":
+                ours.update(a.asname or a.name for a in node.names)
+                modules.update(a.asname or a.name for a in node.names if f"{node.module}.{a.name}" in MODULES)
+                for name in [p for p in parts if _private(p)] + [a.name for a in node.names if _private(a.name)]:
+                    out.append(f"line {node.lineno}: imports the private name {name} from {node.module}")
+    read = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}  # `x` of every `x.y`
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr) and (Path(filename).name, node.attr) \
+                not in FOREIGN_PRIVATE:
+            out.append(f"line {node.lineno}: reaches the private attribute .{node.attr}")
+        if isinstance(node, ast.Attribute) and node.attr in ("insert", "append", "extend", "remove") and \
+                isinstance(node.value, ast.Attribute) and node.value.attr == "path" and _root(node.value) == "sys":
+            out.append(f"line {node.lineno}: sys.path.{node.attr}: bench runs as `python -m bench.<name>` from the "
+                       "repo root, dspark_train is installed")
+        if isinstance(node, ast.Name) and node.id in modules and isinstance(node.ctx, ast.Load) and \
+                id(node) not in read:
+            out.append(f"line {node.lineno}: hands the dspark_train module {node.id} around (to patch it?): read "
+                       "its names only")
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []
+        for t in targets:
+            if isinstance(t, ast.Attribute) and _root(t) in ours:
+                out.append(f"line {node.lineno}: assigns to {ast.unparse(t)}, part of dspark_train (monkeypatching)")
+        if isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr") and node.args and \
+                    _root(node.args[0]) in ours:
+                out.append(f"line {node.lineno}: {node.func.id} on {ast.unparse(node.args[0])}, part of dspark_train")
+            for arg in node.args:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.isidentifier() and \
+                        _private(arg.value) and arg.value.strip("_"):
+                    out.append(f"line {node.lineno}: names the private attribute {arg.value!r} in a call")
+    return out
+
+
+def test_bench_breaches_are_recognised():
+    bad = """import sys
+from dspark_train.data.regenerate import _part_path, generate_batch
+from dspark_train.decoding import decoder as decoder_module
+from dspark_train.decoding._inner import x
+from resultfile import write_result
+from .resultfile import write_result
+sys.path.insert(0, "..")
+full = drafter._full(logits)
+decoder_module.draft_tree = wrapped
+setattr(decoder_module, "keep_slots", wrapped)
+setattr(dec, "_accept", wrapped)
+patch(dec, "_round", "trace + stop")
+patch(decoder_module, "find_stop", "trace + stop")
+"""
+    found = bench_breaches(bad)
+    for line in (2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13):  # line 3, importing a public module, is fine
+        assert any(f.startswith(f"line {line}:") for f in found), (line, found)
+    good = """from dspark_train.decoding import SpeculativeDecoder, decoder
+import dspark_train.target
+from bench.resultfile import write_result
+t = dspark_train.target.load_target(c)
+d = decoder.SpeculativeDecoder(t)
+x = obj.__class__
+setattr(recipe.drafter, "head", "none")
+"_".join(a.split("_"))
+"""
+    assert not bench_breaches(good)
+    assert not bench_breaches("model._backbone_forward(x)\n", "engine_check.py")
+
+
+@pytest.mark.parametrize("path", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
+def test_bench_uses_only_the_public_api(path):
+    """bench/ (the checkout's benchmarks) uses dspark_train as a user would: public names, no monkeypatching (the
+    decoder records its own phase timings), no sys.path hacks, siblings imported one way (`bench.<name>`)."""
+    found = bench_breaches(path.read_text(), path.name)
+    assert not found, f"{path.relative_to(PACKAGE.parent)}:\n" + "\n".join(found)
+
+
+def test_no_module_resolves_paths_against_its_own_location():
+    """[O3] The package runs where it is installed: nothing in it reads `__file__` or `__path__` to find files
+    beside itself (the shipped recipes and configs are package data, found through importlib.resources:
+    shipped.py). Relative paths mean the recipe's folder or the current directory (config.py)."""
+    bad = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}" for name, path in MODULES.items()
+           for node in ast.walk(ast.parse(path.read_text(), str(path)))
+           if isinstance(node, ast.Name) and node.id in ("__file__", "__path__")
+           or isinstance(node, ast.Attribute) and node.attr in ("__file__", "__path__")]
+    assert not bad, "resolves against the package's own location: " + ", ".join(bad)

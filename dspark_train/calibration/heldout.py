@@ -20,7 +20,7 @@ from ..data.examples import (Example, anchor_candidates, block_labels, conversat
                              read_conversations, read_heldout_split, split_heldout, usable_conversations)
 from ..decoding.copy import CopyPrior, fit_copy_prior
 from ..layout import RunDir
-from ..data.regenerate import generate_batch
+from ..data.generate import generate_batch
 
 
 def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str], list[list[int]], str]:

@@ -11,6 +11,11 @@ the padding and whatever a finished row fed after its end masked out. Where the 
 ones (an answer that re-tokenises otherwise), the forward continues from the last shared token, so every stored
 row is what the target computes for the trainer's own sequence.
 
+A `Captured` lives for one user turn (`generate._answer_turn`): the conversations that turn finishes take their
+rows to the host, then its KV cache and batch rows are dropped. Peak: one turn's cache and rows [B, columns, m+1, d]
+on the device (Mistral-7B's shape, 16 × 2k columns in bf16: 4 GiB of cache, 1.5 GiB of rows with 5 feature layers),
+plus the host rows of the batch's finished conversations; no cache is held to the end of the batch.
+
 The key of the trainer's cache hashes the finished conversation file, so shards gather in a staging directory
 beside it while `dspark data` runs (features written after their answers: a kill never leaves features without
 their answer) and the run that writes the merged file links them under its key (`publish`).
@@ -74,7 +79,8 @@ class Captured:
                 out.append(None)
                 continue
             head = self.rows[b, self.starts[b]:self.starts[b] + n]
-            out.append(torch.cat((head, extra[b, :len(tail)])) if tail else head)
+            # a new tensor even without a tail: a view would keep the whole batch's rows alive with it
+            out.append(torch.cat((head, extra[b, :len(tail)]) if tail else (head,)))
         return out
 
 

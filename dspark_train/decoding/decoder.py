@@ -6,6 +6,10 @@ Round invariants (batch 1): the target KV cache holds exactly the committed cont
 (crop or compaction) and hands the drafter the features of exactly those positions. With no drafter the
 same loop is plain target decoding (one token per round), the reference the tests compare against.
 `hybrid=True` (or mode "hybrid") adds the copy drafter's branches to each round's tree (hybrid.py).
+Each round records its time by phase (RoundTrace.t_*), read at the loop's own boundaries (bench/bench_round.py).
+
+Long because the batch-1 loop and the batched one (`generate_batch`) share setup, acceptance and the trace types
+and read best side by side.
 """
 from __future__ import annotations
 
@@ -52,14 +56,22 @@ class RoundTrace:
     n_accepted: int  # draft tokens accepted; the round commits n_accepted + 1 (the bonus) unless stopped
     committed: int  # tokens actually appended
     widths: list[int]  # nodes per depth
-    t_draft: float = 0.0  # drafter: context extension of the last commit + backbone + sequential head
+    t_draft: float = 0.0  # drafting: the tree (backbone, head steps, building, copy), mask, context extension
     t_verify: float = 0.0  # target forward + LM head
-    t_book: float = 0.0  # mask, acceptance, KV compaction, stop checks
+    t_book: float = 0.0  # acceptance, KV compaction, trace and stop checks
     target_probs: Optional[list[float]] = None
     accept_rates: Optional[list[float]] = None
     sources: list[str] = field(default_factory=list)
     drafter_skipped: bool = False  # hybrid: a confident copy match made the drafter's forward unnecessary
     t_copy: float = 0.0  # hybrid: copy drafting (query, merge, budget, index update), part of t_draft
+    # the phases inside those (seconds; what is left of t_draft is tree building, of t_book trace and stop checks)
+    t_propose: float = 0.0  # drafter backbone pass, part of t_draft
+    t_head_steps: float = 0.0  # drafter sequential head steps, part of t_draft
+    t_mask: float = 0.0  # tree attention mask and position ids, part of t_draft
+    t_extend: float = 0.0  # drafter context extension with the committed positions, part of t_draft
+    t_lm_head: float = 0.0  # target LM head, part of t_verify
+    t_accept: float = 0.0  # acceptance, part of t_book
+    t_kv: float = 0.0  # KV cache compaction to the accepted path, part of t_book
 
     def by_source(self) -> dict[str, list[int]]:
         """{source: [verified nodes, accepted nodes]} (hybrid rounds)."""
@@ -247,20 +259,24 @@ class SpeculativeDecoder:
             t0 = self._now()
             room = max_new_tokens - len(tokens) - 1
             if hyb is not None:
-                tree = hyb.draft(drafter, state, tokens[-1], policy, params, room, gen, record_probs)
+                tree = hyb.draft(drafter, state, tokens[-1], policy, params, room, gen, record_probs, self._now)
             elif drafter is not None:
-                tree = draft_tree(drafter, state, tokens[-1], policy, params, room, gen, record_probs)
+                tree = draft_tree(drafter, state, tokens[-1], policy, params, room, gen, record_probs, self._now)
             else:
                 tree = DraftTree([tokens[-1]])
+            t_tree = self._now()
             mask = tree_mask(tree.parents, ctx, dev)
             pos = torch.tensor(tree.depths, device=dev)[None] + ctx
             t1 = self._now()
             out = tgt.forward_features(torch.tensor([tree.tokens], device=dev), attention_mask=mask,
                                        position_ids=pos, cache=cache)
+            t_fwd = self._now()
             logits = tgt.logits(out.last_hidden[0])
             t2 = self._now()
             path, bonus, probs = self._accept(tree, logits, params, gen, record_probs)
+            t_acc = self._now()
             keep_slots(cache, ctx, path)
+            t_kv = self._now()
             ctx += len(path)
             start = len(tokens)
             tokens += [tree.tokens[i] for i in path[1:]] + [bonus]
@@ -271,10 +287,14 @@ class SpeculativeDecoder:
             if end is None and drafter is not None:  # also after rounds that skipped the drafter
                 drafter.extend_context(state, out.features[:, path], out.last_hidden[:, path],
                                        torch.tensor([[tree.tokens[i] for i in path]], device=dev))
+            t_ext = self._now()
             if end is None and hyb is not None:
                 hyb.commit(tree, path, tokens[start:])
             t4 = self._now()
             rnd.t_draft, rnd.t_verify, rnd.t_book = (t1 - t0) + (t4 - t3), t2 - t1, t3 - t2
+            rnd.t_propose, rnd.t_head_steps, rnd.t_mask, rnd.t_extend = (tree.t_propose, tree.t_head_steps,
+                                                                         t1 - t_tree, t_ext - t3)
+            rnd.t_lm_head, rnd.t_accept, rnd.t_kv = t2 - t_fwd, t_acc - t2, t_kv - t_acc
             if hyb is not None:
                 rnd.drafter_skipped, rnd.t_copy = hyb.skipped and drafter is not None, hyb.t_copy
             trace.rounds.append(rnd)
@@ -322,7 +342,13 @@ class SpeculativeDecoder:
         else from `conf_threshold` (stop at the first calibrated survival below it), else the full chain.
         The KV cache is right-padded per row and re-gathered every round so each row's committed slots are
         0..len-1; a 4-D mask hides padding. Drafter states are per request (batch 1 each).
+        `early_stop=False` (the retrospective scheduler) is for greedy decoding only: under sampling it biases
+        the output (scheduler.py, paper Appendix A), so it is refused when temperature > 0.
         """
+        if not early_stop and temperature > 0:
+            raise ValueError(f"generate_batch: early_stop=False with temperature={temperature}: the retrospective "
+                             "scheduler picks lengths after seeing the drafts, which biases sampled output "
+                             "(paper, Appendix A); use early_stop=True, or temperature=0")
         chain = self.policies["chain"]
         policy = TreePolicy.chain(self.gamma, 0.0, chain.maps)
         _, params, eos, gen = self._setup("chain", policy, temperature, top_p, top_k, eos_token_id, seed, generator,

@@ -171,7 +171,8 @@ class HybridDrafting:
         self.t_copy = 0.0  # the last round's copy drafting: query, merge, budget, (then) index update
 
     def draft(self, drafter, drafter_state, anchor: int, policy: TreePolicy, params: SamplingParams,
-              max_depth: int, generator=None, keep_dists: bool = False) -> DraftTree:
+              max_depth: int, generator=None, keep_dists: bool = False,
+              clock: Callable[[], float] = time.perf_counter) -> DraftTree:
         t0 = time.perf_counter()
         cands = self.copy.propose(self.state, max_depth) if max_depth > 0 else []
         best = max((c.probs[0] for c in cands), default=0.0)
@@ -180,7 +181,8 @@ class HybridDrafting:
         if self.skipped:
             tree = DraftTree([anchor])
         else:
-            tree = draft_tree(drafter, drafter_state, anchor, policy, params, max_depth, generator, keep_dists)
+            tree = draft_tree(drafter, drafter_state, anchor, policy, params, max_depth, generator, keep_dists, clock)
+        drafted = tree
         t1 = time.perf_counter()
         self.cells = {}
         if cands:
@@ -193,6 +195,7 @@ class HybridDrafting:
                 for v, c in zip(nodes, cand.cells):
                     if v in new and tree.sources[new[v]] & COPY:
                         self.cells.setdefault(new[v], c)
+        tree.t_propose, tree.t_head_steps = drafted.t_propose, drafted.t_head_steps  # subset() starts a new tree
         self.t_copy = t_query + time.perf_counter() - t1
         return tree
 

@@ -1,4 +1,4 @@
-"""The adaptive policy for the machine the decoder runs on (docs/method.md §4, §11).
+"""The adaptive policy for the machine the decoder runs on (docs/method.md §4; docs/lab-notes.md, 2026-11-30).
 
 calibration.json's adaptive thresholds maximise committed tokens per second under the cost curve SPS(B) of the
 machine that ran `dspark calibrate`, recorded with its machine key (`cost_profile.machine`: CPU model or GPU

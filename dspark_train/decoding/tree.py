@@ -19,9 +19,10 @@ the tuner's exact replay (`adaptive.simulate`).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -83,6 +84,8 @@ class DraftTree:
     child_dist: dict = field(default_factory=dict)
     sources: list[int] = field(default_factory=lambda: [0])
     copy_children: dict = field(default_factory=dict)
+    t_propose: float = 0.0  # seconds draft_tree spent in the drafter's backbone pass (`propose`)
+    t_head_steps: float = 0.0  # and in its sequential head steps; the rest of draft_tree is tree building
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -164,21 +167,25 @@ def tree_mask(parents: list[int], ctx_len: int, device) -> Optional[torch.Tensor
 
 @torch.no_grad()
 def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: SamplingParams, max_depth: int,
-               generator: Union[torch.Generator, Draws, None] = None, keep_dists: bool = False) -> DraftTree:
+               generator: Union[torch.Generator, Draws, None] = None, keep_dists: bool = False,
+               clock: Callable[[], float] = time.perf_counter) -> DraftTree:
     """One backbone pass, then the sequential head expands candidates depth by depth (greedy: top-k children;
     sampling: children drawn without replacement from the warped draft distribution). The frontier and its
     share of the node budget follow the path's draft probability (see the module docstring).
 
     Distributions are computed on the drafter's (pruned) draft vocabulary, where its probability is not zero,
     and ids mapped to the target's at the end; `child_dist` (acceptance needs it against the target's) is
-    expanded to the target vocabulary only where kept."""
+    expanded to the target vocabulary only where kept. The tree records the seconds (by `clock`; the decoder's
+    synchronises the device) spent in the drafter's forwards: `t_propose`, `t_head_steps`."""
     tree = DraftTree([anchor])
     rng = as_draws(generator)
     depth = min(max_depth, len(policy.widths))
     if depth <= 0:
         return tree
     device = drafter.device
+    t = clock()
     block = drafter.propose(state, torch.tensor([anchor], device=device))
+    tree.t_propose = clock() - t
     depth = min(depth, block.depth)
     keep = keep_dists or not params.greedy
     rerank = policy.rerank and params.greedy
@@ -186,7 +193,9 @@ def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: Sampling
     frontier, surv, score, head_state = [0], [1.0], [1.0], None
     for k in range(depth):
         prev = torch.tensor([[tree.tokens[u] for u in frontier]], device=device)
+        t = clock()
         logits, conf, head_state = drafter.head_step(block, k, prev, head_state, full=False)
+        tree.t_head_steps += clock() - t
         probs = warp(logits[0], params)  # [F, Vd]
         conf_k = conf[0].float().tolist()
         top_q, top_i = probs.max(dim=-1)

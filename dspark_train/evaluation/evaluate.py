@@ -22,8 +22,8 @@ import transformers
 from tqdm import tqdm
 
 from ..artifacts.reader import load_artifact, resolve_artifact
-from ..data.chat import prompt_ids, user_messages
-from ..config import REPO_ROOT, DataConfig, RecipeError, TargetConfig, load_recipe
+from ..data.chat import prompt_ids, stop_token_ids, user_messages
+from ..config import RecipeError, TargetConfig, load_recipe
 from ..decoding import SpeculativeDecoder
 from ..decoding.decoder import MODES
 from ..hardware import AUTO_DTYPES, detect
@@ -83,7 +83,9 @@ class EvalConfig:
     prompt_lookup_tokens: int = 10  # prompt_lookup_num_tokens
     assistant: Optional[str] = None  # small model with the target's tokenizer, for assisted generation
     threads: Optional[int] = None  # torch CPU threads
-    data_root: str = DataConfig.root  # benchmark names resolve to <data_root>/eval/<name>.jsonl
+    # benchmark names resolve to <data_root>/eval/<name>.jsonl; relative: to the current directory (from the
+    # checkout's root, the shared data beside it)
+    data_root: str = "../shared/data"
     progress: bool = True
     truncate_prompts: bool = False  # keep the last (window - max_new_tokens) tokens of a prompt that does not fit
 
@@ -137,8 +139,7 @@ def resolve_benchmark(spec: str, data_root: str | Path) -> Path:
     if looks_like_path:
         path = Path(spec).expanduser()
     else:
-        root = Path(data_root).expanduser()
-        path = (root if root.is_absolute() else REPO_ROOT / root) / "eval" / f"{spec}.jsonl"
+        path = Path.cwd() / Path(data_root).expanduser() / "eval" / f"{spec}.jsonl"
     if not path.is_file():
         known = ", ".join(BENCHMARKS)
         raise FileNotFoundError(f"benchmark {spec!r}: file not found: {path} (names: {known}, or a jsonl path)")
@@ -220,10 +221,10 @@ def artifact_name(artifact: str, taken: Sequence[str]) -> str:
 
 # --------------------------------------------------------------------------- methods
 def generation_kwargs(target, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> dict:
-    """transformers `generate` arguments for plain decoding with the harness's sampling settings."""
+    """transformers `generate` arguments for plain decoding with the harness's sampling settings, stopping where
+    `dspark data` stops (chat.stop_token_ids: the target's end of turn too)."""
     tok = target.tokenizer
-    kw = dict(pad_token_id=tok.pad_token_id,
-              eos_token_id=target.model.generation_config.eos_token_id or tok.eos_token_id)
+    kw = dict(pad_token_id=tok.pad_token_id, eos_token_id=stop_token_ids(tok, target.model.generation_config))
     if temperature > 0:
         kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
     else:

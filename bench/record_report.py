@@ -1,9 +1,10 @@
 """Commit a `dspark eval` report as a result: eval/results/<name>-<cpu>.{json,md} (+ its speedup plot).
 
-    python eval/record_report.py runs/demo/eval --name demo --title "make demo's eval" --command "make demo"
+    python -m bench.record_report runs/demo/eval --name demo --title "make demo's eval" --command "make demo"
 
 The report's own JSON (every measured number) goes in unchanged under `report`, its report.md is the markdown, the
-machine is the one the report names; `--command` says what made it (default: the report's own command line).
+machine is the one the report names; `--command` says what made it (a report does not record its command line: give
+it; default `dspark eval`).
 """
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ import shutil
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.resultfile import write_result
 
-from resultfile import write_result  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
@@ -25,6 +25,7 @@ def main() -> int:
     ap.add_argument("--name", required=True, help="the result's kind, e.g. demo")
     ap.add_argument("--title", required=True)
     ap.add_argument("--command", action="append", default=None, help="what made it (repeatable)")
+    ap.add_argument("--out", default=None, help="output stem (default eval/results/<name>-<cpu>)")
     args = ap.parse_args()
     from dspark_train.hardware import Capabilities
     from dspark_train.layout import REPORT_JSON, REPORT_MD
@@ -32,7 +33,7 @@ def main() -> int:
     src = Path(args.eval_dir)
     report = json.loads((src / REPORT_JSON).read_text())
     machine = report["machine"]
-    stem = REPO / "eval" / "results" / f"{args.name}-{Capabilities.from_dict(machine).slug}"
+    stem = Path(args.out or REPO / "eval" / "results" / f"{args.name}-{Capabilities.from_dict(machine).slug}")
     commands = args.command or [report.get("command", "dspark eval")]
     out = write_result(stem, {"report": report}, (src / REPORT_MD).read_text(), args.title, machine, commands)
     plot = src / "speedup.png"

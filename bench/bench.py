@@ -4,7 +4,7 @@ Trains the two baselines with the demo's recipe, data and step budget (`--set dr
 `--set drafter.kind=medusa`), reusing runs that already finished, then measures everything side by side with
 the eval harness. Writes runs/bench/report.{json,md} (chain-mode comparison) and runs/bench/{tree,adaptive}/;
 runs/bench/hybrid/ has hybrid adaptive next to drafter-only adaptive, prompt lookup and copy drafting alone.
-Usage: python eval/bench.py [--n 6] [--max-new-tokens 96] [--benchmarks gsm8k,mt-bench]
+Usage: python -m bench.bench [--n 6] [--max-new-tokens 96] [--benchmarks gsm8k,mt-bench]
 """
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from dspark_train.demo import RECIPE, run
+from dspark_train.layout import REPORT_MD, WEIGHTS, RunDir
 
-from dspark_train.demo import RECIPE, run  # noqa: E402
-from dspark_train.layout import REPORT_MD, WEIGHTS, RunDir  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 BASELINES = {"dflash": ["drafter.head=none"], "medusa": ["drafter.kind=medusa", "drafter.init=random"]}
 

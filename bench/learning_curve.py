@@ -1,8 +1,8 @@
 """`make curve`: held-out τ against wall-clock training minutes for named recipe variants (issue [I]'s instrument).
 
-    python eval/learning_curve.py                                   # the default variants at 2, 5, 10, 20, 40 min
-    python eval/learning_curve.py --minutes 1,2 --variants baseline,kl_to_l1 --parallel 2    # a smoke version
-    python eval/learning_curve.py --list                            # the built-in variants and what they change
+    python -m bench.learning_curve                                   # the default variants at 2, 5, 10, 20, 40 min
+    python -m bench.learning_curve --minutes 1,2 --variants baseline,kl_to_l1 --parallel 2    # a smoke version
+    python -m bench.learning_curve --list                            # the built-in variants and what they change
 
 Every variant is `dspark train RECIPE --set …` (the variant's overrides over the recipe, plus `--set` given
 here for all) with a wall-clock budget of the last point (`train.max_minutes`) and held-out evaluations at each
@@ -34,10 +34,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+from dspark_train.hardware import cpu_info  # torch-free until a function asks
+from dspark_train.layout import write_atomic
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from dspark_train.hardware import cpu_info  # noqa: E402  (torch-free until a function asks)
-from dspark_train.layout import write_atomic  # noqa: E402
 
 RECIPE = "recipes/smollm2_135m.yaml"
 MINUTES = (2, 5, 10, 20, 40)
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     curve = collect(args, results, started)
     write_outputs(curve, out)
     if args.result:
-        from resultfile import write_result
+        from bench.resultfile import write_result
         from dspark_train.hardware import Capabilities, detect
         machine = {**detect().to_dict(), "threads": threads}
         stem = REPO / "eval" / "results" / f"curve-{Capabilities.from_dict(machine).slug}-{args.result}"

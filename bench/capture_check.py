@@ -1,7 +1,7 @@
 """`data.capture_features` on the real target, measured: what capture costs `dspark data`, how close the captured
 features are to the trainer's own, and what training on them gains.
 
-    python eval/capture_check.py [--dtype auto|float32] [--prompts 96] [--max-new-tokens 128] [--steps 24]
+    python -m bench.capture_check [--dtype auto|float32] [--prompts 96] [--max-new-tokens 128] [--steps 24]
 
 1) `dspark data` on the same prompts (recipes/smollm2_135m.yaml, greedy so both runs answer alike) without and
    with capture, one after the other in this process: seconds each, and the answers must be identical;
@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.resultfile import write_result
 
-from resultfile import write_result  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 RECIPE = "recipes/smollm2_135m.yaml"
 

@@ -1,6 +1,6 @@
 """`make gpu-check`: the CUDA path, in one prepared script that fits a short GPU loan (≤ 8 minutes by default).
 
-    python eval/gpu_check.py [--minutes 8] [--out runs/gpu-check]
+    python -m bench.gpu_check [--minutes 8] [--out runs/gpu-check]
 
 1. exactness: the real SmolLM2-135M-Instruct in fp32 on CUDA, an untrained target-initialised drafter, chain, tree
    and hybrid greedy decoding of dev prompts against the target's own `generate`, token for token;
@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 DEV_SETS = ("gsm8k", "humaneval", "mbpp", "mt-bench")
 

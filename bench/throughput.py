@@ -1,12 +1,13 @@
 """Training throughput before/after, side by side in one run: supervised tokens per second of the same drafter on
 the same machine, this tree's trainer against an earlier commit's.
 
-    python eval/throughput.py --before /tmp/before-tree [--steps 24] [--rounds 2] [--threads 2]
+    python -m bench.throughput --before /tmp/before-tree [--steps 24] [--rounds 2] [--threads 2]
 
 `--before` is a checkout of the earlier commit (e.g. `git worktree add /tmp/before-tree c3b771b`); each tree's own
-eval/profile_step.py profiles its own trainer's step on the same recipe (recipes/smollm2_135m.yaml, dtype auto),
-in alternating order over --rounds rounds so drift cancels: before (online target forward), after (online), after
-with the feature cache (a later epoch's step: features read from disk). Writes eval/results/throughput-<cpu>.{json,md}.
+bench/profile_step.py (eval/profile_step.py in older trees) profiles its own trainer's step on the same recipe
+(recipes/smollm2_135m.yaml, dtype auto), in alternating order over --rounds rounds so drift cancels: before (online
+target forward), after (online), after with the feature cache (a later epoch's step: features read from disk).
+Writes eval/results/throughput-<cpu>.{json,md}.
 """
 from __future__ import annotations
 
@@ -18,21 +19,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.resultfile import write_result
 
-from resultfile import write_result  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 RECIPE = "recipes/smollm2_135m.yaml"
 
 
 def profile(tree: Path, steps: int, threads: int, sets: list[str]) -> dict:
-    """One run of `tree`'s profile_step (its own dspark_train first on the path); its JSON."""
+    """One run of `tree`'s profile_step (its own dspark_train first on the path; bench/ in trees since the
+    benchmarks became a package, eval/ before); its JSON."""
+    script = ["-m", "bench.profile_step"] if (tree / "bench" / "profile_step.py").is_file() else \
+        [str(tree / "eval" / "profile_step.py")]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "profile"
-        cmd = [sys.executable, str(tree / "eval" / "profile_step.py"), str(tree / RECIPE), "--steps", str(steps),
-               "--threads", str(threads), "--out", str(out.with_suffix(".json")), *[a for s in sets
-                                                                                 for a in ("--set", s)]]
+        cmd = [sys.executable, *script, str(tree / RECIPE), "--steps", str(steps), "--threads", str(threads),
+               "--out", str(out.with_suffix(".json")), *[a for s in sets for a in ("--set", s)]]
         env = {"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)

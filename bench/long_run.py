@@ -1,6 +1,6 @@
 """A long training run as committed data: its held-out curve and its dev-set eval, with the [P] goals checked.
 
-    python eval/long_run.py runs/smollm2_135m_long --eval runs/smollm2_135m_long/eval/report.json
+    python -m bench.long_run runs/smollm2_135m_long --eval runs/smollm2_135m_long/eval/report.json
         [--out eval/results/long-<cpu>]
 
 Reads the run's metrics.jsonl (every held-out evaluation: training minutes, supervised tokens, τ_greedy, τ_sim,
@@ -17,12 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from dspark_train.hardware import Capabilities, detect
+from dspark_train.layout import RunDir, read_jsonl
+from bench.resultfile import write_result
 
-from dspark_train.hardware import Capabilities, detect  # noqa: E402
-from dspark_train.layout import RunDir, read_jsonl  # noqa: E402
-from resultfile import write_result  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def curve(run: RunDir) -> list[dict]:

@@ -3,7 +3,7 @@
 Measured with the trainer's own setup and loss on the recipe's data; with `train.feature_cache` on, the profiled
 batches are cached first, so the table shows a cached epoch's step (cache read instead of target forward).
 
-    python eval/profile_step.py recipes/smollm2_135m.yaml --set target.dtype=float32 --steps 8 --threads 2
+    python -m bench.profile_step recipes/smollm2_135m.yaml --set target.dtype=float32 --steps 8 --threads 2
 
 Each phase is timed with wall-clock timers around the trainer's calls (the first `--warmup` steps are not
 counted; "data" is building the batch: anchors, labels, padding); one more step counts each phase's FLOPs with
@@ -21,18 +21,17 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from dspark_train.config import load_recipe  # noqa: E402
-from dspark_train.data.examples import train_batch  # noqa: E402
-from dspark_train.hardware import Capabilities, detect  # noqa: E402
-from dspark_train.layout import RunDir  # noqa: E402
-from dspark_train.training.losses import block_positions, dspark_loss, target_distribution  # noqa: E402
-from dspark_train.training.loop import (setup_accelerator, setup_data, setup_draft_vocab, setup_models,  # noqa: E402
+from dspark_train.config import load_recipe
+from dspark_train.data.examples import train_batch
+from dspark_train.hardware import Capabilities, detect
+from dspark_train.layout import RunDir
+from dspark_train.training.losses import block_positions, dspark_loss, target_distribution
+from dspark_train.training.loop import (setup_accelerator, setup_data, setup_draft_vocab, setup_models,
                                         setup_training, training_order)
+
+REPO = Path(__file__).resolve().parent.parent
 
 PHASES = ("data", "target forward", "cache read", "p_t (LM head at block slots)", "drafter forward + loss",
           "backward", "clip + optimizer")
@@ -50,7 +49,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
     return 2 * n ** 3 / best
 
 
-def profile(recipe, steps: int, warmup: int) -> dict:
+def profile(recipe, steps: int, warmup: int, peak_size: int = 2048) -> dict:
     """Mean wall time per phase over `steps` steps (after `warmup`), and each phase's FLOPs counted once by
     torch's FlopCounterMode (matmuls and attention) on an extra, untimed step."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -120,8 +119,8 @@ def profile(recipe, steps: int, warmup: int) -> dict:
                 tokens += batch.num_tokens
         total = sum(totals.values())
         scale = (tokens / steps) / max(1, flops.pop("tokens"))  # the counted step's FLOPs, per mean step
-        peak = {str(d).removeprefix("torch."): matmul_peak(d) for d in (torch.bfloat16, torch.float32)}
-        return {"machine": detect("cpu").to_dict(), "threads": torch.get_num_threads(),
+        peak = {str(d).removeprefix("torch."): matmul_peak(d, peak_size) for d in (torch.bfloat16, torch.float32)}
+        return {"machine": detect("cpu").to_dict(), "threads": torch.get_num_threads(), "kind": drafter.config.kind,
                 "dtype": str(target.dtype).removeprefix("torch."), "steps": steps, "batch_size": cfg.batch_size,
                 "anchors_per_seq": recipe.data.anchors_per_seq, "tokens_per_step": tokens / steps,
                 "step_ms": 1000 * total / steps, "tokens_per_s": tokens / total, "matmul_peak_flops": peak,
@@ -158,15 +157,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's)")
     ap.add_argument("--out", default=None, help="also write the profile here (a stem: <out>.json and <out>.md, "
                                                 "eval/results/ form)")
+    ap.add_argument("--peak-size", type=int, default=2048,
+                    help="n of the n³ matmul that measures the peak (a small n: seconds, a rough peak; tests)")
     ap.add_argument("--title", default="Training step profile", help="the result's title (with --out)")
     args = ap.parse_args()
     overrides = ["logging.trackers=[]", *args.overrides]
     if args.threads:
         overrides.append(f"train.num_threads={args.threads}")
-    p = profile(load_recipe(args.recipe, overrides), args.steps, args.warmup)
+    p = profile(load_recipe(args.recipe, overrides), args.steps, args.warmup, args.peak_size)
     print(table(p))
     if args.out:
-        from resultfile import write_result
+        from bench.resultfile import write_result
         write_result(Path(args.out).with_suffix(""), p, table(p), args.title, p["machine"])
     return 0
 

@@ -2,11 +2,12 @@
 
 On the real target (SmolLM2-135M-Instruct, dtype auto) with a drafter artifact (default: the demo's), over the
 first --n prompts of each benchmark, plain `generate` and the speculative decoder run interleaved per prompt in
-each mode (chain, tree, adaptive, hybrid). Each round's wall time is split by timers wrapped around the decoder's
-own calls (no change to the decoder): target verify forward, LM head, drafter propose (backbone), head steps,
-tree building (the rest of `draft_tree`), copy drafter (hybrid: query, merge, budget, index update), mask and
-position ids, acceptance, KV-cache update, context extension, trace and stop checks, other (the remainder). Each
-phase is given in ms per round and as a fraction of one plain decoding step t1 measured in the same run.
+each mode (chain, tree, adaptive, hybrid). Each round's wall time is split by the phase timings the decoder records
+in its RoundTrace (clock reads at its own phase boundaries, the device synchronised): target verify forward, LM
+head, drafter propose (backbone), head steps, tree building (the rest of drafting), copy drafter (hybrid: query,
+merge, budget, index update), mask and position ids, acceptance, KV-cache update, context extension, trace and
+stop checks, other (the round's wall time outside them: the loop itself). Each phase is given in ms per round and as
+a fraction of one plain decoding step t1 measured in the same run.
 
 Bound: with τ the tokens a round commits, B its verified tokens and SPS(B) the measured cost curve (target
 steps per second at B tokens, this run), a round cannot cost less than 1/SPS(B) + the drafter's forwards
@@ -14,7 +15,7 @@ steps per second at B tokens, this run), a round cannot cost less than 1/SPS(B) 
 Σ τ · t1 / Σ (1/SPS(B) + t_drafter). efficiency = measured decode speedup ÷ that bound (1.0: every other cost is
 zero); overhead = round cost − verify − drafter, as a fraction of t1.
 
-    python eval/bench_round.py [ARTIFACT] [--benchmarks gsm8k,humaneval] [--n 4] [--max-new-tokens 96]
+    python -m bench.bench_round [ARTIFACT] [--benchmarks gsm8k,humaneval] [--n 4] [--max-new-tokens 96]
         [--modes chain,tree,adaptive,hybrid] [--threads 2] [--out eval/results/round-<cpu>.json]
 
 Name the CPU next to every figure (the JSON and the table do); compare variants only within one run.
@@ -25,96 +26,32 @@ import argparse
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from dspark_train.artifacts.reader import load_artifact
+from dspark_train.data.chat import prompt_ids, user_messages
+from dspark_train.decoding import SpeculativeDecoder, measure_sps
+from dspark_train.evaluation.evaluate import generation_kwargs, hf_method, load_benchmark, target_config
+from dspark_train.hardware import detect
+from dspark_train.target import load_target
+from bench.resultfile import write_result
 
-from dspark_train.artifacts.reader import load_artifact  # noqa: E402
-from dspark_train.data.chat import prompt_ids, user_messages  # noqa: E402
-from dspark_train.decoding import SpeculativeDecoder, measure_sps  # noqa: E402
-from dspark_train.decoding import decoder as decoder_module  # noqa: E402
-from dspark_train.decoding import hybrid as hybrid_module  # noqa: E402
-from dspark_train.evaluation.evaluate import generation_kwargs, hf_method, load_benchmark, target_config  # noqa: E402
-from dspark_train.hardware import detect  # noqa: E402
-from dspark_train.target import load_target  # noqa: E402
-from resultfile import write_result  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 PHASES = ("verify", "lm head", "propose", "head steps", "tree build", "copy drafter", "mask + positions",
           "acceptance", "kv update", "context extension", "trace + stop", "other")
 DRAFTER_PHASES = ("propose", "head steps", "context extension")
 
 
-class Timers:
-    """Exclusive wall time per phase: a timed call inside another one is subtracted from its parent. The first
-    call of each name in `prefill` after `new_request()` is the prefill's (forward, LM head, first context
-    extension), booked apart from the rounds."""
-
-    PREFILL = ("verify", "lm head", "context extension")
-
-    def __init__(self, device):
-        self.total: dict[str, float] = defaultdict(float)
-        self.stack: list[list] = []
-        self.pending: set[str] = set()
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def new_request(self) -> None:
-        self.pending = set(self.PREFILL)
-
-    def wrap(self, name, fn):
-        def timed(*args, **kwargs):
-            key = name
-            if name in self.pending:
-                self.pending.discard(name)
-                key = "prefill"
-            self.sync()
-            frame = [name, time.perf_counter(), 0.0]  # name, start, time spent in nested timed calls
-            self.stack.append(frame)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.sync()
-                self.stack.pop()
-                spent = time.perf_counter() - frame[1]
-                self.total[key] += spent - frame[2]
-                if self.stack:
-                    self.stack[-1][2] += spent
-        return timed
-
-
-def instrument(dec: SpeculativeDecoder, timers: Timers) -> list:
-    """Wrap the decoder's calls with timers; returns what to restore."""
-    saved = []
-
-    def patch(obj, attr, name):
-        saved.append((obj, attr, getattr(obj, attr)))
-        setattr(obj, attr, timers.wrap(name, getattr(obj, attr)))
-
-    tgt, dr = dec.target, dec.drafter
-    patch(tgt, "forward_features", "verify")
-    patch(tgt, "logits", "lm head")
-    if dr is not None:
-        patch(dr, "propose", "propose")
-        patch(dr, "head_step", "head steps")
-        patch(dr, "extend_context", "context extension")
-    patch(decoder_module, "draft_tree", "tree build")
-    patch(hybrid_module, "draft_tree", "tree build")
-    patch(hybrid_module.HybridDrafting, "draft", "copy drafter")
-    patch(hybrid_module.HybridDrafting, "commit", "copy drafter")
-    patch(decoder_module, "tree_mask", "mask + positions")
-    patch(dec, "_accept", "acceptance")
-    patch(decoder_module, "keep_slots", "kv update")
-    patch(dec, "_round", "trace + stop")
-    patch(decoder_module, "find_stop", "trace + stop")
-    return saved
-
-
-def restore(saved: list) -> None:
-    for obj, attr, fn in reversed(saved):
-        setattr(obj, attr, fn)
+def phases(r) -> dict[str, float]:
+    """One round's seconds by phase (all but "other"), from the timings the decoder recorded (RoundTrace)."""
+    return {"verify": r.t_verify - r.t_lm_head, "lm head": r.t_lm_head, "propose": r.t_propose,
+            "head steps": r.t_head_steps,
+            "tree build": r.t_draft - r.t_propose - r.t_head_steps - r.t_copy - r.t_mask - r.t_extend,
+            "copy drafter": r.t_copy, "mask + positions": r.t_mask, "acceptance": r.t_accept, "kv update": r.t_kv,
+            "context extension": r.t_extend, "trace + stop": r.t_book - r.t_accept - r.t_kv}
 
 
 def run_mode(target, dec, plain, prompts, mode: str, max_new: int, sps: dict) -> dict:
@@ -123,7 +60,6 @@ def run_mode(target, dec, plain, prompts, mode: str, max_new: int, sps: dict) ->
     gen = lambda p, n: dec.generate(p, n, mode=mode, hybrid=hybrid)  # noqa: E731
     gen(prompts[0], 8)  # warm-up (allocations, policy resolution)
     plain(prompts[0], 8)
-    timers = Timers(target.device)
     t_plain = n_plain = t_spec = n_spec = t_pre = 0.0
     rounds = []
     for i, p in enumerate(prompts):
@@ -134,20 +70,16 @@ def run_mode(target, dec, plain, prompts, mode: str, max_new: int, sps: dict) ->
                 t_plain += time.perf_counter() - t0
                 n_plain += len(ids)
             else:
-                saved = instrument(dec, timers)
-                timers.new_request()
-                try:
-                    t0 = time.perf_counter()
-                    tr = gen(p, max_new)
-                    t_spec += time.perf_counter() - t0
-                finally:
-                    restore(saved)
+                t0 = time.perf_counter()
+                tr = gen(p, max_new)
+                t_spec += time.perf_counter() - t0
                 n_spec += len(tr.tokens)
                 t_pre += tr.t_prefill
                 rounds += tr.rounds
     n_rounds = len(rounds)
     decode_s = t_spec - t_pre
-    per_round = {k: 1e3 * (timers.total.get(k, 0.0)) / n_rounds for k in PHASES if k != "other"}
+    split = [phases(r) for r in rounds]
+    per_round = {k: 1e3 * sum(ph[k] for ph in split) / n_rounds for k in PHASES if k != "other"}
     round_ms = 1e3 * decode_s / n_rounds
     per_round["other"] = max(0.0, round_ms - sum(per_round.values()))
     t1 = (t_plain - t_pre) / max(1.0, n_plain - len(prompts))  # plain seconds per decoded token (prefill out)

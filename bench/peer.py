@@ -1,7 +1,7 @@
 """`make peer`: our trainer against a peer trainer, vllm-project/speculators 0.9 (DSpark and DFlash drafters), on
 the same work, at equal wall-clock and equal supervised tokens, evaluated by one decoder in one run.
 
-    python eval/peer.py [--minutes 5,40] [--peers dspark,dflash] [--n 6] [--max-new-tokens 64] [--out runs/peer]
+    python -m bench.peer [--minutes 5,40] [--peers dspark,dflash] [--n 6] [--max-new-tokens 64] [--out runs/peer]
 
 Same target (SmolLM2-135M-Instruct, the dtype `auto` picks), same regenerated conversations and held-out split
 (recipes/smollm2_135m.yaml), same feature layers (speculators' `--target-layer-ids` are hidden-state indices, as ours),
@@ -38,10 +38,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from bench.resultfile import write_result
 
-from resultfile import write_result  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 RECIPE = "recipes/smollm2_135m.yaml"
 OVERRIDES: list[str] = []  # --set: applied to the recipe wherever it is read (a smoke run: data.max_prompts=64)

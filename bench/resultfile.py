@@ -1,4 +1,4 @@
-"""One shape for every committed measurement (eval/results/<kind>-<cpu>[...].json, assembled by eval/results.py):
+"""One shape for every committed measurement (eval/results/<kind>-<cpu>[...].json, assembled by bench/results.py):
 what it is (`title`), on which machine (`cpu`: the CPU and its speed-deciding flags, or the GPU; `machine`: the same
 as a record), when (`date`), the commands that made it, its markdown rendering, and the data itself."""
 from __future__ import annotations

