@@ -32,6 +32,24 @@ Facts this module relies on, read in the sources of speculators 0.9.0 and vllm-c
   `--sliding-window-non-causal` or `--full-attention-indices` is given, causal inside the block. Our drafter's
   blocks are bidirectional over the whole context, so the reader refuses a causal or windowed layer instead of
   giving other logits silently.
+
+EAGLE-3 (`speculators_model_type` "eagle3", speculators' Eagle3DraftModel, vLLM's Eagle3{Llama,Qwen3}ForCausalLM):
+- config.json: `transformer_layer_config` (qwen3 with per-head q/k norms, llama without), `draft_vocab_size`,
+  `target_hidden_size`, `eagle_aux_hidden_state_layer_ids` (the layers whose *input* is captured: hidden-state
+  indices, our `feature_layers` unchanged), and the variants flags `norm_before_residual`, `norm_before_fc`,
+  `fc_norm`, `norm_output`, all false for our layer: the residual is the raw hidden, fc reads the raw features,
+  the un-normed output is fed back.
+- The first layer reads cat[input_layernorm(embedding) ; hidden_norm(hidden)] (2d wide q/k/v projections, embedding
+  first), adds attention to the hidden, then the usual post_attention_layernorm + MLP: our Eagle3Layer, whose
+  names map one to one. Entry t of a sequence pairs token x_{t+1} with the features of position t at RoPE
+  position t+1 (speculators' shift_batch), our entry (g_{j−1}, x_j) at position j. Logits = lm_head(norm(h)).
+- lm_head.weight [draft_vocab_size, d] is shipped (speculators fills a missing one with NaN), in ascending
+  target-id order with `d2t` offsets and the boolean `t2d` when the vocabulary is pruned, as for DSpark.
+- embed_tokens.weight is shipped (the target's, which our layer reads frozen): Eagle3DraftModel.from_pretrained
+  does not load the verifier's and leaves a missing table randomly initialised (its own checkpoints carry it);
+  vLLM uses a shipped table instead of the target's, the same values.
+- Our confidence head is not in the format (engines draft by their own rules); the export leaves it out and
+  records that in `dspark_train.confidence_head`.
 """
 from __future__ import annotations
 
@@ -59,15 +77,13 @@ def refusal(config) -> Optional[str]:
     c = config
     if c.kind == "medusa":
         return "Medusa heads have no speculators format (it holds DSpark and DFlash drafters only)"
-    if c.kind == "eagle3":
-        return "the export of eagle3 drafters to speculators' eagle3 format is not written yet"
     if c.head == "rnn":
         return ("the RNN head has no engine implementation (vLLM's Qwen3 DSpark model has only the vanilla Markov "
                 "head); export a markov or none head")
-    if not c.qk_norm:
+    if not c.qk_norm and c.kind != "eagle3":  # eagle3 without q/k norms is a llama layer, which both engines run
         return ("the engines' draft layers always apply per-head q/k RMSNorm and this drafter was trained without "
                 "it; retrain with drafter.qk_norm=true")
-    why = layout_refusal(layout_fields(c))
+    why = None if c.kind == "eagle3" else layout_refusal(layout_fields(c))
     if why:
         return why
     layers, fp = list(c.feature_layers), c.target_fingerprint or {}
@@ -125,14 +141,20 @@ def layout_refusal(cfg: dict) -> Optional[str]:
     return why + f"; its sample_from_anchor must be {str(trained == 'anchor').lower()}"
 
 
-def _layer_shapes(i: int, d: int, inter: int, nh: int, nkv: int, hd: int) -> dict[str, tuple]:
-    p = f"layers.{i}."
-    return {p + "self_attn.q_proj.weight": (nh * hd, d), p + "self_attn.k_proj.weight": (nkv * hd, d),
-            p + "self_attn.v_proj.weight": (nkv * hd, d), p + "self_attn.o_proj.weight": (d, nh * hd),
-            p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
-            p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
-            p + "mlp.down_proj.weight": (d, inter),
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)}
+def _layer_shapes(i: int, d: int, inter: int, nh: int, nkv: int, hd: int, eagle3: bool = False,
+                  qk_norm: bool = True) -> dict[str, tuple]:
+    """A draft layer's tensors; EAGLE-3's first layer reads [embedding ; hidden] (2d) and has a hidden_norm."""
+    p, n = f"layers.{i}.", 2 * d if eagle3 else d
+    out = {p + "self_attn.q_proj.weight": (nh * hd, n), p + "self_attn.k_proj.weight": (nkv * hd, n),
+           p + "self_attn.v_proj.weight": (nkv * hd, n), p + "self_attn.o_proj.weight": (d, nh * hd),
+           p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
+           p + "mlp.down_proj.weight": (d, inter),
+           p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)}
+    if qk_norm:
+        out.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+    if eagle3:
+        out[p + "hidden_norm.weight"] = (d,)
+    return out
 
 
 def expected_tensors(cfg: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
@@ -143,15 +165,22 @@ def expected_tensors(cfg: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
     d, V = tl["hidden_size"], tl["vocab_size"]
     hd = tl.get("head_dim") or d // tl["num_attention_heads"]
     vd = cfg.get("draft_vocab_size") or V
+    eagle3 = cfg.get("speculators_model_type") == "eagle3"
     req: dict[str, tuple] = {}
     for i in range(tl["num_hidden_layers"]):
         req.update(_layer_shapes(i, d, tl["intermediate_size"], tl["num_attention_heads"],
-                                 tl["num_key_value_heads"], hd))
+                                 tl["num_key_value_heads"], hd, eagle3 and i == 0, tl.get("model_type") != "llama"))
     th = cfg.get("target_hidden_size") or d
-    req.update({"fc.weight": (d, len(cfg["aux_hidden_state_layer_ids"]) * th), "hidden_norm.weight": (d,),
-                "norm.weight": (d,)})
+    aux = cfg.get("eagle_aux_hidden_state_layer_ids" if eagle3 else "aux_hidden_state_layer_ids") or [0, 0, 0]
+    req.update({"fc.weight": (d, len(aux) * th), "norm.weight": (d,)})
+    if not eagle3:
+        req["hidden_norm.weight"] = (d,)
     opt = {"embed_tokens.weight": (V, d), "t2d": (V,)}
-    if vd < V:
+    if eagle3:  # speculators leaves a missing lm_head NaN and a missing embed_tokens random: both shipped
+        req.update({"lm_head.weight": (vd, d), "embed_tokens.weight": (V, d)})
+        if vd < V:
+            req["d2t"] = (vd,)
+    elif vd < V:
         req.update({"lm_head.weight": (vd, d), "d2t": (vd,)})
     else:
         opt["lm_head.weight"] = (vd, d)
@@ -256,6 +285,61 @@ def speculators_tensors(drafter, embed: torch.Tensor, lm: torch.Tensor, mask_tok
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 
+def eagle3_config(drafter, max_position_embeddings: int, verifier: str) -> dict:
+    """config.json of an eagle3 drafter (speculators' Eagle3SpeculatorConfig, what vLLM's eagle3 loaders read)."""
+    c = drafter.config
+    fp = c.target_fingerprint or {}
+    tl = {"model_type": "qwen3" if c.qk_norm else "llama", "hidden_size": c.hidden_size,
+          "intermediate_size": c.intermediate_size, "num_hidden_layers": 1,
+          "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+          "head_dim": c.head_dim, "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
+          "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+          "max_position_embeddings": max_position_embeddings, "vocab_size": c.vocab_size,
+          "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}
+    return {"architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+            "speculators_version": SPECULATORS_VERSION,
+            "speculators_config": {
+                "algorithm": "eagle3", "default_proposal_method": "greedy",
+                "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": c.block_size}],
+                "verifier": {"name_or_path": verifier, "architectures": [fp.get("architecture", "")]}},
+            "transformer_layer_config": tl,
+            "draft_vocab_size": c.draft_vocab_size or c.vocab_size,
+            "target_hidden_size": fp.get("hidden_size", c.hidden_size),
+            "eagle_aux_hidden_state_layer_ids": sorted(c.feature_layers),
+            "norm_before_residual": False, "norm_before_fc": False, "fc_norm": False, "norm_output": False,
+            "dspark_train": {"target_fingerprint": fp, "format_version": c.format_version,
+                             "confidence_head": "not shipped (not in the format); calibration.json is"}}
+
+
+@torch.no_grad()
+def eagle3_tensors(drafter, embed: torch.Tensor, lm: torch.Tensor) -> dict:
+    """An eagle3 drafter's state dict in speculators names. `embed`, `lm`: the target's input embedding and LM head
+    [V, d]."""
+    c = drafter.config
+    dt = drafter.conf.weight.dtype
+    sd = {k: v.detach() for k, v in drafter.state_dict().items()}
+    order = sorted(c.feature_layers)
+    blocks = sd["fc.weight"].chunk(len(c.feature_layers), dim=1)
+    out = {"fc.weight": torch.cat([blocks[c.feature_layers.index(i)] for i in order], 1),
+           "norm.weight": sd["norm.weight"], "embed_tokens.weight": embed.to(dt)}
+    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn.": "self_attn."}
+    for k, v in sd.items():
+        if k.startswith("layers."):
+            for ours, theirs in names.items():
+                k = k.replace(ours, theirs, 1) if ours in k else k
+            out[k] = v
+    ids, _ = _vocab(drafter)
+    if ids is None:  # a copy: a tied target's head is its embedding, which safetensors will not write twice
+        out["lm_head.weight"] = lm.to(dt).clone()
+    else:
+        out["d2t"] = ids - torch.arange(ids.numel(), device=ids.device)
+        t2d = torch.zeros(c.vocab_size, dtype=torch.bool, device=ids.device)
+        t2d[ids] = True
+        out["t2d"] = t2d
+        out["lm_head.weight"] = lm[ids.to(lm.device)].to(dt)
+    return {k: v.contiguous().cpu() for k, v in out.items()}
+
+
 def pick_mask_token_id(tokenizer, vocab_size: int) -> int:
     """A row for a learned MASK that no anchor will use: an embedding row past the tokenizer's vocabulary if
     the table is padded, else the highest added token that is neither bos/eos/pad/unk nor in the chat template."""
@@ -323,6 +407,9 @@ def load_speculators(path: str | Path):
         kind, tl = cfg["speculators_model_type"], cfg["transformer_layer_config"]
     except (OSError, ValueError, KeyError) as e:
         raise FormatError(f"{path / CONFIG}: not a speculators config ({type(e).__name__}: {e})") from None
+    if kind == "eagle3":
+        raise FormatError(f"{path / CONFIG}: an eagle3 export is for the engines; dspark-train reads the eagle3 "
+                          "artifact it was exported from (dspark export --format dspark)")
     if kind not in ("dspark", "dflash") or cfg.get("markov_head_type", "vanilla") != "vanilla":
         raise FormatError(f"{path / CONFIG}: {kind} / markov_head_type {cfg.get('markov_head_type')} is not a "
                           "drafter dspark-train reads (dspark with a vanilla Markov head, or dflash)")
