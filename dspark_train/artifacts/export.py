@@ -19,7 +19,7 @@ import yaml
 
 from .reader import ARTIFACT_FILES, CARD, load_artifact, resolve_artifact
 from ..drafters.loading import check_fingerprint, check_safetensors, load_drafter, recorded_fingerprint
-from . import speculators
+from . import speculators, speculators_eagle3
 from .card import render_model_card
 from ..policy.calibration import read_calibration
 from ..config import RecipeError, utf8_text
@@ -152,8 +152,8 @@ def export_speculators(src: str | Path, out: str | Path, target=None, mask_token
     if c.kind == "eagle3":  # no MASK: the layer drafts token by token
         if mask_token_id is not None:
             raise speculators.FormatError(f"--mask-token-id {mask_token_id}: an eagle3 drafter has no MASK")
-        cfg = speculators.eagle3_config(drafter, max_pos, fp.get("model_id") or target.name)
-        tensors = speculators.eagle3_tensors(drafter, target.embed_tokens.weight, target.lm_head.weight)
+        cfg = speculators_eagle3.eagle3_config(drafter, max_pos, fp.get("model_id") or target.name)
+        tensors = speculators_eagle3.eagle3_tensors(drafter, target.embed_tokens.weight, target.lm_head.weight)
     else:
         mask_token_id = _mask_row(c, target, mask_token_id)
         cfg = speculators.speculators_config(drafter, max_pos, mask_token_id, fp.get("model_id") or target.name)
