@@ -105,7 +105,8 @@ def main() -> int:
     stem = Path(args.out) if args.out else REPO / "eval" / "results" / f"throughput-kinds-{machine.slug}"
     write_result(stem, {"threads": args.threads, "steps": args.steps, "rounds": args.rounds, "recipes": recipes,
                         "rows": rows, "ratio_dspark_over_eagle3": ratios, "profiles": runs}, "\n".join(md),
-                 "Training throughput: DSpark vs EAGLE-3 drafters", machine.to_dict(), ["python " + " ".join(sys.argv)])
+                 "Training throughput: DSpark vs EAGLE-3 drafters", machine.to_dict(),
+                 ["python -m bench.kind_throughput " + " ".join(sys.argv[1:])])
     print("\n".join(md))
     return 0
 
