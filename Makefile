@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
 .PHONY: setup lint test test-all demo bench curve clean engine-check data-server-check peer results gpu-check \
-	served-eval
+	served-eval methods
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench.bench
+
+# The method table (issue [E3]): DSpark (Markov), DFlash, EAGLE-3, Medusa at equal wall-clock budgets, one after
+# another (10 + 40 minutes each: about 3.5 hours of training plus the evals); eval/results/methods-<cpu>-<min>min.*
+METHODS_MINUTES ?= 10 40
+methods: setup
+	for m in $(METHODS_MINUTES); do $(PY) -m bench.methods --minutes $$m || exit 1; done
 
 # Real-client check of `dspark export --format speculators` (not part of `make test`; minutes): speculators'
 # own model classes and vLLM on CPU, in their own venv so this project's pins stay. RUN= a trained run (or

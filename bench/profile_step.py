@@ -49,7 +49,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
     return 2 * n ** 3 / best
 
 
-def profile(recipe, steps: int, warmup: int) -> dict:
+def profile(recipe, steps: int, warmup: int, peak_size: int = 2048) -> dict:
     """Mean wall time per phase over `steps` steps (after `warmup`), and each phase's FLOPs counted once by
     torch's FlopCounterMode (matmuls and attention) on an extra, untimed step."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -119,8 +119,8 @@ def profile(recipe, steps: int, warmup: int) -> dict:
                 tokens += batch.num_tokens
         total = sum(totals.values())
         scale = (tokens / steps) / max(1, flops.pop("tokens"))  # the counted step's FLOPs, per mean step
-        peak = {str(d).removeprefix("torch."): matmul_peak(d) for d in (torch.bfloat16, torch.float32)}
-        return {"machine": detect("cpu").to_dict(), "threads": torch.get_num_threads(),
+        peak = {str(d).removeprefix("torch."): matmul_peak(d, peak_size) for d in (torch.bfloat16, torch.float32)}
+        return {"machine": detect("cpu").to_dict(), "threads": torch.get_num_threads(), "kind": drafter.config.kind,
                 "dtype": str(target.dtype).removeprefix("torch."), "steps": steps, "batch_size": cfg.batch_size,
                 "anchors_per_seq": recipe.data.anchors_per_seq, "tokens_per_step": tokens / steps,
                 "step_ms": 1000 * total / steps, "tokens_per_s": tokens / total, "matmul_peak_flops": peak,
@@ -157,12 +157,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the recipe's)")
     ap.add_argument("--out", default=None, help="also write the profile here (a stem: <out>.json and <out>.md, "
                                                 "eval/results/ form)")
+    ap.add_argument("--peak-size", type=int, default=2048,
+                    help="n of the n³ matmul that measures the peak (a small n: seconds, a rough peak; tests)")
     ap.add_argument("--title", default="Training step profile", help="the result's title (with --out)")
     args = ap.parse_args()
     overrides = ["logging.trackers=[]", *args.overrides]
     if args.threads:
         overrides.append(f"train.num_threads={args.threads}")
-    p = profile(load_recipe(args.recipe, overrides), args.steps, args.warmup)
+    p = profile(load_recipe(args.recipe, overrides), args.steps, args.warmup, args.peak_size)
     print(table(p))
     if args.out:
         from bench.resultfile import write_result

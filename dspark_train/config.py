@@ -70,7 +70,7 @@ def utf8_text(raw: bytes, path) -> str:
 # choices shared by the recipe, the eval flags and the code that acts on them
 DTYPES = ("auto", *AUTO_DTYPES)  # auto: bfloat16 where the hardware computes it, else float32 (hardware.py)
 TARGET_DTYPES = (*DTYPES, "float16")  # float16 only when asked
-DRAFTER_KINDS = ("dspark", "medusa")
+DRAFTER_KINDS = ("dspark", "medusa", "eagle3")
 DRAFTER_HEADS = ("markov", "rnn", "none")  # none: DFlash (a parallel block, no sequential head)
 MODES = ("chain", "tree", "adaptive", "hybrid")  # how the decoder drafts and verifies (decoding/decoder.py)
 
@@ -146,9 +146,9 @@ class TargetConfig:
     config: Optional[dict] = None  # inline architecture config: a randomly initialised target (tests)
     config_path: Optional[str] = None  # architecture config.json for offline planning of big targets
     seed: int = 0  # weight init seed for inline-config targets
-    # None = 5 layers spread evenly over 1..L-3; layers are numbered from 1
-    feature_layers: Optional[list[int]] = setting(None, ge=1, nonempty=True)
-    num_feature_layers: int = setting(5, ge=1)
+    feature_layers: Optional[list[int]] = setting(None, ge=1, nonempty=True)  # None: `num_feature_layers` of them
+    # None: 5 spread evenly over 1..L-3 (layers numbered from 1); 3 for eagle3 (EAGLE-3's low/mid/high)
+    num_feature_layers: Optional[int] = setting(None, ge=1)
     chat_template: Optional[str] = None  # override the tokenizer's template (jinja string)
     tokenizer: Optional[str] = None  # tokenizer source when `model` is None (tests: a tiny local tokenizer)
     cache_dir: Optional[str] = None  # where converted targets are cached (default ~/.cache/dspark)
@@ -156,10 +156,11 @@ class TargetConfig:
 
 @dataclass
 class DrafterConfigSection:
+    # eagle3: EAGLE-3's autoregressive layer over fused low/mid/high target features (drafters/eagle3.py)
     kind: str = setting("dspark", choices=DRAFTER_KINDS)
     head: str = setting("markov", choices=DRAFTER_HEADS)
     num_layers: int = setting(1, ge=0)  # >= 1 for kind dspark; medusa has none
-    block_size: int = setting(8, ge=2)  # gamma: draft positions per block, the anchor slot included
+    block_size: int = setting(8, ge=2)  # gamma: draft positions per block, anchor slot included (eagle3: steps)
     head_rank: int = setting(256, ge=1)  # r of the Markov / RNN head
     intermediate_size: Optional[int] = setting(None, ge=1)  # None = the target's
     num_attention_heads: Optional[int] = setting(None, ge=1)  # None = the target's
@@ -478,6 +479,8 @@ def _validate(r: Recipe, src: str) -> None:
         check_settings(getattr(r, section), lambda key: f"{src}: {section}.{key}")
     if r.drafter.num_layers < 1 and r.drafter.kind == "dspark":
         bad("drafter.num_layers", f"must be >= 1 for kind dspark, got {r.drafter.num_layers}")
+    if r.drafter.kind == "eagle3":
+        _validate_eagle3(r, bad)
     srv = r.data.server
     if srv.url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", srv.url):
         bad("data.server.url", f"expected http(s)://HOST[:PORT], got {srv.url!r}")
@@ -494,10 +497,29 @@ def _validate(r: Recipe, src: str) -> None:
             if not ok:
                 bad(key, f"data.capture_features is on: {why}")
     if r.drafter.init == "target" and (r.drafter.kind != "dspark" or r.drafter.init_from):
-        bad("drafter.init", "target applies to a new dspark drafter (not kind medusa, not with init_from)")
+        bad("drafter.init", "target applies to a new dspark drafter (not kind medusa or eagle3, not with init_from)")
     if not 0 <= r.distributed.machine_rank < r.distributed.num_machines:
         bad("distributed.machine_rank", f"must be in 0..num_machines-1 = {r.distributed.num_machines - 1}, "
                                         f"got {r.distributed.machine_rank}")
+
+
+EAGLE3_UNUSED = ("head", "mask_token_id", "sample_from_anchor")
+
+
+def _validate_eagle3(r: Recipe, bad) -> None:
+    """kind eagle3: one decoder layer drafting token by token, so DSpark's block settings (another sequential head,
+    MASK slots, the slot layout) mean nothing; a recipe that changes them is refused rather than ignored (sizes of
+    modules it does not have, head_rank and medusa_heads, are ignored as for Medusa). Its feature layers default
+    to EAGLE-3's three (low, middle, high; target.default_feature_layers)."""
+    defaults = DrafterConfigSection()
+    for key in EAGLE3_UNUSED:
+        if getattr(r.drafter, key) != getattr(defaults, key):
+            bad(f"drafter.{key}", "has no meaning for kind eagle3 (its decoder layer drafts token by token: no "
+                                  "sequential head, no MASK slots); remove it")
+    if r.drafter.num_layers != 1:
+        bad("drafter.num_layers", f"kind eagle3 has one decoder layer (EAGLE-3's), got {r.drafter.num_layers}")
+    if r.target.num_feature_layers is None:
+        r.target.num_feature_layers = 3
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -86,7 +86,9 @@ def plan(recipe: Recipe) -> str:
         f"feature layers:  {layers}",
         "",
         "# drafter",
-        f"kind/head:       {recipe.drafter.kind}/{recipe.drafter.head}, {recipe.drafter.num_layers} layer(s), "
+        f"kind/head:       {recipe.drafter.kind}"
+        + (f"/{recipe.drafter.head}" if recipe.drafter.kind == "dspark" else "")
+        + f", {recipe.drafter.num_layers} layer(s), "
         f"block size {recipe.drafter.block_size}",
         f"trainable:       {dparams / 1e6:.2f} M parameters",
         "size table (trainable M parameters for this target and recipe):",

@@ -29,8 +29,14 @@ PYPI_TARGETS = {  # package -> (gguf file inside it, Hub id of the original mode
 }
 
 
-def default_feature_layers(num_layers: int, count: int = 5) -> list[int]:
-    """`count` layers spread evenly over 1..L-3 (1-based layer outputs), never the final layer."""
+def default_feature_layers(num_layers: int, count: Optional[int] = None) -> list[int]:
+    """`count` (None: 5) layers spread evenly over 1..L-3 (1-based layer outputs), never the final layer.
+
+    Three are EAGLE-3's low, middle and high layers (2, L//2, L-3), what its trainers and vLLM pick: our layer i is
+    the output of decoder layer i, the residual stream entering layer i, which is vLLM's auxiliary layer id i."""
+    count = 5 if count is None else count
+    if count == 3:
+        return sorted({min(max(1, i), num_layers - 1) for i in (2, num_layers // 2, num_layers - 3)})
     hi = max(1, num_layers - 3)
     if count == 1 or hi == 1:
         return [hi] if count == 1 else [1]

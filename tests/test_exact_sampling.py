@@ -117,11 +117,50 @@ class TableDrafter:
         self.config = SimpleNamespace(vocab_size=V)
 
     def propose(self, state, anchor):
-        logits = self.logits[None, :, 0]
-        return type("Block", (), {"draft_logits": logits, "base_logits": logits})()
+        return type("Block", (), {"depth": self.logits.shape[0]})()
 
     def head_step(self, block, k, prev, head_state=None, full=True):
         return self.logits[k][prev[0]][None], self.conf[k][prev[0]][None], None
+
+
+class PathRows:
+    """Per-candidate state of a path-dependent drafter: each candidate's drafted path (draft_tree re-indexes it by
+    frontier, as it does an EAGLE drafter's hidden states and scratch ancestry)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, paths: list[tuple]):
+        self.paths = paths
+
+    def __getitem__(self, key):
+        return PathRows([self.paths[int(i)] for i in key[1]])
+
+
+class PathTableDrafter:
+    """EAGLE's dependency: slot k's logits and confidence are fixed functions of the whole drafted path (the anchor
+    and every token drafted after it, a seeded draw per path), not of the previous token alone."""
+
+    device = torch.device("cpu")
+    draft_vocab = None
+
+    def __init__(self, seed: int, sharp: float, conf_mean: torch.Tensor, conf_spread: float):
+        self.seed, self.sharp, self.mean, self.spread = seed, sharp, conf_mean, conf_spread
+
+    def table(self, path: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(hash((self.seed, "draft") + path) % 2**31)
+        logits = torch.randn(V, generator=g, dtype=torch.float64) * self.sharp
+        conf = self.mean[len(path) - 1] + torch.randn((), generator=g, dtype=torch.float64) * self.spread
+        return logits, conf
+
+    def propose(self, state, anchor):
+        return type("Round", (), {"depth": len(self.mean)})()
+
+    def head_step(self, block, k, prev, head_state=None, full=True):
+        parents = [()] * prev.shape[1] if head_state is None else head_state.paths
+        paths = [path + (int(t),) for path, t in zip(parents, prev[0])]
+        assert all(len(path) == k + 1 for path in paths)
+        logits, conf = zip(*map(self.table, paths))
+        return torch.stack(logits)[None], torch.stack(conf)[None], PathRows(paths)
 
 
 class FixedCopy:
@@ -178,17 +217,20 @@ def exact_error(cfg) -> float:
     gamma = len(cfg["policy"].widths)
     vocab = cfg.get("vocab")
     vd = V if vocab is None else len(vocab)
+    rising = cfg.get("conf") == "rising"  # a low first-slot confidence and high later ones: a child outranks a
+    mean = torch.tensor([-0.5] + [2.5] * (gamma - 1), dtype=torch.float64)[:, None] if rising \
+        else torch.zeros(gamma, 1, dtype=torch.float64)  # later sibling
+    spread = 0.5 if rising else 2.0
     if "tables" in cfg:
         drafter = TableDrafter(*cfg["tables"])
-    else:  # "rising": a low first-slot confidence and high later ones, so a child outranks a later sibling
-        mean = torch.tensor([-0.5] + [2.5] * (gamma - 1), dtype=torch.float64)[:, None] if cfg["conf"] == "rising" \
-            else torch.zeros(gamma, 1, dtype=torch.float64)
-        spread = 0.5 if cfg["conf"] == "rising" else 2.0
+    elif cfg.get("path"):  # EAGLE-style: distributions depend on the whole drafted path
+        drafter = PathTableDrafter(cfg["seed"], cfg["sharp"], mean[:, 0], spread)
+    else:
         drafter = TableDrafter(torch.randn(gamma, V, vd, generator=g, dtype=torch.float64) * cfg["sharp"],
                                mean + torch.randn(gamma, V, generator=g, dtype=torch.float64) * spread, vocab)
     fixed = cfg.get("target")
-    if cfg.get("conf") == "rising":  # a target near the draft at the root: residuals with broad support
-        root = drafter.logits[0, ANCHOR]
+    if rising:  # a target near the draft at the root: residuals with broad support
+        root = drafter.table((ANCHOR,))[0] if cfg.get("path") else drafter.logits[0, ANCHOR]
         if vocab is not None:  # the tokens outside the draft vocabulary get logits of the same scale
             outside = torch.randn(V, generator=g, dtype=torch.float64) * cfg["sharp"]
             root = outside.index_copy(0, drafter.draft_vocab, root)
@@ -348,3 +390,71 @@ def test_rounds_of_a_pruned_draft_vocabulary_emit_the_target_distribution_exactl
     expands its distributions for acceptance); the target puts mass on the third, which only a correction or bonus
     token or a copy candidate can emit. Chains and trees up to depth 4, plain and hybrid, all occur."""
     assert_exact(grid(80, seed=2, policies=POLICIES + DEEP, vocabs=VOCABS)[chunk::2])
+
+
+# ---------------------------------------------------------------------- EAGLE: path-dependent drafts
+RERANKED = [  # EAGLE-2's dynamic tree: greedy reranks to the budget; sampling must ignore that (value-dependent)
+    ("eagle2-w22-beam2", TreePolicy([2, 2], 2, 3, rerank=True)),
+    ("eagle2-w32-beam2", TreePolicy([3, 2], 2, 4, rerank=True)),
+    ("eagle2-w222-beam2", TreePolicy([2, 2, 2], 2, 5, rerank=True)),
+]
+
+
+def eagle_grid(n: int, seed: int = 5) -> list[dict]:
+    """The grid's factors (shapes, budgets, thresholds, hybrid copies, cost curves, warping) over a drafter whose
+    distributions depend on the whole drafted path, plus reranked policies."""
+    rnd = random.Random(seed)
+    out = []
+    for i, cfg in enumerate(grid(n, seed)):
+        if i % 3 == 0:
+            name, policy = rnd.choice(RERANKED)
+            cfg = dict(cfg, id=f"{cfg['id']}-{name}", policy=policy, depth=len(policy.widths))
+        out.append(dict(cfg, id=f"path-{cfg['id']}", path=True))
+    return out
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_path_dependent_drafts_emit_the_target_distribution_exactly(chunk):
+    """48 configurations (12 per chunk): chains and trees, plain and hybrid, a third with a reranking policy."""
+    assert_exact(eagle_grid(48)[chunk::4])
+
+
+def _paths(tree) -> list[tuple]:
+    paths = [(tree.tokens[0],)]
+    for v in range(1, len(tree)):
+        paths.append(paths[tree.parents[v]] + (tree.tokens[v],))
+    return paths
+
+
+@pytest.mark.parametrize("params", [SamplingParams(0.0), SamplingParams(1.0)])
+def test_a_path_dependent_drafters_state_follows_the_tree(params):
+    """Every node's children are drawn from the distribution of the node's own path: draft_tree hands each
+    candidate its parent's state (re-indexed by frontier through beams)."""
+    drafter = PathTableDrafter(3, 2.0, torch.zeros(4, dtype=torch.float64), 1.0)
+    for seed in range(5):
+        tree = draft_tree(drafter, None, ANCHOR, TreePolicy([3, 2, 2, 2], 3, 40), params, 4,
+                          torch.Generator().manual_seed(seed), keep_dists=True)
+        assert max(tree.depths) == 4 and len(tree.child_dist) > 4
+        paths = _paths(tree)
+        for u, dist in tree.child_dist.items():
+            assert torch.allclose(dist, warp(drafter.table(paths[u])[0], params)), paths[u]
+
+
+def test_greedy_rerank_keeps_the_most_probable_nodes_and_sampling_ignores_it():
+    """EAGLE-2: greedy drafts the beam tree whole and keeps the budget's most probable paths (ancestors
+    included); sampling spends the budget depth by depth, exactly as without `rerank`."""
+    drafter = PathTableDrafter(4, 1.5, torch.zeros(3, dtype=torch.float64), 1.0)
+    greedy, sampled = SamplingParams(0.0), SamplingParams(1.0)
+    whole = draft_tree(drafter, None, ANCHOR, TreePolicy([3, 3, 3], 3, 100), greedy, 3)
+    assert len(whole) - 1 == 3 + 9 + 9
+    prob = [1.0] * len(whole)
+    for v in range(1, len(whole)):
+        prob[v] = prob[whole.parents[v]] * whole.draft_probs[v]
+    best = sorted(range(1, len(whole)), key=lambda v: -prob[v])[:7]
+    kept = draft_tree(drafter, None, ANCHOR, TreePolicy([3, 3, 3], 3, 7, rerank=True), greedy, 3)
+    assert sorted(_paths(kept)[1:]) == sorted(_paths(whole)[v] for v in best)
+    assert max(kept.depths) > max(draft_tree(drafter, None, ANCHOR, TreePolicy([3, 3, 3], 3, 7), greedy, 3).depths)
+    for seed in range(3):
+        a, b = (draft_tree(drafter, None, ANCHOR, TreePolicy([3, 3, 3], 3, 7, rerank=r), sampled, 3,
+                           torch.Generator().manual_seed(seed)) for r in (True, False))
+        assert (a.tokens, a.parents) == (b.tokens, b.parents)

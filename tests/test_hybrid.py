@@ -308,8 +308,8 @@ class CountingDrafter:
     def init_state(self, batch_size=1):
         return self.inner.init_state(batch_size)
 
-    def extend_context(self, state, features, last_hidden):
-        return self.inner.extend_context(state, features, last_hidden)
+    def extend_context(self, state, features, last_hidden, token_ids=None):
+        return self.inner.extend_context(state, features, last_hidden, token_ids)
 
     def propose(self, state, anchor_ids):
         self.lengths.append(state.length)

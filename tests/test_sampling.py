@@ -184,7 +184,20 @@ def test_decoder_samples_the_target_distribution(small, mode, params, penalty):
     """Tokens 2 and 3 come out of the draft/verify rounds (token 1 from the prefill); their joint law must be
     the target's, with temperature, top-p and top-k applied alike to draft and target, and the target's
     repetition penalty (a generation_config rule plain `generate` applies) over each node's own context."""
-    target, drafter = small
+    _samples_the_target_distribution(*small, mode, params, penalty)
+
+
+def test_eagle3_drafting_samples_the_target_distribution(small):
+    """The same with an EAGLE-3 drafter's tree: every node's children drawn from its own path's distribution."""
+    from dspark_train.config import DrafterConfigSection
+    from dspark_train.drafters import build_drafter
+    target, _ = small
+    torch.manual_seed(0)
+    drafter = build_drafter(DrafterConfigSection(kind="eagle3", block_size=3), target).eval()
+    _samples_the_target_distribution(target, drafter, "tree", SamplingParams(0.8, top_p=0.9, top_k=8), 1.0)
+
+
+def _samples_the_target_distribution(target, drafter, mode, params, penalty):
     prompt = [5, 9, 4, 12, 7]
     joint = _exact_joint(target, prompt, params, penalty).sum(0)
     policy = TreePolicy([3, 2, 2], beam=3, node_budget=12) if mode == "tree" else None

@@ -231,3 +231,70 @@ def test_mask_row_for_smollm2_is_a_spare_special_token():
     tok = AutoTokenizer.from_pretrained(path)
     assert sp.pick_mask_token_id(tok, 49152) == 16 and tok.convert_ids_to_tokens(16) == "<empty_output>"
     assert sp.pick_mask_token_id(tok, 49152 + 64) == 49152 + 63  # a padded table: a row past the tokenizer
+
+
+# --------------------------------------------------------------------------- EAGLE-3
+def test_eagle3_export_names_shapes_and_config(tmp_path, tiny_recipe, tiny_target):
+    """The list below is written from speculators' Eagle3DraftModel / Qwen3DecoderEagle3FirstLayer and vLLM's
+    Eagle3Qwen3ForCausalLM (2d-wide q/k/v, hidden_norm, lm_head over the draft vocabulary, d2t/t2d), not from
+    dspark_train.artifacts.speculators. That speculators' class computes our logits from these files is
+    `make engine-check`'s (tests/test_engine_check.py)."""
+    run, d = make_run(tmp_path, tiny_recipe, tiny_target, vocab=VOCAB, kind="eagle3", num_layers=1)
+    out = export_speculators(run, tmp_path / "spec", target=tiny_target)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    V, d_, hd, vd = tiny_target.vocab_size, 64, 16, len(VOCAB)
+    layers = sorted(tiny_target.feature_layers)
+    p = "layers.0."
+    want = {"fc.weight": (d_, len(layers) * d_), "norm.weight": (d_,), "embed_tokens.weight": (V, d_),
+            "lm_head.weight": (vd, d_), "d2t": (vd,), "t2d": (V,),
+            p + "input_layernorm.weight": (d_,), p + "hidden_norm.weight": (d_,),
+            p + "self_attn.q_proj.weight": (4 * hd, 2 * d_), p + "self_attn.k_proj.weight": (2 * hd, 2 * d_),
+            p + "self_attn.v_proj.weight": (2 * hd, 2 * d_), p + "self_attn.o_proj.weight": (d_, 4 * hd),
+            p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+            p + "post_attention_layernorm.weight": (d_,), p + "mlp.gate_proj.weight": (128, d_),
+            p + "mlp.up_proj.weight": (128, d_), p + "mlp.down_proj.weight": (d_, 128)}
+    assert shapes == want  # no confidence head: not in the format
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert "model_type" not in cfg and cfg["speculators_model_type"] == "eagle3"
+    assert cfg["architectures"] == ["Eagle3Speculator"] and cfg["speculators_config"]["algorithm"] == "eagle3"
+    assert cfg["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == GAMMA
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == layers and cfg["draft_vocab_size"] == vd
+    assert not any(cfg[k] for k in ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output"))
+    tl = cfg["transformer_layer_config"]
+    assert tl["model_type"] == "qwen3" and tl["num_hidden_layers"] == 1 and tl["vocab_size"] == V
+    assert "mask_token_id" not in cfg and "block_size" not in cfg
+
+    t = load_file(out / "model.safetensors")
+    target_ids = torch.arange(vd) + t["d2t"]
+    assert target_ids.tolist() == sorted(VOCAB) and t["t2d"].sum() == vd and t["t2d"][target_ids].all()
+    assert torch.equal(t["lm_head.weight"], tiny_target.lm_head.weight[target_ids])
+    assert torch.equal(t["embed_tokens.weight"], tiny_target.embed_tokens.weight)
+    sd = d.state_dict()
+    assert torch.equal(t[p + "hidden_norm.weight"], sd[p + "hidden_norm.weight"])
+    assert torch.equal(t[p + "input_layernorm.weight"], sd[p + "attn_norm.weight"])  # the embedding's norm
+    assert torch.equal(t[p + "self_attn.q_proj.weight"], sd[p + "attn.q_proj.weight"])  # [embedding ; hidden]
+    sp.check_tensors(cfg, shapes)  # our completeness check agrees with the list above
+
+    # without q/k norms the layer is a Llama one, which both engines run
+    run2, _ = make_run(tmp_path / "llama", tiny_recipe, tiny_target, kind="eagle3", num_layers=1, qk_norm=False)
+    out2 = export_speculators(run2, tmp_path / "spec-llama", target=tiny_target)
+    cfg2 = json.loads((out2 / "config.json").read_text())
+    assert cfg2["transformer_layer_config"]["model_type"] == "llama"
+    assert not any("q_norm" in k for k in load_file(out2 / "model.safetensors"))
+
+
+def test_eagle3_export_refuses_what_the_format_cannot_express(tmp_path, tiny_recipe, tiny_target):
+    def why(**kw):
+        return sp.refusal(DrafterConfig(**{"kind": "eagle3", "feature_layers": [1, 3], **kw}))
+
+    assert why() is None and why(qk_norm=False) is None  # without q/k norms: a Llama layer
+    assert "repeat" in why(feature_layers=[1, 1])
+    assert "hidden-state indices" in why(feature_layers=[1, 6], target_fingerprint={"num_hidden_layers": 6})
+    run, _ = make_run(tmp_path, tiny_recipe, tiny_target, kind="eagle3", num_layers=1)
+    with pytest.raises(sp.FormatError, match="an eagle3 drafter has no MASK"):
+        export_speculators(run, tmp_path / "spec", target=tiny_target, mask_token_id=3)
+    out = export_speculators(run, tmp_path / "spec", target=tiny_target)
+    with pytest.raises(sp.FormatError, match="eagle3"):  # written for the engines, not read back
+        sp.load_speculators(out)

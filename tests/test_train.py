@@ -193,6 +193,49 @@ def test_zero3_two_ranks_resume_from_one_process(reference, repo, tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
+EAGLE3 = ["drafter.kind=eagle3", "train.max_steps=20", "train.eval_every=20", "train.checkpoint_every=10"]
+
+
+@pytest.fixture(scope="module")
+def eagle3_run(repo, tmp_path_factory):
+    """An EAGLE-3 drafter trained by the same trainer: 20 steps of batch 2, checkpoints at 10 and 20."""
+    out = tmp_path_factory.mktemp("eagle3") / "run"
+    return out, _train(repo, out, *EAGLE3, "train.batch_size=2")
+
+
+def test_eagle3_trains_and_resumes(eagle3_run, repo, tmp_path):
+    """kind eagle3 through the whole trainer (its feature layers, the DSpark loss on its unrolled steps, the
+    draft vocabulary, checkpoints, the final save); its step-10 checkpoint resumes into the same losses."""
+    run, log = eagle3_run
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, 21)) and losses[20]["train/loss"] < 0.9 * losses[1]["train/loss"]
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert config["kind"] == "eagle3" and config["feature_layers"] == [2, 3]  # EAGLE-3's (2, L//2, L-3), L = 6
+    from dspark_train.drafters import Drafter
+    from dspark_train.target import load_target
+    target = load_target(load_recipe(run / "recipe.yaml").target)
+    assert target.feature_layers == [2, 3]
+    assert Drafter.from_pretrained(run / "final").attach_target(target).config.draft_vocab_size == 256
+    out = tmp_path / "resumed"
+    _resume_from(run, out, 10)
+    log = _train(repo, out, *EAGLE3, "train.batch_size=2")
+    assert f"resuming from {out / 'checkpoints' / 'step-000010'}" in log
+    resumed = _losses(out)
+    for s in range(11, 21):
+        assert resumed[s]["train/loss"] == pytest.approx(losses[s]["train/loss"], rel=1e-5, abs=1e-7), s
+
+
+@pytest.mark.slow
+def test_eagle3_zero2_two_ranks_match_one_process(eagle3_run, repo, tmp_path):
+    """2 ranks × batch 1 under ZeRO-2 (+ target ZeRO-3) train EAGLE-3 as 1 rank × batch 2 does."""
+    ref = _losses(eagle3_run[0])
+    out = tmp_path / "z2"
+    assert "DeepSpeed" in _train(repo, out, *EAGLE3, "train.batch_size=1", launch="zero2")
+    for s, r in _losses(out).items():
+        assert len(r["train/rank_tokens"]) == 2 and r["train/tokens"] == ref[s]["train/tokens"]
+        assert r["train/loss"] == pytest.approx(ref[s]["train/loss"], rel=1e-4), s
+
+
 CACHE = ["data.feature_cache=bfloat16", "train.batch_size=2", "train.checkpoint_every=10"]
 
 

@@ -17,6 +17,7 @@ from ..hardware import Capabilities
 from ..layout import CALIBRATION, CONFIG, EVAL, RECIPE, REPORT_JSON, TRAIN_SUMMARY, WEIGHTS, ArtifactError
 
 
+KIND_NAMES = {"medusa": "Medusa", "eagle3": "EAGLE-3"}
 HEAD_NAMES = {"markov": "DSpark (Markov head)", "rnn": "DSpark (RNN head)",
               "none": "DFlash (parallel block, no sequential head)"}
 
@@ -65,8 +66,8 @@ def _front_matter(config: dict, recipe: dict) -> dict:
     meta["pipeline_tag"] = "text-generation"
     meta["license"] = (recipe.get("export") or {}).get("license") or "apache-2.0"
     tags = ["dspark-train", "speculative-decoding", "drafter",
-            "medusa" if kind == "medusa" else ("dflash" if head == "none" else "dspark")]
-    if kind != "medusa" and head and head != "none":
+            kind if kind in KIND_NAMES else ("dflash" if head == "none" else "dspark")]
+    if kind not in KIND_NAMES and head and head != "none":
         tags.append(f"{head}-head")
     meta["tags"] = tags
     hub = data.get("prompts_hub_id") or []
@@ -120,7 +121,7 @@ def render_model_card(config: dict, recipe: dict, calibration: Optional[dict] = 
     fp = config.get("target_fingerprint") or {}
     recipe = recipe or {}
     target_id = fp.get("model_id", "the target")
-    kind = "Medusa" if config.get("kind") == "medusa" else HEAD_NAMES.get(config.get("head"), "DSpark")
+    kind = KIND_NAMES.get(config.get("kind")) or HEAD_NAMES.get(config.get("head"), "DSpark")
     gamma = config.get("block_size")
     where = repo_id or (recipe.get("export") or {}).get("repo_id") or "path/to/artifact"
     front = yaml.safe_dump(_front_matter(config, recipe), sort_keys=False, allow_unicode=True)
@@ -139,7 +140,8 @@ def render_model_card(config: dict, recipe: dict, calibration: Optional[dict] = 
     lines += [f"| {k} | `{_fmt(fp.get(k))}` |" for k in FINGERPRINT_FIELDS if k in fp]
     if _is_hub_id(target_id):
         imports = ["from dspark_train.config import TargetConfig"]
-        make_target = f"target = load_target(TargetConfig(model={target_id!r}))"
+        layers = f", feature_layers={list(fp['feature_layers'])}" if fp.get("feature_layers") else ""
+        make_target = f"target = load_target(TargetConfig(model={target_id!r}{layers}))"  # the drafter's layers
     else:  # not a Hub model: the recipe the drafter was trained with says how to build the target
         imports = ["from dspark_train.runrecord import read_run"]
         make_target = f"target = load_target(read_run({where!r}).target)"

@@ -17,7 +17,7 @@ from typing import Optional
 
 from .reader import ARTIFACT_FILES, CARD, load_artifact, resolve_artifact
 from ..drafters.loading import check_fingerprint, check_safetensors, load_drafter, recorded_fingerprint
-from . import speculators
+from . import speculators, speculators_eagle3
 from .card import render_model_card
 from ..policy.calibration import read_calibration
 from ..config import RecipeError
@@ -103,6 +103,22 @@ def _write_dir(out: Path, fill) -> Path:
     return out
 
 
+def _mask_row(c, target, mask_token_id: Optional[int]) -> int:
+    """The embedding row that holds MASK in the export: the frozen one the drafter was trained with, or a spare
+    row for a learned MASK (given, or picked)."""
+    if c.mask_token_id is not None:
+        if mask_token_id not in (None, c.mask_token_id):
+            raise speculators.FormatError(f"--mask-token-id {mask_token_id}: the drafter was trained with the "
+                                          f"frozen row {c.mask_token_id} as MASK")
+        return c.mask_token_id
+    if mask_token_id is None:
+        mask_token_id = speculators.pick_mask_token_id(target.tokenizer, c.vocab_size)
+    if not 0 <= mask_token_id < c.vocab_size:
+        raise speculators.FormatError(f"--mask-token-id {mask_token_id}: outside the vocabulary "
+                                      f"0..{c.vocab_size - 1}")
+    return mask_token_id
+
+
 @holds_lock(lambda src, out, *a, **k: out, "dspark export")
 def export_speculators(src: str | Path, out: str | Path, target=None, mask_token_id: Optional[int] = None,
                        force: bool = False) -> Path:
@@ -126,22 +142,18 @@ def export_speculators(src: str | Path, out: str | Path, target=None, mask_token
     if target is None:
         target = load_target(target_of(root))
     check_fingerprint(drafter, target)
-    if c.mask_token_id is not None:
-        if mask_token_id not in (None, c.mask_token_id):
-            raise speculators.FormatError(f"--mask-token-id {mask_token_id}: the drafter was trained with the "
-                                          f"frozen row {c.mask_token_id} as MASK")
-        mask_token_id = c.mask_token_id
-    elif mask_token_id is None:
-        mask_token_id = speculators.pick_mask_token_id(target.tokenizer, c.vocab_size)
-    if not 0 <= mask_token_id < c.vocab_size:
-        raise speculators.FormatError(f"--mask-token-id {mask_token_id}: outside the vocabulary "
-                                      f"0..{c.vocab_size - 1}")
     fp = c.target_fingerprint or {}
-    cfg = speculators.speculators_config(
-        drafter, getattr(target.config.get_text_config(), "max_position_embeddings", 32768), mask_token_id,
-        fp.get("model_id") or target.name)
-    tensors = speculators.speculators_tensors(drafter, target.embed_tokens.weight, target.lm_head.weight,
-                                              mask_token_id)
+    max_pos = getattr(target.config.get_text_config(), "max_position_embeddings", 32768)
+    if c.kind == "eagle3":  # no MASK: the layer drafts token by token
+        if mask_token_id is not None:
+            raise speculators.FormatError(f"--mask-token-id {mask_token_id}: an eagle3 drafter has no MASK")
+        cfg = speculators_eagle3.eagle3_config(drafter, max_pos, fp.get("model_id") or target.name)
+        tensors = speculators_eagle3.eagle3_tensors(drafter, target.embed_tokens.weight, target.lm_head.weight)
+    else:
+        mask_token_id = _mask_row(c, target, mask_token_id)
+        cfg = speculators.speculators_config(drafter, max_pos, mask_token_id, fp.get("model_id") or target.name)
+        tensors = speculators.speculators_tensors(drafter, target.embed_tokens.weight, target.lm_head.weight,
+                                                  mask_token_id)
     speculators.check_tensors(cfg, {k: tuple(v.shape) for k, v in tensors.items()})
 
     def fill(tmp: Path) -> None:

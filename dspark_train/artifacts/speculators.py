@@ -32,6 +32,8 @@ Facts this module relies on, read in the sources of speculators 0.9.0 and vllm-c
   `--sliding-window-non-causal` or `--full-attention-indices` is given, causal inside the block. Our drafter's
   blocks are bidirectional over the whole context, so the reader refuses a causal or windowed layer instead of
   giving other logits silently.
+
+EAGLE-3 drafters: speculators_eagle3.py writes them (the names checked here).
 """
 from __future__ import annotations
 
@@ -62,10 +64,10 @@ def refusal(config) -> Optional[str]:
     if c.head == "rnn":
         return ("the RNN head has no engine implementation (vLLM's Qwen3 DSpark model has only the vanilla Markov "
                 "head); export a markov or none head")
-    if not c.qk_norm:
+    if not c.qk_norm and c.kind != "eagle3":  # eagle3 without q/k norms is a llama layer, which both engines run
         return ("the engines' draft layers always apply per-head q/k RMSNorm and this drafter was trained without "
                 "it; retrain with drafter.qk_norm=true")
-    why = layout_refusal(layout_fields(c))
+    why = None if c.kind == "eagle3" else layout_refusal(layout_fields(c))
     if why:
         return why
     layers, fp = list(c.feature_layers), c.target_fingerprint or {}
@@ -123,14 +125,20 @@ def layout_refusal(cfg: dict) -> Optional[str]:
     return why + f"; its sample_from_anchor must be {str(trained == 'anchor').lower()}"
 
 
-def _layer_shapes(i: int, d: int, inter: int, nh: int, nkv: int, hd: int) -> dict[str, tuple]:
-    p = f"layers.{i}."
-    return {p + "self_attn.q_proj.weight": (nh * hd, d), p + "self_attn.k_proj.weight": (nkv * hd, d),
-            p + "self_attn.v_proj.weight": (nkv * hd, d), p + "self_attn.o_proj.weight": (d, nh * hd),
-            p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
-            p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
-            p + "mlp.down_proj.weight": (d, inter),
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)}
+def _layer_shapes(i: int, d: int, inter: int, nh: int, nkv: int, hd: int, eagle3: bool = False,
+                  qk_norm: bool = True) -> dict[str, tuple]:
+    """A draft layer's tensors; EAGLE-3's first layer reads [embedding ; hidden] (2d) and has a hidden_norm."""
+    p, n = f"layers.{i}.", 2 * d if eagle3 else d
+    out = {p + "self_attn.q_proj.weight": (nh * hd, n), p + "self_attn.k_proj.weight": (nkv * hd, n),
+           p + "self_attn.v_proj.weight": (nkv * hd, n), p + "self_attn.o_proj.weight": (d, nh * hd),
+           p + "mlp.gate_proj.weight": (inter, d), p + "mlp.up_proj.weight": (inter, d),
+           p + "mlp.down_proj.weight": (d, inter),
+           p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)}
+    if qk_norm:
+        out.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+    if eagle3:
+        out[p + "hidden_norm.weight"] = (d,)
+    return out
 
 
 def expected_tensors(cfg: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
@@ -141,15 +149,23 @@ def expected_tensors(cfg: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
     d, V = tl["hidden_size"], tl["vocab_size"]
     hd = tl.get("head_dim") or d // tl["num_attention_heads"]
     vd = cfg.get("draft_vocab_size") or V
+    eagle3 = cfg.get("speculators_model_type") == "eagle3"
     req: dict[str, tuple] = {}
     for i in range(tl["num_hidden_layers"]):
         req.update(_layer_shapes(i, d, tl["intermediate_size"], tl["num_attention_heads"],
-                                 tl["num_key_value_heads"], hd))
+                                 tl["num_key_value_heads"], hd, eagle3 and i == 0, tl.get("model_type") != "llama"))
     th = cfg.get("target_hidden_size") or d
-    req.update({"fc.weight": (d, len(cfg["aux_hidden_state_layer_ids"]) * th), "hidden_norm.weight": (d,),
-                "norm.weight": (d,)})
+    # eagle3 without layer ids: speculators' default of three
+    aux = cfg.get("eagle_aux_hidden_state_layer_ids" if eagle3 else "aux_hidden_state_layer_ids") or [0, 0, 0]
+    req.update({"fc.weight": (d, len(aux) * th), "norm.weight": (d,)})
+    if not eagle3:
+        req["hidden_norm.weight"] = (d,)
     opt = {"embed_tokens.weight": (V, d), "t2d": (V,)}
-    if vd < V:
+    if eagle3:  # speculators leaves a missing lm_head NaN and a missing embed_tokens random: both shipped
+        req.update({"lm_head.weight": (vd, d), "embed_tokens.weight": (V, d)})
+        if vd < V:
+            req["d2t"] = (vd,)
+    elif vd < V:
         req.update({"lm_head.weight": (vd, d), "d2t": (vd,)})
     else:
         opt["lm_head.weight"] = (vd, d)
@@ -176,7 +192,7 @@ def check_tensors(cfg: dict, shapes: dict[str, tuple], where: str = WEIGHTS) -> 
 
 
 # --------------------------------------------------------------------------- export
-def _vocab(drafter):
+def export_vocab(drafter):
     """Sorted target ids of the draft vocabulary and our draft index of each (None, None: full vocabulary)."""
     if drafter.d2t is None:
         return None, None
@@ -234,7 +250,7 @@ def speculators_tensors(drafter, embed: torch.Tensor, lm: torch.Tensor, mask_tok
             for ours, theirs in names.items():
                 k = k.replace(ours, theirs, 1) if ours in k else k
             out[k] = v
-    ids, order_d = _vocab(drafter)
+    ids, order_d = export_vocab(drafter)
     if ids is not None:
         out["d2t"] = ids - torch.arange(ids.numel(), device=ids.device)
         t2d = torch.zeros(c.vocab_size, dtype=torch.bool, device=ids.device)
@@ -321,6 +337,9 @@ def load_speculators(path: str | Path):
         kind, tl = cfg["speculators_model_type"], cfg["transformer_layer_config"]
     except (OSError, ValueError, KeyError) as e:
         raise FormatError(f"{path / CONFIG}: not a speculators config ({type(e).__name__}: {e})") from None
+    if kind == "eagle3":
+        raise FormatError(f"{path / CONFIG}: an eagle3 export is for the engines; dspark-train reads the eagle3 "
+                          "artifact it was exported from (dspark export --format dspark)")
     if kind not in ("dspark", "dflash") or cfg.get("markov_head_type", "vanilla") != "vanilla":
         raise FormatError(f"{path / CONFIG}: {kind} / markov_head_type {cfg.get('markov_head_type')} is not a "
                           "drafter dspark-train reads (dspark with a vanilla Markov head, or dflash)")

@@ -166,7 +166,9 @@ class SpeculativeDecoder:
         maps = calibrated.maps if calibrated is not None else None
         self.policies = {
             "chain": TreePolicy.chain(gamma, conf_threshold, maps),
-            "tree": tree or TreePolicy([3] + [2] * (gamma - 1), beam=4, node_budget=16, maps=maps),
+            # an autoregressive drafter (EAGLE-3) pays per depth, not per node: greedy reranks its beam tree (EAGLE-2)
+            "tree": tree or TreePolicy([3] + [2] * (gamma - 1), beam=4, node_budget=16, maps=maps,
+                                       rerank=drafter is not None and drafter.config.kind == "eagle3"),
         }
         self.calibration, self.retune = calibration, retune
         self.adaptive_info: Optional[dict] = None  # where the adaptive policy came from (adaptive_policy())
@@ -288,7 +290,7 @@ class SpeculativeDecoder:
         state = None
         if drafter is not None:
             state = drafter.init_state(batch_size=1)
-            drafter.extend_context(state, out.features, out.last_hidden)
+            drafter.extend_context(state, out.features, out.last_hidden, prompt)
         first = tgt.logits(out.last_hidden[0, -1])
         if penalty is not None:
             first = penalty.apply(first)
@@ -338,7 +340,8 @@ class SpeculativeDecoder:
             rnd.committed = (end or len(tokens)) - start
             t3 = self._now()
             if end is None and drafter is not None:  # also after rounds that skipped the drafter
-                drafter.extend_context(state, out.features[:, path], out.last_hidden[:, path])
+                drafter.extend_context(state, out.features[:, path], out.last_hidden[:, path],
+                                       torch.tensor([[tree.tokens[i] for i in path]], device=dev))
             t_ext = self._now()
             if end is None and hyb is not None:
                 hyb.commit(tree, path, tokens[start:])
@@ -430,7 +433,8 @@ class SpeculativeDecoder:
             st = None
             if drafter is not None:
                 st = drafter.init_state(batch_size=1)
-                drafter.extend_context(st, out.features[r:r + 1, :lens[r]], out.last_hidden[r:r + 1, :lens[r]])
+                drafter.extend_context(st, out.features[r:r + 1, :lens[r]], out.last_hidden[r:r + 1, :lens[r]],
+                                       ids[r:r + 1, :lens[r]].to(dev))
             states.append(st)
             first = tgt.logits(out.last_hidden[r, lens[r] - 1])
             if penalties[r] is not None:
@@ -507,7 +511,8 @@ class SpeculativeDecoder:
                 slots.append(list(range(int(ctx[i]))) + [S + j for j in path])
                 if drafter is not None:
                     te = self._now()
-                    drafter.extend_context(states[r], out.features[i:i + 1, path], out.last_hidden[i:i + 1, path])
+                    drafter.extend_context(states[r], out.features[i:i + 1, path], out.last_hidden[i:i + 1, path],
+                                           ids[i:i + 1, path].to(dev))
                     t_ext += self._now() - te
             if survivors:
                 L = max(map(len, slots))

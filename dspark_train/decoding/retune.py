@@ -49,7 +49,7 @@ def measure_draft_seconds(target, drafter, width: int, context: int = 64, repeat
     ids = torch.randint(0, target.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(dev)
     out = target.forward_features(ids)
     state = drafter.init_state(batch_size=1)
-    drafter.extend_context(state, out.features, out.last_hidden)
+    drafter.extend_context(state, out.features, out.last_hidden, ids)
     gamma = drafter.config.block_size
     probe = TreePolicy([width] * gamma, beam=1, node_budget=width * gamma)
     greedy = SamplingParams(0.0, 1.0, 0)
@@ -59,7 +59,7 @@ def measure_draft_seconds(target, drafter, width: int, context: int = 64, repeat
         sync()
         t0 = time.perf_counter()
         draft_tree(drafter, state, int(ids[0, -1]), probe, greedy, gamma)
-        drafter.extend_context(state, out.features[:, -1:], out.last_hidden[:, -1:])
+        drafter.extend_context(state, out.features[:, -1:], out.last_hidden[:, -1:], ids[:, -1:])
         sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[warmup:])

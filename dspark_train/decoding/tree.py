@@ -36,7 +36,10 @@ DRAFTER, COPY = 1, 2  # node sources (bits): proposed by the drafter, by the cop
 @dataclass
 class TreePolicy:
     """Per-round drafting shape. `widths[k]` = candidates for slot k under each expanded node (its length caps
-    the depth); `beam` = nodes expanded per depth (highest path draft probability first)."""
+    the depth); `beam` = nodes expanded per depth (highest path draft probability first). `rerank` (EAGLE-2's
+    dynamic tree, for autoregressive drafters whose depths cost a forward each, not their width): greedy drafts
+    the whole beam tree and keeps the `node_budget` nodes of highest path draft probability; sampling ignores it
+    and spends the budget depth by depth while drafting (a value-dependent cut would break exactness)."""
 
     widths: list[int]
     beam: int = 1
@@ -44,6 +47,7 @@ class TreePolicy:
     maps: Optional[list[SlotMap]] = None  # calibration map per slot for the confidence logits (None: raw σ)
     depth_threshold: float = 0.0  # a node gets children only if calibrated survival through their slot ≥ this
     width_threshold: Optional[float] = None  # if set: widths[k] candidates only where top draft prob < this, else 1
+    rerank: bool = False
 
     @classmethod
     def chain(cls, depth: int, conf_threshold: float = 0.0, maps: Optional[list[SlotMap]] = None) -> "TreePolicy":
@@ -182,8 +186,9 @@ def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: Sampling
     t = clock()
     block = drafter.propose(state, torch.tensor([anchor], device=device))
     tree.t_propose = clock() - t
-    depth = min(depth, block.draft_logits.shape[1])
+    depth = min(depth, block.depth)
     keep = keep_dists or not params.greedy
+    rerank = policy.rerank and params.greedy
     d2t = drafter.draft_vocab  # draft id -> target id (None: the same)
     frontier, surv, score, head_state = [0], [1.0], [1.0], None
     for k in range(depth):
@@ -197,7 +202,7 @@ def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: Sampling
         top = top_q.tolist()
         want = policy.widths[k]
         support = (probs > 0).sum(dim=-1).tolist() if want > 1 else [1] * len(frontier)
-        left = policy.node_budget - (len(tree) - 1)
+        left = float("inf") if rerank else policy.node_budget - (len(tree) - 1)
         widths = []
         child_surv = [surv[f] * policy.confidence(k, conf_k[f]) for f in range(len(frontier))]
         rule = child_widths(want, top, child_surv, policy.width_threshold, policy.depth_threshold).tolist()
@@ -228,7 +233,18 @@ def draft_tree(drafter, state, anchor: int, policy: TreePolicy, params: Sampling
         surv = [g[3] for g in grown]
         if head_state is not None:
             head_state = head_state[:, torch.tensor([g[2] for g in grown], device=head_state.device)]
+    if rerank and len(tree) - 1 > policy.node_budget:
+        return tree.subset(most_probable(tree, policy.node_budget), ())
     return tree
+
+
+def most_probable(tree: DraftTree, n: int) -> list[int]:
+    """The n nodes of highest path draft probability (ties: created first), the anchor excluded. Closed under
+    parents: a path's probability never exceeds its parent's, and a parent is created before its children."""
+    path = [1.0] * len(tree)
+    for v in range(1, len(tree)):
+        path[v] = path[tree.parents[v]] * tree.draft_probs[v]
+    return sorted(range(1, len(tree)), key=lambda v: (-path[v], v))[:n]
 
 
 def accept_greedy(tree: DraftTree, target_logits: torch.Tensor) -> tuple[list[int], int]:

@@ -1,4 +1,4 @@
-"""Drafters: DSpark (parallel backbone + Markov/RNN/no sequential head + confidence head) and Medusa."""
+"""Drafters: DSpark (parallel backbone + Markov/RNN/no sequential head + confidence head), Medusa and EAGLE-3."""
 from transformers import AutoConfig, AutoModel
 
 from .config import DrafterConfig

@@ -12,7 +12,8 @@ FINGERPRINT_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "feature_l
 
 
 class DrafterConfig(PretrainedConfig):
-    """kind "dspark" (head "markov" | "rnn" | "none" = DFlash) or "medusa" (block_size independent heads).
+    """kind "dspark" (head "markov" | "rnn" | "none" = DFlash), "medusa" (block_size independent heads) or "eagle3"
+    (one autoregressive decoder layer, drafters/eagle3.py; head "none", block_size = the unrolled training steps).
 
     `block_size` = γ draft tokens per block. `sample_from_anchor` (the speculators name) picks the slot layout:
     true: γ slots [x0, MASK…], slot k predicts draft token k+1 (DSpark/DeepSpec); false: γ+1 slots, the anchor
@@ -40,8 +41,8 @@ class DrafterConfig(PretrainedConfig):
             raise ValueError(f"num_attention_heads {num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {num_key_value_heads}")
         self.kind = kind
-        self.head = "none" if kind == "medusa" else head
-        self.num_layers = num_layers if kind == "dspark" else 0
+        self.head = head if kind == "dspark" else "none"
+        self.num_layers = {"dspark": num_layers, "medusa": 0, "eagle3": 1}[kind]
         self.block_size = block_size
         self.head_rank = head_rank
         self.hidden_size = hidden_size
@@ -58,8 +59,8 @@ class DrafterConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.target_fingerprint = target_fingerprint
         self.format_version = format_version
-        self.qk_norm = bool(qk_norm) and kind == "dspark"  # Medusa has no attention layers
-        self.sample_from_anchor = bool(sample_from_anchor) or kind == "medusa"
+        self.qk_norm = bool(qk_norm) and kind != "medusa"  # Medusa has no attention layers
+        self.sample_from_anchor = bool(sample_from_anchor) or kind != "dspark"
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

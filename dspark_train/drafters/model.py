@@ -1,4 +1,5 @@
-"""The drafter: context projection, parallel backbone, sequential head, confidence head; Medusa as a flag.
+"""The drafter: context projection, parallel backbone, sequential head, confidence head; Medusa as a flag, and
+EAGLE-3 (kind eagle3) dispatched to drafters/eagle3.py, whose layer drafts token by token instead of in blocks.
 
 Shapes: B batch, T tokens, A anchors per sequence, γ = block_size draft tokens, d hidden, r head rank,
 V target vocabulary, Vd draft vocabulary (V unless pruned). Draft k (0-based) of the block for anchor p
@@ -22,10 +23,11 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 
 from ..config import DrafterConfigSection
-from ..target import default_feature_layers
+from . import eagle3
 from .config import FINGERPRINT_KEYS, DrafterConfig
 from .init import init_from_target
-from .rope import rope_tables, rotate
+from .layers import DrafterLayer, Eagle3Layer
+from .rope import rope_tables
 
 
 @dataclass
@@ -44,6 +46,7 @@ class DraftState:
     # slots where `propose` writes the block's own K/V, so attention reads one view without a concat.
     kv: Optional[torch.Tensor] = None
     last_hidden: Optional[torch.Tensor] = None  # medusa: [B, d] at position length-1
+    fused: Optional[torch.Tensor] = None  # eagle3: [B, d] fused features at position length-1 (the next step 0's)
 
 
 @dataclass
@@ -58,75 +61,15 @@ class DraftBlock:
         """[B, γ, V] fp32 on the target vocabulary, -inf outside the draft vocabulary (built on use)."""
         return self.draft_logits if self.expand is None else self.expand(self.draft_logits)
 
-
-class Attention(nn.Module):
-    """GQA attention; with `qk_norm`, per-head RMSNorm of q and k before RoPE (Qwen3: what the engines run)."""
-
-    def __init__(self, c: DrafterConfig):
-        super().__init__()
-        self.nh, self.nkv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        d = c.hidden_size
-        self.q_proj = nn.Linear(d, self.nh * self.hd, bias=False)
-        self.k_proj = nn.Linear(d, self.nkv * self.hd, bias=False)
-        self.v_proj = nn.Linear(d, self.nkv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.nh * self.hd, d, bias=False)
-        self.q_norm = nn.RMSNorm(self.hd, eps=c.rms_norm_eps) if c.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.hd, eps=c.rms_norm_eps) if c.qk_norm else None
-
-    def kv(self, x, cos, sin):
-        """[B, L, d] -> K (normed, RoPE applied), V: [B, Hkv, L, hd]. Used for both context and block positions."""
-        B, L, _ = x.shape
-        k = self.k_proj(x).view(B, L, self.nkv, self.hd)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        v = self.v_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)
-        return rotate(k.transpose(1, 2), cos, sin), v
-
-    def forward(self, x, join: Callable, cos, sin, mask=None):
-        """Block queries attend to join(block K, block V) = [context ; block] keys and values."""
-        B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.nh, self.hd)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        q = rotate(q.transpose(1, 2), cos, sin)
-        k, v = join(*self.kv(x, cos, sin))
-        g = self.nh // self.nkv
-        # GQA without repeating K/V: the g query heads of one KV head become g·L query rows of that head.
-        q = q.reshape(B, self.nkv, g * L, self.hd)
-        if mask is not None and g > 1:
-            mask = mask.repeat(1, 1, g, 1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(o.reshape(B, self.nh, L, self.hd).transpose(1, 2).reshape(B, L, self.nh * self.hd))
-
-
-class MLP(nn.Module):
-    def __init__(self, c: DrafterConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DrafterLayer(nn.Module):
-    """Pre-norm block. The context K/V come from the projected context directly (already normed), not x."""
-
-    def __init__(self, c: DrafterConfig):
-        super().__init__()
-        self.attn_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-        self.attn = Attention(c)
-        self.mlp_norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
-        self.mlp = MLP(c)
-
-    def forward(self, x, join, cos, sin, mask=None):
-        x = x + self.attn(self.attn_norm(x), join, cos, sin, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    @property
+    def depth(self) -> int:
+        """Slots a path may take (an eagle3 round, eagle3.Eagle3Round, has the same field)."""
+        return self.draft_logits.shape[1]
 
 
 class Drafter(PreTrainedModel):
-    """DSpark (head markov | rnn | none = DFlash) or Medusa drafter over a frozen target's embedding and LM head.
+    """DSpark (head markov | rnn | none = DFlash), Medusa or EAGLE-3 drafter over a frozen target's embedding and
+    LM head (EAGLE-3: the same weights' layout, its forward and rounds in eagle3.py).
 
     MASK: slots 1..γ-1 take `mask_embed`, a dedicated learned vector (targets rarely have a spare token whose
     frozen embedding could be repurposed), unless `config.mask_token_id` names a token whose frozen
@@ -138,7 +81,7 @@ class Drafter(PreTrainedModel):
     config_class = DrafterConfig
     base_model_prefix = "drafter"
     main_input_name = "features"
-    _no_split_modules = ["DrafterLayer"]
+    _no_split_modules = ["DrafterLayer", "Eagle3Layer"]
 
     def __init__(self, config: DrafterConfig):
         super().__init__(config)
@@ -151,6 +94,10 @@ class Drafter(PreTrainedModel):
             self.layers = nn.ModuleList(DrafterLayer(c) for _ in range(c.num_layers))
             self.norm = nn.RMSNorm(d, eps=c.rms_norm_eps)
             self.mask_embed = nn.Parameter(torch.empty(d)) if c.mask_token_id is None else None
+        elif c.kind == "eagle3":  # drafters/eagle3.py: one autoregressive layer over the fused features
+            self.fc = nn.Linear(len(c.feature_layers) * d, d, bias=False)
+            self.layers = nn.ModuleList([Eagle3Layer(c)])
+            self.norm = nn.RMSNorm(d, eps=c.rms_norm_eps)
         else:  # Medusa: residual SiLU heads on the target's last hidden state, head k = slot k
             self.medusa = nn.ModuleList(nn.Linear(d, d) for _ in range(c.block_size))
         if c.head != "none":
@@ -305,8 +252,11 @@ class Drafter(PreTrainedModel):
         """features [B,T,m·d], last_hidden [B,T,d], input_ids [B,T], anchor_pos [B,A] (-1 = padding).
 
         Teacher forcing: slot k's previous token is input_ids[p+k], its label input_ids[p+k+1]. DSpark ignores
-        last_hidden; Medusa reads only last_hidden[p-1] (anchors must be >= 1) and ignores features.
+        last_hidden; Medusa reads only last_hidden[p-1] (anchors must be >= 1) and ignores features; EAGLE-3 feeds
+        slot k its own output of slot k-1 (eagle3.py's training-time test).
         """
+        if self.config.kind == "eagle3":
+            return self._heads(self.norm(eagle3.hidden_states(self, features, input_ids, anchor_pos)), None)
         return self._heads(*self._block_hidden(features, last_hidden, input_ids, anchor_pos))
 
     def _block_hidden(self, features, last_hidden, input_ids, anchor_pos):
@@ -328,6 +278,8 @@ class Drafter(PreTrainedModel):
         """What `propose` returns at each of the anchors, all in one pass (rows = the B·A blocks, padding
         included): with `head_step` this replays inference drafting at every position of a known text, which
         is how calibration gathers many held-out samples without decoding."""
+        if self.config.kind == "eagle3":
+            return eagle3.round_at(self, features, input_ids, anchor_pos)
         hid, _ = self._block_hidden(features, last_hidden, input_ids, anchor_pos)
         return self._block(hid.flatten(0, 1))
 
@@ -376,9 +328,13 @@ class Drafter(PreTrainedModel):
         state.kv = kv
 
     @torch.no_grad()
-    def extend_context(self, state: DraftState, features, last_hidden) -> DraftState:
-        """Append newly committed positions: project them and cache their per-layer K/V (old ones untouched)."""
+    def extend_context(self, state: DraftState, features, last_hidden, token_ids=None) -> DraftState:
+        """Append newly committed positions: project them and cache their per-layer K/V (old ones untouched).
+        token_ids [B, n], the committed tokens at those positions: EAGLE-3 needs them, the others ignore them."""
         n = last_hidden.shape[1]
+        if self.config.kind == "eagle3":
+            eagle3.extend(self, state, features, token_ids)
+            return state
         if self.config.kind == "medusa":
             state.last_hidden = last_hidden[:, -1]
             state.length += n
@@ -396,7 +352,10 @@ class Drafter(PreTrainedModel):
 
     @torch.no_grad()
     def propose(self, state: DraftState, anchor_ids: torch.Tensor) -> DraftBlock:
-        """One backbone pass for the block [anchor, MASK…] at position state.length -> base logits, hidden."""
+        """One backbone pass for the block [anchor, MASK…] at position state.length -> base logits, hidden.
+        EAGLE-3 has no block pass: this opens its round (eagle3.Eagle3Round) and each head_step drafts."""
+        if self.config.kind == "eagle3":
+            return eagle3.propose(self, state)
         g = self.num_slots
         if self.config.kind == "medusa":
             if state.last_hidden is None:
@@ -429,6 +388,8 @@ class Drafter(PreTrainedModel):
         candidate n passes back as head_state[:, n]. Returned tensors may be expanded views: do not modify them
         in place.
         """
+        if self.config.kind == "eagle3":  # one step of the draft layer per depth, every candidate at once
+            return eagle3.head_step(self, block, k, prev_tokens, head_state, full)
         B, N = prev_tokens.shape
         if self.config.head == "none":
             logits = block.base_logits if full else block.draft_logits
@@ -470,10 +431,9 @@ def build_drafter(section: DrafterConfigSection, target) -> Drafter:
 
 def count_parameters(section: DrafterConfigSection, target_config, num_feature_layers: int = 5) -> int:
     """Trainable parameters of the drafter a recipe section would build, from the target's config alone
-    (built on the meta device: no weights, instant even for 70B-class targets). Honours draft_vocab_size."""
-    t = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
-    cfg = DrafterConfig.from_target(section, target_config, default_feature_layers(t.num_hidden_layers,
-                                                                                   num_feature_layers))
+    (built on the meta device: no weights, instant even for 70B-class targets). Honours draft_vocab_size; only
+    the number of feature layers matters."""
+    cfg = DrafterConfig.from_target(section, target_config, list(range(1, num_feature_layers + 1)))
     cfg.draft_vocab_size = section.draft_vocab_size
     with torch.device("meta"):
         return Drafter(cfg).num_parameters(only_trainable=True)
