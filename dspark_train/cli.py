@@ -136,6 +136,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=unset, help="torch CPU threads")
     p.add_argument("--data-root", default=unset, help="data root (relative to the repo root)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=unset, help="no progress bars")
+    p.add_argument("--concurrency", default=unset, type=_int_list, metavar="R,R,...",
+                   help="decode R requests together at each R (e.g. 1,4,16): speculative decoding with the load-aware "
+                        "scheduler vs batched plain decoding, writes concurrency.{json,md} and a speedup-vs-R plot "
+                        "instead of the one-at-a-time report")
     p.add_argument("--truncate-prompts", action="store_true", default=unset,
                    help="keep the last (window - max-new-tokens) tokens of a prompt too long for the target "
                         "(default: refuse it, naming its length and the window)")
@@ -143,6 +147,13 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 def _comma_list(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def eval_config(args: argparse.Namespace):
@@ -154,8 +165,13 @@ def eval_config(args: argparse.Namespace):
 def cmd_eval(args):
     from .evaluation.evaluate import run_eval
     from .evaluation.lossless import LosslessError
+    cfg = eval_config(args)
     try:
-        run_eval(eval_config(args))
+        if cfg.concurrency:
+            from .evaluation.concurrency import run_concurrency
+            run_concurrency(cfg)
+        else:
+            run_eval(cfg)
     except LosslessError as e:
         print(f"LOSSLESS CHECK FAILED: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -346,3 +346,36 @@ def test_end_to_end_hybrid_reports_sources_next_to_drafter_only(tiny_artifact, t
         assert e["baselines"]["copy-only"]["sources"]["drafter"]["verified"] == 0
     md = (out / "report.md").read_text()
     assert "Accepted draft tokens by source" in md and "drafter-only tok/s" in md
+
+
+def test_concurrency_eval_end_to_end(tiny_artifact, tmp_path, monkeypatch):
+    """[T] 1: `dspark eval --concurrency 1,2,4` decodes the same requests R at a time, speculative (load-aware
+    scheduler, batched drafting) next to our batched plain decoding and transformers' batched generate; per R
+    tokens/s of each, speedup against the faster plain, latency, τ, verified tokens per request per round, the
+    drafter's share; every request's greedy output identical to its one-at-a-time plain decode (fp32)."""
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))  # SPS(B) of the tiny target, 1, 2 and 4 rows
+    out = tmp_path / "conc"
+    rc = cli_main(["eval", str(tiny_artifact), "--benchmarks", "gsm8k", "--n", "3", "--max-new-tokens", "10",
+                   "--dtype", "float32", "--concurrency", "1,2,4", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "concurrency.json").read_text())
+    assert report["concurrency"] == [1, 2, 4] and report["batched_drafting"] is True and report["dtype"] == "float32"
+    assert set(report["sps"]) == {"1", "2", "4"} and report["sps"]["4"]["tokens"] == [4, 8, 12, 16, 20]
+    b = report["benchmarks"]["gsm8k"]
+    assert b["requests"] == 4  # 3 prompts cycled to the largest R
+    for r, e in b["by_concurrency"].items():
+        s = e["speculative"]
+        assert s["lossless"] is True and s["agreement"] == 1.0 and s["divergences"] == [], r
+        assert e["plain"]["agreement"] == 1.0 and e["plain-hf"]["agreement"] == 1.0
+        fastest = max(e["plain"]["tokens_per_s"], e["plain-hf"]["tokens_per_s"])
+        assert e["speedup"] == pytest.approx(s["tokens_per_s"] / fastest)
+        assert s["tokens"] == e["plain"]["tokens"] == e["plain-hf"]["tokens"]  # the same requests, to their stops
+        assert 0 < s["latency_mean_s"] <= s["latency_p90_s"] + 1e-9 and s["tau"] >= 1.0
+        assert s["computed_per_request_round"] >= s["verified_per_request_round"] >= 1.0
+        assert 0 <= s["drafter_share"] < 1 and s["drafted_rounds"] >= 1
+    md = (out / "concurrency.md").read_text()
+    assert "| 4 |" in md and "plain tok/s (ours / hf)" in md
+    assert_tables_well_formed(md)
+    assert (out / "speedup_vs_concurrency.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(RecipeError, match="--concurrency: expected request counts >= 1"):
+        eval_args("--concurrency", "0,4")

@@ -6,8 +6,8 @@ by total variation 0.05 and must reject it, so the sample sizes are shown to det
 import pytest
 import torch
 
-from dspark_train.decoding import (DraftTree, SamplingParams, SPSProfile, SpeculativeDecoder, TreePolicy,
-                                   accept_sampling, load_or_measure_sps, prefix_schedule,
+from dspark_train.decoding import (DraftTree, LoadAwareScheduler, SamplingParams, SPSProfile, SpeculativeDecoder,
+                                   TreePolicy, accept_sampling, load_or_measure_sps, prefix_schedule,
                                    sample_without_replacement, warp)
 from conftest import small_target_and_drafter
 
@@ -194,21 +194,41 @@ def test_decoder_samples_the_target_distribution(small, mode, params):
     assert chi2_pvalue(counts, joint) > P_MIN
 
 
-def test_batched_scheduler_samples_the_target_distribution(small):
-    """Many copies of one prompt in one batch, verify lengths from Algorithm 1: still the target's law."""
+def _linear_sps(per_token: float) -> SPSProfile:
+    """Step time linear in B: 1 + B·per_token seconds."""
+    return SPSProfile([1, 4096], [1 / (1 + per_token), 1 / (1 + 4096 * per_token)])
+
+
+@pytest.mark.parametrize("how,temperature", [("pairs", 1.0), ("columns", 0.7), ("load-aware", 1.0),
+                                             ("load-aware", 0.7)])
+def test_batched_scheduler_samples_the_target_distribution(small, how, temperature):
+    """Many copies of one prompt in one batch, every chain drafted in one batched drafter pass, verify lengths from
+    Algorithm 1: pair by pair (B = Σ tokens, the paper's), column by column (B = the padded forward's tokens), or
+    load-aware (columns, and rounds that skip the drafter when the last rounds' survival says it does not pay):
+    still the target's law."""
     target, drafter = small
     prompt = [5, 9, 4, 12, 7]
-    joint = _exact_joint(target, prompt, SamplingParams(1.0)).sum(0)
+    joint = _exact_joint(target, prompt, SamplingParams(temperature)).sum(0)
     dec = SpeculativeDecoder(target, drafter)
-    sps = SPSProfile([1, 4096], [1 / (1 + 1 / 400), 1 / (1 + 4096 / 400)])  # step time linear in B
     counts = torch.zeros(16, 16)
-    admitted = []
+    admitted, skipped = [], 0
     for seed in range(5):
-        bt = dec.generate_batch([prompt] * 400, 4, temperature=1.0, eos_token_id=[], seed=seed, sps=sps)
+        if how == "pairs":
+            sched = LoadAwareScheduler(_linear_sps(1 / 400), padded=False, draft_cost=lambda r: 0.0)
+        elif how == "columns":
+            sched = LoadAwareScheduler(_linear_sps(1 / 4000), draft_cost=lambda r: 0.0)
+        else:  # drafting costs 0.8 steps: more than the drafts are worth (mean survival .49, .25, .13), so after a
+            # drafted round the next is plain, then one drafted round probes again
+            sched = LoadAwareScheduler(_linear_sps(1 / 4000), draft_cost=lambda r: 0.8, probe_every=1)
+        bt = dec.generate_batch([prompt] * 400, 5, temperature=temperature, eos_token_id=[], seed=seed,
+                                scheduler=sched)
         for tr in bt.requests:
             counts[tr.tokens[1], tr.tokens[2]] += 1
-        admitted += [s["tokens"] - s["requests"] for s in bt.steps]
+        admitted += [s["tokens"] - s["requests"] for s in bt.steps if s["drafted"]]
+        skipped += sum(not s["drafted"] for s in bt.steps)
     assert 0 < max(admitted) and min(admitted) < 400 * drafter.config.block_size  # partial admission
+    if how == "load-aware":
+        assert skipped  # some rounds were plain decoding
     assert_matches(counts.sum(1), joint.sum(1))
     assert chi2_pvalue(counts, joint) > P_MIN
 

@@ -29,6 +29,7 @@ from ..decoding.decoder import MODES
 from ..hardware import AUTO_DTYPES, detect
 from ..layout import (ARTIFACT, CALIBRATION, CONFIG, FINAL, OUTPUTS, RECIPE, REPORT_JSON, REPORT_MD, DataFileError,
                       iter_jsonl, read_json)
+from .expectation import add_tuner_checks
 from .lossless import LosslessError, classify_divergences, verdict
 from .report import (RoundStat, Sample, assemble, fastest_plain, lossless_errors, method_metrics,
                      render_markdown, speedup_over, write_outputs, write_report)
@@ -86,6 +87,9 @@ class EvalConfig:
     data_root: str = DataConfig.root  # benchmark names resolve to <data_root>/eval/<name>.jsonl
     progress: bool = True
     truncate_prompts: bool = False  # keep the last (window - max_new_tokens) tokens of a prompt that does not fit
+    # R values: decode R requests together, speculative vs batched plain (evaluation/concurrency.py); empty: the
+    # one-request-at-a-time eval
+    concurrency: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         def bad(name: str, why: str):
@@ -121,6 +125,8 @@ class EvalConfig:
             bad("prompt_lookup_tokens", f"must be >= 1, got {self.prompt_lookup_tokens}")
         if self.threads is not None and self.threads < 1:
             bad("threads", f"must be >= 1, got {self.threads}")
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.concurrency):
+            bad("concurrency", f"expected request counts >= 1, got {self.concurrency!r}")
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -256,7 +262,8 @@ def decoder_method(decoder: SpeculativeDecoder, cfg: EvalConfig, eos_token_id, h
         out = decoder.generate(prompt, max_new_tokens=max_new_tokens, seed=seed, **sampling)
         # RoundTrace.verified counts the draft nodes; the verify pass also computes the anchor
         return out.tokens, [RoundStat(r.verified + 1, r.n_accepted, max(r.depths, default=0),
-                                      r.by_source() if hybrid else None, r.drafter_skipped) for r in out.rounds]
+                                      r.by_source() if hybrid else None, r.drafter_skipped,
+                                      r.t_draft + r.t_verify + r.t_book) for r in out.rounds]
     return run
 
 
@@ -430,6 +437,7 @@ def build_report(measured: Sequence[Measured], target, drafters: dict[str, dict]
     greedy = cfg.temperature <= 0
     per_drafter = {name: {m.benchmark.name: benchmark_report(m, target, name, baselines, greedy) for m in measured}
                    for name in drafters}
+    add_tuner_checks(per_drafter, measured, drafters, cfg.hybrid and "drafter-only" in baselines)
     caps = detect(target.device.type)
     environment = {"target": target.name, "device": target.device.type, "device_name": caps.name,
                    "machine": caps.to_dict(), "dtype": target.precision.value,
