@@ -176,3 +176,35 @@ def test_long_run_records_a_run_with_its_eval(run, report, tmp_path):
     assert set(data["goals"]) == {"heldout_tau_greedy_ge_2", "drafter_alone_beats_prompt_lookup",
                                   "drafter_share_ge_40pct_gsm8k", "tuner_drafts"}
     assert data["commands"] == ["a test"] and (tmp_path / "long.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_bench_load_writes_the_three_result_files_on_the_tiny_target(run, artifact, tmp_path):
+    """[T]: bench.load's three parts on the tiny run (calibrated first: the temperature part decodes in adaptive
+    mode), each writing its result file with the commands and the CPU, and its goals checked."""
+    import shutil
+
+    from dspark_train.calibration.calibrate import run_calibration
+    quick = ["calibrate.texts=0", "calibrate.prompts=1", "calibrate.measure=false", "calibrate.max_new_tokens=8"]
+    calibrated = tmp_path / "artifact"
+    shutil.copytree(artifact, calibrated)
+    run_calibration(run, overrides=quick, out=calibrated, quiet=True)
+    out = tmp_path / "results"
+    bench("load", calibrated, "--run", run, "--benchmarks", "mbpp", "--concurrency", "1,2", "--n", 2, "--n-sampled", 1,
+          "--max-new-tokens", 6, "--temperatures", "0,1.0", "--calibrations", 2,
+          *[a for s in quick for a in ("--calibrate-set", s)], "--out-dir", out, "--label", "t",
+          env={"DSPARK_CACHE": str(tmp_path / "cache")})
+    files = {p.name for p in out.iterdir()}
+    slug = next(f for f in files if f.startswith("concurrency-")).removeprefix("concurrency-").removesuffix("-t.json")
+    for stem in ("concurrency", "temperature", "calibration-stability"):
+        data = json.loads((out / f"{stem}-{slug}-t.json").read_text())
+        assert data["commands"] and data["cpu"].startswith("cpu: ") and data["goals"], stem
+        assert (out / f"{stem}-{slug}-t.md").read_text().count("Goals:") == 1
+    assert f"concurrency-{slug}-t.png" in files
+    conc = json.loads((out / f"concurrency-{slug}-t.json").read_text())
+    assert conc["report"]["concurrency"] == [1, 2] and "--concurrency 1,2" in conc["commands"][0]
+    temp = json.loads((out / f"temperature-{slug}-t.json").read_text())
+    assert set(temp["table"]["mbpp"]) == {"0.0", "1.0"} and temp["table"]["mbpp"]["0.0"]["tuner"] is not None
+    stab = json.loads((out / f"calibration-stability-{slug}-t.json").read_text())
+    assert [c["loaded"] for c in stab["calibrations"]] == [False, True]
+    assert "(another process busy on one core)" in stab["commands"][1]

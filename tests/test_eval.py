@@ -379,3 +379,26 @@ def test_concurrency_eval_end_to_end(tiny_artifact, tmp_path, monkeypatch):
     assert (out / "speedup_vs_concurrency.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(RecipeError, match="--concurrency: expected request counts >= 1"):
         eval_args("--concurrency", "0,4")
+
+
+def test_the_tuners_expectation_is_reported_next_to_the_measurement():
+    """[T] 5: per dev set, the tuner's expected tokens/s (held-out rounds) and speedup next to the measured ones
+    (decode-only, from each round's measured time), and the cost model applied to the dev set's own rounds."""
+    from dspark_train.evaluation.expectation import compare, tuner_record
+    from dspark_train.evaluation.report import _tuner_table
+
+    cal = {"adaptive": {"node_budget": 4}, "expected": {"adaptive": {"tau": 1.8, "verified": 5.0, "tokens_per_s": 20.0},
+                                                        "plain": {"tau": 1.0, "verified": 1.0, "tokens_per_s": 14.0}},
+           "data": {"tuning": {"round_cost": {"base": 0.01, "per_node": 0.001, "plain": 0.002}}},
+           "cost_profile": {"tokens": [1, 8], "steps_per_s": [10.0, 8.0]}}
+    assert tuner_record({"source": "re-tuned on this machine"}, cal) is None  # no expectation recorded with it
+    record = tuner_record({"source": "calibration.json", "policy": cal["adaptive"]}, cal)
+    rounds = [RoundStat(5, 2, 4, seconds=0.2), RoundStat(5, 0, 4, seconds=0.1)]  # 4 tokens in 0.3 s
+    t = compare(record, rounds, measured_speedup=1.25)
+    assert t["measured_decode_tokens_per_s"] == pytest.approx(4 / 0.3) and t["measured_tau"] == 2.0
+    assert t["expected_over_measured"] == pytest.approx(20.0 / (4 / 0.3)) and t["expected_speedup"] == 20 / 14
+    sps5 = 1 / (0.1 + (5 - 1) / 7 * (1 / 8.0 - 0.1))  # SPS(5): step time interpolated between B = 1 and 8
+    assert t["cost_model_tokens_per_s"] == pytest.approx(4 / (2 * (0.01 + 0.001 * 4 + 1 / sps5)))
+    lines = "\n".join(_tuner_table({"gsm8k": {"tuner": t}}))
+    assert "held-out τ 1.80" in lines and "| gsm8k | 20.0 | 13.3 (2.00) | 1.50 |" in lines
+    assert "1.43× | 1.25× |" in lines
