@@ -271,11 +271,12 @@ def decode_batch(dec, prompts: Sequence[Sequence[int]], max_new_tokens: int, tem
         t1 = dec._now()
         ids, pos, mask = kv.inputs(trees, dev)
         out = tgt.forward_features(ids, attention_mask=mask, position_ids=pos, cache=kv.cache)
-        logits = tgt.logits(out.last_hidden)
+        sizes = [len(tree) for tree in trees]  # the LM head on each row's own tokens only, not on its padding
+        logits = tgt.logits(torch.cat([out.last_hidden[i, :n] for i, n in enumerate(sizes)])).split(sizes)
         t2 = dec._now()
         survivors, kept = [], []
         for i, (r, tree) in enumerate(zip(active, trees)):
-            path, bonus, _ = dec._accept(tree, logits[i, :len(tree)], params, gen, False)
+            path, bonus, _ = dec._accept(tree, logits[i], params, gen, False)
             tr = traces[r]
             start = len(tr.tokens)
             tr.tokens += [tree.tokens[j] for j in path[1:]] + [bonus]
