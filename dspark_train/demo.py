@@ -1,7 +1,9 @@
 """`make demo`: the whole pipeline on the embedded default (SmolLM2-135M-Instruct), on a CPU.
 
 Each stage is the `dspark` command a user would type, printed before it runs; finished stages are reused on a
-rerun. Everything lands under runs/demo/. DEMO_FAST=1 runs a few-minute smoke version (used by one CI test).
+rerun. Everything lands under runs/demo/ of the current directory (`make demo`: the checkout's root). The recipe is
+the shipped one, by name: in a checkout, recipes/smollm2_135m.yaml (its data beside the checkout, ../shared/data).
+DEMO_FAST=1 runs a few-minute smoke version (used by one CI test).
 A stage never outlives the demo (runlock.run_tied): stopped (Ctrl-C, SIGTERM as `make` passes it on, SIGHUP), the
 demo stops the running stage, waits for it and exits 128 + the signal; killed, it takes the stage with it.
 """
@@ -13,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from .config import REPO_ROOT, load_recipe
+from .config import load_recipe
 from .layout import REPORT_JSON, REPORT_MD, WEIGHTS, RunDir, read_json
 from .runlock import run_tied, stop_signals
 
-RECIPE = "recipes/smollm2_135m.yaml"
+RECIPE = "smollm2_135m"
 BENCHMARKS = "gsm8k,mt-bench,humaneval,mbpp"
 SAMPLED = (1.0, 0.7)  # temperatures of the sampled evals beside the greedy one
 
@@ -38,7 +40,7 @@ def run(cmd: list[str]) -> None:
     shown = " ".join(["dspark"] + cmd[3:]) if cmd[1:3] == ["-m", "dspark_train.cli"] else " ".join(cmd)
     print(f"\n$ {shown}", flush=True)
     start = time.perf_counter()
-    rc = run_tied(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=REPO_ROOT, what="the stage")
+    rc = run_tied(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, what="the stage")
     if rc != 0:
         print(f"demo: stage failed (exit {rc}): {shown}", file=sys.stderr)
         raise SystemExit(rc)
@@ -89,16 +91,16 @@ def main() -> int:
 def demo() -> int:
     fast = os.environ.get("DEMO_FAST", "") not in ("", "0")
     run_dir = Path(os.environ.get("DEMO_DIR", "runs/demo-fast" if fast else "runs/demo"))
-    root = run_dir if run_dir.is_absolute() else REPO_ROOT / run_dir
+    root = Path.cwd() / run_dir
     cfg = settings(fast)
     dspark = [sys.executable, "-m", "dspark_train.cli"]
     sets = ["--set", f"train.output_dir={run_dir}"]
     for item in cfg["train"]:
         sets += ["--set", item]
 
-    recipe = load_recipe(REPO_ROOT / RECIPE, [s for s in sets if s != "--set"])
+    recipe = load_recipe(RECIPE, [s for s in sets if s != "--set"])
     conversations = recipe.resolve_data_path(recipe.data.conversations[0]) if recipe.data.conversations else None
-    shown, files = RunDir(run_dir), RunDir(root)  # paths as the user typed them; the same from the repo root
+    shown, files = RunDir(run_dir), RunDir(root)  # paths as the user typed them; the same, absolute
     run(dspark + ["fetch-target", RECIPE])
     if conversations is None or not conversations.is_file():
         print(f"\nno regenerated conversations at {conversations}: regenerating a small set with the target")

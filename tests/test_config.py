@@ -80,3 +80,59 @@ def test_cli_exit_code_2_one_line_no_traceback(tmp_path):
 def test_bare_no_is_a_string_choice(repo):
     r = load_recipe(repo / "recipes" / "tiny.yaml", ["train.mixed_precision=no"])
     assert r.train.mixed_precision == "no"
+
+
+def test_relative_paths_read_beside_the_recipe_and_write_under_the_current_directory(tmp_path, monkeypatch):
+    """[O3] What a recipe reads (data.root, target.config_path, distributed.accelerate_config) resolves against its
+    folder, what a run writes against the current directory, a --set value against the current directory; a copy
+    made elsewhere still finds the shipped accelerate config; the run's recorded recipe reads the same files."""
+    from dspark_train import shipped
+    from dspark_train.config import recipe_to_yaml
+
+    proj, here = tmp_path / "proj", tmp_path / "elsewhere"
+    (proj / "data").mkdir(parents=True)
+    here.mkdir()
+    (proj / "arch.json").write_text("{}")
+    (here / "arch2.json").write_text("{}")
+    recipe = proj / "my.yaml"
+    recipe.write_text("target:\n  config: {hidden_size: 32}\n  config_path: arch.json\ndata:\n  root: data\n"
+                      "train:\n  output_dir: runs/mine\ndistributed:\n  accelerate_config: accelerate/zero2.yaml\n")
+    monkeypatch.chdir(here)
+    r = load_recipe(recipe)
+    assert r.data.root == str((proj / "data").resolve())
+    assert r.resolve_data_path("x.jsonl") == (proj / "data").resolve() / "x.jsonl"
+    assert r.target.config_path == str((proj / "arch.json").resolve())
+    assert r.distributed.accelerate_config == str((shipped.accelerate_dir() / "zero2.yaml").resolve())
+    assert r.resolve_path(r.train.output_dir) == here / "runs" / "mine"
+
+    r2 = load_recipe(recipe, ["data.root=mine", "target.config_path=arch2.json"])
+    assert r2.data.root == str((here / "mine").resolve())
+    assert r2.target.config_path == str((here / "arch2.json").resolve())
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe_to_yaml(r))
+    assert "accelerate_config: accelerate/zero2.yaml\n" in recipe_to_yaml(r)  # shipped: found on any machine
+    again = load_recipe(tmp_path / "run" / "recipe.yaml")
+    for key in ("data.root", "target.config_path", "distributed.accelerate_config"):
+        section, name = key.split(".")
+        assert getattr(getattr(again, section), name) == getattr(getattr(r, section), name), key
+
+    recipe.write_text(recipe.read_text().replace("arch.json", "nope.json"))
+    with pytest.raises(RecipeError, match=f"target.config_path: file not found: nope.json \\(looked in {proj}, "):
+        load_recipe(recipe)
+
+
+def test_a_recipe_argument_is_a_file_or_the_name_of_a_shipped_recipe(tmp_path, monkeypatch, repo):
+    from dspark_train import shipped
+
+    monkeypatch.chdir(tmp_path)
+    by_name = load_recipe("tiny")
+    assert by_name.source == str(shipped.folder() / "tiny.yaml") and load_recipe("tiny.yaml").source == by_name.source
+    # in a checkout the shipped recipes are its recipes/: data from ../shared/data beside it, as before
+    assert shipped.folder().resolve() == (repo / "recipes").resolve()
+    assert by_name.data.root == str((repo / ".." / "shared" / "data").resolve())
+    (tmp_path / "tiny.yaml").write_text(BASE)  # an existing file comes first
+    assert load_recipe("tiny.yaml").source == "tiny.yaml"
+    with pytest.raises(RecipeError, match=r"^nope: recipe file not found, and no shipped recipe of that name "
+                                          r"\(shipped: .*smollm2_135m, .*tiny\)$"):
+        load_recipe("nope")

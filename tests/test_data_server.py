@@ -1,6 +1,5 @@
 """`dspark data --server`: an OpenAI-compatible stub on loopback that answers from the messages it receives and
 misbehaves on demand (429, 500, hangs, malformed bodies, dropped connections, another model, dying mid-run)."""
-import importlib.util
 import json
 import os
 import signal
@@ -441,10 +440,8 @@ def test_ctrl_c_cuts_the_requests_in_flight(make_recipe):
 
 # ------------------------------------------------------------------- make data-server-check's sampled comparison
 def _server_check():
-    spec = importlib.util.spec_from_file_location("data_server_check", REPO / "eval" / "data_server_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import data_server_check
+    return data_server_check
 
 
 class SamplingStub(Stub):

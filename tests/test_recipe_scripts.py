@@ -1,5 +1,7 @@
 """[U] `accelerate launch recipes/x.yaml` works exactly as written: every shipped recipe is plain YAML that Python
-runs as the trainer (dspark_train/recipe_codec.py), on one process and under a 2-process accelerate config."""
+runs as the trainer (dspark_train/recipe_codec.py), on one process and under a 2-process accelerate config.
+[O3] The .pth that registers the codec costs nothing to the environment's other programs: it reads no argument,
+imports nothing at start and survives a leftover `dspark_train/` folder."""
 import os
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import pytest
 import yaml
 
 from dspark_train.config import load_recipe
-from dspark_train.recipe_codec import DECLARATION, SOURCE, is_recipe_script, pth_path
+from dspark_train.recipe_codec import DECLARATION, PTH_LINE, PTH_NAME, SOURCE, is_recipe_script, pth_path
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -28,7 +30,8 @@ def test_every_recipe_is_plain_yaml_and_a_recipe_script(recipe):
 
 
 def test_the_codec_is_registered_at_interpreter_start_and_reads_nothing_else():
-    assert pth_path().is_file(), f"{pth_path()} missing: run `python -m dspark_train.recipe_codec install`"
+    assert pth_path().is_file() and pth_path().read_text() == PTH_LINE, \
+        f"{pth_path()} missing or out of date: run `python -m dspark_train.recipe_codec install` (make setup)"
     probe = ("import sys; from dspark_train.recipe_codec import SOURCE; "
              "print(compile(open(sys.argv[1], 'rb').read(), sys.argv[1], 'exec').co_names)")
     out = subprocess.run([sys.executable, "-c", probe, str(REPO / "recipes" / "tiny.yaml")], capture_output=True,
@@ -38,6 +41,43 @@ def test_the_codec_is_registered_at_interpreter_start_and_reads_nothing_else():
     other = subprocess.run([sys.executable, "-c", "import codecs; print(codecs.lookup('utf-8').name)"],
                            capture_output=True, text=True, env=ENV)
     assert other.stdout.strip() == "utf-8"
+
+
+def _bare_venv(root: Path, *path_entries: Path) -> tuple[Path, Path]:
+    """A fresh venv whose site-packages holds the codec's .pth and, ahead of it, `path_entries` on sys.path; returns
+    (python, site-packages)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
+    python = root / "bin" / "python"
+    purelib = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                  capture_output=True, text=True, check=True).stdout.strip())
+    (purelib / "_paths.pth").write_text("".join(f"{p}\n" for p in path_entries))  # read before dspark_train_…
+    (purelib / PTH_NAME).write_text(PTH_LINE)
+    return python, purelib
+
+
+def test_the_pth_reads_no_argument_and_imports_nothing_until_a_recipe_is_decoded(tmp_path):
+    """The issue's FIFO: `python -c pass pipe.yaml` opened the argument at start and hung; now nothing of the package
+    is imported (or any file read) until Python meets the `dspark-recipe` encoding, and then it decodes."""
+    python, _ = _bare_venv(tmp_path / "venv", REPO)  # dspark_train importable from the checkout
+    os.mkfifo(tmp_path / "pipe.yaml")
+    probe = "import sys; print(sorted(m for m in sys.modules if m.startswith('dspark_train')))"
+    proc = subprocess.run([python, "-c", probe, "pipe.yaml"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]" and proc.stderr == "", proc.stderr
+    decode = ("import sys; print(compile(open(sys.argv[1], 'rb').read(), 'r', 'exec').co_names, "
+              "'dspark_train.recipe_codec' in sys.modules)")
+    proc = subprocess.run([python, "-c", decode, str(REPO / "recipes" / "tiny.yaml")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "'main'" in proc.stdout and proc.stdout.strip().endswith("True"), proc.stderr
+
+
+def test_a_leftover_dspark_train_folder_costs_no_traceback(tmp_path):
+    """An empty `dspark_train/` left in site-packages (or anywhere on the path) made every interpreter start print
+    the .pth's ImportError traceback."""
+    python, purelib = _bare_venv(tmp_path / "venv")
+    (purelib / "dspark_train").mkdir()
+    proc = subprocess.run([python, "-c", "pass"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def _check_run(out: Path, proc):
@@ -57,9 +97,11 @@ def test_python_recipe_and_accelerate_launch_recipe_train(tmp_path):
 
 
 def test_a_bad_key_is_one_line_naming_file_and_key(tmp_path):
+    """`python RECIPE` and `accelerate launch -q RECIPE`: the trainer's one line and nothing else (without -q,
+    accelerate's launcher adds its own traceback after it, as for any script; `dspark train` passes -q)."""
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / "recipes" / "tiny.yaml").read_text() + "\nbogus_section:\n  x: 1\n")
-    for cmd in ([sys.executable], ACCELERATE):
+    for cmd in ([sys.executable], ACCELERATE + ["-q"]):
         proc = subprocess.run(cmd + [str(bad)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0
         assert f"error: {bad}: bogus_section: unknown key" in proc.stderr

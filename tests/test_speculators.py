@@ -99,6 +99,9 @@ def test_export_names_and_shapes_match_the_format(tmp_path, tiny_recipe, tiny_ta
     ({"head": "markov"}, VOCAB, 3),  # DSpark, pruned vocabulary, learned MASK in a shipped row
     ({"head": "none", "sample_from_anchor": False, "mask_token_id": 2}, None, None),  # DFlash fill-in, frozen MASK
     ({"head": "markov", "sample_from_anchor": False, "mask_token_id": 2}, VOCAB, None),
+    # DFlash as a trained run exports it: learned MASK in a shipped row, pruned vocabulary in non-sorted (frequency)
+    # order, non-unit q/k norms (make_run's spread); speculators' own class misreads only the MASK row (engine-check)
+    ({"head": "none", "sample_from_anchor": False}, VOCAB, 3),
 ])
 def test_round_trip_gives_identical_draft_logits(tmp_path, tiny_recipe, tiny_target, opts, vocab, mask):
     run, d = make_run(tmp_path, tiny_recipe, tiny_target, vocab=vocab, **opts)
@@ -135,6 +138,37 @@ def test_refusals_name_what_the_format_cannot_express(tmp_path, tiny_recipe, tin
     assert main(["export", str(run), str(tmp_path / "out"), "--format", "speculators"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: save_pretrained's progress bar
     assert err.startswith("error: ") and "cannot export to speculators format: the RNN head" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_records_its_slot_layout_and_refuses_what_an_engine_would_misread(tmp_path, tiny_recipe, tiny_target,
+                                                                                capsys):
+    """The silent-zero failure: an engine that runs a drafter in another slot layout than it was trained in reads
+    every draft one slot off and accepts almost nothing, without an error. The export names the layout it was
+    trained in (dspark_train.slot_layout) beside the engines' key, refuses a drafter that some engine would run
+    otherwise, and our reader refuses an export whose engine key was changed against it."""
+    run, _ = make_run(tmp_path, tiny_recipe, tiny_target, head="none", sample_from_anchor=False, mask_token_id=2)
+    out = export_speculators(run, tmp_path / "spec", target=tiny_target)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["dspark_train"]["slot_layout"] == "fill_in" and cfg["sample_from_anchor"] is False
+    assert cfg["block_size"] == GAMMA + 1 and sp.engine_layouts(cfg) == {"vLLM": "fill_in", "speculators": "fill_in"}
+    (out / "config.json").write_text(json.dumps({**cfg, "sample_from_anchor": True}))
+    with pytest.raises(sp.FormatError, match="but speculators runs this 'dflash' config in the anchor layout"):
+        load_artifact(out)
+    # vLLM's dflash runs the fill-in layout whatever the key says: a DFlash trained in the anchor layout is refused
+    why = sp.layout_refusal({**cfg, "sample_from_anchor": True, "dspark_train": {"slot_layout": "anchor"}})
+    assert "but vLLM runs this 'dflash' config in the fill_in layout" in why and "sample_from_anchor=false" in why
+    # dspark: vLLM reads a missing key as false, speculators as true
+    dspark = {"speculators_model_type": "dspark", "dspark_train": {"slot_layout": "anchor"}}
+    why = sp.layout_refusal(dspark)
+    assert "but vLLM runs this 'dspark' config in the fill_in layout" in why and "speculators" not in why
+    assert sp.layout_refusal({**dspark, "sample_from_anchor": True}) is None
+    assert sp.layout_refusal({**dspark, "sample_from_anchor": False, "dspark_train": {"slot_layout": "fill_in"}}) \
+        is None
+    run, _ = make_run(tmp_path / "anchor", tiny_recipe, tiny_target, head="none", mask_token_id=2)
+    assert main(["export", str(run), str(tmp_path / "out"), "--format", "speculators"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "trained in the anchor slot layout, but vLLM runs this 'dflash' config in the fill_in layout" in err
     assert not (tmp_path / "out").exists()
 
 

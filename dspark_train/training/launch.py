@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
-from ..config import REPO_ROOT, Recipe, RecipeError
+from .. import shipped
+from ..config import Recipe, RecipeError
 from ..hardware import resolve_dtype
 from ..layout import read_json
-
-ACCELERATE_DIR = REPO_ROOT / "recipes" / "accelerate"
 
 
 def build_launch_command(recipe: Recipe, recipe_path, overrides=()) -> list[str]:
     """The command `dspark train` runs: plain python for one process, else `accelerate launch` with the
-    recipe's accelerate config (default zero2/zero3.yaml by `distributed.zero_stage`, multi_node.yaml
+    recipe's accelerate config (default: the shipped zero2/zero3.yaml by `distributed.zero_stage`, multi_node.yaml
     across machines)."""
     dist = recipe.distributed
     tail = ["-m", "dspark_train.train", str(recipe_path)] + [a for o in overrides for a in ("--set", o)]
@@ -37,10 +35,11 @@ def build_launch_command(recipe: Recipe, recipe_path, overrides=()) -> list[str]
         if dist.zero_stage not in (2, 3):
             raise RecipeError(f"{recipe.source}: distributed.zero_stage: {dist.zero_stage} has no bundled "
                               "accelerate config (use 2 or 3, or set distributed.accelerate_config)")
-        multi = dist.num_machines > 1
-        config = ACCELERATE_DIR / ("multi_node.yaml" if multi else f"zero{dist.zero_stage}.yaml")
-        ds = ["--deepspeed_config_file", str(ACCELERATE_DIR / f"ds_zero{dist.zero_stage}.json")] if multi else []
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *ds,
+        multi, bundled = dist.num_machines > 1, shipped.accelerate_dir()
+        config = bundled / ("multi_node.yaml" if multi else f"zero{dist.zero_stage}.yaml")
+        ds = ["--deepspeed_config_file", str(bundled / f"ds_zero{dist.zero_stage}.json")] if multi else []
+    # --quiet: the trainer has printed its error; accelerate's launcher adds no traceback of its own after it
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", str(config), *ds,
            "--num_processes", str(dist.num_processes), "--num_machines", str(dist.num_machines)]
     if dist.num_machines > 1:
         if not dist.main_process_ip:
@@ -60,8 +59,7 @@ def deepspeed_plugins(recipe: Recipe) -> Optional[dict]:
     train_cfg, world = recipe.train, int(os.environ.get("WORLD_SIZE", "1"))
     src = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if src != "none":
-        path = Path(src) if Path(src).is_file() else REPO_ROOT / src  # bundled configs name repo-relative paths
-        ds_config = read_json(path)
+        ds_config = read_json(shipped.deepspeed_file(src))
     else:  # inline deepspeed_config in the accelerate YAML
         ds_config = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE",
                                                                          recipe.distributed.zero_stage))}}
