@@ -89,8 +89,7 @@ class EvalConfig:
     data_root: str = "../shared/data"
     progress: bool = True
     truncate_prompts: bool = False  # keep the last (window - max_new_tokens) tokens of a prompt that does not fit
-    # R values: decode R requests together, speculative vs batched plain (evaluation/concurrency.py); empty: the
-    # one-request-at-a-time eval
+    # decode R requests together, speculative vs batched plain (evaluation/concurrency.py); empty: one at a time
     concurrency: list[int] = field(default_factory=list)
 
     def __post_init__(self):
