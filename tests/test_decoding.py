@@ -302,6 +302,33 @@ def test_the_scheduler_falls_back_to_plain_decoding_where_verification_is_not_fr
     assert drafted_share(8) <= 0.25
 
 
+def test_batched_greedy_is_each_requests_own_decode_at_every_concurrency(small):
+    """[T] goal, fp32: at R = 1, 2, 4, 8, 16 requests decoded together, with ragged prompts and requests that stop at
+    different rounds, every request gets exactly its own plain greedy decode: under the load-aware scheduler on a
+    CPU-like SPS(B) (drafting at few requests; at many, plain rounds with a drafted probe every 2, so the drafter
+    catches up on what plain rounds committed) and with full chains every round (the masked cache compacted)."""
+    sps = SPSProfile([1, 2, 4, 8, 16, 32, 64, 128], [10.0, 9.8, 9.5, 6.0, 3.5, 1.9, 1.0, 0.5])
+    dec = SpeculativeDecoder(small, make_drafter(small, block=4))
+    ps = prompts(16, 16, seed=11)
+    refs = [hf_greedy(small, p, 40) for p in ps]
+
+    def cut(ref, t):
+        return ref.index(t) + 1 if t in ref else len(ref)
+    # a stop token that ends 2..12 of the 16 requests early, not the first
+    eos = next(t for t in sorted(set(sum(refs, []))) if cut(refs[0], t) >= 10 and 2 <= sum(
+        cut(r, t) < 40 for r in refs) <= 12)
+    want = [ref[:cut(ref, eos)] for ref in refs]
+    for R in (1, 2, 4, 8, 16):
+        for kw in (dict(scheduler=LoadAwareScheduler(sps, draft_cost=lambda r: 0.01, probe_every=2)), dict()):
+            bt = dec.generate_batch(ps[:R], 40, eos_token_id=[eos], **kw)
+            assert [tr.tokens for tr in bt.requests] == want[:R], (R, kw)
+            drafted = [s["drafted"] for s in bt.steps]
+            if R == 1 or not kw:
+                assert all(drafted)
+            elif R == 16:
+                assert any(drafted) and not all(drafted)
+
+
 def test_retrospective_scheduler_is_refused_under_sampling(small):
     """[S2] 4: early_stop=False admits lengths after seeing the drafts (biased under sampling, Appendix A): the
     public generate_batch refuses it at temperature > 0 and keeps it for greedy, where any length is exact."""

@@ -170,7 +170,7 @@ def _exact_joint(target, prompt, params):
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-@pytest.mark.parametrize("mode,params", [("chain", SamplingParams(1.0)),
+@pytest.mark.parametrize("mode,params", [("chain", SamplingParams(1.0)), ("chain", SamplingParams(0.7)),
                                          ("tree", SamplingParams(0.8, top_p=0.9, top_k=8))])
 def test_decoder_samples_the_target_distribution(small, mode, params):
     """Tokens 2 and 3 come out of the draft/verify rounds (token 1 from the prefill); their joint law must be
