@@ -31,12 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from dspark_train.artifacts.reader import HUB_ID
 from dspark_train.hardware import Capabilities
 from bench.resultfile import write_result
 
@@ -47,11 +49,11 @@ HOG = "while True: pass"  # another process keeping one core busy
 
 
 def dspark(*args: str, env: dict | None = None) -> str:
-    """`python -m dspark_train.cli ARGS`, printed first; its stdout (stops on failure)."""
+    """`python -m dspark_train.cli ARGS` in the current directory, printed first; its stdout (stops on failure)."""
     cmd = [sys.executable, "-m", "dspark_train.cli", *args]
     shown = "dspark " + " ".join(args)
     print(f"\n$ {shown}", flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {shown}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -222,8 +224,15 @@ def main() -> int:
     unknown = set(parts) - set(PARTS)
     if unknown or ("stability" in parts and not args.run):
         ap.error(f"unknown parts {sorted(unknown)}" if unknown else "--run is needed for the calibrations")
+    # checked now, not after an hour of the other parts: `make demo` writes both (runs/demo, runs/demo/artifact)
+    missing = [(what, p) for what, p, hub in (("artifact", args.artifact, True), ("--run", args.run, False))
+               if p and not Path(p).is_dir() and not (hub and HUB_ID.match(p))]
+    if missing and (missing[0][0] == "artifact" or "stability" in parts):
+        what, p = missing[0]
+        ap.error(f"{what} {p}: no such directory under {Path.cwd()} (`make demo` writes runs/demo and its artifact)")
     results = Path(args.out_dir)
     suffix = f"-{args.label}" if args.label else ""
+    this = "python -m bench.load " + shlex.join(sys.argv[1:])  # each result file's first command
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if "concurrency" in parts:
@@ -231,20 +240,20 @@ def main() -> int:
             machine = data["report"]["machine"]
             stem = results / f"concurrency-{Capabilities.from_dict(machine).slug}{suffix}"
             write_result(stem, data, md, "Speculative vs plain decoding under load: R requests decoded together",
-                         machine, commands)
+                         machine, [this, *commands])
             stem.with_suffix(".png").write_bytes(plot.read_bytes())
             print(md)
         if "temperature" in parts:
             data, md, commands = temperature(args, work)
             stem = results / f"temperature-{Capabilities.from_dict(data['machine']).slug}{suffix}"
             write_result(stem, data, md, "Speedup at temperature: sampled and greedy evals side by side",
-                         data["machine"], commands)
+                         data["machine"], [this, *commands])
             print(md)
         if "stability" in parts:
             data, md, commands = stability(args, work)
             stem = results / f"calibration-stability-{Capabilities.from_dict(data['machine']).slug}{suffix}"
             write_result(stem, data, md, "The adaptive policy over repeated calibrations, one under outside load",
-                         data["machine"], commands)
+                         data["machine"], [this, *commands])
             print(md)
     return 0
 
