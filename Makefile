@@ -85,7 +85,7 @@ curve: setup
 # [T] under load and at temperature (bench/load.py): speculative vs plain at R = 1,2,4,8,16 requests decoded together
 # (table + plot), sampled evals at T = 0.7 and 1.0 next to greedy (table), the policy over 3 calibrations (one with a
 # core kept busy), as eval/results/{concurrency,temperature,calibration-stability}-<cpu>.{json,md} with the commands.
-# Needs `make demo` first (runs/demo and its artifact); about 1-1.5 h on 2 cores; wall-clock figures: run it on a
+# Needs `make demo` first (runs/demo and its artifact); about 1.5 h on 2 cores; wall-clock figures: run it on a
 # quiet machine.
 # Smoke: make load-eval LOAD_ARGS="--parts concurrency --concurrency 1,2 --n 2 --max-new-tokens 8 --label smoke"
 LOAD_RUN ?= runs/demo

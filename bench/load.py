@@ -22,9 +22,11 @@ request identical (greedy, fp32); the drafter's forward per round at R = 16 ≤ 
 cost model on each dev set's own rounds, and the held-out figure against all dev sets pooled); the same policy in
 all calibrations.
 
-Run time on a 2-core AVX2 EPYC (SmolLM2-135M fp32, the demo drafter): concurrency ~30 min (SPS profiles for 5 row
-counts ~2 min, then ~6 min per dev set), temperature ~15 min, stability ~20 min (3 calibrations of the demo run).
-Run it on a quiet machine: every figure is a wall-clock measurement.
+Run time on a 2-core AVX2 EPYC (SmolLM2-135M fp32, the demo drafter), estimated from plain decoding at ~13 tok/s
+at R = 1 and a demo calibration's ~6.5 min there (eval/results/history-2026-12-01-amd-epyc-avx2-demo.json):
+concurrency ~40 min (SPS profiles for 5 row counts, then per dev set 16 requests × ≤ 64 tokens × 3 decoders × 5 R,
+~9 min), temperature ~25 min (3 evals × 4 dev sets × 8 prompts × 3 decoders), stability ~25 min (3 calibrations, one
+slowed by the busy core): about 1.5 h. Run it on a quiet machine: every figure is a wall-clock measurement.
 """
 from __future__ import annotations
 
