@@ -217,7 +217,8 @@ def test_bench_load_writes_the_three_result_files_on_the_tiny_target(run, artifa
           *[a for s in quick for a in ("--calibrate-set", s)], "--out-dir", out, "--label", "t",
           env={"DSPARK_CACHE": str(tmp_path / "cache")})
     files = {p.name for p in out.iterdir()}
-    slug = next(f for f in files if f.startswith("concurrency-")).removeprefix("concurrency-").removesuffix("-t.json")
+    slug = next(f for f in files if f.startswith("concurrency-") and f.endswith("-t.json")).removeprefix(
+        "concurrency-").removesuffix("-t.json")
     for stem in ("concurrency", "temperature", "calibration-stability"):
         data = json.loads((out / f"{stem}-{slug}-t.json").read_text())
         assert data["commands"] and data["cpu"].startswith("cpu: ") and data["goals"], stem
