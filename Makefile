@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
 .PHONY: setup lint test test-all demo bench curve clean engine-check data-server-check peer results gpu-check \
-	load-eval
+	load-eval served-eval
 
 setup: $(STAMP)
 
@@ -65,6 +65,15 @@ engine-check: setup $(ENGINE_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m bench.engine_check prepare --out $(ENGINE_DIR) $(if $(RUN),--run $(RUN))
 	HF_HUB_OFFLINE=1 $(ENGINE_PY) -m bench.engine_check engine --out $(ENGINE_DIR)
 
+# A trained DFlash drafter served by vLLM (CPU) beside our own decoder, committed (not part of `make test`; trains
+# nothing): `dspark eval RUN --engine vllm` on the four dev sets (export, both servers on loopback, the engine's
+# counters, our chain decoder on the same prompts), then eval/results/served-<cpu>.{json,md,png} (bench/served_eval.py).
+# RUN= a run of recipes/smollm2_135m_dflash.yaml; SERVED_ARGS= e.g. "--n 20 --max-new-tokens 128".
+SERVED_ARGS ?=
+served-eval: setup $(ENGINE_STAMP)
+	@test -n "$(RUN)" || { echo "make served-eval: set RUN= a trained DFlash run (dspark train recipes/smollm2_135m_dflash.yaml)"; exit 2; }
+	HF_HUB_OFFLINE=1 $(PY) -m bench.served_eval --run $(RUN) --engine-python $(ENGINE_PY) $(SERVED_ARGS)
+
 # `dspark data --server` against vLLM's CPU OpenAI server (not part of `make test`; minutes): resume across a server
 # killed mid-run, greedy token ids against our in-process greedy, tokens/s of both paths (bench/data_server_check.py)
 data-server-check: setup $(ENGINE_STAMP)
@@ -101,8 +110,9 @@ clean:
 	rm -rf runs
 
 # The CUDA path on a lent GPU (bench/gpu_check.py, ≤ 8 minutes): fp32 greedy exactness of the decoder on the real
-# SmolLM2, a bf16 training step under accelerate, then the long recipe for the rest of the time. Needs a CUDA torch
-# in $(PY) (GPU_PY= another interpreter); never part of `make test`.
+# SmolLM2, a bf16 training step under accelerate, the long recipe, then (where GPU_ENGINE_PY= names a venv's python
+# with a CUDA vLLM 0.32) that DSpark drafter served by vLLM's GPU runner (method dspark) beside our decoder. Needs a
+# CUDA torch in $(PY) (GPU_PY= another interpreter); never part of `make test`.
 GPU_PY ?= $(PY)
 gpu-check:
 	HF_HUB_OFFLINE=1 $(GPU_PY) -m bench.gpu_check $(GPU_ARGS)

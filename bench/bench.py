@@ -12,10 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from dspark_train.demo import RECIPE, run
 from dspark_train.layout import REPORT_MD, WEIGHTS, RunDir
+from dspark_train.runrecord import read_run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,10 +35,10 @@ def main() -> int:
         run([sys.executable, "-m", "dspark_train.demo"])
     # same budget as the DSpark drafter (its wall-clock minutes and step cap): the demo run's resolved recipe, with
     # only the drafter kind changed
-    demo_recipe = yaml.safe_load((REPO / demo.recipe).read_text())
-    budget = [f"train.max_steps={demo_recipe['train']['max_steps']}",
-              f"train.max_minutes={demo_recipe['train'].get('max_minutes') or 'null'}",
-              f"data.conversations={demo_recipe['data']['conversations']}"]
+    demo_recipe = read_run(REPO / demo.root).recipe
+    budget = [f"train.max_steps={demo_recipe.train.max_steps}",
+              f"train.max_minutes={demo_recipe.train.max_minutes or 'null'}",
+              f"data.conversations={demo_recipe.data.conversations}"]
     artifacts = []
     for name, change in BASELINES.items():
         baseline = RunDir(out / name)

@@ -33,7 +33,7 @@ RECIPE = "recipes/smollm2_135m.yaml"
 def data_overrides(out: Path, args, name: str) -> list[str]:
     return [f"target.dtype={args.dtype}", "data.conversations=null", f"data.output={out / name}.jsonl",
             f"data.max_prompts={args.prompts}", f"data.max_new_tokens={args.max_new_tokens}", "data.temperature=0",
-            "train.feature_cache=bfloat16", f"train.feature_cache_dir={out / 'features'}",
+            "data.feature_cache=bfloat16", f"data.feature_cache_dir={out / 'features'}",
             f"data.heldout={args.heldout}"]
 
 
@@ -66,7 +66,7 @@ def agreement(out: Path, args, target) -> dict:
     cache = open_cache(recipe, out / "unused", target, conversations_paths(recipe), 0)
     examples, _ = tokenize(load_conversations(conversations_paths(recipe)), target.tokenizer,
                            recipe.data.max_seq_len, 1)
-    fmt = recipe.train.feature_cache
+    fmt = recipe.data.feature_cache
 
     def rows(ids: torch.Tensor, mask=None) -> torch.Tensor:
         return decode(encode(target.forward_features(ids, mask).rows(), fmt), torch.float32)
@@ -176,8 +176,8 @@ def main() -> int:
     print(json.dumps(res["agreement"], indent=1), flush=True)
     del target
     res["train"] = {name: train(out, args, name, extra) for name, extra in (
-        ("online", ["train.feature_cache='off'"]),
-        ("cold cache", ["train.feature_cache_dir=null"]),  # the run's own cache: computed online, rounded as written
+        ("online", ["data.feature_cache='off'"]),
+        ("cold cache", ["data.feature_cache_dir=null"]),  # the run's own cache: computed online, rounded as written
         ("captured", []))}
     res["commands"] = ["python " + " ".join(sys.argv)] + [r["command"] for r in res["train"].values()]
     from dspark_train.hardware import Capabilities

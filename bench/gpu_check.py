@@ -1,13 +1,19 @@
 """`make gpu-check`: the CUDA path, in one prepared script that fits a short GPU loan (≤ 8 minutes by default).
 
-    python -m bench.gpu_check [--minutes 8] [--out runs/gpu-check]
+    python -m bench.gpu_check [--minutes 8] [--out runs/gpu-check] [--engine-python VENV/bin/python]
 
 1. exactness: the real SmolLM2-135M-Instruct in fp32 on CUDA, an untrained target-initialised drafter, chain, tree
    and hybrid greedy decoding of dev prompts against the target's own `generate`, token for token;
 2. a bf16 training step under accelerate (`accelerate launch --mixed_precision bf16 -m dspark_train.train`, the
    demo recipe, 20 steps), its supervised tokens per second;
 3. the long recipe (recipes/smollm2_135m_long.yaml) for the rest of the time budget, with held-out evaluations
-   along the way: τ_greedy and tokens per second as it trains.
+   along the way: τ_greedy and tokens per second as it trains;
+4. that DSpark drafter served by vLLM's GPU runner (method "dspark", which vLLM's CPU runner refuses) beside our
+   decoder: `dspark eval RUN --engine vllm` on two dev sets (evaluation/served.py), fp32 on both sides: served τ,
+   acceptance by position and speedup next to ours, the served output against the engine's plain one, the < 50 %
+   alarm. Runs only where --engine-python (default $GPU_ENGINE_PY, else this interpreter) has a CUDA vLLM
+   (`pip install vllm==0.32.0` in a venv of its own: its pins differ from this project's); its minutes
+   (--served-minutes) come off stage 3's. Without vLLM it is recorded as not run, with the reason.
 Prints each stage's result and writes them to <out>/gpu_check.json. Needs a CUDA build of torch in this
 interpreter (the project pins a CPU wheel; on a GPU machine install the CUDA wheel of the same version first).
 Exits 1 if any stage fails or a greedy output differs.
@@ -78,6 +84,54 @@ def train(cmd: list[str], run: Path, log: Path, timeout: float) -> dict:
     return res
 
 
+def served_argv(run: Path, engine_python: str, out: Path, data_root: str, prompts: int, new_tokens: int) -> list[str]:
+    """Stage 4's `dspark eval --engine vllm`: two dev sets, fp32 on both sides, plain decoding the only baseline,
+    eager engines (CUDA-graph capture would spend a short loan's minutes on two server starts)."""
+    return [sys.executable, "-m", "dspark_train.cli", "eval", str(run), "--engine", "vllm", "--engine-python",
+            engine_python, "--engine-args", "--enforce-eager", "--benchmarks", "gsm8k,mbpp", "--n", str(prompts),
+            "--max-new-tokens", str(new_tokens), "--dtype", "float32", "--baselines", "", "--no-fastest-plain",
+            "--data-root", data_root, "--no-progress", "--out", str(out)]
+
+
+def served_summary(served: dict) -> dict:
+    """What stage 4 reports from served.json: what was served where, τ side by side, output checks, alarms."""
+    e = served["engine"]
+    return {"engine": f"{e['name']} {e.get('version')}", "method": e.get("method"), "device": served["device"],
+            "alarms": len(served["alarms"]),
+            "benchmarks": {b: {"tau_ours": x["ours"]["tau"], "tau_served": x["served"]["tau"],
+                               "tau_ratio": x["ratio"]["tau"], "speedup_ours": x["ours"]["speedup"],
+                               "speedup_served": x["served"]["speedup"],
+                               "served_equals_engine_plain": f"{x['served']['identical_to_engine_plain']}/"
+                                                             f"{x['served']['n_prompts']}"}
+                           for b, x in served["benchmarks"].items()}}
+
+
+def served(run: Path, engine_python: str, out: Path, data_root: str, timeout: float) -> dict:
+    """4. the drafter served by vLLM on this GPU beside our decoder; {"ran": False, "why"} without vLLM or a
+    trained drafter."""
+    from dspark_train.config import RecipeError
+    from dspark_train.evaluation.served import SERVED_DIR, SERVED_JSON, engine_python as find_engine
+
+    try:
+        find_engine(engine_python)
+    except RecipeError as e:
+        return {"ran": False, "why": str(e)}
+    if not (run / "final").is_dir():
+        return {"ran": False, "why": f"{run}: no trained drafter (stage 3 did not finish)"}
+    cmd = served_argv(run, engine_python, out, data_root, 2, 64)
+    with open(out.parent / "served.log", "w") as f:
+        try:
+            rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    res = {"ran": True, "command": " ".join(cmd), "rc": rc, "log": str(out.parent / "served.log")}
+    path = out / SERVED_DIR / SERVED_JSON
+    if path.is_file():
+        res |= served_summary(json.loads(path.read_text()))
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=8.0, help="the whole check's budget")
@@ -85,6 +139,9 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=5, help="dev prompts per set for the exactness check")
     ap.add_argument("--out", default="runs/gpu-check")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the script itself (slow; no CUDA claim)")
+    ap.add_argument("--engine-python", default=os.environ.get("GPU_ENGINE_PY", sys.executable),
+                    help="an interpreter with a CUDA vLLM for stage 4 (default $GPU_ENGINE_PY, else this one)")
+    ap.add_argument("--served-minutes", type=float, default=4.0, help="stage 4's share of --minutes")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"gpu-check: torch {torch.__version__} sees no CUDA device (a CPU wheel, or no GPU)")
@@ -105,7 +162,14 @@ def main() -> int:
     res["bf16_step"] = train(cmd, step_run, out / "bf16-step.log", max(60.0, deadline - time.perf_counter()))
     print("2. bf16 training under accelerate:", json.dumps(res["bf16_step"]), flush=True)
 
-    left = (deadline - time.perf_counter()) / 60 - 1.0  # a minute for the final save and evaluation
+    from dspark_train.config import RecipeError
+    from dspark_train.evaluation.served import engine_python as find_engine
+    try:
+        find_engine(args.engine_python)
+        reserve = args.served_minutes  # stage 4 will run: its minutes come off the long recipe's
+    except RecipeError:
+        reserve = 0.0
+    left = (deadline - time.perf_counter()) / 60 - 1.0 - reserve  # a minute for the final save and evaluation
     if left > 1:
         long_run = out / "long"
         evals = sorted({round(left / 4, 1), round(left / 2, 1), round(left, 1)})
@@ -115,8 +179,13 @@ def main() -> int:
             a for s in sets for a in ("--set", s)]
         res["long"] = train(cmd, long_run, out / "long.log", 60 * left + 180)
         print("3. long recipe:", json.dumps(res["long"]), flush=True)
+
+    res["served"] = served(out / "long", args.engine_python, out / "served-eval", args.data_root,
+                           max(120.0, deadline - time.perf_counter()))
+    print("4. served by vLLM beside ours:", json.dumps(res["served"]), flush=True)
     (out / "gpu_check.json").write_text(json.dumps(res, indent=1))
-    ok = res["exactness"]["ok"] and all(res.get(k, {"rc": 0})["rc"] == 0 for k in ("bf16_step", "long"))
+    ok = res["exactness"]["ok"] and all(res.get(k, {"rc": 0})["rc"] == 0 for k in ("bf16_step", "long")) \
+        and (not res["served"]["ran"] or res["served"]["rc"] == 0)
     print(f"gpu-check {'passed' if ok else 'FAILED'}; written {out / 'gpu_check.json'}")
     return 0 if ok else 1
 

@@ -11,7 +11,7 @@ held-out split and its evaluation anchors (`data.eval_anchors_per_seq` pinned), 
 invocation; with `--parallel N` N variants train at once with cpu_count // N threads each (2 cores, --parallel 2:
 one thread each, so the two share the machine fairly). The training clock excludes evaluation, checkpoints and
 setup (schedule.py); the feature cache is per run (each cache variant pays its own online first epoch inside its
-budget) unless a shared `train.feature_cache_dir` is passed, which curve.md then flags.
+budget) unless a shared `data.feature_cache_dir` is passed, which curve.md then flags.
 
 The points of one run are its *anytime* curve: at 10 of 40 minutes the cosine has not decayed yet, so a run
 budgeted at 10 minutes ends better than the 10-minute point of a 40-minute run.
@@ -36,6 +36,7 @@ from pathlib import Path
 
 from dspark_train.hardware import cpu_info  # torch-free until a function asks
 from dspark_train.layout import write_atomic
+from dspark_train.runrecord import read_run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,8 +54,8 @@ VARIANTS = {
                                                                          "train.blend=acceptance"]),
     "init_random": ("random init (the recipe: draft layer, fc, norms from the target's layer after the last "
                     "feature layer)", ["drafter.init=random"]),
-    "cache_bf16": ("feature cache (bf16): epochs ≥ 2 skip the target forward", ["train.feature_cache=bfloat16"]),
-    "cache_int8": ("feature cache (int8 + per-row scale)", ["train.feature_cache=int8"]),
+    "cache_bf16": ("feature cache (bf16): epochs ≥ 2 skip the target forward", ["data.feature_cache=bfloat16"]),
+    "cache_int8": ("feature cache (int8 + per-row scale)", ["data.feature_cache=int8"]),
     "layers2": ("2 draft layers", ["drafter.num_layers=2"]),
     "qk_ones": ("q/k norm weights left at one after target init (round 2's init)", ["drafter.qk_norm_init=ones"]),
     "qk_off": ("no q/k norms: the copied layer exactly (not exportable to the engines)", ["drafter.qk_norm=false"]),
@@ -69,7 +70,7 @@ VARIANTS = {
     "muon": ("Muon for the 2-D hidden weights, AdamW for the rest", ["train.optimizer=muon"]),
     "vocab4k": ("4,096-token draft vocabulary (recipe: 8,192)", ["drafter.draft_vocab_size=4096"]),
     "combo": ("kl_to_l1 + cache_bf16", ["train.loss=kl_to_l1", "train.blend=acceptance",
-                                        "train.feature_cache=bfloat16"]),
+                                        "data.feature_cache=bfloat16"]),
 }
 DEFAULT = ("baseline", "anchors16", "anchors64", "kl_to_l1", "cache_bf16", "layers2", "lr8e-3")
 
@@ -85,9 +86,8 @@ def finished(run: Path, minutes: list[float]) -> bool:
     """A finished run of the same budget (its summary exists and its recipe asked for these points)."""
     if not (run / "train_summary.json").is_file() or not (run / "recipe.yaml").is_file():
         return False
-    import yaml
-    train = yaml.safe_load((run / "recipe.yaml").read_text()).get("train", {})
-    return train.get("max_minutes") == max(minutes) and train.get("eval_at_minutes") == [float(m) for m in minutes]
+    train = read_run(run).recipe.train
+    return train.max_minutes == max(minutes) and train.eval_at_minutes == [float(m) for m in minutes]
 
 
 def train_variant(name: str, overrides: list[str], args, threads: int) -> dict:
@@ -139,12 +139,11 @@ def read_points(run: Path, minutes: list[float]) -> list[dict]:
 
 def run_facts(run: Path) -> tuple:
     """(threads, finish time) of a run as it trained: a reused run may come from another invocation."""
-    import yaml
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text()) if (run / "recipe.yaml").is_file() else {}
+    threads = read_run(run).recipe.train.num_threads if (run / "recipe.yaml").is_file() else None
     summary = run / "train_summary.json"
     when = datetime.fromtimestamp(summary.stat().st_mtime, timezone.utc).isoformat(timespec="minutes") \
         if summary.is_file() else None
-    return (recipe.get("train") or {}).get("num_threads"), when
+    return threads, when
 
 
 def collect(args, results: list[dict], started: dict) -> dict:
@@ -186,7 +185,7 @@ def curve_markdown(curve: dict) -> str:
                   f"{', '.join(reused)}); the line above describes this one. Each run's threads and finish time are "
                   "in the Variants table.", ""]
     if curve.get("shared_feature_cache"):
-        lines += ["**Note:** a shared `train.feature_cache_dir` was set: cache variants after the first may have "
+        lines += ["**Note:** a shared `data.feature_cache_dir` was set: cache variants after the first may have "
                   "skipped the online first epoch that the first one paid for.", ""]
     for key, title in (("tau_greedy", "τ_greedy"), ("tau", "τ_sim (soft)")):
         lines += [f"## {title} by training minutes", "",
@@ -303,7 +302,7 @@ def main(argv=None) -> int:
                "minutes": args.minutes, "parallel": args.parallel, "threads": threads, "cores": cores,
                "cpu": f"{cpu} · {', '.join(flags) or 'no bf16 flags'}",
                "load_average_start": list(os.getloadavg()), "overrides": args.overrides,
-               "shared_feature_cache": any(o.startswith("train.feature_cache_dir=") for o in args.overrides)}
+               "shared_feature_cache": any(o.startswith("data.feature_cache_dir=") for o in args.overrides)}
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         results = list(pool.map(lambda n: train_variant(n, table[n][1], args, threads), names))
     curve = collect(args, results, started)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dspark_train.hardware import Capabilities, detect
 from dspark_train.layout import RunDir, read_jsonl
+from dspark_train.runrecord import read_run
 from bench.resultfile import write_result
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,8 +140,7 @@ def main() -> int:
     sets = dev_sets(report) if report else {}
     name = next(iter(report["drafters"])) if report else None
     policy = ((report or {}).get("drafters", {}).get(name) or {}).get("adaptive_policy") or {}
-    import yaml
-    batch = yaml.safe_load(run.recipe.read_text())["train"]["batch_size"]
+    batch = read_run(run.root).recipe.train.batch_size
     summary["epochs"] = summary["steps"] * batch * summary.get("world_size", 1) / max(1, summary["train_sequences"])
     machine = (report or {}).get("machine") or detect("cpu").to_dict()  # the eval's, else this machine's
     data = {"run": args.run, "machine": machine, "training_machine": (summary.get("hardware") or {}).get("machine"),

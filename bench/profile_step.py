@@ -1,6 +1,6 @@
 """Where one training step's time goes: target forward, p_t, drafter forward, backward, optimizer.
 
-Measured with the trainer's own setup and loss on the recipe's data; with `train.feature_cache` on, the profiled
+Measured with the trainer's own setup and loss on the recipe's data; with `data.feature_cache` on, the profiled
 batches are cached first, so the table shows a cached epoch's step (cache read instead of target forward).
 
     python -m bench.profile_step recipes/smollm2_135m.yaml --set target.dtype=float32 --steps 8 --threads 2

@@ -4,7 +4,8 @@ Every measurement the docs quote lives in eval/results/ as JSON: what was measur
 with the flags that decide its speed), when, and the command(s) that made it, plus its `markdown` rendering. This
 script only assembles them (newest first), so every number in docs/results.md and in the README's table traces to a
 file and a command. The README's table is the block between `<!-- results:begin -->` and `<!-- results:end -->`:
-the dev-set eval of the newest `long-*.json`.
+the dev-set eval of the newest `long-*.json`, with a served column from the newest `served-*.json` (`make
+served-eval`: a drafter served by vLLM beside our decoder, τ and speedup of both).
 
     python -m bench.results [--check]     # --check: exit 1 if docs/results.md or README.md are out of date
 """
@@ -54,22 +55,47 @@ def doc(results: list[tuple[Path, dict]]) -> str:
             + "\n".join(section(p, d) for p, d in results))
 
 
+def _f(x, spec=".2f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def served_column(results: list[tuple[Path, dict]]) -> tuple[dict[str, str], list[str]]:
+    """The README's served column from the newest served-*.json: per dev set served τ and speedup over the same
+    engine without speculation, ours in parentheses; and the sentence that says what was served where."""
+    served = [(p, d) for p, d in results if p.name.startswith("served-") and d.get("served")]
+    if not served:
+        return {}, []
+    path, d = served[0]
+    s, e = d["served"], d["served"]["engine"]
+    cells = {b: f"τ {_f(x['served']['tau'])} ({_f(x['ours']['tau'])}), {_f(x['served']['speedup'])}× "
+                f"({_f(x['ours']['speedup'])}×)" for b, x in s["benchmarks"].items()}
+    rel = path.relative_to(REPO)
+    return cells, ["", f"Served: {e['name']} {e.get('version') or ''} serving `{s['drafter']}` (method "
+                       f"{e.get('method')}, {e['num_speculative_tokens']} speculative tokens, one request at a time) "
+                       f"on {d['cpu']} ({s['dtype']}): served τ and speedup over the same engine without speculation, "
+                       f"ours (chain, same drafter and prompts) in parentheses; another drafter and machine than the "
+                       f"columns before it, from [`{rel}`]({rel})."]
+
+
 def readme_block(results: list[tuple[Path, dict]]) -> str:
     long = [(p, d) for p, d in results if p.name.startswith("long-") and d.get("dev_sets")]
     if not long:
         return f"{BEGIN}\n(no committed long-run eval yet: `make results` after `python -m bench.long_run`)\n{END}"
     path, d = long[0]
-    f = lambda x, spec=".2f": "—" if x is None else format(x, spec)  # noqa: E731
+    f = _f
+    served, note = served_column(results)
     rows = [f"| {b} | {f(s['hybrid']['speedup'])}× (τ {f(s['hybrid']['tau'])}) | {f(s['drafter_only']['speedup'])}× "
             f"(τ {f(s['drafter_only']['tau'])}) | {f(s['prompt_lookup']['speedup'])}× | "
-            f"{f(s['drafter_or_both_share'], '.0%')} | {s['lossless']} |" for b, s in d["dev_sets"].items()]
+            f"{f(s['drafter_or_both_share'], '.0%')} | {s['lossless']} |"
+            + (f" {served.get(b, '—')} |" if served else "") for b, s in d["dev_sets"].items()]
     final = d["curve"][-1]["tau_greedy"] if d.get("curve") else None
     return "\n".join([
         BEGIN, f"The long recipe's drafter ({d['summary']['train_seconds'] / 3600:.1f} training hours, held-out "
         f"τ_greedy {f(final)}) on {d['cpu']}, `dspark eval --mode adaptive --hybrid`, speedup over plain decoding "
         f"({d.get('eval_dtype')}), from [`{path.relative_to(REPO)}`]({path.relative_to(REPO)}):", "",
-        "| dev set | hybrid | drafter alone | prompt lookup | drafter's share of accepted | lossless |",
-        "|---|---|---|---|---|---|", *rows, "",
+        "| dev set | hybrid | drafter alone | prompt lookup | drafter's share of accepted | lossless |"
+        + (" served by vLLM: τ, speedup (ours) |" if served else ""),
+        "|---|---|---|---|---|---|" + ("---|" if served else ""), *rows, *note, "",
         "More, with the commands and machines: [docs/results.md](docs/results.md).", END])
 
 

@@ -61,7 +61,7 @@ def main() -> int:
                           text=True).stdout.strip()
     root = [f"data.root={args.data_root}"]
     variants = {f"before ({commit}), online": (before, root), f"after ({here}), online": (REPO, root),
-                f"after ({here}), feature cache (epoch ≥ 2)": (REPO, [*root, "train.feature_cache=bfloat16"])}
+                f"after ({here}), feature cache (epoch ≥ 2)": (REPO, [*root, "data.feature_cache=bfloat16"])}
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for r in range(args.rounds):
         for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
 
 from .config import RecipeError, exit_code, load_recipe
 
@@ -107,88 +110,78 @@ def cmd_push(args):
                   commit_message=args.commit_message, dry_run=args.dry_run)
 
 
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    """`dspark eval`'s flags, one per `evaluate.EvalConfig` field. A flag left out is left out of the namespace
-    (SUPPRESS), so the EvalConfig defaults are the only defaults and the parser never imports torch."""
-    unset = argparse.SUPPRESS
-    p.add_argument("artifact", help="drafter artifact directory or Hub id")
-    p.add_argument("--target", default=unset,
-                   help="target model id/path or recipe YAML (default: the artifact's recipe.yaml, else the "
-                        "model id in its target fingerprint)")
-    p.add_argument("--benchmarks", default=unset, type=_comma_list,
-                   help="comma-separated names (<data-root>/eval/<name>.jsonl) or jsonl paths of {\"turns\": [...]}")
-    p.add_argument("--n", type=int, default=unset, help="prompts per benchmark (the first N; 0 = all)")
-    p.add_argument("--max-new-tokens", type=int, default=unset)
-    p.add_argument("--mode", default=unset,
-                   help="chain, tree, adaptive (needs calibration.json) or hybrid (adaptive, or tree without a "
-                        "calibration, + copy branches)")
-    p.add_argument("--hybrid", action="store_true", default=unset,
-                   help="merge copy-drafter branches (spans of the prompt + output so far) into the mode's trees")
-    p.add_argument("--temperature", type=float, default=unset, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=unset)
-    p.add_argument("--top-k", type=int, default=unset, help="0 = off")
-    p.add_argument("--seed", type=int, default=unset, help="sampling seed (each prompt and method reseeds)")
-    p.add_argument("--dtype", default=unset,
-                   help="target dtype: auto (default: bfloat16 where the hardware computes it, i.e. CUDA with bf16 "
-                        "or a CPU with AMX/AVX512-BF16, else float32), bfloat16 or float32")
-    p.add_argument("--device", default=unset, help="default: cuda when available, else cpu")
-    p.add_argument("--out", default=unset, help="output directory (report.json, report.md, plots)")
-    p.add_argument("--multi-turn", action="store_true", default=unset,
-                   help="all turns; later turns see the target's own previous answers")
-    p.add_argument("--save-outputs", action="store_true", default=unset, help="write every generation to outputs.jsonl")
-    p.add_argument("--compare", nargs="+", default=unset, metavar="ARTIFACT",
-                   help="more drafter artifacts measured in the same run (one report, one plot)")
-    p.add_argument("--baselines", default=unset, type=_comma_list,
-                   help="prompt-lookup, assisted (needs --assistant); in hybrid runs also drafter-only (our decoder "
-                        "without copy branches) and copy-only (copy drafting alone); '' for none")
-    p.add_argument("--no-fastest-plain", dest="fastest_plain", action="store_false", default=unset,
-                   help="do not time plain decoding in the other of float32/bfloat16 (speedup_vs_fastest_plain "
-                        "then compares against the same precision only; saves memory on big targets)")
-    p.add_argument("--prompt-lookup-tokens", type=int, default=unset, help="prompt_lookup_num_tokens")
-    p.add_argument("--assistant", default=unset, help="small model with the same tokenizer for assisted generation")
-    p.add_argument("--threads", type=int, default=unset, help="torch CPU threads")
-    p.add_argument("--data-root", default=unset,
-                   help="where benchmark names are looked up (<data-root>/eval/<name>.jsonl; default ../shared/data, "
-                        "relative to the current directory)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=unset, help="no progress bars")
-    p.add_argument("--concurrency", default=unset, type=_int_list, metavar="R,R,...",
-                   help="decode R requests together at each R (e.g. 1,4,16): speculative decoding with the load-aware "
-                        "scheduler vs batched plain decoding, writes concurrency.{json,md} and a speedup-vs-R plot "
-                        "instead of the one-at-a-time report")
-    p.add_argument("--truncate-prompts", action="store_true", default=unset,
-                   help="keep the last (window - max-new-tokens) tokens of a prompt too long for the target "
-                        "(default: refuse it, naming its length and the window)")
+def add_arguments(p: argparse.ArgumentParser, settings) -> None:
+    """One flag per field of the dataclass `settings`, from its declaration (config.setting): `max_new_tokens` is
+    `--max-new-tokens`, a bool that defaults to true is `--no-<name>`, a list is comma-separated, a field without
+    a default is positional; the help, the choices and the default come from the field. A flag left out is left
+    out of the namespace (SUPPRESS), so the dataclass's defaults are the only ones, and the dataclass checks the
+    values, naming the flag."""
+    hints = typing.get_type_hints(settings)
+    for f in dataclasses.fields(settings):
+        meta, tp = f.metadata, hints[f.name]
+        help = meta.get("help", "")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            p.add_argument(f.name, help=help)
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        optional = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        base = next(t for t in typing.get_args(tp) if t is not type(None)) if optional else tp
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, **meta.get("flag", {}))
+        if base is bool:
+            flag, kw["action"] = (f"--no-{flag[2:]}", "store_false") if default else (flag, "store_true")
+            kw["dest"] = f.name
+        elif typing.get_origin(base) is list:
+            kw.setdefault("type", None if "nargs" in kw else _comma_list)
+        else:
+            kw["type"] = base
+            if "choices" in meta:
+                kw.setdefault("metavar", "{" + ",".join(map(str, meta["choices"])) + "}")
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        if default not in (None, []) and base is not bool and "default" not in help:
+            help = f"{help} (default: {shown})".lstrip()
+        p.add_argument(flag, help=help, **kw)
 
 
 def _comma_list(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(s) for s in _comma_list(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def eval_config(args: argparse.Namespace):
     """The EvalConfig the parsed `dspark eval` flags describe (validated: a bad value exits 2 naming the flag)."""
-    from .evaluation.evaluate import EvalConfig
-    return EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "fn")})
+    from .evaluation.settings import EvalConfig
+    from .evaluation.served import served_fields
+    return EvalConfig(**{k: v for k, v in vars(args).items() if k not in ("command", "fn", *served_fields())})
+
+
+def served_config(args: argparse.Namespace):
+    """The ServedConfig of `dspark eval --engine` (None without --engine; an engine flag without it exits 2)."""
+    from .evaluation.served import ServedConfig, served_fields
+    given = {k: v for k, v in vars(args).items() if k in served_fields()}
+    if "engine" not in given:
+        if given:
+            raise RecipeError(f"--{next(iter(given)).replace('_', '-')}: applies with --engine only")
+        return None
+    return ServedConfig(**given)
 
 
 def cmd_eval(args):
     from .evaluation.evaluate import run_eval
     from .evaluation.lossless import LosslessError
-    cfg = eval_config(args)
+    from .evaluation.served import ServedError, run_served_eval
+    cfg, served = eval_config(args), served_config(args)
+    if cfg.concurrency and served:
+        raise RecipeError("--concurrency: decodes with our batched decoder, not with --engine")
     try:
         if cfg.concurrency:
             from .evaluation.concurrency import run_concurrency
             run_concurrency(cfg)
         else:
-            run_eval(cfg)
+            run_served_eval(cfg, served) if served else run_eval(cfg)
     except LosslessError as e:
         print(f"LOSSLESS CHECK FAILED: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ServedError as e:
+        print(f"SERVED CHECK FAILED: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
@@ -253,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_push)
 
     s = sub.add_parser("eval", help="τ, acceptance and wall-clock speedup side by side, with plots")
-    add_eval_arguments(s)
+    from .evaluation.served import ServedConfig
+    from .evaluation.settings import EvalConfig
+    add_arguments(s, EvalConfig)
+    add_arguments(s.add_argument_group("the same benchmarks served by an engine (evaluation/served.py)"), ServedConfig)
     s.set_defaults(fn=cmd_eval)
     return p
 

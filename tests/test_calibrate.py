@@ -235,7 +235,7 @@ def test_calibration_json_round_trip_and_decoder_reads_it(tmp_path):
         Calibration.from_json({**cal.to_json(), "format_version": FORMAT_VERSION + 1})
     # a file written before the copy prior existed (same format_version) still loads; hybrid decoding then
     # starts from the default prior
-    from dspark_train.decoding.copy import prior_from_calibration
+    from dspark_train.decoding.copy_drafter import prior_from_calibration
     older = {k: v for k, v in cal.to_json().items() if k != "copy"}
     assert Calibration.from_json(older).copy == {} and prior_from_calibration(older) == CopyPrior.default()
 
@@ -486,6 +486,7 @@ def test_anchor_replay_does_not_observe_past_off_greedy_text(tiny_run):
 def test_heldout_prompts_top_up_with_untrained_prompts(tiny_run, tmp_path):
     from dspark_train.config import load_recipe
     from dspark_train.data.examples import conversations_paths, read_jsonl
+    from dspark_train.runrecord import RunRecord
 
     run, recipe, target = tiny_run
     prompts = [{"id": f"p{i}", "turns": [f"question {i}?"]} for i in range(6)] + [
@@ -493,13 +494,13 @@ def test_heldout_prompts_top_up_with_untrained_prompts(tiny_run, tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     r = load_recipe(run / "recipe.yaml", [f"data.prompts={path}"])
-    names, ids, source = heldout_prompts(tmp_path, r, target.tokenizer, limit=r.data.heldout + 4)
+    names, ids, source = heldout_prompts(RunRecord(tmp_path, r), target.tokenizer, limit=r.data.heldout + 4)
     held = names[:r.data.heldout]
     assert len(set(held)) == r.data.heldout and not any(n.startswith("p") for n in held)
     assert sorted(names[r.data.heldout:]) == sorted(set(names[r.data.heldout:])) and len(names) == r.data.heldout + 4
     assert all(n.startswith("p") for n in names[r.data.heldout:])  # never a prompt that has a training answer
     assert "4 untrained prompts" in source
-    assert len(heldout_prompts(tmp_path, r, target.tokenizer, limit=100)[0]) == r.data.heldout + 6
+    assert len(heldout_prompts(RunRecord(tmp_path, r), target.tokenizer, limit=100)[0]) == r.data.heldout + 6
 
 
 def test_every_reader_refuses_a_newer_calibration_naming_the_file(tmp_path):

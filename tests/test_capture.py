@@ -23,8 +23,8 @@ def _recipe(tmp_path, repo, fmt, *extra, shared=True, prompts=None):
     return load_recipe(repo / "recipes" / "tiny.yaml", [
         f"data.prompts={path}", "data.conversations=null", f"data.output={tmp_path / 'out.jsonl'}",
         "data.max_new_tokens=6", "data.gen_batch_size=2", "data.max_seq_len=128", "data.max_prompts=null",
-        "data.capture_features=true", f"train.feature_cache={fmt}", f"train.output_dir={tmp_path / 'run'}",
-        f"train.feature_cache_dir={tmp_path / 'fc' if shared else 'null'}", *extra])
+        "data.capture_features=true", f"data.feature_cache={fmt}", f"train.output_dir={tmp_path / 'run'}",
+        f"data.feature_cache_dir={tmp_path / 'fc' if shared else 'null'}", *extra])
 
 
 def _online_rows(target, ids):
@@ -34,7 +34,7 @@ def _online_rows(target, ids):
 @pytest.mark.parametrize("fmt, shared", [("float32", True), ("bfloat16", False)])
 def test_captured_features_are_the_targets_features_of_the_trainers_sequences(tmp_path, repo, tiny_target, fmt,
                                                                               shared, capsys):
-    """Shared: under train.feature_cache_dir; not shared: in the run's own cache, which the trainer cleans of
+    """Shared: under data.feature_cache_dir; not shared: in the run's own cache, which the trainer cleans of
     other keys but not of the staged captures."""
     recipe = _recipe(tmp_path, repo, fmt, shared=shared)
     out = R.run_data(recipe, target=tiny_target)
@@ -108,7 +108,7 @@ def test_no_generate_cache_outlives_its_turn(tmp_path, repo, tiny_target, monkey
 
 
 @pytest.mark.parametrize("override, key", [
-    ("train.feature_cache='off'", "train.feature_cache"),
+    ("data.feature_cache='off'", "data.feature_cache"),
     ("data.conversations=[distill/smollm2-135m-instruct.jsonl]", "data.conversations"),
     ("data.server.url=http://localhost:8000", "data.server.url"),
 ])

@@ -97,3 +97,91 @@ def test_building_the_parser_imports_no_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_flags_are_made_from_the_settings_dataclass(monkeypatch):
+    """[O3] cli.add_arguments: one flag per field, named after it, with its help, choices and default; bools as
+    --name / --no-name, lists comma-separated, Optional ints typed, a field without a default positional; a flag
+    left out keeps the dataclass's default and the dataclass checks values, naming the flag."""
+    import argparse
+    from dataclasses import dataclass
+    from typing import Optional
+
+    from dspark_train.cli import add_arguments
+    from dspark_train.config import RecipeError, check_settings, setting
+
+    @dataclass
+    class Settings:
+        thing: str = setting(help="the thing")
+        max_new_tokens: int = setting(8, "tokens per answer", ge=1)
+        mode: str = setting("a", choices=("a", "b"))
+        names: list[str] = setting(["x", "y"], "which names")
+        threads: Optional[int] = setting(None, "CPU threads", ge=1)
+        loud: bool = setting(False, "say more")
+        progress: bool = setting(True, "no progress bars")
+
+        def __post_init__(self):
+            check_settings(self, lambda name: f"--{name.replace('_', '-')}", coerce=True)
+
+    monkeypatch.setenv("COLUMNS", "1000")  # help on one line per flag
+    p = argparse.ArgumentParser(prog="x")
+    add_arguments(p, Settings)
+
+    def parse(*argv):
+        return Settings(**vars(p.parse_args(["t", *argv])))
+
+    assert parse() == Settings("t")
+    assert parse("--max-new-tokens", "3", "--mode", "b", "--names", "p, q,", "--threads", "2", "--loud",
+                 "--no-progress") == Settings("t", 3, "b", ["p", "q"], 2, True, False)
+    with pytest.raises(RecipeError, match=r"^--max-new-tokens: must be >= 1, got 0$"):
+        parse("--max-new-tokens", "0")
+    with pytest.raises(RecipeError, match=r"^--mode: expected one of a, b, got 'c'$"):
+        parse("--mode", "c")
+    text = " ".join(p.format_help().split())
+    for shown in ("thing the thing", "--max-new-tokens MAX_NEW_TOKENS tokens per answer (default: 8)",
+                  "--mode {a,b} (default: a)", "--names NAMES which names (default: x,y)",
+                  "--threads THREADS CPU threads", "--loud say more", "--no-progress no progress bars"):
+        assert shown in text, shown
+
+
+def test_eval_help_names_every_flag_and_default(capsys, monkeypatch):
+    """`dspark eval --help`: each EvalConfig field as a flag (the names users type), every default shown."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--target", "--benchmarks", "--n", "--max-new-tokens", "--mode {chain,tree,adaptive,hybrid}",
+                 "--hybrid", "--temperature", "--top-p", "--top-k", "--seed", "--dtype {auto,float32,bfloat16}",
+                 "--device", "--out", "--multi-turn", "--save-outputs", "--compare ARTIFACT [ARTIFACT ...]",
+                 "--baselines", "--no-fastest-plain", "--prompt-lookup-tokens", "--assistant", "--threads",
+                 "--data-root", "--no-progress", "--truncate-prompts"):
+        assert flag in text, flag
+    for default in ("gsm8k,mt-bench,humaneval,mbpp)", "(default: 50)", "(default: 256)", "(default: chain)",
+                    "(default: runs/eval)", "(default: prompt-lookup,assisted,drafter-only)", "(default: 10)",
+                    "(default: ../shared/data)"):
+        assert default in text, default
+
+
+def test_eval_flags_are_evalconfigs_fields_one_to_one():
+    """[O3] `dspark eval`'s flags are made from EvalConfig and ServedConfig (--engine): one flag per field, named
+    after it (a true bool as --no-NAME), with the field's help, and no flag that is not a field; no flags given means
+    EvalConfig's defaults and no engine."""
+    import argparse
+    import dataclasses
+
+    from dspark_train.cli import build_parser, eval_config, served_config
+    from dspark_train.evaluation.served import ServedConfig
+    from dspark_train.evaluation.settings import EvalConfig
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
+    flags = [a for a in sub._actions if not isinstance(a, argparse._HelpAction)]
+    fields = dataclasses.fields(EvalConfig) + dataclasses.fields(ServedConfig)
+    assert [a.dest for a in flags] == [f.name for f in fields]
+    for a, f in zip(flags, fields):
+        name = f.name.replace("_", "-")
+        assert a.option_strings in ([], [f"--{name}"], [f"--no-{name}"]), a.option_strings
+        assert (a.help or "").startswith(f.metadata["help"]), f.name
+    args = build_parser().parse_args(["eval", "art"])
+    assert eval_config(args) == EvalConfig("art") and served_config(args) is None
+    args = build_parser().parse_args(["eval", "art", "--engine", "vllm", "--engine-args", "--enforce-eager -tp 1"])
+    assert served_config(args) == ServedConfig(engine_args=["--enforce-eager", "-tp", "1"])

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dspark_train.decoding.copy import CopyCandidate
+from dspark_train.decoding.copy_drafter import CopyCandidate
 from dspark_train.decoding.hybrid import HybridDrafting, HybridPolicy
 from dspark_train.decoding.sampling import Draws, SamplingParams, warp
 from dspark_train.decoding.tree import TreePolicy, accept_sampling, draft_tree

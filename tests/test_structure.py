@@ -167,7 +167,8 @@ def test_module_is_short_or_says_why(name):
 # --------------------------------------------------------------------------- the house by pipeline stage
 STAGES = ("data", "training", "calibration", "artifacts", "evaluation")  # the pipeline, in order
 FLOORS = ("policy", "drafters", "decoding")  # shared by the stages; import no stage
-GROUND = ("config", "layout", "hardware", "target", "runlock", "recipe_codec", "shipped")  # what everyone uses
+# what everyone uses
+GROUND = ("config", "layout", "hardware", "target", "runlock", "recipe_codec", "shipped", "runrecord")
 TOP = ("cli", "demo", "plan", "train")  # commands and entry points: they may import anything
 
 
@@ -215,6 +216,35 @@ def test_package_arrows_run_one_way():
     assert not bad, "\n".join(bad)
     packages = package_graph(graph)
     assert "decoding" not in packages["policy"] and not packages["decoding"] & set(STAGES)
+
+
+def test_no_module_shares_a_standard_library_name():
+    """[O3] A module named like a standard-library one (decoding/copy.py was) reads as that module at every import
+    site and shadows it for scripts run from its folder."""
+    import sys
+
+    clash = [name for name in MODULES if name.rpartition(".")[2] in sys.stdlib_module_names]
+    assert not clash, clash
+
+
+SECTIONS_OF = {"data": ("data",), "training": ("train", "distributed", "logging"), "calibration": ("calibrate",),
+               "artifacts": ("export",)}  # the recipe sections each stage owns
+
+
+def later_settings_read(source: str, stage: str) -> list[str]:
+    """`x.<section>` reads in `source` of a recipe section that a later stage owns, as "line N: .section"."""
+    later = {s for st in STAGES[STAGES.index(stage) + 1:] for s in SECTIONS_OF.get(st, ())}
+    return [f"line {node.lineno}: .{node.attr}" for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Attribute) and node.attr in later]
+
+
+def test_a_stage_reads_no_later_stages_settings():
+    """[O3] The recipe's sections follow the stages too: `data/` reads no `train.*` (the feature cache's keys are
+    `data.feature_cache*`, the run directory `Recipe.run_dir`), no stage reads a later one's section."""
+    assert later_settings_read("recipe.train.output_dir\nrecipe.data.root", "data") == ["line 1: .train"]
+    bad = [f"{name}: {hit}" for name, path in MODULES.items() if unit(name) in STAGES
+           for hit in later_settings_read(path.read_text(), unit(name))]
+    assert not bad, "\n".join(bad)
 
 
 # --------------------------------------------------------------------------- the benchmarks' house

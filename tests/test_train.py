@@ -193,7 +193,7 @@ def test_zero3_two_ranks_resume_from_one_process(reference, repo, tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
-CACHE = ["train.feature_cache=bfloat16", "train.batch_size=2", "train.checkpoint_every=10"]
+CACHE = ["data.feature_cache=bfloat16", "train.batch_size=2", "train.checkpoint_every=10"]
 
 
 @pytest.fixture(scope="module")

@@ -141,8 +141,8 @@ def render_model_card(config: dict, recipe: dict, calibration: Optional[dict] = 
         imports = ["from dspark_train.config import TargetConfig"]
         make_target = f"target = load_target(TargetConfig(model={target_id!r}))"
     else:  # not a Hub model: the recipe the drafter was trained with says how to build the target
-        imports = ["from dspark_train.config import load_recipe"]
-        make_target = f"target = load_target(load_recipe({where + '/' + RECIPE!r}).target)"
+        imports = ["from dspark_train.runrecord import read_run"]
+        make_target = f"target = load_target(read_run({where!r}).target)"
     imports += ["from dspark_train.data.chat import prompt_ids", "from dspark_train.decoding import SpeculativeDecoder",
                 "from dspark_train.artifacts.reader import load_artifact",
                 "from dspark_train.target import load_target"]

@@ -15,17 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from .reader import ARTIFACT_FILES, CARD, load_artifact, resolve_artifact
 from ..drafters.loading import check_fingerprint, check_safetensors, load_drafter, recorded_fingerprint
 from . import speculators
 from .card import render_model_card
 from ..policy.calibration import read_calibration
-from ..config import RecipeError, utf8_text
+from ..config import RecipeError
 from ..layout import (CALIBRATION, CONFIG, RECIPE, REPORT_JSON, WEIGHTS, ArtifactError, RunDir, read_json, replace_dir,
                       staging_dir)
 from ..runlock import holds_lock
+from ..runrecord import read_run, target_of
 
 
 class PushError(RecipeError):
@@ -69,11 +68,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False) ->
     # read and validate every input before writing anything
     drafter = load_drafter(run.final)
     recorded_fingerprint(drafter)
-    recipe_text = utf8_text(run.recipe.read_bytes(), run.recipe)
-    try:
-        recipe = yaml.safe_load(recipe_text) or {}
-    except yaml.YAMLError as e:
-        raise ArtifactError(f"{run.recipe}: invalid YAML ({e})") from None
+    record = read_run(run.root)
+    recipe_text, recipe = record.text, record.recipe.to_dict()
     calibration = read_calibration(run.calibration) if run.calibration.is_file() else None
     report = _optional_json(run.eval / REPORT_JSON)
     summary = _optional_json(run.train_summary)
@@ -116,7 +112,6 @@ def export_speculators(src: str | Path, out: str | Path, target=None, mask_token
     for a learned MASK, the embedding table."""
     from safetensors.torch import save_file
 
-    from ..config import load_recipe
     from ..target import load_target
 
     src, out = Path(src).expanduser(), Path(out).expanduser()
@@ -129,7 +124,7 @@ def export_speculators(src: str | Path, out: str | Path, target=None, mask_token
         raise speculators.FormatError(f"{src}: cannot export to speculators format: {why}")
     root = resolve_artifact(src)
     if target is None:
-        target = load_target(load_recipe(root / RECIPE).target)
+        target = load_target(target_of(root))
     check_fingerprint(drafter, target)
     if c.mask_token_id is not None:
         if mask_token_id not in (None, c.mask_token_id):

@@ -46,13 +46,13 @@ import torch
 from ..policy.adaptive import PLAIN, best_fixed_chain, evaluate_policy, tune_adaptive
 from ..drafters.loading import load_local
 from ..policy.calibration import AdaptivePolicy, Calibration, plot_reliability, summary_table
-from ..config import load_recipe
 from ..hardware import detect
 from ..decoding import SpeculativeDecoder, SPSProfile, TreePolicy, cost_profile
 from ..decoding.retune import measure_round_cost
 from .heldout import anchor_stats, copy_prior, greedy_texts, heldout_prompts, stats_from_traces
 from ..layout import CALIBRATION_STATS, RunDir
 from ..runlock import holds_lock
+from ..runrecord import read_run
 from .sts import BIAS_GRID, fit_maps, position_metrics, text_folds
 from ..target import load_target
 
@@ -106,12 +106,8 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     """Calibrate a training run (<run>/final + recipe.yaml) or an exported artifact in place: writes
     calibration.json and the reliability PNG next to the weights' recipe (or into `out`)."""
     t_start = time.perf_counter()
-    root = Path(run_or_artifact).expanduser()
-    recipe_file = RunDir(root).recipe
-    if not recipe_file.is_file():
-        raise FileNotFoundError(f"{root}: no {recipe_file.name} (expected a training run directory or an artifact)")
-    recipe = load_recipe(recipe_file, ["distributed.accelerate_config=null", "target.config_path=null",
-                                       *overrides])
+    record = read_run(run_or_artifact, overrides)
+    root, recipe = record.root, record.recipe
     cc = recipe.calibrate
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     recipe.target.dtype = cc.dtype
@@ -121,8 +117,7 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     drafter = load_local(root, target)
     gamma = drafter.config.block_size
     width = cc.max_width
-    names, prompt_list, source = heldout_prompts(root, recipe, target.tokenizer,
-                                                 max(prompts or cc.prompts, cc.texts))
+    names, prompt_list, source = heldout_prompts(record, target.tokenizer, max(prompts or cc.prompts, cc.texts))
     probe_prompts = prompt_list[:prompts or cc.prompts]
     caps = detect(device)
     say(f"calibrating {root}: {len(prompt_list)} held-out prompts ({source}), γ={gamma}, probe width {width}, "

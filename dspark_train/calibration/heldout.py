@@ -6,7 +6,6 @@ the same greedy answers gives the copy drafter's acceptance prior (`copy_prior`,
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -17,32 +16,29 @@ from ..policy.calibration import HeldoutStats
 from ..data.chat import prompt_ids, user_messages
 from ..config import RecipeError
 from ..data.examples import (Example, anchor_candidates, block_labels, conversations_paths, load_prompts, prompt_turns,
-                             read_conversations, read_heldout_split, split_heldout, usable_conversations)
-from ..decoding.copy import CopyPrior, fit_copy_prior
-from ..layout import RunDir
+                             read_conversations, split_heldout, usable_conversations)
+from ..decoding.copy_drafter import CopyPrior, fit_copy_prior
 from ..data.generate import generate_batch
+from ..runrecord import RunRecord
 
 
-def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str], list[list[int]], str]:
+def heldout_prompts(record: RunRecord, tokenizer, limit: int) -> tuple[list[str], list[list[int]], str]:
     """First-user-turn prompt ids the drafter never trained on, up to `limit`: the run's held-out
     conversations first (the trainer's `heldout_ids.json`, or the recipe's deterministic split recomputed),
     then prompts of `data.prompts` that have no conversation in the training file (in a seeded order).
     Never the eval sets."""
+    recipe, split = record.recipe, record.heldout()
     conv_files = conversations_paths(recipe)
-    ids_file = RunDir(run).heldout
-    if ids_file.is_file():  # {"conversations": path, "seed": s, "ids": [...]} as train.py writes it, or a list
-        raw = read_heldout_split(ids_file)
-        wanted = [str(i) for i in (raw["ids"] if isinstance(raw, dict) else raw)]
-        recorded = raw.get("conversations") if isinstance(raw, dict) else None
-        recorded = [Path(p) for p in ([recorded] if isinstance(recorded, str) else recorded or [])]
-        conv_files = recorded if recorded and all(p.is_file() for p in recorded) else conv_files
+    if split is not None:  # the files it names, where they are here, else the recipe's
+        if split.conversations and all(p.is_file() for p in split.conversations):
+            conv_files = split.conversations
         convs = read_conversations(conv_files, recipe.data.skip_bad_lines)
         by_id = {str(c["id"]): c for c in convs}
-        missing = [i for i in wanted if i not in by_id]
+        missing = [i for i in split.ids if i not in by_id]
         if missing:
-            raise FileNotFoundError(f"{ids_file}: {len(missing)} held-out ids not in "
+            raise FileNotFoundError(f"{split.path}: {len(missing)} held-out ids not in "
                                     + " + ".join(str(p) for p in conv_files))
-        held, source = [by_id[i] for i in wanted], str(ids_file)
+        held, source = [by_id[i] for i in split.ids], str(split.path)
     else:  # the trainer's split: the same records (usable ones, max_prompts), the same seeded hash
         convs = read_conversations(conv_files, recipe.data.skip_bad_lines)
         _, held = split_heldout(usable_conversations(convs, recipe.data.max_prompts), recipe.data.heldout,
@@ -76,7 +72,7 @@ def heldout_prompts(run: Path, recipe, tokenizer, limit: int) -> tuple[list[str]
         if len(prompts) > n0:
             source += f" + {len(prompts) - n0} untrained prompts of {recipe.data.prompts}"
     if not prompts:
-        raise FileNotFoundError(f"{run}: no held-out prompt fits data.max_seq_len = {recipe.data.max_seq_len}")
+        raise FileNotFoundError(f"{record.root}: no held-out prompt fits data.max_seq_len = {recipe.data.max_seq_len}")
     return names, prompts, source
 
 
@@ -99,7 +95,7 @@ def greedy_texts(target, prompts: list[list[int]], max_new_tokens: int, batch_si
 
 def copy_prior(examples: Sequence) -> CopyPrior:
     """calibration.json's `copy`: per feature cell, how often a copied token equalled the target's greedy text
-    when copy drafting is replayed at every answer position of `greedy_texts` (decoding/copy.py
+    when copy drafting is replayed at every answer position of `greedy_texts` (decoding/copy_drafter.py
     `replay_counts`), shrunk so that a request's own verified copies still move the estimates."""
     return fit_copy_prior([(ex.input_ids, ex.loss_mask.index(1)) for ex in examples if 1 in ex.loss_mask])
 

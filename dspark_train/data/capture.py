@@ -89,16 +89,16 @@ def _staging(recipe, target, out: Path, shard: int) -> FeatureCache:
     """Everything captured for `dspark data`'s output file `out`: its key cannot hash the file before the file is
     whole, so shards gather here (kept across runs: a resumed run adds to them) and `publish` links them under
     the key of the finished file."""
-    fmt = recipe.train.feature_cache
+    fmt = recipe.data.feature_cache
     key, parts = cache_key(target_key_parts(recipe, target), {"staging_for": str(out.resolve()),
                                                               "max_seq_len": recipe.data.max_seq_len}, fmt)
     return FeatureCache(_root(recipe), f"{STAGING}{key}", parts, fmt, owns_root=False, rank=shard)
 
 
 def _root(recipe) -> Path:
-    """Where the trainer of this recipe looks: train.feature_cache_dir, else its run's own cache directory."""
-    shared = recipe.train.feature_cache_dir
-    return Path(shared).expanduser() if shared else RunDir(recipe.resolve_path(recipe.train.output_dir)).feature_cache
+    """Where the trainer of this recipe looks: data.feature_cache_dir, else its run's own cache directory."""
+    shared = recipe.data.feature_cache_dir
+    return Path(shared).expanduser() if shared else RunDir(recipe.run_dir).feature_cache
 
 
 def open_staging(recipe, target, out: Path, shard: int, answered: set) -> FeatureCache:
@@ -120,7 +120,7 @@ def publish(recipe, target, out: Path) -> Optional[FeatureCache]:
     if not shards:
         return None
     key, parts = cache_key_for(recipe, target, [out])
-    cache = FeatureCache(stage.dir.parent, key, parts, recipe.train.feature_cache, owns_root=False)
+    cache = FeatureCache(stage.dir.parent, key, parts, recipe.data.feature_cache, owns_root=False)
     for path in shards:
         dest = cache.dir / path.name
         if not dest.exists():

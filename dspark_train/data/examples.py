@@ -20,8 +20,7 @@ import torch
 
 from .chat import conversation_ids
 from ..config import Recipe, RecipeError, utf8_text
-from ..layout import (HELDOUT_VERSION, ArtifactError, DataFileError, RunDir, atomic_path, check_version, iter_jsonl,
-                      read_json_value, write_atomic)
+from ..layout import DataFileError, RunDir, atomic_path, iter_jsonl
 from ..layout import read_jsonl as read_jsonl_file
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")  # owner/name, optionally :config
@@ -29,10 +28,10 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")  # owner/name, o
 
 # =========================================================================== files
 def output_path(recipe: Recipe) -> Path:
-    """Where `dspark data` writes its conversations (default <train.output_dir>/data.jsonl)."""
+    """Where `dspark data` writes its conversations (default <run>/data.jsonl, where the trainer reads them)."""
     if recipe.data.output:
         return recipe.resolve_path(recipe.data.output)
-    return RunDir(recipe.resolve_path(recipe.train.output_dir)).data
+    return RunDir(recipe.run_dir).data
 
 
 def conversations_paths(recipe: Recipe) -> list[Path]:
@@ -241,26 +240,6 @@ def split_heldout(items: list, n: int, seed: int, key=lambda x: x["id"]) -> tupl
     ranked = sorted(items, key=lambda x: hashlib.sha256(f"{seed}:{key(x)}".encode()).hexdigest())
     held = {key(x) for x in ranked[:n]}
     return [x for x in items if key(x) not in held], [x for x in items if key(x) in held]
-
-
-def save_heldout_split(path: Path, conversations: list[Path], seed: int, held: list) -> None:
-    """heldout_ids.json: which conversations the trainer held out (and from which files), so calibration probes
-    exactly those."""
-    files = [str(p) for p in conversations]
-    write_atomic(path, json.dumps({"format_version": HELDOUT_VERSION,
-                                   "conversations": files[0] if len(files) == 1 else files,
-                                   "seed": seed, "ids": [str(c["id"]) for c in held]}, indent=1))
-
-
-def read_heldout_split(path: Path):
-    """heldout_ids.json as save_heldout_split writes it (a bare list of ids in the first runs), version-checked;
-    one line naming the file otherwise."""
-    raw = read_json_value(path)
-    if isinstance(raw, dict):
-        check_version(raw, path, HELDOUT_VERSION)
-    if not isinstance(raw, list) and not (isinstance(raw, dict) and isinstance(raw.get("ids"), list)):
-        raise ArtifactError(f'{path}: expected {{"format_version", "conversations", "seed", "ids": [...]}}')
-    return raw
 
 
 # =========================================================================== anchors and batches

@@ -1,6 +1,6 @@
 """A compact, memory-mapped cache of the target's features, so epochs ≥ 2 skip the target forward.
 
-`train.feature_cache` (off | bfloat16 | int8 | float32) stores, for every training sequence, the feature layers
+`data.feature_cache` (off | bfloat16 | int8 | float32) stores, for every training sequence, the feature layers
 and the final hidden state at each token: m + 1 rows of width d per token (SmolLM2: 6 × 576). bfloat16 costs
 2·(m+1)·d bytes per token; int8 stores each row quantised with its own absmax scale (fp32), (m+1)·(d + 4) bytes.
 p_t is recomputed from the cached final hidden state at the block positions (the LM head is cheap there), and the
@@ -22,7 +22,7 @@ revision, architecture, sizes, feature layers, tokenizer hash; the precision it 
 `auto`; adapter, inline config and seed), the data (the conversation files' sha256, max_seq_len) and the storage
 format. A changed key is a different
 directory: nothing stale is ever read (a run's own cache root drops the directories of other keys; a shared root,
-`train.feature_cache_dir`, keeps them for other runs). Sequences are addressed by conversation id, so the
+`data.feature_cache_dir`, keeps them for other runs). Sequences are addressed by conversation id, so the
 held-out split, γ and max_prompts do not change the key. Each rank writes its own shards and reads any rank's
 (it rescans the directory on a miss); under a sharded (ZeRO-3) target, whose forward needs every rank, the ranks
 agree per step whether to run it.
@@ -238,17 +238,17 @@ def cache_key_for(recipe, target, data_paths) -> tuple[str, dict]:
     paths = data_paths if isinstance(data_paths, (list, tuple)) else [data_paths]
     sha = [file_sha256(p) for p in paths]  # one file: its hash as before (existing caches keep their key)
     data_parts = {"conversations_sha256": sha[0] if len(sha) == 1 else sha, "max_seq_len": recipe.data.max_seq_len}
-    return cache_key(target_key_parts(recipe, target), data_parts, recipe.train.feature_cache)
+    return cache_key(target_key_parts(recipe, target), data_parts, recipe.data.feature_cache)
 
 
 def open_cache(recipe, run_root: Path, target, data_paths, rank: int) -> Optional[FeatureCache]:
-    """The recipe's cache (None when `train.feature_cache` is off): `<run_root>/<key>` by default (the run's
-    `RunDir.feature_cache`), `<train.feature_cache_dir>/<key>` when a shared root is set (where `dspark data`
+    """The recipe's cache (None when `data.feature_cache` is off): `<run_root>/<key>` by default (the run's
+    `RunDir.feature_cache`), `<data.feature_cache_dir>/<key>` when a shared root is set (where `dspark data`
     puts the features it captured)."""
-    fmt = recipe.train.feature_cache
+    fmt = recipe.data.feature_cache
     if fmt == "off":
         return None
     key, parts = cache_key_for(recipe, target, data_paths)
-    shared = recipe.train.feature_cache_dir
+    shared = recipe.data.feature_cache_dir
     root = Path(shared).expanduser() if shared else Path(run_root)
     return FeatureCache(root, key, parts, fmt, owns_root=not shared, rank=rank)

@@ -19,7 +19,7 @@ compaction), scheduler (SPS profile per machine key, Algorithm 1), retune (the a
 machine), attention (row-exact bf16 verification), copy (the copy drafter: incremental n-gram index,
 calibrated estimates), hybrid (drafter + copy trees), decoder (loop).
 """
-from .copy import CopyConfig, CopyDrafter, CopyIndex, CopyPrior, fit_copy_prior
+from .copy_drafter import CopyConfig, CopyDrafter, CopyIndex, CopyPrior, fit_copy_prior
 from .decoder import BatchTrace, DecodeTrace, RoundTrace, SpeculativeDecoder, find_stop
 from .retune import policy_for_machine
 from .sampling import SamplingParams, accept_rate, residual, sample_without_replacement, warp

@@ -19,18 +19,18 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import DynamicCache
 
+from ..config import MODES
 from ..policy.calibration import read_calibration
 from .attention import use_row_exact_attention
 from .batch import BatchTrace, decode_batch
 from .cache import keep_slots
-from .copy import CopyDrafter, prior_from_calibration
+from .copy_drafter import CopyDrafter, prior_from_calibration
 from .hybrid import HybridDrafting, HybridPolicy
 from .sampling import SamplingParams, accept_rate, sample, warp
 from .retune import policy_for_machine
 from .scheduler import LoadAwareScheduler, SPSProfile, load_or_measure_sps, machine_key, smooth_sps
 from .tree import COPY, DRAFTER, DraftTree, TreePolicy, accept_greedy, accept_sampling, draft_tree, tree_mask
 
-MODES = ("chain", "tree", "adaptive", "hybrid")
 SOURCE_NAMES = {DRAFTER: "drafter", COPY: "copy", DRAFTER | COPY: "both"}
 
 

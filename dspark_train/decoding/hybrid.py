@@ -2,7 +2,7 @@
 round, verified in one target pass.
 
 A round (`HybridDrafting.draft`):
-1. The copy drafter (copy.py) proposes continuations of the committed tokens, each token with an estimate
+1. The copy drafter (copy_drafter.py) proposes continuations of the committed tokens, each token with an estimate
    of its acceptance given its predecessors.
 2. Unless the best copy candidate's first token is confident (estimate ≥ `HybridPolicy.skip_drafter`) and
    the cost curve admits it on its own (a copy round will replace the drafter's), the drafter drafts its tree
@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .copy import CopyCandidate, CopyDrafter
+from .copy_drafter import CopyCandidate, CopyDrafter
 from .sampling import SamplingParams
 from .tree import COPY, DRAFTER, DraftTree, TreePolicy, draft_tree
 

@@ -30,7 +30,7 @@ from ..policy.calibration import child_widths, read_adaptive
 from ..policy.slotmaps import IDENTITY, SlotMap
 from .sampling import Draws, SamplingParams, as_draws, residual, warp
 
-DRAFTER, COPY = 1, 2  # node sources (bits): proposed by the drafter, by the copy drafter (decoding/copy.py)
+DRAFTER, COPY = 1, 2  # node sources (bits): proposed by the drafter, by the copy drafter (decoding/copy_drafter.py)
 
 
 @dataclass

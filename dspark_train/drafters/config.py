@@ -5,7 +5,7 @@ from typing import Optional
 
 from transformers import PretrainedConfig
 
-from ..config import DrafterConfigSection
+from ..config import DRAFTER_HEADS, DRAFTER_KINDS, DrafterConfigSection
 
 FORMAT_VERSION = 1
 FINGERPRINT_KEYS = ("num_hidden_layers", "hidden_size", "vocab_size", "feature_layers", "tokenizer_hash")
@@ -32,10 +32,10 @@ class DrafterConfig(PretrainedConfig):
                  mask_token_id: Optional[int] = None, initializer_range: float = 0.02,
                  target_fingerprint: Optional[dict] = None, format_version: int = FORMAT_VERSION,
                  qk_norm: bool = False, sample_from_anchor: bool = True, **kwargs):
-        if kind not in ("dspark", "medusa"):
-            raise ValueError(f"drafter kind must be dspark or medusa, got {kind!r}")
-        if head not in ("markov", "rnn", "none"):
-            raise ValueError(f"drafter head must be markov, rnn or none, got {head!r}")
+        if kind not in DRAFTER_KINDS:
+            raise ValueError(f"drafter kind must be one of {', '.join(DRAFTER_KINDS)}, got {kind!r}")
+        if head not in DRAFTER_HEADS:
+            raise ValueError(f"drafter head must be one of {', '.join(DRAFTER_HEADS)}, got {head!r}")
         if num_attention_heads % num_key_value_heads:
             raise ValueError(f"num_attention_heads {num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {num_key_value_heads}")

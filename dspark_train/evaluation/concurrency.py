@@ -38,8 +38,9 @@ from ..layout import atomic_path, write_atomic
 from ..policy.calibration import describe_noise
 from ..runlock import holds_lock
 from ..target import load_target
-from .evaluate import EvalConfig, fit_prompt, generation_kwargs, load_benchmark, prompt_label, target_config
+from .evaluate import fit_prompt, generation_kwargs, load_benchmark, prompt_label, target_config
 from .lossless import LosslessError, classify_divergences, verdict
+from .settings import EvalConfig
 from .report import first_divergence
 
 CONCURRENCY_JSON, CONCURRENCY_MD, CONCURRENCY_PLOT = ("concurrency.json", "concurrency.md",

@@ -6,14 +6,14 @@ cancels instead of biasing one method. Plain decoding also runs in the other of 
 speedup is given twice: against plain decoding at the same precision (the papers' convention) and against the
 fastest plain decoding this machine offers (what a user would otherwise run; hardware.py explains why the two
 differ on CPUs without bf16 units). This module measures; report.py holds the report's fields (the
-binding schema of docs/method.md §7), report.md and the plots. The library takes an `EvalConfig`; the flags
-that fill it are cli.py's.
+binding schema of docs/method.md §7), report.md and the plots. The library takes an `EvalConfig` (settings.py,
+whose fields cli.py turns into the flags).
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -25,22 +25,17 @@ from ..artifacts.reader import load_artifact, resolve_artifact
 from ..data.chat import prompt_ids, stop_token_ids, user_messages
 from ..config import RecipeError, TargetConfig, load_recipe
 from ..decoding import SpeculativeDecoder
-from ..decoding.decoder import MODES
 from ..hardware import AUTO_DTYPES, detect
-from ..layout import (ARTIFACT, CALIBRATION, CONFIG, FINAL, OUTPUTS, RECIPE, REPORT_JSON, REPORT_MD, DataFileError,
-                      iter_jsonl, read_json)
+from ..layout import ARTIFACT, CALIBRATION, FINAL, OUTPUTS, REPORT_JSON, REPORT_MD, DataFileError, iter_jsonl
 from .expectation import add_tuner_checks
 from .lossless import LosslessError, classify_divergences, verdict
+from .settings import BASELINES, BENCHMARKS, DECODER_BASELINES, EvalConfig
 from .report import (RoundStat, Sample, assemble, fastest_plain, lossless_errors, method_metrics,
                      render_markdown, speedup_over, write_outputs, write_report)
 from ..runlock import holds_lock
+from ..runrecord import target_of
 from ..target import PromptTooLong, load_target
 
-BENCHMARKS = ("gsm8k", "mt-bench", "humaneval", "mbpp")
-BASELINES = ("prompt-lookup", "assisted", "drafter-only", "copy-only")
-# our own decoder without the copy drafter / without the learned drafter: baselines of hybrid runs only
-DECODER_BASELINES = ("drafter-only", "copy-only")
-DTYPES = ("auto", *AUTO_DTYPES)
 PLAIN = "plain"
 
 
@@ -53,81 +48,6 @@ Method = Callable[[list[int], int], tuple[list[int], list[RoundStat]]]  # (promp
 
 class BenchmarkError(RecipeError):
     """A malformed benchmark file: the one-line message names the file and the line (the CLI exits 2)."""
-
-
-# --------------------------------------------------------------------------- settings
-@dataclass
-class EvalConfig:
-    """What `dspark eval` measures and how. Each field is the flag of the same name (`max_new_tokens` is
-    `--max-new-tokens`, `progress=False` is `--no-progress`); a bad value is a RecipeError naming the flag."""
-
-    artifact: str  # drafter artifact directory or Hub id
-    target: Optional[str] = None  # model id/path or recipe YAML; None: the artifact's recipe, else its fingerprint
-    benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))  # names or jsonl paths
-    n: int = 50  # prompts per benchmark (the first n; 0 = all)
-    max_new_tokens: int = 256
-    mode: str = "chain"  # chain | tree | adaptive | hybrid (adaptive, or tree without calibration, + copy branches)
-    hybrid: bool = False  # merge the copy drafter's branches into the mode's trees (always on in mode hybrid)
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int = 0  # sampling seed (each prompt and method reseeds)
-    dtype: str = "auto"  # target dtype; auto: bfloat16 where the hardware computes it, else float32 (hardware.py)
-    device: Optional[str] = None  # None: cuda when available, else cpu
-    out: str = "runs/eval"  # report.json, report.md, plots
-    multi_turn: bool = False  # all turns; later turns see the target's own previous answers
-    save_outputs: bool = False  # every generation in outputs.jsonl
-    compare: list[str] = field(default_factory=list)  # more drafter artifacts, measured in the same run
-    # transformers' prompt-lookup / assisted; hybrid runs only: our decoder without copy branches / copying alone
-    baselines: list[str] = field(default_factory=lambda: ["prompt-lookup", "assisted", "drafter-only"])
-    fastest_plain: bool = True  # also time plain decoding in the other of float32/bfloat16
-    prompt_lookup_tokens: int = 10  # prompt_lookup_num_tokens
-    assistant: Optional[str] = None  # small model with the target's tokenizer, for assisted generation
-    threads: Optional[int] = None  # torch CPU threads
-    # benchmark names resolve to <data_root>/eval/<name>.jsonl; relative: to the current directory (from the
-    # checkout's root, the shared data beside it)
-    data_root: str = "../shared/data"
-    progress: bool = True
-    truncate_prompts: bool = False  # keep the last (window - max_new_tokens) tokens of a prompt that does not fit
-    # decode R requests together, speculative vs batched plain (evaluation/concurrency.py); empty: one at a time
-    concurrency: list[int] = field(default_factory=list)
-
-    def __post_init__(self):
-        def bad(name: str, why: str):
-            raise RecipeError(f"--{name.replace('_', '-')}: {why}")
-
-        for name in ("n", "max_new_tokens", "top_k", "seed", "prompt_lookup_tokens", "threads", "temperature", "top_p"):
-            v, kind = getattr(self, name), (int, float) if name in ("temperature", "top_p") else int
-            if (v is not None or name != "threads") and (isinstance(v, bool) or not isinstance(v, kind)):
-                bad(name, f"expected {'a number' if kind is not int else 'an integer'}, got {v!r}")
-        if not self.benchmarks:
-            bad("benchmarks", "no benchmark given")
-        if self.n < 0:
-            bad("n", f"must be >= 0 (0 = all prompts), got {self.n}")
-        if self.max_new_tokens < 1:
-            bad("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        if self.mode not in MODES:
-            bad("mode", f"expected one of {', '.join(MODES)}, got {self.mode!r}")
-        if not isinstance(self.hybrid, bool):
-            bad("hybrid", f"expected true or false, got {self.hybrid!r}")
-        self.hybrid = self.hybrid or self.mode == "hybrid"
-        if not 0 <= self.temperature < float("inf"):
-            bad("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            bad("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
-        if self.dtype not in DTYPES:
-            bad("dtype", f"expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        unknown = set(self.baselines) - set(BASELINES)
-        if unknown:
-            bad("baselines", f"unknown {sorted(unknown)} (known: {', '.join(BASELINES)})")
-        if self.prompt_lookup_tokens < 1:
-            bad("prompt_lookup_tokens", f"must be >= 1, got {self.prompt_lookup_tokens}")
-        if self.threads is not None and self.threads < 1:
-            bad("threads", f"must be >= 1, got {self.threads}")
-        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.concurrency):
-            bad("concurrency", f"expected request counts >= 1, got {self.concurrency!r}")
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -191,22 +111,12 @@ def prompt_label(bench: Benchmark, i: int, turn: int) -> str:
 
 # --------------------------------------------------------------------------- loading
 def target_config(target: Optional[str], artifact: Path, dtype: Optional[str]) -> TargetConfig:
-    """`--target` as a recipe file or a model id/path; absent: the artifact's recipe, else its fingerprint.
-    `dtype` (when given) replaces the recipe's."""
+    """`--target` as a recipe file or a model id/path; absent: the artifact's (runrecord.target_of). `dtype` (when
+    given) replaces the recipe's."""
     if target is not None and Path(target).suffix in (".yaml", ".yml"):
         cfg = load_recipe(target).target
-    elif target is not None:
-        cfg = TargetConfig(model=target)
-    elif (artifact / RECIPE).is_file():  # only its target matters: other machines' paths must not fail
-        cfg = load_recipe(artifact / RECIPE, ["distributed.accelerate_config=null", "target.config_path=null"]).target
     else:
-        conf = artifact / CONFIG
-        if not conf.is_file():
-            raise FileNotFoundError(f"artifact {artifact}: {CONFIG} not found")
-        fp = read_json(conf).get("target_fingerprint") or {}
-        if not fp.get("model_id") or fp["model_id"].startswith("inline:"):
-            raise RecipeError(f"{conf}: target_fingerprint names no loadable model; pass --target")
-        cfg = TargetConfig(model=fp["model_id"], revision=fp.get("revision"))
+        cfg = TargetConfig(model=target) if target is not None else target_of(artifact)
     if dtype is not None:
         cfg.dtype = dtype
     return cfg

@@ -26,7 +26,7 @@ Fields (slot k = 1..γ; per-position lists have γ entries):
     copy (optional)                      the copy drafter's acceptance prior for hybrid decoding: per feature
                                          cell (match-length bucket × agreement, `cells`) `hits` and `trials`
                                          of copy drafting replayed over the held-out greedy answers, shrunk to
-                                         `weight` pseudo-trials (decoding/copy.py `CopyPrior`)
+                                         `weight` pseudo-trials (decoding/copy_drafter.py `CopyPrior`)
 
 The decoder needs only `maps` (or `temperatures` and `biases`) and `adaptive` (`read_adaptive`): a
 hand-written file may hold just those. Hybrid decoding also reads `copy` and, under the same machine key,

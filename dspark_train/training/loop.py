@@ -8,7 +8,7 @@ the optimizer; `restore` the latest checkpoint if there is one; fix the schedule
 recipe's max_steps, or a throughput probe under `train.max_minutes`, schedule.py); then each `train_step`
 accumulates `loss_step` over micro-batches and logs a `step_record`, the loop evaluates (every `eval_every` steps
 and at the `eval_at_minutes` points of the training clock) and checkpoints on schedule; `save_final` writes the
-drafter. Target features come online or through the feature cache (`train.feature_cache`, feature_cache.py).
+drafter. Target features come online or through the feature cache (`data.feature_cache`, feature_cache.py).
 
 Under DeepSpeed two plugins run side by side (launch.py): "drafter" (ZeRO-2/3, trained) and "target" (ZeRO-3
 inference, the frozen target sharded across ranks). Checkpoints (checkpoint.py) are consolidated and world-size
@@ -33,9 +33,10 @@ import torch
 from .checkpoint import Progress, gather_full_state, restore, save_checkpoint
 from ..config import Recipe, RecipeError, TrainConfig, exit_code, load_recipe, recipe_to_yaml
 from ..data.examples import (Batch, Example, GlobalOrder, conversations_paths, eval_batches, load_conversations,
-                             save_heldout_split, split_heldout, tokenize, train_batch)
+                             split_heldout, tokenize, train_batch)
 from ..data.feature_cache import FeatureSource, open_cache
 from ..hardware import record_lines, resolve_mixed_precision, run_record
+from ..runrecord import save_heldout_split
 from .launch import deepspeed_plugins
 from .logs import MetricsLog, show_step, step_record
 from ..layout import RunDir, replace_dir, staging_dir, write_atomic
