@@ -381,7 +381,7 @@ def test_smollm2_sampled_decoding_follows_the_target_law_single_and_batched(temp
     g = torch.Generator().manual_seed(3)
     single, accepted = torch.zeros(V), 0
     for _ in range(1000):
-        tr = dec.generate(prompt, 2, temperature=temperature, eos_token_id=[], generator=g)
+        tr = dec.generate(prompt, 3, temperature=temperature, eos_token_id=[], generator=g)  # room for a draft
         accepted += tr.rounds[0].n_accepted
         if tr.tokens[0] == x1:
             single[tr.tokens[1]] += 1
@@ -391,7 +391,7 @@ def test_smollm2_sampled_decoding_follows_the_target_law_single_and_batched(temp
     second, third, admitted = torch.zeros(V), torch.zeros(V), 0
     for seed in range(6):
         sched = LoadAwareScheduler(_linear_sps(1 / 4096), draft_cost=lambda r: 0.0)
-        bt = dec.generate_batch([prompt] * 400, 3, temperature=temperature, eos_token_id=[], seed=seed,
+        bt = dec.generate_batch([prompt] * 400, 4, temperature=temperature, eos_token_id=[], seed=seed,
                                 scheduler=sched)
         admitted += sum(s["tokens"] - s["requests"] for s in bt.steps)
         for tr in bt.requests:
