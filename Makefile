@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
 .PHONY: setup lint test test-all demo bench curve clean engine-check data-server-check peer results gpu-check \
-	served-eval methods
+	load-eval served-eval methods
 
 setup: $(STAMP)
 
@@ -96,6 +96,17 @@ peer: setup $(ENGINE_STAMP)
 CURVE_ARGS ?=
 curve: setup
 	$(PY) -m bench.learning_curve --parallel 2 $(CURVE_ARGS)
+
+# [T] under load and at temperature (bench/load.py): speculative vs plain at R = 1,2,4,8,16 requests decoded together
+# (table + plot), sampled evals at T = 0.7 and 1.0 next to greedy (table), the policy over 3 calibrations (one with a
+# core kept busy), as eval/results/{concurrency,temperature,calibration-stability}-<cpu>.{json,md} with the commands.
+# Needs `make demo` first (runs/demo and its artifact); about 1.5 h on 2 cores; wall-clock figures: run it on a
+# quiet machine.
+# Smoke: make load-eval LOAD_ARGS="--parts concurrency --concurrency 1,2 --n 2 --max-new-tokens 8 --label smoke"
+LOAD_RUN ?= runs/demo
+LOAD_ARGS ?=
+load-eval: setup
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m bench.load $(LOAD_RUN)/artifact --run $(LOAD_RUN) $(LOAD_ARGS)
 
 # docs/results.md and the README's table, from the committed eval/results/*.json (bench/results.py)
 results: setup

@@ -169,8 +169,14 @@ def cmd_eval(args):
     from .evaluation.lossless import LosslessError
     from .evaluation.served import ServedError, run_served_eval
     cfg, served = eval_config(args), served_config(args)
+    if cfg.concurrency and served:
+        raise RecipeError("--concurrency: decodes with our batched decoder, not with --engine")
     try:
-        run_served_eval(cfg, served) if served else run_eval(cfg)
+        if cfg.concurrency:
+            from .evaluation.concurrency import run_concurrency
+            run_concurrency(cfg)
+        else:
+            run_served_eval(cfg, served) if served else run_eval(cfg)
     except LosslessError as e:
         print(f"LOSSLESS CHECK FAILED: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -208,3 +208,58 @@ def test_methods_trains_and_evaluates_every_method(tmp_path):
         assert row["modes"]["chain"]["mbpp"]["tau"] >= 1
     assert json.loads((tmp_path / "runs" / "eagle3" / "final" / "config.json").read_text())["kind"] == "eagle3"
     assert (tmp_path / "methods.png").read_bytes()[:4] == b"\x89PNG" and "| eagle3 |" in out
+
+
+def test_bench_load_concurrency_table_and_plot_on_the_tiny_target(artifact, tmp_path):
+    """[T] smoke (`make load-eval`'s first part): the speedup-vs-concurrency result file on the tiny artifact, with the
+    bench.load invocation and the dspark command that made it, the CPU, a row per R and dev set, the goals, the plot;
+    a missing artifact is refused before anything runs."""
+    out = tmp_path / "results"
+    bench("load", artifact, "--parts", "concurrency", "--benchmarks", "mbpp", "--concurrency", "1,2", "--n", 2,
+          "--max-new-tokens", 6, "--eval-arg=--dtype", "--eval-arg=float32", "--out-dir", out, "--label", "t",
+          env={"DSPARK_CACHE": str(tmp_path / "cache")})
+    [result] = out.glob("concurrency-*-t.json")
+    data = json.loads(result.read_text())
+    assert data["commands"][0].startswith("python -m bench.load ") and "--concurrency 1,2" in data["commands"][0]
+    assert data["commands"][1].startswith(f"dspark eval {artifact} --concurrency 1,2 --benchmarks mbpp")
+    assert data["cpu"].startswith("cpu: ") and data["report"]["dtype"] == "float32"
+    assert set(data["speedup_by_r"]["mbpp"]) == {"1", "2"} and all(x > 0 for x in data["speedup_by_r"]["mbpp"].values())
+    assert data["goals"]["mbpp: identical to plain one-at-a-time, every request, every R"] is True
+    assert "| 2 |" in data["markdown"] and "Goals:" in data["markdown"]
+    assert result.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    p = subprocess.run([sys.executable, "-m", "bench.load", str(tmp_path / "nothing"), "--parts", "concurrency"],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "no such directory" in p.stderr and "make demo" in p.stderr
+
+
+@pytest.mark.slow
+def test_bench_load_writes_the_three_result_files_on_the_tiny_target(run, artifact, tmp_path):
+    """[T]: bench.load's three parts on the tiny run (calibrated first: the temperature part decodes in adaptive
+    mode), each writing its result file with the commands and the CPU, and its goals checked."""
+    import shutil
+
+    from dspark_train.calibration.calibrate import run_calibration
+    quick = ["calibrate.texts=0", "calibrate.prompts=1", "calibrate.measure=false", "calibrate.max_new_tokens=8"]
+    calibrated = tmp_path / "artifact"
+    shutil.copytree(artifact, calibrated)
+    run_calibration(run, overrides=quick, out=calibrated, quiet=True)
+    out = tmp_path / "results"
+    bench("load", calibrated, "--run", run, "--benchmarks", "mbpp", "--concurrency", "1,2", "--n", 2, "--n-sampled", 1,
+          "--max-new-tokens", 6, "--temperatures", "0,1.0", "--calibrations", 2,
+          *[a for s in quick for a in ("--calibrate-set", s)], "--out-dir", out, "--label", "t",
+          env={"DSPARK_CACHE": str(tmp_path / "cache")})
+    files = {p.name for p in out.iterdir()}
+    slug = next(f for f in files if f.startswith("concurrency-") and f.endswith("-t.json")).removeprefix(
+        "concurrency-").removesuffix("-t.json")
+    for stem in ("concurrency", "temperature", "calibration-stability"):
+        data = json.loads((out / f"{stem}-{slug}-t.json").read_text())
+        assert data["commands"] and data["cpu"].startswith("cpu: ") and data["goals"], stem
+        assert (out / f"{stem}-{slug}-t.md").read_text().count("Goals:") == 1
+    assert f"concurrency-{slug}-t.png" in files
+    conc = json.loads((out / f"concurrency-{slug}-t.json").read_text())
+    assert conc["report"]["concurrency"] == [1, 2] and "--concurrency 1,2" in conc["commands"][0]
+    temp = json.loads((out / f"temperature-{slug}-t.json").read_text())
+    assert set(temp["table"]["mbpp"]) == {"0.0", "1.0"} and temp["table"]["mbpp"]["0.0"]["tuner"] is not None
+    stab = json.loads((out / f"calibration-stability-{slug}-t.json").read_text())
+    assert [c["loaded"] for c in stab["calibrations"]] == [False, True]
+    assert "(another process busy on one core)" in stab["commands"][2]

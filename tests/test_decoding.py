@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from dspark_train.config import DrafterConfigSection, TargetConfig
-from dspark_train.decoding import SPSProfile, SpeculativeDecoder, TreePolicy, tree_mask
+from dspark_train.decoding import LoadAwareScheduler, SPSProfile, SpeculativeDecoder, TreePolicy, tree_mask
 from dspark_train.decoding.attention import row_exact, use_row_exact_attention
 from dspark_train.decoding.cache import keep_slots
 from dspark_train.drafters import build_drafter
@@ -316,15 +316,27 @@ def test_tree_verify_and_kv_compaction_match_plain_forwards(small):
 
 
 # ---------------------------------------------------------------------- batching
-def test_batched_ragged_verify_equals_generate(small):
-    dec = SpeculativeDecoder(small, make_drafter(small))
-    ps = prompts(6, 16, seed=6)
+@pytest.mark.parametrize("kind,head", [("dspark", "markov"), ("dspark", "rnn"), ("dspark", "none"),
+                                       ("medusa", "none"), ("plain", None)])
+def test_batched_decoding_equals_plain_decoding_per_request(small, kind, head):
+    """[T] 1: every request of a batch (R = 1, 3, 8; ragged prompt lengths) gets exactly its own plain greedy decode,
+    whatever the drafter kind, however the lengths are picked (Algorithm 1 pair by pair, column by column with the
+    load-aware skip, a confidence threshold, the full chain); without a drafter it is batched plain decoding."""
+    drafter = None if kind == "plain" else make_drafter(small, head, kind)
+    dec = SpeculativeDecoder(small, drafter)
+    ps = prompts(8, 16, seed=6)
     refs = [hf_greedy(small, p, 20) for p in ps]
     sps = SPSProfile([1, 4, 8, 16, 32], [1.0, 0.97, 0.9, 0.75, 0.5])
-    for kw in (dict(sps=sps), dict(conf_threshold=0.3), dict()):
-        bt = dec.generate_batch(ps, 20, eos_token_id=[], **kw)
-        assert [tr.tokens for tr in bt.requests] == refs
-        assert all(s["tokens"] >= s["requests"] for s in bt.steps)
+    ways = [dict(sps=sps), dict(conf_threshold=0.3), dict(),
+            dict(scheduler=LoadAwareScheduler(sps, padded=False, draft_cost=lambda r: 0.0)),
+            dict(scheduler=LoadAwareScheduler(sps, draft_cost=lambda r: 0.3 * r, probe_every=2))]
+    for R in (1, 3, 8):
+        for kw in ways if kind != "plain" else [dict()]:
+            bt = dec.generate_batch(ps[:R], 20, eos_token_id=[], **kw)
+            assert [tr.tokens for tr in bt.requests] == refs[:R], (R, kw)
+            assert all(s["tokens"] >= s["requests"] for s in bt.steps)
+            if kind == "plain":
+                assert all(s["tokens"] == s["requests"] and not s["drafted"] for s in bt.steps)
     # ragged: requests end at different rounds, and later rounds run with fewer rows
     eos = [refs[0][3], refs[1][9]]
     bt = dec.generate_batch(ps, 20, eos_token_id=eos, sps=sps)
@@ -332,6 +344,95 @@ def test_batched_ragged_verify_equals_generate(small):
         cut = next((i + 1 for i, t in enumerate(ref) if t in eos), len(ref))
         assert tr.tokens == ref[:cut]
     assert bt.steps[-1]["requests"] < len(ps)
+    assert sorted(tr.t_total for tr in bt.requests)[0] < bt.t_total  # the first to finish left the batch early
+
+
+def test_batched_drafting_is_one_drafter_pass_per_round_and_matches_per_request_drafting(small):
+    """[T] 2: a round drafts every request in one backbone pass (ragged contexts); each request's block equals the
+    batch-1 `propose` of its own context; a kind without the batched path drafts request by request."""
+    from dspark_train.drafters.batched import extend_ragged, init_ragged, propose_ragged, select_ragged
+
+    for kind, head in (("dspark", "markov"), ("dspark", "rnn"), ("medusa", "none")):
+        d = make_drafter(small, head, kind)
+        g = torch.Generator().manual_seed(0)
+        lens, more = [3, 7, 5], [2, 0, 4]
+        outs = [small.forward_features(torch.randint(0, 16, (1, n + 6), generator=g)) for n in lens]
+        st = init_ragged(d, 3)
+        for step, counts in enumerate((lens, more)):
+            start = [0] * 3 if step == 0 else lens
+            n = max(counts)
+            feats = torch.zeros(3, n, outs[0].features.shape[-1])
+            hidden = torch.zeros(3, n, small.hidden_size)
+            for r, (o, s0, c) in enumerate(zip(outs, start, counts)):
+                feats[r, :c], hidden[r, :c] = o.features[0, s0:s0 + c], o.last_hidden[0, s0:s0 + c]
+            extend_ragged(d, st, feats, hidden, counts)
+        anchors = torch.tensor([5, 6, 7])
+        block = propose_ragged(d, st, anchors)
+        for r in range(3):
+            one = d.init_state(1)
+            d.extend_context(one, outs[r].features[:, :lens[r] + more[r]], outs[r].last_hidden[:, :lens[r] + more[r]])
+            torch.testing.assert_close(block.draft_logits[r], d.propose(one, anchors[r:r + 1]).draft_logits[0],
+                                       atol=1e-5, rtol=1e-5)
+        select_ragged(st, [2, 0])
+        torch.testing.assert_close(propose_ragged(d, st, anchors[[2, 0]]).draft_logits, block.draft_logits[[2, 0]])
+
+    drafter = make_drafter(small)
+    calls = {"propose": 0}
+    real = drafter.propose
+
+    def counted(*a, **k):
+        calls["propose"] += 1
+        return real(*a, **k)
+    drafter.propose = counted  # the batch-1 entry point: the batched loop must not use it per request
+    bt = SpeculativeDecoder(small, drafter).generate_batch(prompts(8, 16, seed=2), 12, eos_token_id=[])
+    assert calls["propose"] == 0 and all(s["drafted"] for s in bt.steps)
+    assert all(s["t_propose"] > 0 and s["t_head_steps"] > 0 for s in bt.steps)
+
+
+def test_the_scheduler_falls_back_to_plain_decoding_where_verification_is_not_free(small):
+    """[T] 4: with verification nearly free at one request and costly at many (SPS(B) of a CPU) and drafting costing
+    what it costs, the load-aware scheduler drafts at R = 1 and stops running the drafter at R = 8 (it probes now
+    and then); the output is plain decoding's either way."""
+    sps = SPSProfile([1, 2, 4, 8, 16, 32, 64], [10.0, 9.8, 9.5, 6.0, 3.5, 1.9, 1.0])  # steps/s
+    drafter = make_drafter(small, block=4)
+    dec = SpeculativeDecoder(small, drafter)
+    ps = prompts(8, 16, seed=8)
+
+    def drafted_share(R):
+        sched = LoadAwareScheduler(sps, draft_cost=lambda r: 0.01, probe_every=8)
+        bt = dec.generate_batch(ps[:R], 24, eos_token_id=[], scheduler=sched)
+        assert [tr.tokens for tr in bt.requests] == [hf_greedy(small, p, 24) for p in ps[:R]]
+        return sum(s["drafted"] for s in bt.steps) / len(bt.steps)
+
+    assert drafted_share(1) == 1.0
+    assert drafted_share(8) <= 0.25
+
+
+def test_batched_greedy_is_each_requests_own_decode_at_every_concurrency(small):
+    """[T] goal, fp32: at R = 1, 2, 4, 8, 16 requests decoded together, with ragged prompts and requests that stop at
+    different rounds, every request gets exactly its own plain greedy decode: under the load-aware scheduler on a
+    CPU-like SPS(B) (drafting at few requests; at many, plain rounds with a drafted probe every 2, so the drafter
+    catches up on what plain rounds committed) and with full chains every round (the masked cache compacted)."""
+    sps = SPSProfile([1, 2, 4, 8, 16, 32, 64, 128], [10.0, 9.8, 9.5, 6.0, 3.5, 1.9, 1.0, 0.5])
+    dec = SpeculativeDecoder(small, make_drafter(small, block=4))
+    ps = prompts(16, 16, seed=11)
+    refs = [hf_greedy(small, p, 40) for p in ps]
+
+    def cut(ref, t):
+        return ref.index(t) + 1 if t in ref else len(ref)
+    # a stop token that ends 2..12 of the 16 requests early, not the first
+    eos = next(t for t in sorted(set(sum(refs, []))) if cut(refs[0], t) >= 10 and 2 <= sum(
+        cut(r, t) < 40 for r in refs) <= 12)
+    want = [ref[:cut(ref, eos)] for ref in refs]
+    for R in (1, 2, 4, 8, 16):
+        for kw in (dict(scheduler=LoadAwareScheduler(sps, draft_cost=lambda r: 0.01, probe_every=2)), dict()):
+            bt = dec.generate_batch(ps[:R], 40, eos_token_id=[eos], **kw)
+            assert [tr.tokens for tr in bt.requests] == want[:R], (R, kw)
+            drafted = [s["drafted"] for s in bt.steps]
+            if R == 1 or not kw:
+                assert all(drafted)
+            elif R == 16:
+                assert any(drafted) and not all(drafted)
 
 
 def test_retrospective_scheduler_is_refused_under_sampling(small):

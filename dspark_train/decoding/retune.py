@@ -6,9 +6,9 @@ name, the CPU flags that decide matmul speed, threads, dtype). Under the same ke
 tuned. Under another key (another machine, dtype or thread count) it is re-tuned here, not reused blindly:
 
 - SPS(B) is measured on this machine (the cached profiler, `scheduler.cost_profile`);
-- the round cost beside the verify forward is measured here (`measure_round_cost`: drafting rounds at width 1 and
-  at the probe's width, so each candidate policy is charged for the nodes it drafts; the held-out rounds'
-  bookkeeping, measured on the calibrating machine, scaled by the ratio of drafting times);
+- the round cost beside the verify forward is measured here (`measure_round_cost`: real decode rounds of plain
+  decoding, short and full chains and the probe's tree, so each candidate policy is charged for the nodes it drafts
+  and plain decoding for its own bookkeeping, on the cost curve's time scale whatever the load while measuring);
 - the tuner's threshold search (adaptive.py, numpy only) re-runs on the held-out rounds calibration.json stores.
 
 The calibrated confidences (the per-slot maps, slotmaps.py) carry over; the cost curve does not. The search takes
@@ -19,69 +19,63 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ..policy.adaptive import RoundCost, tune_adaptive
+from ..policy.adaptive import PLAIN, RoundCost, evaluate_policy, tune_adaptive
 from ..policy.calibration import AdaptivePolicy, HeldoutStats, read_calibration
 from ..layout import check_version, read_json, write_atomic
 from ..policy.slotmaps import read_maps
-from .sampling import SamplingParams
 from .scheduler import SPSProfile, cache_root, cost_profile, machine_key
-from .tree import TreePolicy, draft_tree
+from .tree import TreePolicy
 
-POLICY_VERSION = 1  # of a cached re-tuned policy (policy_<hash>.json)
+POLICY_VERSION = 2  # of a cached re-tuned policy (policy_<hash>.json; 2: round costs from real decode rounds)
 
 
 @torch.no_grad()
-def measure_draft_seconds(target, drafter, width: int, context: int = 64, repeats: int = 7, warmup: int = 2
-                          ) -> float:
-    """Median seconds of one probe-shaped drafting round on this machine: the backbone pass, the sequential head
-    expanding `width` candidates at each of γ depths, and the context extension by one committed position."""
-    dev = target.device
-    ids = torch.randint(0, target.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(dev)
-    out = target.forward_features(ids)
-    state = drafter.init_state(batch_size=1)
-    drafter.extend_context(state, out.features, out.last_hidden, ids)
+def measure_round_cost(generate: Callable, target, drafter, width: int, sps: Callable[[int], float],
+                       prompt: Optional[Sequence[int]] = None, max_new_tokens: int = 32, repeats: int = 2
+                       ) -> RoundCost:
+    """The round cost beside the verify forward on this machine, from real greedy decode rounds (`generate`: the
+    SpeculativeDecoder's) of one prompt (default: 64 random tokens): plain decoding, a one-node chain, the full
+    chain and the probe-shaped tree (`width` candidates at each of γ depths), `repeats` times in turn.
+
+    Each round's overhead (drafting, mask, acceptance, KV and context update: t_draft + t_book) is divided by how
+    much slower than the cost curve the machine ran that round, t_verify·SPS(B) of its own verify forward: outside
+    load while measuring moves the overhead and the curve alike, so it does not move the tuner's decision (a profile
+    timed quiet and drafting timed under load once made the demo's tuner choose plain decoding). The drafted
+    policies' medians (nodes, overhead) give base + per_node·nodes by least squares; plain rounds give `plain`."""
     gamma = drafter.config.block_size
-    probe = TreePolicy([width] * gamma, beam=1, node_budget=width * gamma)
-    greedy = SamplingParams(0.0, 1.0, 0)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(warmup + repeats):
-        sync()
-        t0 = time.perf_counter()
-        draft_tree(drafter, state, int(ids[0, -1]), probe, greedy, gamma)
-        drafter.extend_context(state, out.features[:, -1:], out.last_hidden[:, -1:], ids[:, -1:])
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[warmup:])
+    if prompt is None:
+        prompt = torch.randint(0, target.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    policies = {"plain": TreePolicy([1] * gamma, node_budget=0), "chain-1": TreePolicy.chain(1),
+                "chain": TreePolicy.chain(gamma),
+                "probe": TreePolicy([width] * gamma, beam=1, node_budget=width * gamma)}
+    generate(prompt, max_new_tokens=4, policy=policies["probe"], eos_token_id=[])  # warm-up
+    rounds: dict[str, list] = {name: [] for name in policies}
+    for _ in range(repeats):
+        for name, policy in policies.items():
+            rounds[name] += generate(prompt, max_new_tokens=max_new_tokens, policy=policy, eos_token_id=[]).rounds
+
+    def overhead(r) -> float:
+        return (r.t_draft + r.t_book) / max(r.t_verify * sps(r.verified + 1), 1e-9)
+    plain = float(np.median([overhead(r) for r in rounds["plain"]]))
+    points = [(float(np.median([r.verified for r in rs])), float(np.median([overhead(r) for r in rs])))
+              for name, rs in rounds.items() if name != "plain" and rs]
+    n, o = np.array(points).T
+    per_node = max(0.0, float(np.polyfit(n, o, 1)[0])) if np.ptp(n) > 0 else 0.0
+    base = max(0.0, float(np.mean(o - per_node * n)))
+    return RoundCost(base, per_node, plain)
 
 
-def measure_round_cost(target, drafter, width: int, stats: Optional[HeldoutStats] = None,
-                       scale: float = 1.0) -> RoundCost:
-    """The round cost model on this machine: drafting rounds timed at width 1 and `width` (γ depths each) give a
-    base (backbone, context extension) and a per-node cost (head steps); the held-out rounds' bookkeeping (mask,
-    acceptance, cache update; their median, times `scale` when it was measured on another machine) joins the
-    base."""
-    gamma = drafter.config.block_size
-    one = measure_draft_seconds(target, drafter, 1)
-    wide = measure_draft_seconds(target, drafter, width) if width > 1 else one
-    per_node = max(0.0, (wide - one) / ((width - 1) * gamma)) if width > 1 else 0.0
-    book = float(np.nanmedian(stats.t_book)) * scale if stats is not None and len(stats) else 0.0
-    return RoundCost(max(0.0, one - per_node * gamma) + book, per_node)
-
-
-def retune(target, drafter, cal: dict, cache_dir: Optional[Path] = None) -> dict:
+def retune(target, drafter, cal: dict, generate: Callable, cache_dir: Optional[Path] = None) -> dict:
     """Re-run the adaptive threshold search for this machine on calibration.json's held-out rounds (see the
-    module docstring). Returns {"policy", "expected", "cost_profile", "draft_time_scale"}."""
+    module docstring). Returns {"policy", "expected", "expected_plain", "round_cost", "cost_profile"}."""
     stats = HeldoutStats.from_dict(cal["data"]["stats"])
     tuning = cal["data"].get("tuning") or {}
     max_width = int(tuning.get("max_width", stats.width))
@@ -89,21 +83,21 @@ def retune(target, drafter, cal: dict, cache_dir: Optional[Path] = None) -> dict
     max_b = min(max_nodes, stats.width * stats.gamma) + 1
     context = int(((cal.get("cost_profile") or {}).get("meta") or {}).get("context", 256))
     cost = cost_profile(target, max_b, context, cache_dir=cache_dir)
-    sps = SPSProfile(cost["tokens"], cost["steps_per_s"]).table(max_b)
-    recorded = float(np.nanmedian(stats.t_draft)) if len(stats) else 0.0
-    scale = measure_draft_seconds(target, drafter, stats.width) / recorded if recorded > 0 else 1.0
-    rounds = measure_round_cost(target, drafter, stats.width, stats, scale)
-    policy, expected = tune_adaptive(stats, read_maps(cal), sps, max_width, max_nodes, cost=rounds)
-    return {"policy": asdict(policy), "expected": expected.to_dict(), "draft_time_scale": round(scale, 4),
+    sps = SPSProfile(cost["tokens"], cost["steps_per_s"])
+    rounds = measure_round_cost(generate, target, drafter, stats.width, sps)
+    maps, table = read_maps(cal), sps.table(max_b)
+    policy, expected = tune_adaptive(stats, maps, table, max_width, max_nodes, cost=rounds)
+    return {"policy": asdict(policy), "expected": expected.to_dict(),
+            "expected_plain": evaluate_policy(stats, maps, PLAIN, table, rounds).to_dict(),
             "round_cost": asdict(rounds), "cost_profile": {k: v for k, v in cost.items() if k != "batches"}}
 
 
-def policy_for_machine(target, drafter, calibration: Union[str, Path, dict], cache_dir: Optional[Path] = None
-                    ) -> tuple[TreePolicy, dict]:
+def policy_for_machine(target, drafter, calibration: Union[str, Path, dict], cache_dir: Optional[Path] = None, *,
+                       generate: Callable) -> tuple[TreePolicy, dict]:
     """The decoder's adaptive TreePolicy for this machine, and a record of where it came from: `source`
     ("calibration.json" or "re-tuned on this machine"), `why`, this `machine` and the one it was `calibrated_on`,
-    the `policy` knobs (plus `expected` tokens/s, the local `cost_profile` and `draft_time_scale` when
-    re-tuned)."""
+    the `policy` knobs (plus `expected` tokens/s, the local `cost_profile` and `round_cost` when re-tuned).
+    `generate`: the decoder's, which times the decode rounds the round cost is measured from."""
     cal = read_calibration(calibration)
     gamma = drafter.config.block_size
     here, there = machine_key(target), (cal.get("cost_profile") or {}).get("machine")
@@ -126,7 +120,7 @@ def policy_for_machine(target, drafter, calibration: Union[str, Path, dict], cac
     else:
         print(f"adaptive policy: {why}; re-tuning on this machine (SPS(B) and drafting measured here, the "
               "threshold search re-run on the stored held-out rounds; cached)", file=sys.stderr, flush=True)
-        tuned = retune(target, drafter, cal, cache_dir)
+        tuned = retune(target, drafter, cal, generate, cache_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps({"format_version": POLICY_VERSION, **tuned}, indent=1))
     tuned.pop("format_version", None)

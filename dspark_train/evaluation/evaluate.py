@@ -35,6 +35,7 @@ from ..decoding.rules import generation_rules, plain_overrides
 from ..hardware import AUTO_DTYPES, detect
 from ..layout import (ARTIFACT, CALIBRATION, FINAL, OUTPUTS, REPORT_JSON, REPORT_MD, DataFileError,
                       iter_jsonl)
+from .expectation import add_tuner_checks
 from .lossless import Checked, LosslessError, Recording, checks_of, exact_attention_choice, judge, verdict
 from .settings import BASELINES, BENCHMARKS, DECODER_BASELINES, EvalConfig
 from .report import (RoundStat, Sample, assemble, fastest_plain, lossless_errors, method_metrics,
@@ -190,8 +191,8 @@ def decoder_method(decoder: SpeculativeDecoder, cfg: EvalConfig, eos_token_id, h
         out = decoder.generate(prompt, max_new_tokens=max_new_tokens, seed=seed, **sampling)
         # RoundTrace.verified counts the draft nodes; the verify pass also computes the anchor
         return out.tokens, [RoundStat(r.verified + 1, r.n_accepted, max(r.depths, default=0),
-                                      r.by_source() if hybrid else None, r.drafter_skipped) for r in out.rounds], \
-            out.record
+                                      r.by_source() if hybrid else None, r.drafter_skipped,
+                                      r.t_draft + r.t_verify + r.t_book) for r in out.rounds], out.record
     return run
 
 
@@ -384,6 +385,7 @@ def build_report(measured: Sequence[Measured], target, drafters: dict[str, dict]
     greedy = cfg.temperature <= 0
     per_drafter = {name: {m.benchmark.name: benchmark_report(m, target, name, baselines, greedy) for m in measured}
                    for name in drafters}
+    add_tuner_checks(per_drafter, measured, drafters, cfg.hybrid and "drafter-only" in baselines)
     caps = detect(target.device.type)
     environment = {"target": target.name, "device": target.device.type, "device_name": caps.name,
                    "machine": caps.to_dict(), "dtype": target.precision.value,

@@ -42,6 +42,7 @@ class RoundStat:
     depth: int  # draft positions that were verified (chain: drafted length; tree: deepest level)
     sources: Optional[dict] = None  # hybrid: {source: [verified nodes, accepted nodes]}
     skipped: bool = False  # hybrid: a confident copy match made the drafter's forward unnecessary
+    seconds: float = 0.0  # the round's measured time (draft + verify + bookkeeping): decode-only tokens/s
 
 
 @dataclass
@@ -316,6 +317,7 @@ def render_markdown(report: dict) -> str:
                       + _fmt(x.get("drafter_gap"), ".4f")
                       + (f" ({x['mismatch']})" if x.get("mismatch") else "")
                       for b, x in divs]
+        lines += _tuner_table(drafter["benchmarks"])
         policy = drafter.get("adaptive_policy")
         if policy:
             lines += ["", f"Adaptive policy: {_policy_text(policy.get('policy') or {})}; from {policy['source']} "
@@ -353,6 +355,26 @@ def _source_table(benchmarks: dict) -> list[str]:
              "| benchmark | drafter | copy | both | rounds without a drafter forward |", "|---|---|---|---|---|"]
     lines += [f"| {b} | {cell(src['drafter'])} | {cell(src['copy'])} | {cell(src['both'])} | {_fmt(skip, '.0%')} |"
               for b, src, skip in rows]
+    return lines
+
+
+def _tuner_table(benchmarks: dict) -> list[str]:
+    """The adaptive tuner's expected tokens/s and speedup next to the measured ones (decode-only; evaluation/
+    expectation.py)."""
+    rows = [(b, e["tuner"]) for b, e in benchmarks.items() if e.get("tuner")]
+    if not rows:
+        return []
+    lines = ["", f"The tuner's expectation ({rows[0][1]['source']}; decode-only tok/s, held-out τ "
+             f"{_fmt(rows[0][1]['expected_tau'])}) against this run's measurement of the tuned policy; the cost model "
+             "applied to each dev set's own measured rounds isolates the cost model from the difference in τ:", "",
+             "| benchmark | expected tok/s | measured tok/s (τ) | expected ÷ measured | cost model at this τ "
+             "(÷ measured) | expected speedup | measured speedup |", "|---|---|---|---|---|---|---|"]
+    for b, t in rows:
+        lines.append(f"| {b} | {_fmt(t['expected_tokens_per_s'], '.1f')} | "
+                     f"{_fmt(t['measured_decode_tokens_per_s'], '.1f')} ({_fmt(t['measured_tau'])}) | "
+                     f"{_fmt(t['expected_over_measured'])} | "
+                     f"{_fmt(t.get('cost_model_tokens_per_s'), '.1f')} ({_fmt(t.get('cost_model_over_measured'))}) | "
+                     f"{_fmt(t['expected_speedup'])}× | {_fmt(t['measured_speedup'])}× |")
     return lines
 
 

@@ -3,6 +3,7 @@ which cli.py builds the flags. Apart from evaluate.py because the CLI builds its
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,6 +14,14 @@ BASELINES = ("prompt-lookup", "assisted", "drafter-only", "copy-only")
 # our own decoder without the copy drafter / without the learned drafter: baselines of hybrid runs only
 DECODER_BASELINES = ("drafter-only", "copy-only")
 EXACT = ("auto", "on", "off")  # --exact-attention (lossless.exact_attention_choice)
+
+
+def _request_counts(text: str) -> list[int]:
+    """`--concurrency 1,4,16`."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated request counts, got {text!r}") from None
 
 
 @dataclass
@@ -63,6 +72,10 @@ class EvalConfig:
     progress: bool = setting(True, "no progress bars")
     truncate_prompts: bool = setting(False, "keep the last (window - max-new-tokens) tokens of a prompt too long for "
                                             "the target (default: refuse it, naming its length and the window)")
+    concurrency: list[int] = setting([], "decode R requests together at each R (e.g. 1,4,16): speculative decoding "
+                                         "with the load-aware scheduler vs batched plain decoding; writes "
+                                         "concurrency.{json,md} and a speedup-vs-R plot instead of the one-at-a-time "
+                                         "report (evaluation/concurrency.py)", ge=1, flag=dict(type=_request_counts))
 
     def __post_init__(self):
         check_settings(self, lambda name: f"--{name.replace('_', '-')}", coerce=True)

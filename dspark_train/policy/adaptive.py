@@ -16,6 +16,7 @@ import numpy as np
 from .calibration import AdaptivePolicy, HeldoutStats, child_widths
 from .slotmaps import SlotMap, conditional
 
+PLAIN = AdaptivePolicy(0.0, None, 1, 0)  # node budget 0: the decoder drafts nothing
 DEPTH_GRID = [0.0] + [round(0.02 * i, 2) for i in range(1, 50)]
 WIDTH_GRID = [round(0.1 * i, 1) for i in range(1, 10)] + [None]  # None: widen at every depth
 
@@ -62,19 +63,21 @@ def simulate(stats: HeldoutStats, maps: Sequence[SlotMap], policy: AdaptivePolic
 @dataclass(frozen=True)
 class RoundCost:
     """A round's cost beside the verify forward, as a function of the draft nodes n it verifies: the drafter's
-    backbone and context extension (`base`), each node's head step and share of the bookkeeping (`per_node`).
-    Measured on the machine that tunes (`decoding.retune.measure_round_cost`), so a narrow policy is not charged
-    the probe's wide trees (the probe decode drafts `width` candidates at every depth)."""
+    backbone, context extension and the round's bookkeeping (`base`), each node's head step and share of the
+    bookkeeping (`per_node`); a plain decoding round's own bookkeeping (`plain`: acceptance, cache, stop checks).
+    Measured on the machine that tunes from real decode rounds (`decoding.retune.measure_round_cost`), so a narrow
+    policy is not charged the probe's wide trees, nor plain decoding nothing at all."""
 
     base: float
     per_node: float
+    plain: float = 0.0
 
     def seconds(self, nodes: np.ndarray) -> np.ndarray:
         return self.base + self.per_node * nodes
 
     @classmethod
     def from_json(cls, obj: Optional[dict]) -> Optional["RoundCost"]:
-        return cls(float(obj["base"]), float(obj["per_node"])) if obj else None
+        return cls(float(obj["base"]), float(obj["per_node"]), float(obj.get("plain", 0.0))) if obj else None
 
 
 def evaluate_policy(stats: HeldoutStats, maps: Sequence[SlotMap], policy: AdaptivePolicy, sps: np.ndarray,
@@ -83,7 +86,7 @@ def evaluate_policy(stats: HeldoutStats, maps: Sequence[SlotMap], policy: Adapti
     round cost (`cost` of its nodes when given, else the probe round's measured drafting and bookkeeping)."""
     tau, b = simulate(stats, maps, policy)
     if policy.node_budget == 0:  # the decoder drafts nothing
-        overhead = 0.0
+        overhead = cost.plain if cost is not None else 0.0
     else:
         overhead = cost.seconds(b - 1) if cost is not None else stats.t_draft + stats.t_book
     seconds = overhead + 1.0 / sps[np.minimum(b, len(sps) - 1)]
@@ -92,17 +95,18 @@ def evaluate_policy(stats: HeldoutStats, maps: Sequence[SlotMap], policy: Adapti
 
 def tune_adaptive(stats: HeldoutStats, maps: Sequence[SlotMap], sps: np.ndarray, max_width: int,
                   node_budget: int, depth_grid: Sequence[float] = DEPTH_GRID,
-                  width_grid: Sequence[Optional[float]] = WIDTH_GRID, cost: Optional[RoundCost] = None
-                  ) -> tuple[AdaptivePolicy, Outcome]:
+                  width_grid: Sequence[Optional[float]] = WIDTH_GRID, cost: Optional[RoundCost] = None,
+                  plain: bool = True) -> tuple[AdaptivePolicy, Outcome]:
     """Grid search over depth threshold × (width, width threshold) × node budget (1..γ, and the maximum)
     for the highest simulated tokens/s. A budget of d at width 1 is the fixed-depth-d chain, so the result
     is never worse than the best fixed chain on these rounds; plain decoding (budget 0) is the first
-    candidate, so where no draft pays the policy drafts nothing. Ties go to fewer verified tokens, then to the
-    earlier candidate."""
+    candidate (unless `plain=False`: the best drafting policy), so where no draft pays the policy drafts nothing.
+    Ties go to fewer verified tokens, then to the earlier candidate."""
     budgets = sorted({b for b in range(1, stats.gamma + 1)} | {node_budget})
-    plain = AdaptivePolicy(0.0, None, 1, 0)
-    out = evaluate_policy(stats, maps, plain, sps, cost)
-    best = ((round(out.tokens_per_s, 9), -out.verified), plain, out)
+    best = ((-1.0, 0.0), None, None)
+    if plain:
+        out = evaluate_policy(stats, maps, PLAIN, sps, cost)
+        best = ((round(out.tokens_per_s, 9), -out.verified), PLAIN, out)
     for w in range(1, min(max_width, stats.width) + 1):
         for wt in (width_grid if w > 1 else [None]):
             for nb in (b for b in budgets if b <= node_budget):

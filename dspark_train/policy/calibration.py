@@ -328,8 +328,26 @@ def summary_table(cal: Calibration) -> str:
         where = f"{m['device']} {m['name']}" + (f", {m['threads']} threads" if m.get("threads") else "") if m \
             else str(meta.get("device", ""))
         lines += ["", f"cost profile SPS(B) (smoothed, {where}, {m.get('dtype') or meta.get('dtype', '')}): "
-                  + ", ".join(f"B={b}: {s[b - 1]:.1f}/s" for b in picks)]
+                  + ", ".join(f"B={b}: {s[b - 1]:.1f}/s" for b in picks),
+                  f"  {describe_noise(cp.get('tokens') or [], meta)}"]
+    guard = (cal.data.get("tuning") or {}).get("guard")
+    if guard:
+        lines += ["", f"the tuner chose plain decoding; measured on {guard['prompts']} probe prompts: plain "
+                  f"{guard['plain']['tokens_per_s']:.1f} tok/s, best drafting policy "
+                  f"{guard['drafting']['tokens_per_s']:.1f} tok/s → {guard['chosen']}"]
     return "\n".join(lines)
+
+
+def describe_noise(tokens: list, meta: Optional[dict]) -> str:
+    """One line: how noisy an SPS(B) profile's timings were (IQR/median of each B over its sweeps: what calibrate
+    and eval print next to the curve, from the profile's `meta`)."""
+    noise = (meta or {}).get("noise") or []
+    if not noise:
+        return "timing noise not recorded"
+    i = int(np.argmax(noise))
+    flags = "".join(f"; {k}: {meta[k]}" for k in ("disturbed", "noisy") if meta.get(k))
+    return (f"timing noise (IQR/median over sweeps) median {float(np.median(noise)):.1%}, max {noise[i]:.1%} at "
+            f"B={tokens[i]}, {meta.get('attempts', 1)} measurement(s){flags}")
 
 
 def plot_reliability(cal: Calibration, path: Path) -> Path:
