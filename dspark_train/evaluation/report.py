@@ -13,6 +13,9 @@ be rounding on this device), `lossless_evidence` = what that rests on. With copy
 per source (drafter, copy, both = a node both proposed) the verified and accepted draft nodes, acceptance =
 accepted ÷ verified, each source's share of the accepted draft tokens, and the share of rounds that skipped the
 drafter's forward.
+
+Long because the report's fields, report.md and its tables (lossless evidence, the tuner's expectation beside the
+measurement) are one schema read in one place; the plots are a few lines each.
 """
 from __future__ import annotations
 
