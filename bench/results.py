@@ -74,7 +74,8 @@ def served_column(results: list[tuple[Path, dict]]) -> tuple[dict[str, str], lis
                        f"{e.get('method')}, {e['num_speculative_tokens']} speculative tokens, one request at a time) "
                        f"on {d['cpu']} ({s['dtype']}): served τ and speedup over the same engine without speculation, "
                        f"ours (chain, same drafter and prompts) in parentheses; another drafter and machine than the "
-                       f"columns before it, from [`{rel}`]({rel})."]
+                       f"columns before it, from [`{rel}`]({rel})."
+                       + (f" {d['conditions']}" if d.get("conditions") else "")]
 
 
 def readme_block(results: list[tuple[Path, dict]]) -> str:
