@@ -233,15 +233,20 @@ def speculators_config(drafter, max_position_embeddings: int, mask_token_id: int
     return cfg
 
 
+def fc_by_layer_order(fc: torch.Tensor, feature_layers: list[int]) -> torch.Tensor:
+    """The fusion projection with its input blocks in ascending layer order (the order speculators and vLLM
+    concatenate the target's hidden states in); ours follows `feature_layers` as given."""
+    blocks = fc.chunk(len(feature_layers), dim=1)
+    return torch.cat([blocks[feature_layers.index(i)] for i in sorted(feature_layers)], 1)
+
+
 @torch.no_grad()
 def speculators_tensors(drafter, embed: torch.Tensor, lm: torch.Tensor, mask_token_id: int) -> dict:
     """Our state dict in speculators names. `embed`, `lm`: the target's input embedding and LM head [V, d]."""
     c = drafter.config
     dt = drafter.conf.weight.dtype
     sd = {k: v.detach() for k, v in drafter.state_dict().items()}
-    order = sorted(c.feature_layers)
-    blocks = sd["fc.weight"].chunk(len(c.feature_layers), dim=1)
-    out = {"fc.weight": torch.cat([blocks[c.feature_layers.index(i)] for i in order], 1),
+    out = {"fc.weight": fc_by_layer_order(sd["fc.weight"], c.feature_layers),
            "hidden_norm.weight": sd["ctx_norm.weight"], "norm.weight": sd["norm.weight"]}
     names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn.": "self_attn.",
              "mlp.": "mlp."}

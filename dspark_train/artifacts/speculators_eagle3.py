@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .speculators import SPECULATORS_VERSION, export_vocab
+from .speculators import SPECULATORS_VERSION, export_vocab, fc_by_layer_order
 
 
 def eagle3_config(drafter, max_position_embeddings: int, verifier: str) -> dict:
@@ -59,9 +59,7 @@ def eagle3_tensors(drafter, embed: torch.Tensor, lm: torch.Tensor) -> dict:
     c = drafter.config
     dt = drafter.conf.weight.dtype
     sd = {k: v.detach() for k, v in drafter.state_dict().items()}
-    order = sorted(c.feature_layers)
-    blocks = sd["fc.weight"].chunk(len(c.feature_layers), dim=1)
-    out = {"fc.weight": torch.cat([blocks[c.feature_layers.index(i)] for i in order], 1),
+    out = {"fc.weight": fc_by_layer_order(sd["fc.weight"], c.feature_layers),
            "norm.weight": sd["norm.weight"], "embed_tokens.weight": embed.to(dt)}
     names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn.": "self_attn."}
     for k, v in sd.items():
