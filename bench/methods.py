@@ -3,16 +3,18 @@ EAGLE-3 and Medusa trained by our trainer on the same data at an equal wall-cloc
 mode and in its best tree mode on the dev sets.
 
     python -m bench.methods --minutes 10 [--n 8] [--max-new-tokens 128] [--benchmarks gsm8k,mt-bench,humaneval,mbpp]
+                            [--modes chain,tree,adaptive]
 
 Methods run one after another on this machine (equal load as far as the machine is otherwise idle: the 1-minute
 load average is recorded around every training). Each is `dspark train` of its recipe (`--recipe` for DSpark,
 DFlash (`drafter.head=none`) and Medusa (`drafter.kind=medusa`), `--eagle3-recipe` for EAGLE-3) with
-`train.max_minutes` = the budget, then `dspark calibrate` (so the adaptive policy applies), `dspark export` and
-`dspark eval` in chain, tree and adaptive modes (greedy, lossless checked against plain decoding). The best tree
-mode is the one of higher mean τ over the dev sets. Per method: held-out τ (the trainer's final evaluation),
-steps and supervised tokens/s of training, and per dev set τ (accepted tokens per verify round: the per-token view)
-and speedup over plain decoding (the per-second view: an autoregressive drafter pays a forward per drafted depth,
-DSpark one backbone pass and its head). Runs are reused when their final weights exist (`--fresh` retrains).
+`train.max_minutes` = the budget, then `dspark calibrate` (so the adaptive policy applies; skipped when `--modes`
+leaves adaptive out), `dspark export` and `dspark eval` in chain, tree and adaptive modes (greedy, lossless checked
+against plain decoding). The best tree mode is the one of higher mean τ over the dev sets. Per method: held-out τ
+(the trainer's final evaluation), steps and supervised tokens/s of training, and per dev set τ (accepted tokens per
+verify round: the per-token view) and speedup over plain decoding (the per-second view: an autoregressive drafter
+pays a forward per drafted depth, DSpark one backbone pass and its head). Runs are reused when their final weights
+exist, evaluations when the same command finished (`--fresh` redoes both).
 Writes eval/results/methods-<cpu>-<minutes>min.{json,md,png}.
 """
 from __future__ import annotations
@@ -51,14 +53,15 @@ def dspark(*args: str) -> None:
         raise SystemExit(f"dspark {' '.join(args)} exited {rc}")
 
 
-def train(name: str, recipe: str, sets: list[str], root: Path, fresh: bool) -> dict:
-    """Train (or reuse), calibrate and export one method; its training summary and the load around it."""
+def train(name: str, recipe: str, sets: list[str], root: Path, fresh: bool, calibrate: bool) -> dict:
+    """Train (or reuse), calibrate (for the adaptive mode) and export one method; its training summary and the load
+    around it."""
     run, artifact = root / name, root / name / "artifact"
     load = os.getloadavg()[0]
     if fresh or not (run / "final" / "model.safetensors").is_file():
         dspark("train", recipe, *[a for s in [*sets, f"train.output_dir={run}"] for a in ("--set", s)])
     load_after = os.getloadavg()[0]
-    if fresh or not (run / "calibration.json").is_file():
+    if calibrate and (fresh or not (run / "calibration.json").is_file()):
         dspark("calibrate", str(run))
     dspark("export", str(run), str(artifact), "--force")
     summary = json.loads((run / "train_summary.json").read_text())
@@ -69,10 +72,17 @@ def train(name: str, recipe: str, sets: list[str], root: Path, fresh: bool) -> d
             "load": [round(load, 2), round(load_after, 2)]}
 
 
-def evaluate(artifact: str, mode: str, out: Path, common: list[str]) -> dict:
-    """`dspark eval` of one artifact in one mode; per dev set τ, speedup, tokens/s and losslessness."""
-    dspark("eval", artifact, "--mode", mode, "--baselines", "", "--no-fastest-plain", "--no-progress",
-           "--out", str(out), *common)
+def evaluate(artifact: str, mode: str, out: Path, common: list[str], fresh: bool) -> dict:
+    """`dspark eval` of one artifact in one mode (reused where the same command already finished there); per dev
+    set τ, speedup, tokens/s and losslessness."""
+    argv = ["eval", artifact, "--mode", mode, "--baselines", "", "--no-fastest-plain", "--no-progress",
+            "--out", str(out), *common]
+    stamp = out / "methods-argv.json"
+    if not fresh and stamp.is_file() and json.loads(stamp.read_text()) == argv and (out / "report.json").is_file():
+        print(f"reusing {out}: `dspark {' '.join(argv)}` finished there", flush=True)
+    else:
+        dspark(*argv)
+        stamp.write_text(json.dumps(argv))
     report = json.loads((out / "report.json").read_text())
     return {b: {"tau": r["tau"], "speedup": r["speedup"], "tokens_per_s": r["tokens_per_s"], "lossless": r["lossless"]}
             for b, r in report["benchmarks"].items()}
@@ -124,6 +134,8 @@ def main() -> int:
     ap.add_argument("--benchmarks", default=DEV_SETS)
     ap.add_argument("--n", default="8", help="prompts per dev set")
     ap.add_argument("--max-new-tokens", default="128")
+    ap.add_argument("--modes", default="chain,tree,adaptive",
+                    help="decoding modes evaluated (chain and at least one tree mode; adaptive needs a calibration)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="applied to every method's training (after the budget)")
     ap.add_argument("--runs", default=None, help="run directories (default runs/methods-<minutes>min)")
@@ -134,6 +146,10 @@ def main() -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)} (known: {', '.join(METHODS)})")
+    modes = args.modes.split(",")
+    trees = [m for m in TREE_MODES if m in modes]
+    if "chain" not in modes or not trees or set(modes) - {"chain", *TREE_MODES}:
+        raise SystemExit(f"--modes {args.modes}: chain and at least one of {', '.join(TREE_MODES)}, nothing else")
     budget = f"{args.minutes:g}min"
     root = Path(args.runs or f"runs/methods-{budget}").resolve()
     dev_sets = args.benchmarks.split(",")
@@ -144,11 +160,11 @@ def main() -> int:
         which, sets = METHODS[name]
         recipe = getattr(args, which)
         row = train(name, recipe, [*sets, f"train.max_minutes={args.minutes}", "train.max_steps=1000000",
-                                   *args.overrides], root, args.fresh)
+                                   *args.overrides], root, args.fresh, "adaptive" in modes)
         row["recipe"] = recipe
-        row["modes"] = {mode: evaluate(row["artifact"], mode, root / name / f"eval-{mode}", common)
-                        for mode in ("chain", *TREE_MODES)}
-        row["best_tree_mode"] = max(TREE_MODES, key=lambda m: mean_tau(row["modes"][m]))
+        row["modes"] = {mode: evaluate(row["artifact"], mode, root / name / f"eval-{mode}", common, args.fresh)
+                        for mode in ("chain", *trees)}
+        row["best_tree_mode"] = max(trees, key=lambda m: mean_tau(row["modes"][m]))
         rows[name] = row
     from dspark_train.hardware import detect
     machine = detect("cpu")

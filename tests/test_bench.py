@@ -208,6 +208,21 @@ def test_methods_trains_and_evaluates_every_method(tmp_path):
         assert row["modes"]["chain"]["mbpp"]["tau"] >= 1
     assert json.loads((tmp_path / "runs" / "eagle3" / "final" / "config.json").read_text())["kind"] == "eagle3"
     assert (tmp_path / "methods.png").read_bytes()[:4] == b"\x89PNG" and "| eagle3 |" in out
+    # again, chain and tree only: every training and evaluation reused, nothing calibrated
+    again = bench("methods", "--minutes", 0.05, "--recipe", TINY, "--eagle3-recipe", TINY, "--benchmarks", "mbpp",
+                  "--n", 1, "--max-new-tokens", 6, "--runs", tmp_path / "runs", "--out", tmp_path / "again",
+                  "--modes", "chain,tree")
+    assert again.count("reusing ") == 8 and "dspark train" not in again and "dspark calibrate" not in again, again
+    data = json.loads((tmp_path / "again.json").read_text())
+    assert all(set(row["modes"]) == {"chain", "tree"} and row["best_tree_mode"] == "tree"
+               for row in data["methods"].values())
+
+
+@pytest.mark.parametrize("modes", ["tree,adaptive", "chain", "chain,tree,hybrid"])
+def test_methods_refuses_modes_without_chain_and_a_tree_mode(modes):
+    p = subprocess.run([sys.executable, "-m", "bench.methods", "--modes", modes], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and f"--modes {modes}: chain and at least one of tree, adaptive" in p.stderr, p.stderr
 
 
 def test_bench_load_concurrency_table_and_plot_on_the_tiny_target(artifact, tmp_path):
