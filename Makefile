@@ -68,16 +68,17 @@ $(ENGINE_STAMP):
 	touch $(ENGINE_STAMP)
 
 engine-check: setup $(ENGINE_STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m bench.engine_check prepare --out $(ENGINE_DIR) $(if $(RUN),--run $(RUN))
+	HF_HUB_OFFLINE=1 $(PY) -m bench.engine_check prepare --out $(ENGINE_DIR) $(if $(RUN),--run $(RUN)) \
+		$(if $(EAGLE3_RUN),--eagle3-run $(EAGLE3_RUN))
 	HF_HUB_OFFLINE=1 $(ENGINE_PY) -m bench.engine_check engine --out $(ENGINE_DIR)
 
 # A trained DFlash drafter served by vLLM (CPU) beside our own decoder, committed (not part of `make test`; trains
 # nothing): `dspark eval RUN --engine vllm` on the four dev sets (export, both servers on loopback, the engine's
 # counters, our chain decoder on the same prompts), then eval/results/served-<cpu>.{json,md,png} (bench/served_eval.py).
-# RUN= a run of recipes/smollm2_135m_dflash.yaml; SERVED_ARGS= e.g. "--n 20 --max-new-tokens 128".
+# RUN= a run of recipes/smollm2_135m_dflash.yaml or recipes/smollm2_135m_eagle3.yaml; SERVED_ARGS= e.g. "--n 20 --max-new-tokens 128".
 SERVED_ARGS ?=
 served-eval: setup $(ENGINE_STAMP)
-	@test -n "$(RUN)" || { echo "make served-eval: set RUN= a trained DFlash run (dspark train recipes/smollm2_135m_dflash.yaml)"; exit 2; }
+	@test -n "$(RUN)" || { echo "make served-eval: set RUN= a trained DFlash or EAGLE-3 run (dspark train recipes/smollm2_135m_dflash.yaml)"; exit 2; }
 	HF_HUB_OFFLINE=1 $(PY) -m bench.served_eval --run $(RUN) --engine-python $(ENGINE_PY) $(SERVED_ARGS)
 
 # `dspark data --server` against vLLM's CPU OpenAI server (not part of `make test`; minutes): resume across a server

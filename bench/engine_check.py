@@ -14,15 +14,16 @@ Two phases, two environments, so this project's pins (transformers >= 5.20) and 
         non-sorted order, non-unit q/k norms; a fresh EAGLE-3 (pruned vocabulary in non-sorted order), whose
         logits speculators' Eagle3DraftModel computes by its own training-time test (its forward, ttt_steps = γ,
         the logits read at its lm_head) at the same anchors;
-     b) vLLM (CPU) serves SmolLM2-135M-Instruct with the dflash export, greedy: the output equals vLLM's own
-        output without speculation, and vLLM's mean acceptance length is within 10 % of our chain τ on the same
-        prompts. Both τ count the bonus token: ours = mean over verify rounds of (accepted drafts + 1), vLLM's =
-        1 + accepted / drafts from `llm.get_metrics()`;
+     b) vLLM (CPU) serves SmolLM2-135M-Instruct with the dflash export and with the eagle3 export, greedy:
+        each output equals vLLM's own output without speculation, and vLLM's mean acceptance length is within
+        10 % of our chain τ of the same drafter on the same prompts. Both τ count the bonus token: ours = mean
+        over verify rounds of (accepted drafts + 1), vLLM's = 1 + accepted / drafts from `llm.get_metrics()`;
      c) method "dspark" parses (speculators config -> Qwen3DSparkModel) and is refused by the V1 runner.
 
-Usage: python -m bench.engine_check prepare --out DIR [--run RUN_OR_ARTIFACT] [--drafters NAMES] ; python -m
-bench.engine_check engine --out DIR. Without --run the drafters are freshly initialised (a and c are as strict; b's τ
-is then ~1). `--drafters eagle3` (any subset without dflash) prepares only those and the engine phase runs a) only.
+Usage: python -m bench.engine_check prepare --out DIR [--run RUN_OR_ARTIFACT] [--eagle3-run RUN_OR_ARTIFACT]
+[--drafters NAMES] ; python -m bench.engine_check engine --out DIR. Without --run / --eagle3-run those drafters are
+freshly initialised (a and c are as strict; b's τ is then ~1). `--drafters` prepares a subset: b) serves the ones of
+dflash and eagle3 it names, c) runs when it names dspark.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-4
 ANCHORS = [12, 30, 47, 63]
+SERVED = ("dflash", "eagle3")  # the drafters b) serves (vLLM's CPU runner runs these methods)
 
 
 # =========================================================================== prepare (our side)
@@ -98,7 +100,8 @@ def prepare(args) -> None:
     # eagle3 reads its own feature layers (EAGLE-3's low/middle/high: the recipe's target section)
     targets = {name: load_target(fresh[name][0].target) if name == "eagle3" else target
                for name in fresh if name in args.drafters.split(",")}
-    runs = {name: Path(args.run) if name == "dflash" and args.run else
+    given = {"dflash": args.run, "eagle3": args.eagle3_run}
+    runs = {name: Path(given[name]) if given.get(name) else
             _fresh_run(out / f"fresh-{name}", targets[name], fresh[name][0], **fresh[name][1]) for name in targets}
     g = torch.Generator().manual_seed(0)
     ids = torch.tensor([prompt_ids(target.tokenizer, [{"role": "user", "content": "Explain, step by step, why "
@@ -131,30 +134,34 @@ def prepare(args) -> None:
         print(f"[prepare] exported {run} -> {exp} ({c.kind}, {c.head} head, γ={c.block_size}, "
               f"sample_from_anchor={c.sample_from_anchor}{mask})", flush=True)
     save_file(tensors, str(out / "reference.safetensors"))
-    if "dflash" not in runs:  # b) and c) serve the dflash drafter
-        (out / "reference.json").write_text(json.dumps(meta))
-        return
+    served = [name for name in SERVED if name in runs]
+    if served:  # b) serves these: our greedy chain decode of each on the benchmark prompts (τ to compare with vLLM's)
+        bench = load_benchmark(args.benchmark, recipe.data.root, n=args.prompts)
+        prompts = [prompt_ids(target.tokenizer, [{"role": "user", "content": turns[0]}]) for turns in bench.prompts]
+        plain = [SpeculativeDecoder(target).generate(p, max_new_tokens=args.max_new_tokens).tokens for p in prompts]
+        meta["decode"] = {"benchmark": args.benchmark, "prompts": prompts, "max_new_tokens": args.max_new_tokens}
+        for name in served:
+            meta["decode"][name] = d = _our_chain(targets[name], load_artifact(runs[name], target=targets[name]),
+                                                  prompts, plain, args.max_new_tokens)
+            print(f"[prepare] our {name} chain τ on {len(prompts)} {args.benchmark} prompts: {d['tau']:.3f} "
+                  f"({d['accepted']} accepted drafts in {d['rounds']} verify rounds, bonus included); greedy == our "
+                  f"plain greedy: {d['lossless_vs_our_plain']}", flush=True)
+    (out / "reference.json").write_text(json.dumps(meta))
 
-    # our greedy chain decode of the dflash drafter on the benchmark prompts (the τ vLLM is compared with)
-    drafter = load_artifact(runs["dflash"], target=target)
-    bench = load_benchmark(args.benchmark, recipe.data.root, n=args.prompts)
-    dec, plain = SpeculativeDecoder(target, drafter), SpeculativeDecoder(target)
-    prompts, outs, rounds, accepted, lossless = [], [], 0, 0, True
-    for turns in bench.prompts:
-        p = prompt_ids(target.tokenizer, [{"role": "user", "content": turns[0]}])
-        tr = dec.generate(p, max_new_tokens=args.max_new_tokens, mode="chain")
-        lossless &= tr.tokens == plain.generate(p, max_new_tokens=args.max_new_tokens).tokens
-        prompts.append(p)
+
+def _our_chain(target, drafter, prompts: list, plain: list, max_new_tokens: int) -> dict:
+    """Our greedy chain decode of `prompts`: outputs, τ (bonus included) and whether each equals plain decoding."""
+    from dspark_train.decoding import SpeculativeDecoder
+
+    dec = SpeculativeDecoder(target, drafter)
+    outs, rounds, accepted = [], 0, 0
+    for p in prompts:
+        tr = dec.generate(p, max_new_tokens=max_new_tokens, mode="chain")
         outs.append(tr.tokens)
         rounds += len(tr.rounds)
         accepted += sum(r.n_accepted for r in tr.rounds)
-    tau = (accepted + rounds) / max(1, rounds)
-    meta["decode"] = {"benchmark": args.benchmark, "prompts": prompts, "outputs": outs, "tau": tau,
-                      "rounds": rounds, "accepted": accepted, "max_new_tokens": args.max_new_tokens,
-                      "lossless_vs_our_plain": lossless}
-    (out / "reference.json").write_text(json.dumps(meta))
-    print(f"[prepare] our chain τ on {len(prompts)} {args.benchmark} prompts: {tau:.3f} ({accepted} accepted drafts "
-          f"in {rounds} verify rounds, bonus included); greedy == our plain greedy: {lossless}", flush=True)
+    return {"outputs": outs, "tau": (accepted + rounds) / max(1, rounds), "rounds": rounds, "accepted": accepted,
+            "lossless_vs_our_plain": outs == plain}
 
 
 # =========================================================================== engine side
@@ -252,14 +259,14 @@ def check_speculators(out: Path, meta: dict) -> bool:
 
 
 def _vllm_run(out: Path, meta: dict, mode: str) -> dict:
-    """One vLLM engine in this process (mode: plain | dflash | dspark); writes nothing, returns a dict."""
+    """One vLLM engine in this process (mode: plain | dflash | eagle3 | dspark); writes nothing, returns a dict."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     dec = meta["decode"]
     spec = None
     if mode != "plain":
-        info = meta["drafters"]["dflash" if mode == "dflash" else "dspark"]
+        info = meta["drafters"][mode]
         spec = {"method": mode, "model": info["export"], "num_speculative_tokens": info["gamma"]}
     t0 = time.time()
     try:
@@ -283,8 +290,11 @@ def _vllm_run(out: Path, meta: dict, mode: str) -> dict:
 
 def check_vllm(out: Path, meta: dict) -> bool:
     """b) and c), each vLLM engine in its own process (a clean engine core per run)."""
+    dec = meta["decode"]
+    served = [name for name in SERVED if name in dec]
     runs = {}
-    for mode in ("plain", "dflash", "dspark"):
+    refusal = ["dspark"] if "dspark" in meta["drafters"] else []
+    for mode in ("plain", *served, *refusal):
         res_file, log = out / f"vllm-{mode}.json", out / f"vllm-{mode}.log"
         res_file.unlink(missing_ok=True)
         with open(log, "w") as f:
@@ -299,23 +309,33 @@ def check_vllm(out: Path, meta: dict) -> bool:
         if "error" in runs[mode] and mode != "dspark":  # the root cause is in the engine's own log lines
             print(f"[{mode}] root cause from {log}:\n" + "\n".join(
                 [x for x in lines if "Error" in x and "Traceback" not in x][-3:]), flush=True)
-    dec, ok = meta["decode"], True
-    for mode in ("plain", "dflash"):
-        if "error" in runs[mode]:
-            print(f"[b] vLLM {mode} failed: {runs[mode]['error']}", flush=True)
-            return False
-    same = runs["dflash"]["outputs"] == runs["plain"]["outputs"]
-    agree = sum(a == b for a, b in zip(runs["plain"]["outputs"], dec["outputs"]))
-    m = runs["dflash"]["metrics"]
-    drafts, acc = m.get("vllm:spec_decode_num_drafts", 0), m.get("vllm:spec_decode_num_accepted_tokens", 0)
-    tau_vllm = 1 + acc / drafts if drafts else float("nan")
-    rel = abs(tau_vllm - dec["tau"]) / dec["tau"]
-    print(f"[b] vLLM dflash greedy output == vLLM plain greedy output: {same} ({len(dec['prompts'])} prompts, "
-          f"max {dec['max_new_tokens']} new tokens; our greedy equals vLLM plain on {agree} of them)", flush=True)
-    print(f"[b] mean acceptance length, bonus included: vLLM {tau_vllm:.3f} (1 + {acc:.0f} accepted / {drafts:.0f} "
-          f"drafts) vs our chain τ {dec['tau']:.3f} ({dec['accepted']} accepted + {dec['rounds']} bonus over "
-          f"{dec['rounds']} rounds): {rel:.1%} apart -> {'OK' if rel <= 0.10 else 'FAIL'} (within 10 %)", flush=True)
-    ok &= same and rel <= 0.10
+    if "error" in runs["plain"]:
+        print(f"[b] vLLM plain failed: {runs['plain']['error']}", flush=True)
+        return False
+    ok = True
+    for name in served:
+        if "error" in runs[name]:
+            print(f"[b] vLLM {name} failed: {runs[name]['error']}", flush=True)
+            ok = False
+            continue
+        ours = dec[name]
+        same = runs[name]["outputs"] == runs["plain"]["outputs"]
+        agree = sum(a == b for a, b in zip(runs["plain"]["outputs"], ours["outputs"]))
+        m = runs[name]["metrics"]
+        drafts, acc = m.get("vllm:spec_decode_num_drafts", 0), m.get("vllm:spec_decode_num_accepted_tokens", 0)
+        tau_vllm = 1 + acc / drafts if drafts else float("nan")
+        rel = abs(tau_vllm - ours["tau"]) / ours["tau"]
+        print(f"[b] vLLM {name} greedy output == vLLM plain greedy output: {same} ({len(dec['prompts'])} prompts, "
+              f"max {dec['max_new_tokens']} new tokens; our {name} greedy equals vLLM plain on {agree} of them)",
+              flush=True)
+        print(f"[b] {name} mean acceptance length, bonus included: vLLM {tau_vllm:.3f} (1 + {acc:.0f} accepted / "
+              f"{drafts:.0f} drafts) vs our chain τ {ours['tau']:.3f} ({ours['accepted']} accepted + {ours['rounds']} "
+              f"bonus over {ours['rounds']} rounds): {rel:.1%} apart -> {'OK' if rel <= 0.10 else 'FAIL'} "
+              "(within 10 %)", flush=True)
+        ok &= same and rel <= 0.10
+    if not refusal:
+        print("[c] skipped: prepare ran without the dspark drafter (--drafters)", flush=True)
+        return ok
     err = runs["dspark"].get("error", "")
     why = next((x.strip() for x in err.splitlines() if "does not support" in x), err.splitlines()[0] if err else "")
     arch = [x.split("Resolved architecture: ")[1] for x in (out / "vllm-dspark.log").read_text().splitlines()
@@ -333,8 +353,9 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "runs" / "engine-check"))
     p.add_argument("--run", default=None, help="prepare: trained run/artifact for the vLLM comparison (dflash: "
                    "head none, sample_from_anchor false, qk_norm)")
+    p.add_argument("--eagle3-run", default=None, help="prepare: trained eagle3 run/artifact for the vLLM comparison")
     p.add_argument("--drafters", default="dspark,dflash-learned-mask,dflash,eagle3",
-                   help="prepare: which drafters to export and compare (b and c need dflash)")
+                   help="prepare: which drafters to export and compare (b serves dflash and eagle3, c needs dspark)")
     p.add_argument("--benchmark", default="gsm8k")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -352,7 +373,8 @@ def main() -> int:
     if "decode" in meta:
         ok = check_vllm(out, meta) and ok
     else:
-        print("[b] [c] skipped: prepare ran without the dflash drafter (--drafters)", flush=True)
+        print("[b] [c] skipped: prepare ran without a drafter vLLM serves on CPU (--drafters: dflash, eagle3)",
+              flush=True)
     print("engine-check: " + ("PASS" if ok else "FAIL"), flush=True)
     return 0 if ok else 1
 

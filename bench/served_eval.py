@@ -1,12 +1,13 @@
-"""`make served-eval RUN=<DFlash run>`: a drafter served by vLLM beside our own decoder, committed as a result.
+"""`make served-eval RUN=<DFlash or EAGLE-3 run>`: a drafter served by vLLM beside our decoder, as a result file.
 
 Trains nothing. One `dspark eval RUN --engine vllm` (evaluation/served.py: it exports the drafter in speculators
 format, starts vLLM on loopback from the engine venv with and without it, sends every dev prompt to both one at a
 time, reads the engine's counters around each dev set, then runs our own chain decoder with γ = the drafter's block
 size on the same prompts), fp32 on both sides, plain decoding as the only baseline; then
-eval/results/served-<cpu>.{json,md,png} (bench/resultfile.py): the side-by-side report, our full report, the commands
-and the machine. `make results` reads it for the README's served column. Exits as `dspark eval` did (1: an alarm
-or a served output that parts from the engine's plain one; the result is written either way).
+eval/results/served-<cpu>.{json,md,png} (served-eagle3-<cpu> for an EAGLE-3 drafter; bench/resultfile.py): the
+side-by-side report, our full report, the commands and the machine. `make results` reads the newest DFlash one for
+the README's served column. Exits as `dspark eval` did (1: an alarm or a served output that parts from the engine's
+plain one; the result is written either way).
 
     python -m bench.served_eval --run runs/smollm2_135m_dflash [--n 10] [--max-new-tokens 256]
 """
@@ -53,7 +54,8 @@ def record(out: Path, stem: Path, commands: list[str], rc: int) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="a trained DFlash run or its artifact (head: none, fill-in layout)")
+    ap.add_argument("--run", required=True,
+                    help="a trained DFlash run (head: none, fill-in layout) or EAGLE-3 run, or its artifact")
     ap.add_argument("--benchmarks", default=DEV_SETS)
     ap.add_argument("--n", type=int, default=10, help="prompts per dev set")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -62,7 +64,7 @@ def main() -> int:
     ap.add_argument("--plain-server", default=None)
     ap.add_argument("--threads", type=int, default=None, help="our side's torch threads (default: all cores)")
     ap.add_argument("--out", default=str(REPO / "runs" / "served-eval"))
-    ap.add_argument("--result", default=None, help="output stem (default eval/results/served-<cpu>)")
+    ap.add_argument("--result", default=None, help="output stem (default eval/results/served-[eagle3-]<cpu>)")
     ap.add_argument("--command", default=None, help="what made it (default: make served-eval RUN=<run>)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args()
@@ -78,8 +80,11 @@ def main() -> int:
     out = Path(args.out)
     if not (out / SERVED_DIR / SERVED_JSON).is_file():
         return rc or 1
-    machine = json.loads((out / SERVED_DIR / SERVED_JSON).read_text())["machine"]
-    stem = Path(args.result or REPO / "eval" / "results" / f"served-{Capabilities.from_dict(machine).slug}")
+    served = json.loads((out / SERVED_DIR / SERVED_JSON).read_text())
+    method = served["engine"].get("method") or "server"
+    slug = Capabilities.from_dict(served["machine"]).slug
+    stem = Path(args.result or REPO / "eval" / "results" / (f"served-{slug}" if method == "dflash" else
+                                                             f"served-{method}-{slug}"))
     commands = [args.command or f"make served-eval RUN={args.run}", "dspark " + shlex.join(argv)]
     print(f"written {record(out, stem, commands, rc)}")
     return rc

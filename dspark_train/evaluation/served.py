@@ -277,11 +277,19 @@ def export_findings(export: Path, drafter_config) -> list[str]:
     why = layout_refusal(cfg)
     if why:
         found.append(f"slot layout: {why}")
-    ids = cfg.get("aux_hidden_state_layer_ids")
-    if ids is not None and list(ids) != list(drafter_config.feature_layers):
-        found.append(f"feature-layer ids: config.json aux_hidden_state_layer_ids {ids}, the drafter's "
+    key = "eagle_aux_hidden_state_layer_ids" if drafter_config.kind == "eagle3" else "aux_hidden_state_layer_ids"
+    ids = cfg.get(key)
+    if ids is not None and sorted(ids) != sorted(drafter_config.feature_layers):
+        found.append(f"feature-layer ids: config.json {key} {ids}, the drafter's "
                      f"feature_layers {list(drafter_config.feature_layers)}")
     return found
+
+
+def served_method(drafter_config) -> str:
+    """vLLM's `--speculative-config` method for a drafter: its speculators_model_type."""
+    if drafter_config.kind == "eagle3":
+        return "eagle3"
+    return "dspark" if drafter_config.head == "markov" else "dflash"
 
 
 # --------------------------------------------------------------------------- the run
@@ -317,7 +325,7 @@ def _run(cfg, sc: ServedConfig, out: Path) -> dict:
     target = load_target(replace(tcfg, dtype=dtype), "cpu")
     drafter = load_artifact(cfg.artifact, target=target)
     c = drafter.config
-    gamma, method = c.block_size, "dspark" if c.head == "markov" else "dflash"
+    gamma, method = c.block_size, served_method(c)
     stops = stop_token_ids(target.tokenizer, target.model.generation_config)
     prompts = {b.name: [fit_prompt(target, prompt_ids(target.tokenizer, user_messages(t[:1])), cfg,
                                    prompt_label(b, i, 0))[0] for i, t in enumerate(b.prompts)] for b in benches}
