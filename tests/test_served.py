@@ -443,12 +443,13 @@ def test_an_eagle3_drafter_is_served_by_method_eagle3_and_its_layer_ids_are_chec
     (whose layer ids sit under eagle_aux_hidden_state_layer_ids), dflash / dspark by head for the others."""
     from types import SimpleNamespace
 
-    from dspark_train.evaluation.served import export_findings, served_method
+    from dspark_train.artifacts.speculators import model_type
+    from dspark_train.evaluation.served import export_findings
 
     e3 = SimpleNamespace(kind="eagle3", head="none", feature_layers=[27, 2, 15])
-    assert served_method(e3) == "eagle3"
-    assert served_method(SimpleNamespace(kind="dspark", head="markov")) == "dspark"
-    assert served_method(SimpleNamespace(kind="dspark", head="none")) == "dflash"
+    assert model_type(e3) == "eagle3"
+    assert model_type(SimpleNamespace(kind="dspark", head="markov")) == "dspark"
+    assert model_type(SimpleNamespace(kind="dspark", head="none")) == "dflash"
     (tmp_path / "config.json").write_text(json.dumps({"speculators_model_type": "eagle3",
                                                       "eagle_aux_hidden_state_layer_ids": [2, 15, 27]}))
     assert export_findings(tmp_path, e3) == []

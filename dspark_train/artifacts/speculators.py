@@ -88,11 +88,18 @@ def slot_layout(sample_from_anchor: bool) -> str:
     return "anchor" if sample_from_anchor else "fill_in"
 
 
+def model_type(config) -> str:
+    """A drafter's speculators_model_type, which is also vLLM's `--speculative-config` method."""
+    if config.kind == "eagle3":
+        return "eagle3"
+    return "dspark" if config.head == "markov" else "dflash"
+
+
 def layout_fields(config) -> dict:
     """The config.json keys that fix how a drafter's block is laid out: the engine method, the engines' own key,
     the slot count, and the layout it was trained in, by name (`dspark_train.slot_layout`)."""
     c = config
-    return {"speculators_model_type": "dspark" if c.head == "markov" else "dflash",
+    return {"speculators_model_type": model_type(c),
             "sample_from_anchor": c.sample_from_anchor, "block_size": c.block_size + (not c.sample_from_anchor),
             "dspark_train": {"slot_layout": slot_layout(c.sample_from_anchor)}}
 

@@ -285,13 +285,6 @@ def export_findings(export: Path, drafter_config) -> list[str]:
     return found
 
 
-def served_method(drafter_config) -> str:
-    """vLLM's `--speculative-config` method for a drafter: its speculators_model_type."""
-    if drafter_config.kind == "eagle3":
-        return "eagle3"
-    return "dspark" if drafter_config.head == "markov" else "dflash"
-
-
 # --------------------------------------------------------------------------- the run
 def run_served_eval(cfg, sc: ServedConfig) -> dict:
     """`dspark eval --engine vllm`: serve (or reach) both servers, measure every benchmark through them, run our
@@ -310,6 +303,7 @@ def _run(cfg, sc: ServedConfig, out: Path) -> dict:
     import torch
 
     from ..artifacts.reader import load_artifact, resolve_artifact
+    from ..artifacts.speculators import model_type
     from ..data.chat import prompt_ids, stop_token_ids, user_messages
     from ..hardware import detect, resolve_dtype
     from ..target import load_target, resolve_source
@@ -325,7 +319,7 @@ def _run(cfg, sc: ServedConfig, out: Path) -> dict:
     target = load_target(replace(tcfg, dtype=dtype), "cpu")
     drafter = load_artifact(cfg.artifact, target=target)
     c = drafter.config
-    gamma, method = c.block_size, served_method(c)
+    gamma, method = c.block_size, model_type(c)
     stops = stop_token_ids(target.tokenizer, target.model.generation_config)
     prompts = {b.name: [fit_prompt(target, prompt_ids(target.tokenizer, user_messages(t[:1])), cfg,
                                    prompt_label(b, i, 0))[0] for i, t in enumerate(b.prompts)] for b in benches}
