@@ -56,11 +56,11 @@ def dspark(*args: str) -> None:
 def train(name: str, recipe: str, sets: list[str], root: Path, fresh: bool, calibrate: bool) -> dict:
     """Train (or reuse), calibrate (for the adaptive mode) and export one method; its training summary and the load
     around it."""
-    run, artifact = root / name, root / name / "artifact"
-    load = os.getloadavg()[0]
+    run, artifact, load_file = root / name, root / name / "artifact", root / name / "methods-load.json"
     if fresh or not (run / "final" / "model.safetensors").is_file():
+        load = os.getloadavg()[0]
         dspark("train", recipe, *[a for s in [*sets, f"train.output_dir={run}"] for a in ("--set", s)])
-    load_after = os.getloadavg()[0]
+        load_file.write_text(json.dumps([round(load, 2), round(os.getloadavg()[0], 2)]))
     if calibrate and (fresh or not (run / "calibration.json").is_file()):
         dspark("calibrate", str(run))
     dspark("export", str(run), str(artifact), "--force")
@@ -69,7 +69,8 @@ def train(name: str, recipe: str, sets: list[str], root: Path, fresh: bool, cali
             "train_seconds": round(summary["train_seconds"], 1),
             "train_tokens_per_s": round(summary["tokens_per_s"], 1),
             "heldout_tau": summary["final"].get("tau"), "heldout_tau_greedy": summary["final"].get("tau_greedy"),
-            "load": [round(load, 2), round(load_after, 2)]}
+            "heldout_acc_by_position": [round(x, 3) for x in summary["final"].get("acc_by_position") or []],
+            "load": json.loads(load_file.read_text()) if load_file.is_file() else None}
 
 
 def evaluate(artifact: str, mode: str, out: Path, common: list[str], fresh: bool) -> dict:
@@ -175,7 +176,9 @@ def main() -> int:
           f"greedy): {lossless}", "", *table(rows, dev_sets), "",
           "τ: accepted tokens per verify round, bonus included (per token); speedup: tokens/s over plain decoding "
           "(per second). Training load average (1 min) around each run: "
-          + ", ".join(f"{n} {r['load'][0]}–{r['load'][1]}" for n, r in rows.items())]
+          + ", ".join(f"{n} {'–'.join(map(str, r['load'])) if r['load'] else 'not recorded'}" for n, r in rows.items()),
+          "", "Held-out acceptance by position (the trainer's final evaluation): "
+          + "; ".join(f"{n} {' '.join(f'{x:.2f}' for x in r['heldout_acc_by_position'])}" for n, r in rows.items())]
     stem = Path(args.out) if args.out else REPO / "eval" / "results" / f"methods-{machine.slug}-{budget}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, dev_sets, stem.with_suffix(".png"), title)
